@@ -1,0 +1,280 @@
+// Package conn provides overlayd's batched UDP socket: one recvmmsg or
+// sendmmsg system call moves a whole batch of datagrams, and after a reader
+// or sender is made nothing is allocated per datagram or per batch.
+//
+// The flow:
+//
+//  1. Listen opens one dual-stack UDP socket (IPv4 peers appear as plain IPv4
+//     addresses) or, where IPv6 is unavailable, an IPv4 one.
+//  2. Each goroutine that receives owns a Reader; each that sends owns a
+//     Sender. They hold the mmsghdr, iovec and sockaddr arrays the system
+//     calls need, so they must not be shared between goroutines.
+//  3. Read and Send wait for the socket through Go's netpoller (RawConn), so
+//     a blocked reader parks its goroutine, not an OS thread.
+package conn
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// socketBufferBytes is the size asked for each socket buffer, as wireguard-go
+// does: big enough to absorb a burst while a reader is descheduled.
+const socketBufferBytes = 7 << 20
+
+// A PacketConn is a batched datagram socket. Readers and Senders made from it
+// belong to one goroutine each; Close may be called from any goroutine and
+// makes blocked Reads return net.ErrClosed.
+type PacketConn interface {
+	NewReader(batch int) Reader
+	NewSender(batch int) Sender
+	LocalPort() uint16
+	Close() error
+}
+
+// A Reader receives batches of datagrams. Not safe for concurrent use.
+type Reader interface {
+	// Read fills bufs[i][:sizes[i]] with datagrams from addrs[i], for i < n.
+	// It blocks until at least one datagram arrives. A datagram longer than
+	// its buffer is dropped and counted by the caller's size check: its size
+	// is reported as 0.
+	Read(bufs [][]byte, sizes []int, addrs []netip.AddrPort) (n int, err error)
+}
+
+// A Sender sends batches of datagrams. Not safe for concurrent use.
+type Sender interface {
+	// Send sends every buffer in bufs as one datagram to to. It returns
+	// after the kernel has taken them (or an error), so the caller owns bufs
+	// again as soon as Send returns.
+	Send(bufs [][]byte, to netip.AddrPort) error
+}
+
+// UDP is a PacketConn on a real UDP socket.
+type UDP struct {
+	conn *net.UDPConn
+	rc   syscall.RawConn
+	v6   bool // the socket is AF_INET6 (dual-stack)
+	port uint16
+}
+
+var _ PacketConn = (*UDP)(nil)
+
+// Listen opens a UDP socket on port (0 picks a free one) on every address.
+func Listen(port uint16) (*UDP, error) {
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) {
+			// The FORCE variants pass the sysctl limits (root only); the
+			// plain ones are the best an unprivileged process gets.
+			for _, opt := range [][2]int{{unix.SO_RCVBUFFORCE, unix.SO_RCVBUF}, {unix.SO_SNDBUFFORCE, unix.SO_SNDBUF}} {
+				if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt[0], socketBufferBytes) != nil {
+					_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt[1], socketBufferBytes)
+				}
+			}
+		})
+	}}
+	v6 := true
+	pc, err := lc.ListenPacket(context.Background(), "udp", fmt.Sprintf("[::]:%d", port))
+	if err != nil {
+		// No IPv6 in this namespace: fall back to IPv4 only.
+		v6 = false
+		pc, err = lc.ListenPacket(context.Background(), "udp4", fmt.Sprintf("0.0.0.0:%d", port))
+	}
+	if err != nil {
+		return nil, fmt.Errorf("conn: listening on UDP port %d: %w", port, err)
+	}
+	c := pc.(*net.UDPConn)
+	rc, err := c.SyscallConn()
+	if err != nil {
+		c.Close()
+		return nil, fmt.Errorf("conn: %w", err)
+	}
+	la := c.LocalAddr().(*net.UDPAddr)
+	return &UDP{conn: c, rc: rc, v6: v6, port: uint16(la.Port)}, nil
+}
+
+// LocalPort is the port the socket is bound to.
+func (u *UDP) LocalPort() uint16 { return u.port }
+
+// Close closes the socket; blocked Reads return net.ErrClosed.
+func (u *UDP) Close() error { return u.conn.Close() }
+
+// mmsgs holds the arrays one batched system call needs.
+type mmsgs struct {
+	u     *UDP
+	hdrs  []unix.Mmsghdr
+	iovs  []unix.Iovec
+	names []unix.RawSockaddrInet6 // big enough for either family
+	count int                     // messages offered to the current call
+	n     int                     // messages the call handled
+	errno syscall.Errno
+	fn    func(fd uintptr) bool // made once, so no call allocates a closure
+}
+
+func newMmsgs(u *UDP, batch int) *mmsgs {
+	if batch < 1 {
+		batch = 1
+	}
+	m := &mmsgs{
+		u:     u,
+		hdrs:  make([]unix.Mmsghdr, batch),
+		iovs:  make([]unix.Iovec, batch),
+		names: make([]unix.RawSockaddrInet6, batch),
+	}
+	for i := range m.hdrs {
+		m.hdrs[i].Hdr.Iov = &m.iovs[i]
+		m.hdrs[i].Hdr.SetIovlen(1)
+	}
+	return m
+}
+
+// Reader is the Reader of a UDP socket.
+type udpReader struct{ *mmsgs }
+
+// NewReader makes a Reader that receives up to batch datagrams per call.
+func (u *UDP) NewReader(batch int) Reader {
+	r := udpReader{newMmsgs(u, batch)}
+	r.fn = r.recv
+	return r
+}
+
+func (r udpReader) recv(fd uintptr) bool {
+	n, _, errno := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.hdrs[0])),
+		uintptr(r.count), unix.MSG_DONTWAIT, 0, 0)
+	if errno == unix.EAGAIN || errno == unix.EINTR {
+		return false // wait for the socket to be readable, then call again
+	}
+	r.n, r.errno = int(n), errno
+	return true
+}
+
+func (r udpReader) Read(bufs [][]byte, sizes []int, addrs []netip.AddrPort) (int, error) {
+	count := min(len(bufs), len(sizes), len(addrs), len(r.hdrs))
+	if count == 0 {
+		return 0, errors.New("conn: Read with no buffers")
+	}
+	for i := range count {
+		r.iovs[i].Base = &bufs[i][0]
+		r.iovs[i].SetLen(len(bufs[i]))
+		h := &r.hdrs[i].Hdr
+		h.Name = (*byte)(unsafe.Pointer(&r.names[i]))
+		h.Namelen = unix.SizeofSockaddrInet6
+		h.Flags = 0
+	}
+	r.count = count
+	if err := r.u.rc.Read(r.fn); err != nil {
+		return 0, err
+	}
+	if r.errno != 0 {
+		return 0, fmt.Errorf("conn: recvmmsg: %w", r.errno)
+	}
+	for i := range r.n {
+		h := &r.hdrs[i]
+		sizes[i] = int(h.Len)
+		if h.Hdr.Flags&unix.MSG_TRUNC != 0 {
+			sizes[i] = 0
+		}
+		addrs[i] = parseSockaddr(&r.names[i])
+	}
+	return r.n, nil
+}
+
+// udpSender is the Sender of a UDP socket.
+type udpSender struct{ *mmsgs }
+
+// NewSender makes a Sender that hands up to batch datagrams to the kernel per
+// system call (larger batches take several calls).
+func (u *UDP) NewSender(batch int) Sender {
+	s := udpSender{newMmsgs(u, batch)}
+	s.fn = s.send
+	return s
+}
+
+func (s udpSender) send(fd uintptr) bool {
+	n, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&s.hdrs[0])),
+		uintptr(s.count), unix.MSG_DONTWAIT, 0, 0)
+	if errno == unix.EAGAIN || errno == unix.EINTR {
+		return false // wait for room in the socket buffer
+	}
+	s.n, s.errno = int(n), errno
+	return true
+}
+
+func (s udpSender) Send(bufs [][]byte, to netip.AddrPort) error {
+	namelen, err := s.putSockaddr(to)
+	if err != nil {
+		return err
+	}
+	for len(bufs) > 0 {
+		count := min(len(bufs), len(s.hdrs))
+		for i := range count {
+			if len(bufs[i]) == 0 {
+				s.iovs[i].Base = nil
+			} else {
+				s.iovs[i].Base = &bufs[i][0]
+			}
+			s.iovs[i].SetLen(len(bufs[i]))
+			h := &s.hdrs[i].Hdr
+			h.Name = (*byte)(unsafe.Pointer(&s.names[0]))
+			h.Namelen = namelen
+		}
+		s.count = count
+		if err := s.u.rc.Write(s.fn); err != nil {
+			return err
+		}
+		switch {
+		case s.errno != 0 && s.n <= 0:
+			// The first message failed (too big, no route...): skip it so
+			// that one bad datagram does not block the rest.
+			if len(bufs) == 1 {
+				return fmt.Errorf("conn: sendmmsg to %v: %w", to, s.errno)
+			}
+			bufs = bufs[1:]
+		default:
+			bufs = bufs[s.n:]
+		}
+	}
+	return nil
+}
+
+// putSockaddr writes to into names[0] in the socket's family.
+func (s udpSender) putSockaddr(to netip.AddrPort) (uint32, error) {
+	a := to.Addr().Unmap()
+	port := to.Port()
+	if s.u.v6 {
+		sa := &s.names[0]
+		*sa = unix.RawSockaddrInet6{Family: unix.AF_INET6, Addr: a.As16()}
+		p := (*[2]byte)(unsafe.Pointer(&sa.Port))
+		p[0], p[1] = byte(port>>8), byte(port)
+		return unix.SizeofSockaddrInet6, nil
+	}
+	if !a.Is4() {
+		return 0, fmt.Errorf("conn: cannot send to %v from an IPv4-only socket", to)
+	}
+	sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(&s.names[0]))
+	*sa = unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: a.As4()}
+	p := (*[2]byte)(unsafe.Pointer(&sa.Port))
+	p[0], p[1] = byte(port>>8), byte(port)
+	return unix.SizeofSockaddrInet4, nil
+}
+
+// parseSockaddr reads the source address the kernel wrote. IPv4-mapped IPv6
+// addresses come back as IPv4.
+func parseSockaddr(sa *unix.RawSockaddrInet6) netip.AddrPort {
+	p := (*[2]byte)(unsafe.Pointer(&sa.Port))
+	port := uint16(p[0])<<8 | uint16(p[1])
+	switch sa.Family {
+	case unix.AF_INET6:
+		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), port)
+	case unix.AF_INET:
+		sa4 := (*unix.RawSockaddrInet4)(unsafe.Pointer(sa))
+		return netip.AddrPortFrom(netip.AddrFrom4(sa4.Addr), port)
+	}
+	return netip.AddrPort{}
+}

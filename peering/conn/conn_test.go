@@ -1,0 +1,119 @@
+package conn
+
+import (
+	"bytes"
+	"fmt"
+	"net/netip"
+	"testing"
+)
+
+func pair(t *testing.T) (*UDP, *UDP) {
+	t.Helper()
+	a, err := Listen(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := Listen(0)
+	if err != nil {
+		a.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close(); b.Close() })
+	return a, b
+}
+
+func TestBatchRoundTrip(t *testing.T) {
+	a, b := pair(t)
+	to := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), b.LocalPort())
+	var out [][]byte
+	for i := range 40 { // more than one sendmmsg batch of 16
+		out = append(out, []byte(fmt.Sprintf("datagram %d", i)))
+	}
+	if err := a.NewSender(16).Send(out, to); err != nil {
+		t.Fatal(err)
+	}
+	r := b.NewReader(64)
+	bufs, sizes, addrs := make([][]byte, 64), make([]int, 64), make([]netip.AddrPort, 64)
+	for i := range bufs {
+		bufs[i] = make([]byte, 100)
+	}
+	var got [][]byte
+	for len(got) < len(out) {
+		n, err := r.Read(bufs, sizes, addrs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range n {
+			if want := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), a.LocalPort()); addrs[i] != want {
+				t.Fatalf("from %v, want %v", addrs[i], want)
+			}
+			got = append(got, bytes.Clone(bufs[i][:sizes[i]]))
+		}
+	}
+	for i := range out {
+		if !bytes.Equal(got[i], out[i]) {
+			t.Errorf("datagram %d: %q, want %q", i, got[i], out[i])
+		}
+	}
+}
+
+func TestTruncatedDatagramHasSizeZero(t *testing.T) {
+	a, b := pair(t)
+	to := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), b.LocalPort())
+	if err := a.NewSender(2).Send([][]byte{make([]byte, 50), []byte("ok")}, to); err != nil {
+		t.Fatal(err)
+	}
+	bufs, sizes, addrs := [][]byte{make([]byte, 10), make([]byte, 10)}, make([]int, 2), make([]netip.AddrPort, 2)
+	r := b.NewReader(2)
+	var seen []int
+	for len(seen) < 2 {
+		n, err := r.Read(bufs, sizes, addrs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen = append(seen, sizes[:n]...)
+	}
+	if seen[0] != 0 || seen[1] != 2 {
+		t.Errorf("sizes %v, want [0 2]", seen)
+	}
+}
+
+func TestCloseUnblocksRead(t *testing.T) {
+	a, _ := pair(t)
+	r := a.NewReader(1)
+	done := make(chan error)
+	go func() {
+		_, err := r.Read([][]byte{make([]byte, 10)}, make([]int, 1), make([]netip.AddrPort, 1))
+		done <- err
+	}()
+	a.Close()
+	if err := <-done; err == nil {
+		t.Fatal("Read after Close returned no error")
+	}
+}
+
+func TestSendAndReadAllocateNothing(t *testing.T) {
+	a, b := pair(t)
+	to := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), b.LocalPort())
+	s, r := a.NewSender(8), b.NewReader(8)
+	out := [][]byte{make([]byte, 1400), make([]byte, 1400), make([]byte, 1400), make([]byte, 1400)}
+	bufs, sizes, addrs := make([][]byte, 8), make([]int, 8), make([]netip.AddrPort, 8)
+	for i := range bufs {
+		bufs[i] = make([]byte, 2000)
+	}
+	allocs := testing.AllocsPerRun(200, func() {
+		if err := s.Send(out, to); err != nil {
+			t.Fatal(err)
+		}
+		for got := 0; got < len(out); {
+			n, err := r.Read(bufs, sizes, addrs)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got += n
+		}
+	})
+	if allocs != 0 {
+		t.Errorf("%v allocations per batch", allocs)
+	}
+}

@@ -1,0 +1,225 @@
+package peering
+
+// The data path, in both directions, with no allocation per packet or per
+// batch once its buffers exist.
+//
+// TUN to peers (tunToPeers, one goroutine):
+//  1. Read a batch from the TUN device into buffers that keep
+//     proto.DataHeaderLen bytes of headroom in front of each packet.
+//  2. Load the routing snapshot once for the whole batch.
+//  3. For each packet: look up the destination address; write the data
+//     header in place into the headroom; add the packet to its peer's group.
+//  4. Send each group with one batched send to that peer's endpoint. The send
+//     is synchronous, so every buffer is ours again when it returns.
+//
+// Peers to TUN (peersToTun, one goroutine):
+//  1. Read a batch of datagrams from the socket.
+//  2. Load the routing snapshot once for the whole batch.
+//  3. Data messages from an established peer, for an address we serve, are
+//     collected; their packet starts DataHeaderLen bytes into the buffer.
+//  4. Other message types are copied and queued for the control loop (the
+//     buffers are reused by the next batch); a full queue drops them.
+//  5. The collected packets go to the TUN device with one batched write.
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+
+	"github.com/overlayd/overlayd/proto"
+)
+
+// maxDatagram bounds one packet or datagram. Buffers have room for it so that
+// neither a peer with a larger MTU nor GRO on the TUN device is cut short.
+const maxDatagram = 65535
+
+// group collects the packets of one batch that go to one peer.
+type group struct {
+	p    *path
+	bufs [][]byte
+}
+
+// batcher groups a batch of packets by peer. Its slices are reused from batch
+// to batch, so after warming up it does not allocate.
+type batcher struct {
+	groups []group
+	n      int // groups in use
+}
+
+func (b *batcher) add(p *path, pkt []byte) {
+	for i := range b.n {
+		if b.groups[i].p == p {
+			b.groups[i].bufs = append(b.groups[i].bufs, pkt)
+			return
+		}
+	}
+	if b.n == len(b.groups) {
+		b.groups = append(b.groups, group{})
+	}
+	g := &b.groups[b.n]
+	g.p, g.bufs = p, append(g.bufs[:0], pkt)
+	b.n++
+}
+
+func (b *batcher) reset() {
+	for i := range b.n {
+		b.groups[i].p = nil
+		clear(b.groups[i].bufs) // drop references to packet buffers
+		b.groups[i].bufs = b.groups[i].bufs[:0]
+	}
+	b.n = 0
+}
+
+// tunToPeers moves packets from the TUN device to peers until the device is
+// closed. It owns bufs, sizes and the batcher.
+func (r *Router) tunToPeers() error {
+	const hdr = proto.DataHeaderLen
+	batch := r.dev.BatchSize()
+	bufs := make([][]byte, batch)
+	for i := range bufs {
+		bufs[i] = make([]byte, hdr+maxDatagram)
+	}
+	sizes := make([]int, batch)
+	send := r.pc.NewSender(batch)
+	var b batcher
+	failures := 0 // consecutive read errors
+	for {
+		n, err := r.dev.Read(bufs, sizes, hdr)
+		if n > 0 {
+			r.forward(bufs[:n], sizes[:n], &b)
+			for i := range b.n {
+				g := &b.groups[i]
+				if err := send.Send(g.bufs, g.p.ep); err != nil {
+					r.stats.DropSendError.Add(uint64(len(g.bufs)))
+				}
+			}
+			b.reset()
+		}
+		switch {
+		case err == nil:
+			failures = 0
+		case isClosed(err):
+			return nil
+		case failures < maxTunFailures:
+			// One packet the offload code could not split, or a
+			// passing device error: the device itself still works.
+			failures++
+			r.stats.DropTunRead.Add(1)
+		default:
+			return fmt.Errorf("peering: reading from the TUN device: %w", err)
+		}
+	}
+}
+
+// maxTunFailures consecutive read errors mean the device is gone.
+const maxTunFailures = 1000
+
+func isClosed(err error) bool {
+	return errors.Is(err, os.ErrClosed) || errors.Is(err, net.ErrClosed)
+}
+
+// forward routes one batch read from the TUN device into b: each packet's
+// data header is written in place and the packet is grouped by peer.
+func (r *Router) forward(bufs [][]byte, sizes []int, b *batcher) {
+	const hdr = proto.DataHeaderLen
+	snap := r.snap.Load() // one atomic load per batch
+	self := r.cfg.Name
+	var routed, bytes uint64
+	for i, buf := range bufs {
+		pkt := buf[:hdr+sizes[i]]
+		dst, ok := proto.DstAddr(pkt[hdr:])
+		p, found := snap.routes.Lookup(dst)
+		if !ok || !found || p.local {
+			r.stats.DropUnroutable.Add(1)
+			continue
+		}
+		proto.PutDataHeader(pkt, self, p.name)
+		b.add(p, pkt)
+		routed++
+		bytes += uint64(len(pkt))
+	}
+	r.stats.TunPackets.Add(uint64(len(bufs)))
+	r.stats.SentPackets.Add(routed)
+	r.stats.SentBytes.Add(bytes)
+}
+
+// peersToTun moves datagrams from the socket to the TUN device (data) and to
+// the control loop (everything else) until the socket is closed.
+func (r *Router) peersToTun() error {
+	const hdr = proto.DataHeaderLen
+	batch := r.dev.BatchSize()
+	bufs := make([][]byte, batch)
+	for i := range bufs {
+		bufs[i] = make([]byte, maxDatagram+hdr)
+	}
+	sizes := make([]int, batch)
+	addrs := make([]netip.AddrPort, batch)
+	out := make([][]byte, 0, batch)
+	rd := r.pc.NewReader(batch)
+	for {
+		n, err := rd.Read(bufs, sizes, addrs)
+		if err != nil {
+			if isClosed(err) {
+				return nil
+			}
+			return fmt.Errorf("peering: reading from the UDP socket: %w", err)
+		}
+		out = r.receive(bufs[:n], sizes[:n], addrs[:n], out[:0])
+		if len(out) > 0 {
+			if _, err := r.dev.Write(out, hdr); err != nil {
+				if isClosed(err) {
+					return nil
+				}
+				// Some packets of the batch were refused (e.g. not IP);
+				// the device still works.
+				r.stats.DropTunWrite.Add(1)
+			}
+			clear(out)
+		}
+	}
+}
+
+// receive sorts one batch of datagrams: data for us is appended to out (the
+// buffer, with the packet at offset DataHeaderLen), control messages are
+// copied to the control loop.
+func (r *Router) receive(bufs [][]byte, sizes []int, addrs []netip.AddrPort, out [][]byte) [][]byte {
+	snap := r.snap.Load() // one atomic load per batch
+	var bytes uint64
+	for i, buf := range bufs {
+		msg := buf[:sizes[i]]
+		if len(msg) >= 2 && msg[0] == proto.Version && proto.Type(msg[1]) == proto.TypeData {
+			src, dst, pkt, err := proto.ParseData(msg)
+			if err != nil {
+				r.stats.DropMalformed.Add(1)
+				continue
+			}
+			from, ok := snap.peers[addrs[i]]
+			if !ok || from.name != src || dst != r.cfg.Name {
+				r.stats.DropUnknownPeer.Add(1)
+				continue
+			}
+			to, _ := proto.DstAddr(pkt)
+			if p, ok := snap.routes.Lookup(to); !ok || !p.local {
+				r.stats.DropNotForUs.Add(1)
+				continue
+			}
+			out = append(out, msg)
+			bytes += uint64(len(pkt))
+			continue
+		}
+		if _, err := proto.ParseHeader(msg); err != nil {
+			r.stats.DropMalformed.Add(1)
+			continue
+		}
+		select {
+		case r.ctrl <- inbound{from: addrs[i], msg: append([]byte(nil), msg...)}:
+		default:
+			r.stats.DropCtrlQueue.Add(1)
+		}
+	}
+	r.stats.ReceivedPackets.Add(uint64(len(out)))
+	r.stats.ReceivedBytes.Add(bytes)
+	return out
+}

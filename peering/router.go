@@ -1,0 +1,207 @@
+// Package peering is overlayd's router: it keeps connections to peers over
+// one UDP socket (handshake, heartbeats, retries), learns from them which
+// addresses they serve, and forwards IP packets between the TUN device and
+// those peers.
+//
+// Goroutines, all started by Run and all stopped when its context ends:
+//
+//   - the control loop (control.go) owns every connection, target and
+//     announcement; nothing else touches them. It publishes what the data
+//     path needs as an immutable snapshot behind an atomic.Pointer;
+//   - tunToPeers and peersToTun (datapath.go) move packets in batches and
+//     read that snapshot once per batch;
+//   - one goroutine per hostname resolution of a target.
+//
+// Policy lives in pure packages (handshake, routes, proto); this package
+// carries it out.
+package peering
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/overlayd/overlayd/peering/conn"
+	"github.com/overlayd/overlayd/peering/handshake"
+	"github.com/overlayd/overlayd/peering/routes"
+	"github.com/overlayd/overlayd/proto"
+	"github.com/overlayd/overlayd/tun"
+)
+
+// DefaultPort is the UDP port peers use when none is given.
+const DefaultPort = 6783
+
+// Config configures a Router. Zero durations take the defaults listed.
+type Config struct {
+	Name     proto.PeerName // required, never zero
+	Nickname string
+	UID      uint64       // 0 draws a random one from Rand
+	Range    netip.Prefix // IPAM range, compared in the handshake; invalid = IPAM off
+	MTU      int          // MTU of the TUN device, reported in status
+	Rand     *rand.Rand   // every random choice (UID, retry jitter); required
+	Log      *zap.Logger  // required
+
+	HeartbeatInterval time.Duration // 500 ms: between heartbeats on a connection
+	HeartbeatTimeout  time.Duration // 2.5 s: silence after which a connection is dead
+	HelloInterval     time.Duration // 1 s: between hellos while dialling
+	HelloAttempts     int           // 5: hellos before a dial fails
+	RetryInitial      time.Duration // 2 s: first wait after a failure (±50 % jitter)
+	RetryMax          time.Duration // 60 s: cap of the exponential back-off
+	AnnounceInterval  time.Duration // 5 s: periodic resend of our announcement
+}
+
+func (c *Config) setDefaults() {
+	def := func(d *time.Duration, v time.Duration) {
+		if *d == 0 {
+			*d = v
+		}
+	}
+	def(&c.HeartbeatInterval, 500*time.Millisecond)
+	def(&c.HeartbeatTimeout, 2500*time.Millisecond)
+	def(&c.HelloInterval, time.Second)
+	def(&c.RetryInitial, 2*time.Second)
+	def(&c.RetryMax, 60*time.Second)
+	def(&c.AnnounceInterval, 5*time.Second)
+	if c.HelloAttempts == 0 {
+		c.HelloAttempts = 5
+	}
+}
+
+func (c *Config) validate() error {
+	switch {
+	case c.Name == 0:
+		return errors.New("peering: config has no peer name")
+	case c.Rand == nil:
+		return errors.New("peering: config has no random source")
+	case c.Log == nil:
+		return errors.New("peering: config has no logger")
+	case c.MTU < 576 || c.MTU > 65535-proto.DataHeaderLen:
+		return fmt.Errorf("peering: MTU %d out of range", c.MTU)
+	case c.HeartbeatTimeout <= c.HeartbeatInterval:
+		return errors.New("peering: heartbeat timeout must exceed the heartbeat interval")
+	case c.Range.IsValid() && !c.Range.Addr().Is4():
+		return fmt.Errorf("peering: range %v is not IPv4", c.Range)
+	}
+	return nil
+}
+
+// A Router connects this host to its peers. Make one with New, then call Run.
+type Router struct {
+	cfg Config
+	hs  handshake.Config
+	log *zap.Logger
+	dev tun.Device
+	pc  conn.PacketConn
+
+	snap atomic.Pointer[snapshot] // written by the control loop only
+
+	ctrl     chan inbound    // control datagrams from peersToTun to the control loop
+	requests chan request    // API calls to the control loop
+	resolved chan resolution // hostname lookups finished
+
+	bg sync.WaitGroup // resolver goroutines
+
+	stats Stats
+}
+
+// New checks cfg and makes a Router that will forward between dev and pc.
+// It starts nothing; Run takes ownership of dev and pc and closes both.
+func New(cfg Config, dev tun.Device, pc conn.PacketConn) (*Router, error) {
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	if cfg.UID == 0 {
+		for cfg.UID == 0 {
+			cfg.UID = cfg.Rand.Uint64()
+		}
+	}
+	r := &Router{
+		cfg: cfg,
+		hs: handshake.Config{Name: cfg.Name, UID: cfg.UID, Nickname: cfg.Nickname,
+			Port: pc.LocalPort(), Range: cfg.Range},
+		log:      cfg.Log,
+		dev:      dev,
+		pc:       pc,
+		ctrl:     make(chan inbound, 1024),
+		requests: make(chan request),
+		resolved: make(chan resolution, 16),
+	}
+	r.snap.Store(&snapshot{routes: routes.New[*path](nil)})
+	return r, nil
+}
+
+// UID is this process's random incarnation number.
+func (r *Router) UID() uint64 { return r.cfg.UID }
+
+// Run forwards packets and keeps connections until ctx ends or the TUN
+// device or socket fails. It closes the device and the socket before it
+// returns, and returns nil after a clean shutdown.
+func (r *Router) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	errs := make(chan error, 3)
+	c := newControl(r)
+	wg.Go(func() { errs <- c.run(ctx) })
+	wg.Go(func() { errs <- r.tunToPeers() })
+	wg.Go(func() { errs <- r.peersToTun() })
+	wg.Go(func() {
+		for range r.dev.Events() { // the device blocks if nobody drains these
+		}
+	})
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-errs: // one loop stopped on its own: the router cannot work
+	}
+	cancel()
+	c.goodbye() // safe: the control loop has stopped or is stopping
+	r.pc.Close()
+	r.dev.Close()
+	wg.Wait()
+	r.bg.Wait()
+	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
+		err = nil
+	}
+	return err
+}
+
+// snapshot is what the data path needs, published whole by the control loop.
+type snapshot struct {
+	routes *routes.Table[*path]
+	// peers maps the endpoint of every established connection to its path:
+	// data from any other endpoint is dropped.
+	peers map[netip.AddrPort]*path
+}
+
+// path is where packets for one peer go. Immutable once published.
+type path struct {
+	name  proto.PeerName
+	ep    netip.AddrPort
+	local bool // the prefix is ours: packets for it belong to our TUN
+}
+
+// Stats counts what the data path did. All fields are updated atomically.
+type Stats struct {
+	TunPackets      atomic.Uint64 // read from the TUN device
+	SentPackets     atomic.Uint64 // data messages handed to the socket
+	SentBytes       atomic.Uint64
+	ReceivedPackets atomic.Uint64 // data messages written to the TUN device
+	ReceivedBytes   atomic.Uint64
+	DropUnroutable  atomic.Uint64 // from the TUN, no peer serves the destination
+	DropSendError   atomic.Uint64 // the socket refused them
+	DropUnknownPeer atomic.Uint64 // data from an endpoint with no established connection
+	DropNotForUs    atomic.Uint64 // data for an address we do not serve
+	DropMalformed   atomic.Uint64 // undecodable datagrams of any type
+	DropCtrlQueue   atomic.Uint64 // control messages dropped because the control loop lagged
+	DropTunWrite    atomic.Uint64 // batches the TUN device refused (in part)
+	DropTunRead     atomic.Uint64 // failed reads from the TUN device
+}

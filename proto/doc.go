@@ -1,0 +1,117 @@
+// Package proto defines every datagram overlayd peers exchange on their one
+// UDP port (default 6783), with encoders and decoders that never panic on
+// untrusted input, never allocate more than the input they are given, and
+// return an error for anything malformed.
+//
+// The package is pure: it has no sockets, clocks, goroutines or globals.
+//
+// # Byte order and sizes
+//
+// All integers are big-endian. A peer name is 6 bytes (48 bits). A UID is 8
+// bytes. An IPv4 prefix is 5 bytes: 4 address bytes, then the prefix length;
+// a length of 255 with address 0.0.0.0 means "no prefix" (IPAM disabled).
+// A short string is one length byte followed by that many bytes.
+//
+// # Header (4 bytes, every datagram)
+//
+//	 0       1       2       3
+//	+-------+-------+-------+-------+
+//	|version| type  | flags |  0    |
+//	+-------+-------+-------+-------+
+//
+// version is the wire version of this datagram. Version 1 is the only one
+// defined; the handshake negotiates the version a connection uses from each
+// side's [min, max] range (see Hello). Datagrams of any other version are
+// rejected. type is one of:
+//
+//	1 hello      handshake request
+//	2 accept     handshake answer
+//	3 reject     handshake refusal
+//	4 heartbeat  liveness probe on an accepted connection
+//	5 gossip     control-plane state for a named channel
+//	6 data       one IP packet
+//
+// flags are per type (only heartbeat defines one); undefined bits must be sent
+// as zero and are ignored on receipt. Byte 3 is reserved: sent as zero,
+// ignored on receipt.
+//
+// # Hello and accept (types 1 and 2)
+//
+//	offset size
+//	 0      4   header
+//	 4      1   min protocol version the sender speaks
+//	 5      1   max protocol version the sender speaks
+//	 6      6   sender peer name
+//	12      8   sender UID (random per process start, never zero)
+//	20      2   sender's UDP port
+//	22      5   sender's IPAM range (IPv4 prefix; none = 255 length)
+//	27      1   nickname length n (at most 64)
+//	28      n   nickname (UTF-8)
+//
+// A peer dials by sending hello; the other side validates it and answers
+// accept (same layout, its own identity) or reject. Trailing bytes after the
+// nickname are ignored, so later versions may append fields.
+//
+// # Reject (type 3)
+//
+//	offset size
+//	 0      4   header
+//	 4      1   reason code (1 range, 2 name collision, 3 version, 4 other)
+//	 5      6   rejecting peer's name
+//	11      5   rejecting peer's IPAM range
+//	16      1   message length n
+//	17      n   human-readable message (UTF-8)
+//
+// A reject only ever answers a hello; nobody answers a reject.
+//
+// # Heartbeat (type 4)
+//
+//	offset size
+//	 0      4   header; flags bit 0 (0x01) = the sender considers the
+//	            connection established
+//	 4      6   sender peer name
+//	10      8   sender UID
+//
+// Sent every 500 ms on every accepted connection. A connection that has heard
+// nothing from its peer for 2.5 s is dead.
+//
+// # Gossip (type 5)
+//
+//	offset size
+//	 0      4   header
+//	 4      1   channel name length n (1..32)
+//	 5      n   channel name (e.g. "addresses", "topology")
+//	 5+n    6   origin peer name
+//	11+n    6   destination peer name (00:00:00:00:00:00 = every peer)
+//	17+n    *   payload, owned by the channel (at most MaxGossipPayload bytes)
+//
+// # Data (type 6)
+//
+//	offset size
+//	 0      4   header
+//	 4      6   source peer (the one that read the packet from its TUN)
+//	10      6   destination peer (the one that writes it to its TUN)
+//	16      *   one IPv4 or IPv6 packet
+//
+// DataHeaderLen (16) is the whole per-packet overhead, so the overlay MTU is
+// the underlay MTU minus 20 (IPv4) + 8 (UDP) + 16 = 44 bytes: 1456 on a 1500
+// byte underlay.
+//
+// # Channel "addresses"
+//
+// The payload of gossip on the "addresses" channel is a peer's announcement
+// of the prefixes it serves (addresses exposed with `overlayctl expose`):
+//
+//	offset size
+//	 0      8   announcer's UID
+//	 8      8   version (bumped on every change within one UID)
+//	16      2   number of prefixes k (at most MaxAnnouncedPrefixes)
+//	18    5*k   IPv4 prefixes
+//
+// Receivers accept an announcement only from the incarnation (UID) they hold
+// a connection with, and only with a higher version than the last one they
+// took; it then replaces the older one whole.
+//
+// Golden vectors for every message live in testdata/golden.txt and are
+// checked by TestGolden.
+package proto

@@ -1,0 +1,500 @@
+package proto
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"unicode/utf8"
+)
+
+// Version is the wire version this implementation speaks. MinVersion and
+// MaxVersion bound the range it offers in a hello.
+const (
+	Version    = 1
+	MinVersion = 1
+	MaxVersion = 1
+)
+
+// Sizes of the fixed parts of each message, including the header.
+const (
+	HeaderLen       = 4
+	DataHeaderLen   = HeaderLen + 2*PeerNameLen // 16: the whole per-packet overhead
+	helloFixedLen   = HeaderLen + 1 + 1 + PeerNameLen + 8 + 2 + prefixLen + 1
+	rejectFixedLen  = HeaderLen + 1 + PeerNameLen + prefixLen + 1
+	HeartbeatLen    = HeaderLen + PeerNameLen + 8
+	gossipFixedLen  = HeaderLen + 1 + 2*PeerNameLen
+	announceFixedLn = 8 + 8 + 2
+	prefixLen       = 5
+)
+
+// Limits on variable-length fields.
+const (
+	MaxNicknameLen       = 64
+	MaxRejectMessageLen  = 255
+	MaxChannelLen        = 32
+	MaxGossipPayload     = 60000
+	MaxAnnouncedPrefixes = 4096
+)
+
+// UDPOverhead is what the overlay adds to every packet on an IPv4 underlay:
+// the IPv4 header (20), the UDP header (8) and DataHeaderLen (16).
+const UDPOverhead = 20 + 8 + DataHeaderLen
+
+// Type is the message type in byte 1 of the header.
+type Type uint8
+
+// Message types.
+const (
+	TypeHello     Type = 1
+	TypeAccept    Type = 2
+	TypeReject    Type = 3
+	TypeHeartbeat Type = 4
+	TypeGossip    Type = 5
+	TypeData      Type = 6
+)
+
+var typeNames = [...]string{"", "hello", "accept", "reject", "heartbeat", "gossip", "data"}
+
+func (t Type) String() string {
+	if int(t) < len(typeNames) && t != 0 {
+		return typeNames[t]
+	}
+	return fmt.Sprintf("type(%d)", uint8(t))
+}
+
+// FlagEstablished, on a heartbeat, says the sender considers the connection
+// established.
+const FlagEstablished = 0x01
+
+// Decoding errors. Every decoder wraps one of these, so callers can count
+// rejected datagrams by kind.
+var (
+	ErrShort    = errors.New("proto: message too short")
+	ErrVersion  = errors.New("proto: unsupported wire version")
+	ErrType     = errors.New("proto: unknown message type")
+	ErrMalform  = errors.New("proto: malformed message")
+	ErrTooLarge = errors.New("proto: message too large")
+)
+
+// Header is the first 4 bytes of every datagram.
+type Header struct {
+	Version uint8
+	Type    Type
+	Flags   uint8
+}
+
+// ParseHeader decodes and checks the header of b.
+func ParseHeader(b []byte) (Header, error) {
+	if len(b) < HeaderLen {
+		return Header{}, fmt.Errorf("%w: %d bytes, header needs %d", ErrShort, len(b), HeaderLen)
+	}
+	h := Header{Version: b[0], Type: Type(b[1]), Flags: b[2]}
+	if h.Version != Version {
+		return h, fmt.Errorf("%w %d", ErrVersion, h.Version)
+	}
+	if h.Type < TypeHello || h.Type > TypeData {
+		return h, fmt.Errorf("%w %d", ErrType, uint8(h.Type))
+	}
+	return h, nil
+}
+
+func putHeader(b []byte, t Type, flags uint8) {
+	b[0], b[1], b[2], b[3] = Version, byte(t), flags, 0
+}
+
+// Hello is the body of hello and accept messages: who the sender is and what
+// it speaks.
+type Hello struct {
+	MinVersion, MaxVersion uint8
+	Name                   PeerName
+	UID                    uint64
+	Port                   uint16
+	Range                  netip.Prefix // the sender's IPAM range; invalid if none
+	Nickname               string
+}
+
+// AppendHello appends a hello (t == TypeHello) or accept (t == TypeAccept)
+// message to b. A nickname longer than MaxNicknameLen is cut.
+func AppendHello(b []byte, t Type, h *Hello) []byte {
+	nick := truncate(h.Nickname, MaxNicknameLen)
+	b = appendHeader(b, t, 0)
+	b = append(b, h.MinVersion, h.MaxVersion)
+	b = appendName(b, h.Name)
+	b = binary.BigEndian.AppendUint64(b, h.UID)
+	b = binary.BigEndian.AppendUint16(b, h.Port)
+	b = appendPrefix(b, h.Range)
+	b = append(b, byte(len(nick)))
+	return append(b, nick...)
+}
+
+// ParseHello decodes a hello or accept message (header included).
+func ParseHello(b []byte) (Hello, error) {
+	var h Hello
+	hd, err := ParseHeader(b)
+	if err != nil {
+		return h, err
+	}
+	if hd.Type != TypeHello && hd.Type != TypeAccept {
+		return h, fmt.Errorf("%w: %v is not a hello", ErrType, hd.Type)
+	}
+	if len(b) < helloFixedLen {
+		return h, fmt.Errorf("%w: hello of %d bytes", ErrShort, len(b))
+	}
+	p := b[HeaderLen:]
+	h.MinVersion, h.MaxVersion = p[0], p[1]
+	h.Name = getName(p[2:])
+	h.UID = binary.BigEndian.Uint64(p[8:])
+	h.Port = binary.BigEndian.Uint16(p[16:])
+	if h.Range, err = getPrefix(p[18:]); err != nil {
+		return h, err
+	}
+	n := int(p[23])
+	if n > MaxNicknameLen {
+		return h, fmt.Errorf("%w: nickname of %d bytes", ErrMalform, n)
+	}
+	if len(p) < 24+n {
+		return h, fmt.Errorf("%w: nickname cut short", ErrShort)
+	}
+	nick := p[24 : 24+n]
+	if !utf8.Valid(nick) {
+		return h, fmt.Errorf("%w: nickname is not UTF-8", ErrMalform)
+	}
+	h.Nickname = string(nick)
+	switch {
+	case h.Name == 0:
+		return h, fmt.Errorf("%w: zero peer name", ErrMalform)
+	case h.UID == 0:
+		return h, fmt.Errorf("%w: zero UID", ErrMalform)
+	case h.MinVersion == 0 || h.MinVersion > h.MaxVersion:
+		return h, fmt.Errorf("%w: version range [%d,%d]", ErrMalform, h.MinVersion, h.MaxVersion)
+	}
+	return h, nil
+}
+
+// RejectCode says why a hello was refused.
+type RejectCode uint8
+
+// Reject codes.
+const (
+	RejectRange     RejectCode = 1 // IPAM ranges differ
+	RejectCollision RejectCode = 2 // the dialler has our name
+	RejectVersion   RejectCode = 3 // no protocol version in common
+	RejectOther     RejectCode = 4
+)
+
+// Reject refuses a hello.
+type Reject struct {
+	Code    RejectCode
+	Name    PeerName     // the refusing peer
+	Range   netip.Prefix // the refusing peer's IPAM range; invalid if none
+	Message string
+}
+
+// AppendReject appends a reject message to b. A message longer than
+// MaxRejectMessageLen is cut.
+func AppendReject(b []byte, r *Reject) []byte {
+	msg := truncate(r.Message, MaxRejectMessageLen)
+	b = appendHeader(b, TypeReject, 0)
+	b = append(b, byte(r.Code))
+	b = appendName(b, r.Name)
+	b = appendPrefix(b, r.Range)
+	b = append(b, byte(len(msg)))
+	return append(b, msg...)
+}
+
+// ParseReject decodes a reject message (header included).
+func ParseReject(b []byte) (Reject, error) {
+	var r Reject
+	hd, err := ParseHeader(b)
+	if err != nil {
+		return r, err
+	}
+	if hd.Type != TypeReject {
+		return r, fmt.Errorf("%w: %v is not a reject", ErrType, hd.Type)
+	}
+	if len(b) < rejectFixedLen {
+		return r, fmt.Errorf("%w: reject of %d bytes", ErrShort, len(b))
+	}
+	p := b[HeaderLen:]
+	r.Code = RejectCode(p[0])
+	if r.Code < RejectRange || r.Code > RejectOther {
+		return r, fmt.Errorf("%w: reject code %d", ErrMalform, p[0])
+	}
+	r.Name = getName(p[1:])
+	if r.Range, err = getPrefix(p[7:]); err != nil {
+		return r, err
+	}
+	n := int(p[12])
+	if len(p) < 13+n {
+		return r, fmt.Errorf("%w: reject message cut short", ErrShort)
+	}
+	if !utf8.Valid(p[13 : 13+n]) {
+		return r, fmt.Errorf("%w: reject message is not UTF-8", ErrMalform)
+	}
+	r.Message = string(p[13 : 13+n])
+	return r, nil
+}
+
+// Heartbeat proves a connection is alive.
+type Heartbeat struct {
+	Name        PeerName
+	UID         uint64
+	Established bool // the sender considers the connection established
+}
+
+// AppendHeartbeat appends a heartbeat message to b.
+func AppendHeartbeat(b []byte, h Heartbeat) []byte {
+	var flags uint8
+	if h.Established {
+		flags = FlagEstablished
+	}
+	b = appendHeader(b, TypeHeartbeat, flags)
+	b = appendName(b, h.Name)
+	return binary.BigEndian.AppendUint64(b, h.UID)
+}
+
+// ParseHeartbeat decodes a heartbeat message (header included).
+func ParseHeartbeat(b []byte) (Heartbeat, error) {
+	hd, err := ParseHeader(b)
+	if err != nil {
+		return Heartbeat{}, err
+	}
+	if hd.Type != TypeHeartbeat {
+		return Heartbeat{}, fmt.Errorf("%w: %v is not a heartbeat", ErrType, hd.Type)
+	}
+	if len(b) < HeartbeatLen {
+		return Heartbeat{}, fmt.Errorf("%w: heartbeat of %d bytes", ErrShort, len(b))
+	}
+	return Heartbeat{
+		Name:        getName(b[HeaderLen:]),
+		UID:         binary.BigEndian.Uint64(b[HeaderLen+PeerNameLen:]),
+		Established: hd.Flags&FlagEstablished != 0,
+	}, nil
+}
+
+// Gossip carries opaque control-plane state for one named channel.
+type Gossip struct {
+	Channel string
+	Src     PeerName // the origin
+	Dst     PeerName // 0 means every peer
+	Payload []byte   // aliases the buffer given to ParseGossip
+}
+
+// AppendGossip appends a gossip message to b. It fails for a channel name or
+// payload over the limits.
+func AppendGossip(b []byte, g *Gossip) ([]byte, error) {
+	if len(g.Channel) == 0 || len(g.Channel) > MaxChannelLen {
+		return b, fmt.Errorf("%w: channel name of %d bytes", ErrMalform, len(g.Channel))
+	}
+	if len(g.Payload) > MaxGossipPayload {
+		return b, fmt.Errorf("%w: gossip payload of %d bytes", ErrTooLarge, len(g.Payload))
+	}
+	b = appendHeader(b, TypeGossip, 0)
+	b = append(b, byte(len(g.Channel)))
+	b = append(b, g.Channel...)
+	b = appendName(b, g.Src)
+	b = appendName(b, g.Dst)
+	return append(b, g.Payload...), nil
+}
+
+// ParseGossip decodes a gossip message (header included). The returned
+// Payload aliases b.
+func ParseGossip(b []byte) (Gossip, error) {
+	var g Gossip
+	hd, err := ParseHeader(b)
+	if err != nil {
+		return g, err
+	}
+	if hd.Type != TypeGossip {
+		return g, fmt.Errorf("%w: %v is not gossip", ErrType, hd.Type)
+	}
+	if len(b) < gossipFixedLen+1 {
+		return g, fmt.Errorf("%w: gossip of %d bytes", ErrShort, len(b))
+	}
+	p := b[HeaderLen:]
+	n := int(p[0])
+	if n == 0 || n > MaxChannelLen {
+		return g, fmt.Errorf("%w: channel name of %d bytes", ErrMalform, n)
+	}
+	if len(p) < 1+n+2*PeerNameLen {
+		return g, fmt.Errorf("%w: gossip cut short", ErrShort)
+	}
+	ch := p[1 : 1+n]
+	for _, c := range ch {
+		if c <= ' ' || c >= 0x7f {
+			return g, fmt.Errorf("%w: channel name is not printable ASCII", ErrMalform)
+		}
+	}
+	g.Channel = string(ch)
+	g.Src = getName(p[1+n:])
+	g.Dst = getName(p[1+n+PeerNameLen:])
+	g.Payload = p[1+n+2*PeerNameLen:]
+	if g.Src == 0 {
+		return g, fmt.Errorf("%w: zero origin", ErrMalform)
+	}
+	if len(g.Payload) > MaxGossipPayload {
+		return g, fmt.Errorf("%w: gossip payload of %d bytes", ErrTooLarge, len(g.Payload))
+	}
+	return g, nil
+}
+
+// PutDataHeader writes the 16-byte data header into b[:DataHeaderLen], in
+// place in front of the packet that follows it. It does not allocate.
+func PutDataHeader(b []byte, src, dst PeerName) {
+	_ = b[DataHeaderLen-1]
+	putHeader(b, TypeData, 0)
+	putName(b[HeaderLen:], src)
+	putName(b[HeaderLen+PeerNameLen:], dst)
+}
+
+// ParseData decodes the header of a data message and returns the source and
+// destination peers and the packet, which aliases b. It does not allocate.
+// The packet must be at least a minimal IPv4 or IPv6 header.
+func ParseData(b []byte) (src, dst PeerName, packet []byte, err error) {
+	if len(b) < DataHeaderLen {
+		return 0, 0, nil, ErrShort
+	}
+	if b[0] != Version {
+		return 0, 0, nil, ErrVersion
+	}
+	if Type(b[1]) != TypeData {
+		return 0, 0, nil, ErrType
+	}
+	src = getName(b[HeaderLen:])
+	dst = getName(b[HeaderLen+PeerNameLen:])
+	packet = b[DataHeaderLen:]
+	if _, ok := DstAddr(packet); !ok || src == 0 || dst == 0 {
+		return 0, 0, nil, ErrMalform
+	}
+	return src, dst, packet, nil
+}
+
+// DstAddr returns the destination address of an IPv4 or IPv6 packet, and
+// false if the packet is too short or of another version. It does not
+// allocate.
+func DstAddr(packet []byte) (netip.Addr, bool) {
+	if len(packet) == 0 {
+		return netip.Addr{}, false
+	}
+	switch packet[0] >> 4 {
+	case 4:
+		if len(packet) < 20 {
+			return netip.Addr{}, false
+		}
+		return netip.AddrFrom4([4]byte(packet[16:20])), true
+	case 6:
+		if len(packet) < 40 {
+			return netip.Addr{}, false
+		}
+		return netip.AddrFrom16([16]byte(packet[24:40])), true
+	}
+	return netip.Addr{}, false
+}
+
+// Announce is a peer's list of the prefixes it serves, carried on the
+// "addresses" gossip channel.
+type Announce struct {
+	UID      uint64
+	Version  uint64
+	Prefixes []netip.Prefix // IPv4 only
+}
+
+// AppendAnnounce appends the encoded announcement to b.
+func AppendAnnounce(b []byte, a *Announce) ([]byte, error) {
+	if len(a.Prefixes) > MaxAnnouncedPrefixes {
+		return b, fmt.Errorf("%w: %d prefixes", ErrTooLarge, len(a.Prefixes))
+	}
+	for _, p := range a.Prefixes {
+		if !p.IsValid() || !p.Addr().Is4() {
+			return b, fmt.Errorf("%w: cannot announce %v", ErrMalform, p)
+		}
+	}
+	b = binary.BigEndian.AppendUint64(b, a.UID)
+	b = binary.BigEndian.AppendUint64(b, a.Version)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(a.Prefixes)))
+	for _, p := range a.Prefixes {
+		b = appendPrefix(b, p)
+	}
+	return b, nil
+}
+
+// ParseAnnounce decodes an announcement. It allocates at most one slice,
+// bounded by both the input length and MaxAnnouncedPrefixes.
+func ParseAnnounce(b []byte) (Announce, error) {
+	var a Announce
+	if len(b) < announceFixedLn {
+		return a, fmt.Errorf("%w: announcement of %d bytes", ErrShort, len(b))
+	}
+	a.UID = binary.BigEndian.Uint64(b)
+	a.Version = binary.BigEndian.Uint64(b[8:])
+	k := int(binary.BigEndian.Uint16(b[16:]))
+	if k > MaxAnnouncedPrefixes {
+		return a, fmt.Errorf("%w: %d prefixes", ErrTooLarge, k)
+	}
+	if len(b) != announceFixedLn+k*prefixLen {
+		return a, fmt.Errorf("%w: announcement of %d bytes for %d prefixes", ErrMalform, len(b), k)
+	}
+	if a.UID == 0 {
+		return a, fmt.Errorf("%w: zero UID", ErrMalform)
+	}
+	a.Prefixes = make([]netip.Prefix, 0, k)
+	for i := range k {
+		p, err := getPrefix(b[announceFixedLn+i*prefixLen:])
+		if err != nil {
+			return Announce{}, err
+		}
+		if !p.IsValid() {
+			return Announce{}, fmt.Errorf("%w: empty prefix in announcement", ErrMalform)
+		}
+		a.Prefixes = append(a.Prefixes, p)
+	}
+	return a, nil
+}
+
+func appendHeader(b []byte, t Type, flags uint8) []byte {
+	return append(b, Version, byte(t), flags, 0)
+}
+
+func appendName(b []byte, n PeerName) []byte {
+	return append(b, byte(n>>40), byte(n>>32), byte(n>>24), byte(n>>16), byte(n>>8), byte(n))
+}
+
+const noPrefixBits = 255
+
+func appendPrefix(b []byte, p netip.Prefix) []byte {
+	if !p.IsValid() || !p.Addr().Is4() {
+		return append(b, 0, 0, 0, 0, noPrefixBits)
+	}
+	a := p.Addr().As4()
+	return append(b, a[0], a[1], a[2], a[3], byte(p.Bits()))
+}
+
+// getPrefix decodes a 5-byte IPv4 prefix; "none" decodes as the invalid
+// prefix.
+func getPrefix(b []byte) (netip.Prefix, error) {
+	_ = b[4]
+	addr := netip.AddrFrom4([4]byte(b[:4]))
+	bits := int(b[4])
+	if bits == noPrefixBits {
+		if !addr.IsUnspecified() {
+			return netip.Prefix{}, fmt.Errorf("%w: address %v with no prefix length", ErrMalform, addr)
+		}
+		return netip.Prefix{}, nil
+	}
+	if bits > 32 {
+		return netip.Prefix{}, fmt.Errorf("%w: prefix length %d", ErrMalform, bits)
+	}
+	return netip.PrefixFrom(addr, bits), nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	s = s[:n]
+	for len(s) > 0 && !utf8.ValidString(s) {
+		s = s[:len(s)-1]
+	}
+	return s
+}

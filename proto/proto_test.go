@@ -1,0 +1,239 @@
+package proto
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/hex"
+	"errors"
+	"net/netip"
+	"os"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+// goldenMessages are the messages whose bytes testdata/golden.txt pins.
+func goldenMessages(t *testing.T) map[string][]byte {
+	t.Helper()
+	name := PeerName(0x12d2fe7ac1f2)
+	rng := netip.MustParsePrefix("172.16.16.0/24")
+	hello := Hello{MinVersion: 1, MaxVersion: 1, Name: name, UID: 0x0102030405060708,
+		Port: 6783, Range: rng, Nickname: "host1"}
+	gossip, err := AppendGossip(nil, &Gossip{Channel: "addresses", Src: name, Dst: 0, Payload: []byte{0xaa, 0xbb}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ann, err := AppendAnnounce(nil, &Announce{UID: 7, Version: 2,
+		Prefixes: []netip.Prefix{netip.MustParsePrefix("172.16.16.1/32"), netip.MustParsePrefix("10.0.0.0/8")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := make([]byte, DataHeaderLen, DataHeaderLen+20)
+	PutDataHeader(data, name, PeerName(0x7e214a702f45))
+	data = append(data, 0x45, 0, 0, 20, 0, 0, 0, 0, 64, 1, 0, 0, 172, 16, 16, 1, 172, 16, 16, 2)
+	return map[string][]byte{
+		"hello":            AppendHello(nil, TypeHello, &hello),
+		"accept-no-range":  AppendHello(nil, TypeAccept, &Hello{MinVersion: 1, MaxVersion: 2, Name: 1, UID: 1, Port: 1}),
+		"reject":           AppendReject(nil, &Reject{Code: RejectRange, Name: name, Range: rng, Message: "no"}),
+		"heartbeat":        AppendHeartbeat(nil, Heartbeat{Name: name, UID: 9, Established: true}),
+		"gossip":           gossip,
+		"announce-payload": ann,
+		"data":             data,
+	}
+}
+
+// TestGolden checks every message's bytes against testdata/golden.txt, whose
+// lines are "name hex".
+func TestGolden(t *testing.T) {
+	f, err := os.Open("testdata/golden.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	want := map[string]string{}
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		k, v, _ := strings.Cut(line, " ")
+		want[k] = strings.ReplaceAll(v, " ", "")
+	}
+	got := goldenMessages(t)
+	if len(got) != len(want) {
+		t.Errorf("golden file has %d vectors, test has %d", len(want), len(got))
+	}
+	for k, b := range got {
+		if h := hex.EncodeToString(b); h != want[k] {
+			t.Errorf("%s:\n got %s\nwant %s", k, h, want[k])
+		}
+	}
+}
+
+func TestRoundTrip(t *testing.T) {
+	hello := Hello{MinVersion: 1, MaxVersion: 3, Name: 0xabcdef012345, UID: 42, Port: 9,
+		Range: netip.MustParsePrefix("10.32.0.0/12"), Nickname: "ünïcode"}
+	got, err := ParseHello(AppendHello(nil, TypeAccept, &hello))
+	if err != nil || !reflect.DeepEqual(got, hello) {
+		t.Errorf("hello: got %+v, %v; want %+v", got, err, hello)
+	}
+	rej := Reject{Code: RejectCollision, Name: 5, Message: "local and remote peer names collision"}
+	if got, err := ParseReject(AppendReject(nil, &rej)); err != nil || !reflect.DeepEqual(got, rej) {
+		t.Errorf("reject: got %+v, %v; want %+v", got, err, rej)
+	}
+	hb := Heartbeat{Name: 3, UID: 4}
+	if got, err := ParseHeartbeat(AppendHeartbeat(nil, hb)); err != nil || got != hb {
+		t.Errorf("heartbeat: got %+v, %v", got, err)
+	}
+	g := Gossip{Channel: "topology", Src: 1, Dst: 2, Payload: []byte("x")}
+	b, err := AppendGossip(nil, &g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := ParseGossip(b); err != nil || !reflect.DeepEqual(got, g) {
+		t.Errorf("gossip: got %+v, %v", got, err)
+	}
+	a := Announce{UID: 1, Version: 1, Prefixes: []netip.Prefix{}}
+	b, _ = AppendAnnounce(nil, &a)
+	if got, err := ParseAnnounce(b); err != nil || !reflect.DeepEqual(got, a) {
+		t.Errorf("announce: got %+v, %v", got, err)
+	}
+}
+
+func TestLongNicknameIsCut(t *testing.T) {
+	h := Hello{MinVersion: 1, MaxVersion: 1, Name: 1, UID: 1, Nickname: strings.Repeat("é", 40)}
+	got, err := ParseHello(AppendHello(nil, TypeHello, &h))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got.Nickname) != 64 || got.Nickname != strings.Repeat("é", 32) {
+		t.Errorf("nickname %q (%d bytes)", got.Nickname, len(got.Nickname))
+	}
+}
+
+func TestDecodersRejectMalformed(t *testing.T) {
+	msgs := goldenMessages(t)
+	for _, tc := range []struct {
+		name  string
+		input []byte
+		parse func([]byte) error
+		want  error
+	}{
+		{"empty header", nil, hdr, ErrShort},
+		{"wrong version", []byte{2, 1, 0, 0}, hdr, ErrVersion},
+		{"type zero", []byte{1, 0, 0, 0}, hdr, ErrType},
+		{"type seven", []byte{1, 7, 0, 0}, hdr, ErrType},
+		{"hello truncated", msgs["hello"][:20], hello, ErrShort},
+		{"hello nickname cut", msgs["hello"][:len(msgs["hello"])-1], hello, ErrShort},
+		{"hello as reject", msgs["hello"], reject, ErrType},
+		{"hello zero name", patch(msgs["hello"], 6, 0, 0, 0, 0, 0, 0), hello, ErrMalform},
+		{"hello zero uid", patch(msgs["hello"], 12, 0, 0, 0, 0, 0, 0, 0, 0), hello, ErrMalform},
+		{"hello inverted versions", patch(msgs["hello"], 4, 3, 1), hello, ErrMalform},
+		{"hello prefix 33", patch(msgs["hello"], 26, 33), hello, ErrMalform},
+		{"hello nickname 65", patch(msgs["hello"], 27, 65), hello, ErrMalform},
+		{"hello bad utf8", patch(msgs["hello"], 28, 0xff), hello, ErrMalform},
+		{"reject code 0", patch(msgs["reject"], 4, 0), reject, ErrMalform},
+		{"reject truncated", msgs["reject"][:10], reject, ErrShort},
+		{"heartbeat truncated", msgs["heartbeat"][:17], heartbeat, ErrShort},
+		{"gossip channel 0", patch(msgs["gossip"], 4, 0), gossip, ErrMalform},
+		{"gossip channel 200", patch(msgs["gossip"], 4, 200), gossip, ErrMalform},
+		{"gossip channel space", patch(msgs["gossip"], 5, ' '), gossip, ErrMalform},
+		{"gossip zero origin", patch(msgs["gossip"], 14, 0, 0, 0, 0, 0, 0), gossip, ErrMalform},
+		{"data short", msgs["data"][:15], data, ErrShort},
+		{"data not ip", patch(msgs["data"], 16, 0x25), data, ErrMalform},
+		{"data ip cut", msgs["data"][:30], data, ErrMalform},
+		{"data wrong type", patch(msgs["data"], 1, 5), data, ErrType},
+		{"announce short", msgs["announce-payload"][:17], announce, ErrShort},
+		{"announce count too big", patch(msgs["announce-payload"], 16, 0xff, 0xff), announce, ErrTooLarge},
+		{"announce count mismatch", patch(msgs["announce-payload"], 17, 3), announce, ErrMalform},
+		{"announce zero uid", patch(msgs["announce-payload"], 7, 0), announce, ErrMalform},
+		{"announce no-prefix", patch(msgs["announce-payload"], 18, 0, 0, 0, 0, 255), announce, ErrMalform},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := tc.parse(tc.input); !errors.Is(err, tc.want) {
+				t.Errorf("got %v, want %v", err, tc.want)
+			}
+		})
+	}
+}
+
+func patch(b []byte, at int, with ...byte) []byte {
+	c := bytes.Clone(b)
+	copy(c[at:], with)
+	return c
+}
+
+func hdr(b []byte) error       { _, err := ParseHeader(b); return err }
+func hello(b []byte) error     { _, err := ParseHello(b); return err }
+func reject(b []byte) error    { _, err := ParseReject(b); return err }
+func heartbeat(b []byte) error { _, err := ParseHeartbeat(b); return err }
+func gossip(b []byte) error    { _, err := ParseGossip(b); return err }
+func data(b []byte) error      { _, _, _, err := ParseData(b); return err }
+func announce(b []byte) error  { _, err := ParseAnnounce(b); return err }
+
+func TestPeerNames(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want PeerName
+		err  bool
+	}{
+		{"12:d2:fe:7a:c1:f2", 0x12d2fe7ac1f2, false},
+		{"::1", 1, false},
+		{"1::", 0x010000000000, false},
+		{"1::1", 0x010000000001, false},
+		{"a:b:c:d:e:f", 0x0a0b0c0d0e0f, false},
+		{"00:00:00:00:00:00", 0, true},
+		{"::", 0, true},
+		{"1::2::3", 0, true},
+		{"1:2:3:4:5", 0, true},
+		{"1:2:3:4:5:6:7", 0, true},
+		{"123:2:3:4:5:6", 0, true},
+		{"g:2:3:4:5:6", 0, true},
+		{"1:2::3:4:5:6", 0, true},
+		{"", 0, true},
+		{"+1:2:3:4:5:6", 0, true},
+	} {
+		got, err := ParsePeerName(tc.in)
+		if (err != nil) != tc.err || got != tc.want {
+			t.Errorf("ParsePeerName(%q) = %v, %v", tc.in, got, err)
+		}
+		if err == nil && got.String() != normal(tc.want) {
+			t.Errorf("String = %s", got)
+		}
+	}
+	if n := PeerNameFromBytes([6]byte{0xff, 0, 0, 0, 0, 0}); n.String() != "fe:00:00:00:00:00" {
+		t.Errorf("PeerNameFromBytes: %v", n)
+	}
+	if n := PeerNameFromBytes([6]byte{}); n == 0 {
+		t.Error("PeerNameFromBytes returned the zero name")
+	}
+}
+
+func normal(n PeerName) string {
+	b := make([]byte, 8)
+	for i := range 6 {
+		b[2+i] = byte(n >> (40 - 8*i))
+	}
+	parts := make([]string, 6)
+	for i := range 6 {
+		parts[i] = hex.EncodeToString(b[2+i : 3+i])
+	}
+	return strings.Join(parts, ":")
+}
+
+func TestDataPathAllocatesNothing(t *testing.T) {
+	buf := goldenMessages(t)["data"]
+	allocs := testing.AllocsPerRun(1000, func() {
+		PutDataHeader(buf, 1, 2)
+		if _, _, p, err := ParseData(buf); err != nil || len(p) != 20 {
+			t.Fatal(err)
+		}
+		if _, ok := DstAddr(buf[DataHeaderLen:]); !ok {
+			t.Fatal("no dst")
+		}
+	})
+	if allocs != 0 {
+		t.Errorf("%v allocations per packet", allocs)
+	}
+}
