@@ -1,0 +1,140 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"strings"
+
+	"github.com/overlayd/overlayd/internal/api"
+	"github.com/overlayd/overlayd/peering"
+)
+
+// label prints one "Label: value" line of `status`, the label right-aligned
+// in 15 columns as Weave does.
+func label(w io.Writer, k string, v any) {
+	fmt.Fprintf(w, "%15s: %v\n", k, v)
+}
+
+func enabled(b bool) string {
+	if b {
+		return "enabled"
+	}
+	return "disabled"
+}
+
+// writeStatus prints `overlayctl status` in Weave's layout.
+func writeStatus(w io.Writer, st *api.Status) {
+	r := &st.Router
+	fmt.Fprintln(w)
+	label(w, "Version", st.Version)
+	fmt.Fprintln(w)
+	label(w, "Service", "router")
+	proto := fmt.Sprintf("overlayd %d..%d", r.ProtocolMinVersion, r.ProtocolMaxVersion)
+	if r.ProtocolMinVersion == r.ProtocolMaxVersion {
+		proto = fmt.Sprintf("overlayd %d", r.ProtocolMinVersion)
+	}
+	label(w, "Protocol", proto)
+	label(w, "Name", fmt.Sprintf("%v(%s)", r.Name, r.Nickname))
+	label(w, "Encryption", enabled(r.Encryption))
+	label(w, "PeerDiscovery", enabled(r.PeerDiscovery))
+	label(w, "Targets", len(r.Targets))
+	label(w, "Connections", connectionSummary(r.Connections))
+	label(w, "Peers", peerSummary(r.Peers))
+	if st.IPAM.Enabled {
+		fmt.Fprintln(w)
+		label(w, "Service", "ipam")
+		label(w, "Status", st.IPAM.Status)
+		label(w, "Range", st.IPAM.Range)
+		label(w, "DefaultSubnet", st.IPAM.DefaultSubnet)
+	}
+	fmt.Fprintln(w)
+}
+
+// connectionSummary is "N (a established, b failed)": counts in Weave's fixed
+// order, zero counts left out, no parentheses when all are zero.
+func connectionSummary(cs []peering.ConnStatus) string {
+	counts := map[string]int{}
+	for _, c := range cs {
+		counts[c.State]++
+	}
+	var parts []string
+	for _, s := range []string{"established", "pending", "retrying", "failed", "connecting"} {
+		if counts[s] > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", counts[s], s))
+		}
+	}
+	if len(parts) == 0 {
+		return fmt.Sprint(len(cs))
+	}
+	return fmt.Sprintf("%d (%s)", len(cs), strings.Join(parts, ", "))
+}
+
+// peerSummary is "N (with a established[, b pending] connections)", counting
+// every peer's connection list, so each link counts from both ends.
+func peerSummary(ps []peering.PeerStatus) string {
+	var est, pend int
+	for _, p := range ps {
+		for _, c := range p.Connections {
+			if c.Established {
+				est++
+			} else {
+				pend++
+			}
+		}
+	}
+	var parts []string
+	if est > 0 {
+		parts = append(parts, fmt.Sprintf("%d established", est))
+	}
+	if pend > 0 {
+		parts = append(parts, fmt.Sprintf("%d pending", pend))
+	}
+	if len(parts) == 0 {
+		return fmt.Sprint(len(ps))
+	}
+	return fmt.Sprintf("%d (with %s connections)", len(ps), strings.Join(parts, ", "))
+}
+
+func dir(outbound bool) string {
+	if outbound {
+		return "->"
+	}
+	return "<-"
+}
+
+// writeConnections prints `status connections` like Weave:
+// "<dir> <address %-21v> <state %-11v> <info>".
+func writeConnections(w io.Writer, cs []peering.ConnStatus) {
+	for _, c := range cs {
+		info := c.Info
+		if c.Name != 0 {
+			info = fmt.Sprintf("%-6v %v(%s)", c.Overlay, c.Name, c.Nickname)
+			if c.MTU != 0 {
+				info += fmt.Sprintf(" mtu=%d", c.MTU)
+			}
+		}
+		fmt.Fprintf(w, "%s %-21v %-11v %s\n", dir(c.Outbound), c.Address, c.State, info)
+	}
+}
+
+// writePeers prints `status peers` like Weave: each peer, then each of its
+// connections indented.
+func writePeers(w io.Writer, ps []peering.PeerStatus) {
+	for _, p := range ps {
+		fmt.Fprintf(w, "%v(%s)\n", p.Name, p.Nickname)
+		for _, c := range p.Connections {
+			state := "pending"
+			if c.Established {
+				state = "established"
+			}
+			fmt.Fprintf(w, "   %s %-21v %-37v %s\n", dir(c.Outbound), c.Address,
+				fmt.Sprintf("%v(%s)", c.Name, c.Nickname), state)
+		}
+	}
+}
+
+func writeTargets(w io.Writer, ts []string) {
+	for _, t := range ts {
+		fmt.Fprintln(w, t)
+	}
+}

@@ -1,0 +1,247 @@
+// Command overlayctl controls a running overlayd through its control socket:
+// tables for people, --json for scripts.
+//
+// Exit codes: 0 on success, 1 when the daemon cannot be reached or refuses
+// the request, 2 for a bad command line. Errors are one line on stderr.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/overlayd/overlayd/internal/api"
+	"github.com/overlayd/overlayd/internal/buildinfo"
+)
+
+func main() {
+	os.Exit(execute(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// usageError is a bad command line: exit code 2.
+type usageError struct{ msg string }
+
+func (e usageError) Error() string { return e.msg }
+
+func usagef(format string, a ...any) error { return usageError{fmt.Sprintf(format, a...)} }
+
+type cli struct {
+	socket string
+	json   bool
+	out    io.Writer
+}
+
+func (c *cli) client() *api.Client { return api.NewClient(c.socket) }
+
+func (c *cli) ctx() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), 30*time.Second)
+}
+
+func (c *cli) printJSON(v any) error {
+	enc := json.NewEncoder(c.out)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// status fetches the daemon's status.
+func (c *cli) status() (*api.Status, error) {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	st, err := c.client().Status(ctx)
+	return &st, err
+}
+
+func execute(args []string, stdout, stderr io.Writer) int {
+	c := &cli{out: stdout}
+	root := &cobra.Command{
+		Use:           "overlayctl",
+		Short:         "Control a running overlayd",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		Args:          noArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return usagef("a command is required (see overlayctl --help)")
+		},
+	}
+	def := os.Getenv(api.SocketEnv)
+	if def == "" {
+		def = api.DefaultSocket
+	}
+	root.PersistentFlags().StringVar(&c.socket, "socket", def, "overlayd's control socket (also $"+api.SocketEnv+")")
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err.Error()} })
+
+	jsonFlag := func(cmd *cobra.Command) *cobra.Command {
+		cmd.Flags().BoolVar(&c.json, "json", false, "print JSON for scripts")
+		return cmd
+	}
+	listing := func(use, short string, print func(*api.Status) any, text func(io.Writer, *api.Status)) *cobra.Command {
+		return jsonFlag(&cobra.Command{
+			Use: use, Short: short, Args: noArgs,
+			RunE: func(cmd *cobra.Command, args []string) error {
+				st, err := c.status()
+				if err != nil {
+					return err
+				}
+				if c.json {
+					return c.printJSON(print(st))
+				}
+				text(c.out, st)
+				return nil
+			},
+		})
+	}
+	peers := func(use string) *cobra.Command {
+		return listing(use, "List peers and their connections",
+			func(st *api.Status) any { return st.Router.Peers },
+			func(w io.Writer, st *api.Status) { writePeers(w, st.Router.Peers) })
+	}
+	connections := func(use string) *cobra.Command {
+		return listing(use, "List connections and targets",
+			func(st *api.Status) any { return st.Router.Connections },
+			func(w io.Writer, st *api.Status) { writeConnections(w, st.Router.Connections) })
+	}
+	targets := func(use string) *cobra.Command {
+		return listing(use, "List the addresses this peer dials",
+			func(st *api.Status) any { return st.Router.Targets },
+			func(w io.Writer, st *api.Status) { writeTargets(w, st.Router.Targets) })
+	}
+	ipam := listing("ipam", "Show IP allocation by peer (empty while the ring is idle)",
+		func(st *api.Status) any { return st.IPAM },
+		func(io.Writer, *api.Status) {})
+
+	status := listing("status [targets|connections|peers|ipam]", "Show the daemon's status",
+		func(st *api.Status) any { return st },
+		func(w io.Writer, st *api.Status) { writeStatus(w, st) })
+	status.Args = cobra.ArbitraryArgs
+	status.AddCommand(targets("targets"), connections("connections"), peers("peers"), ipam)
+	plain := status.RunE
+	status.RunE = func(cmd *cobra.Command, args []string) error {
+		if len(args) > 0 {
+			return usagef("Invalid 'overlayctl status' sub-command: %s (want targets, connections, peers or ipam)", args[0])
+		}
+		return plain(cmd, args)
+	}
+
+	connect := &cobra.Command{
+		Use: "connect ADDR...", Short: "Add peers to dial (HOST or HOST:PORT)",
+		Args: minArgs(1, "connect needs at least one peer address (HOST or HOST:PORT)"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx, cancel := c.ctx()
+			defer cancel()
+			return c.client().Connect(ctx, args)
+		},
+	}
+	forget := &cobra.Command{
+		Use: "forget ADDR...", Short: "Stop dialling peers and drop their connections",
+		Args: minArgs(1, "forget needs at least one peer address"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx, cancel := c.ctx()
+			defer cancel()
+			return c.client().Forget(ctx, args)
+		},
+	}
+	expose := &cobra.Command{
+		Use: "expose CIDR", Short: "Give this host an address on the overlay and announce it to peers",
+		Args: exactArgs(1, "expose needs the address to give this host, as a CIDR such as 10.32.0.1/12 (allocation from IPAM is not available yet)"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if _, err := api.ParseCIDR(args[0]); err != nil {
+				return usagef("%s", strings.TrimPrefix(err.Error(), api.ErrBadRequest.Error()+": "))
+			}
+			ctx, cancel := c.ctx()
+			defer cancel()
+			return c.client().Expose(ctx, args[0])
+		},
+	}
+	hide := &cobra.Command{
+		Use: "hide CIDR", Short: "Remove an exposed address from this host",
+		Args: exactArgs(1, "hide needs the exposed address, as a CIDR such as 10.32.0.1/12"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if _, err := api.ParseCIDR(args[0]); err != nil {
+				return usagef("%s", strings.TrimPrefix(err.Error(), api.ErrBadRequest.Error()+": "))
+			}
+			ctx, cancel := c.ctx()
+			defer cancel()
+			return c.client().Hide(ctx, args[0])
+		},
+	}
+	version := jsonFlag(&cobra.Command{
+		Use: "version", Short: "Print the versions of overlayctl and the daemon", Args: noArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx, cancel := c.ctx()
+			defer cancel()
+			v, err := c.client().Version(ctx)
+			if c.json {
+				if err != nil {
+					return err
+				}
+				return c.printJSON(map[string]any{"overlayctl": buildinfo.Version, "overlayd": v})
+			}
+			fmt.Fprintf(c.out, "overlayctl %s\n", buildinfo.Version)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(c.out, "overlayd %s (protocol %d..%d)\n", v.Version, v.ProtocolMinVersion, v.ProtocolMaxVersion)
+			return nil
+		},
+	})
+	root.AddCommand(status, peers("peers"), connections("connections"), targets("targets"),
+		connect, forget, expose, hide, version)
+	root.CompletionOptions.DisableDefaultCmd = true
+	root.SetArgs(args)
+
+	err := root.Execute()
+	if err == nil {
+		return 0
+	}
+	msg := strings.ReplaceAll(err.Error(), "\n", "; ")
+	var ue usageError
+	code := 1
+	if errors.As(err, &ue) || isCobraUsage(msg) {
+		code = 2
+	}
+	fmt.Fprintf(stderr, "overlayctl: %s\n", msg)
+	return code
+}
+
+// isCobraUsage recognises cobra's own command-line errors.
+func isCobraUsage(msg string) bool {
+	return strings.HasPrefix(msg, "unknown command") || strings.HasPrefix(msg, "unknown flag") ||
+		strings.HasPrefix(msg, "unknown shorthand flag")
+}
+
+func noArgs(cmd *cobra.Command, args []string) error {
+	if len(args) > 0 {
+		if cmd.HasSubCommands() {
+			return usagef("unknown command %q for %q", args[0], cmd.CommandPath())
+		}
+		return usagef("%s takes no arguments, got %q", cmd.CommandPath(), strings.Join(args, " "))
+	}
+	return nil
+}
+
+func minArgs(n int, msg string) cobra.PositionalArgs {
+	return func(_ *cobra.Command, args []string) error {
+		if len(args) < n {
+			return usageError{msg}
+		}
+		return nil
+	}
+}
+
+func exactArgs(n int, msg string) cobra.PositionalArgs {
+	return func(_ *cobra.Command, args []string) error {
+		if len(args) != n {
+			return usageError{msg}
+		}
+		return nil
+	}
+}

@@ -1,0 +1,178 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"strings"
+
+	"go.uber.org/zap/zapcore"
+
+	"github.com/overlayd/overlayd/internal/api"
+	"github.com/overlayd/overlayd/peering"
+	"github.com/overlayd/overlayd/proto"
+	"github.com/overlayd/overlayd/tun"
+)
+
+// Defaults of the flags.
+const (
+	defaultRange    = "10.32.0.0/12"
+	defaultIface    = "ovl0"
+	defaultStateDir = "/var/lib/overlayd"
+)
+
+// options are the raw flag values.
+type options struct {
+	rangeCIDR     string
+	defaultSubnet string
+	peers         []string
+	name          string
+	nickname      string
+	port          int
+	iface         string
+	socket        string
+	stateDir      string
+	logLevel      string
+	mtu           int
+}
+
+// config is the validated configuration of one daemon.
+type config struct {
+	Range         netip.Prefix // invalid: IPAM off, nothing routed
+	DefaultSubnet netip.Prefix
+	Targets       []string
+	Name          proto.PeerName // zero: from the state directory
+	Nickname      string
+	Port          uint16
+	Iface         string
+	Socket        string
+	StateDir      string
+	LogLevel      zapcore.Level
+	MTU           int // zero: underlay MTU minus proto.UDPOverhead
+}
+
+// usageError is a bad flag value: exit code 2.
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+func badFlag(format string, a ...any) error { return usageError{fmt.Errorf(format, a...)} }
+
+// validate turns options into a config without touching the system.
+func (o *options) validate(positional []string) (*config, error) {
+	c := &config{Iface: o.iface, Socket: o.socket, StateDir: o.stateDir}
+	if o.rangeCIDR != "" {
+		r, err := parseSubnet("--range", o.rangeCIDR)
+		if err != nil {
+			return nil, err
+		}
+		c.Range = r
+	}
+	if o.defaultSubnet != "" {
+		if !c.Range.IsValid() {
+			return nil, badFlag("--default-subnet specified without --range")
+		}
+		s, err := parseSubnet("--default-subnet", o.defaultSubnet)
+		if err != nil {
+			return nil, err
+		}
+		if !(c.Range.Contains(s.Addr()) && s.Bits() >= c.Range.Bits()) {
+			return nil, badFlag("--default-subnet %v is not inside --range %v", s, c.Range)
+		}
+		c.DefaultSubnet = s
+	} else {
+		c.DefaultSubnet = c.Range
+	}
+	seen := map[string]bool{}
+	for _, p := range append(append([]string(nil), o.peers...), positional...) {
+		h, port, err := peering.ParseTarget(p)
+		if err != nil {
+			return nil, badFlag("invalid peer: %v", err)
+		}
+		t := joinHostPort(h, port)
+		if !seen[t] {
+			seen[t] = true
+			c.Targets = append(c.Targets, t)
+		}
+	}
+	if o.name != "" {
+		n, err := proto.ParsePeerName(o.name)
+		if err != nil {
+			return nil, badFlag("invalid --name: %v", err)
+		}
+		c.Name = n
+	}
+	c.Nickname = o.nickname
+	if c.Nickname == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			h = "unknown"
+		}
+		c.Nickname = h
+	}
+	if len(c.Nickname) > proto.MaxNicknameLen {
+		return nil, badFlag("--nickname is longer than %d bytes", proto.MaxNicknameLen)
+	}
+	if o.port < 1 || o.port > 65535 {
+		return nil, badFlag("--port %d is out of range 1-65535", o.port)
+	}
+	c.Port = uint16(o.port)
+	if c.Iface == "" || len(c.Iface) > tun.MaxNameLen {
+		return nil, badFlag("--iface %q: an interface name is 1 to %d bytes long", c.Iface, tun.MaxNameLen)
+	}
+	if strings.ContainsAny(c.Iface, "/: \t\n") || c.Iface == "." || c.Iface == ".." {
+		return nil, badFlag("--iface %q is not a valid interface name", c.Iface)
+	}
+	if c.Socket == "" {
+		return nil, badFlag("--socket must not be empty")
+	}
+	if c.StateDir == "" {
+		return nil, badFlag("--state-dir must not be empty")
+	}
+	if err := c.LogLevel.UnmarshalText([]byte(o.logLevel)); err != nil || c.LogLevel > zapcore.ErrorLevel {
+		return nil, badFlag("--log-level %q: want debug, info, warn or error", o.logLevel)
+	}
+	if o.mtu != 0 && (o.mtu < 576 || o.mtu > 65535-proto.DataHeaderLen-28) {
+		return nil, badFlag("--mtu %d is out of range 576-%d", o.mtu, 65535-proto.DataHeaderLen-28)
+	}
+	c.MTU = o.mtu
+	return c, nil
+}
+
+// parseSubnet parses a CIDR that must be an IPv4 subnet of at least 4
+// addresses with no host bits set; the errors are Weave's.
+func parseSubnet(flag, s string) (netip.Prefix, error) {
+	p, err := netip.ParsePrefix(s)
+	if err != nil {
+		return p, badFlag("invalid %s %q: not a CIDR such as %s", flag, s, defaultRange)
+	}
+	switch {
+	case !p.Addr().Is4():
+		return p, badFlag("invalid %s %v: only IPv4 is supported", flag, p)
+	case p.Masked() != p:
+		return p, badFlag("invalid %s: invalid subnet - bits after network prefix are not all zero: %v", flag, p)
+	case p.Bits() > 30:
+		return p, badFlag("invalid %s: invalid subnet - smaller than minimum size 4: %v", flag, p)
+	}
+	return p, nil
+}
+
+func joinHostPort(h string, p uint16) string {
+	if strings.Contains(h, ":") {
+		return fmt.Sprintf("[%s]:%d", h, p)
+	}
+	return fmt.Sprintf("%s:%d", h, p)
+}
+
+var errNotRoot = errors.New("overlayd must run as root: it creates a TUN device and routes")
+
+// socketDefault is the control socket unless --socket or OVERLAY_SOCKET say
+// otherwise.
+func socketDefault() string {
+	if s := os.Getenv(api.SocketEnv); s != "" {
+		return s
+	}
+	return api.DefaultSocket
+}

@@ -1,0 +1,249 @@
+package main
+
+import (
+	"context"
+	crand "crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"os"
+	"slices"
+	"sync"
+
+	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/overlayd/overlayd/internal/api"
+	"github.com/overlayd/overlayd/internal/buildinfo"
+	"github.com/overlayd/overlayd/internal/netconf"
+	"github.com/overlayd/overlayd/peering"
+	"github.com/overlayd/overlayd/peering/conn"
+	"github.com/overlayd/overlayd/proto"
+	"github.com/overlayd/overlayd/tun"
+)
+
+// startError is a failure to start (exit code 2): nothing is left behind.
+type startError struct{ err error }
+
+func (e startError) Error() string { return e.err.Error() }
+func (e startError) Unwrap() error { return e.err }
+
+// daemon is one running overlayd: the router, the control API and what they
+// set up in the namespace. It is the api.Backend.
+type daemon struct {
+	cfg    *config
+	log    *zap.Logger
+	router *peering.Router
+	api    *api.Server
+
+	mu      sync.Mutex     // serialises Expose and Hide
+	exposed []netip.Prefix // guarded by mu: addresses on the TUN device
+}
+
+var _ api.Backend = (*daemon)(nil)
+
+// run sets everything up, runs until ctx ends, and tears down what it set
+// up. Failures before the daemon is running are startErrors.
+func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
+	if os.Geteuid() != 0 {
+		return startError{errNotRoot}
+	}
+	if err := tun.Check(); err != nil {
+		return startError{err}
+	}
+	if err := prepareStateDir(cfg.StateDir); err != nil {
+		return startError{err}
+	}
+	name := cfg.Name
+	if name == 0 {
+		n, created, err := loadOrCreatePeerName(cfg.StateDir)
+		if err != nil {
+			return startError{err}
+		}
+		if created {
+			log.Info("created a new peer name", zap.Stringer("peer", n))
+		}
+		name = n
+	}
+	if netconf.LinkExists(cfg.Iface) {
+		return startError{fmt.Errorf("interface %s already exists: is another overlayd running in this network namespace? (choose another with --iface)", cfg.Iface)}
+	}
+	mtu := cfg.MTU
+	underlay := netconf.UnderlayMTU(cfg.Iface)
+	if mtu == 0 {
+		mtu = underlay - proto.UDPOverhead
+	}
+
+	// Each step undoes itself if a later one fails.
+	var undo []func()
+	defer func() {
+		if err != nil {
+			for _, f := range slices.Backward(undo) {
+				f()
+			}
+		}
+	}()
+
+	pc, err := conn.Listen(cfg.Port)
+	if err != nil {
+		return startError{err}
+	}
+	undo = append(undo, func() { pc.Close() })
+
+	dev, err := tun.Create(cfg.Iface, mtu)
+	if err != nil {
+		return startError{err}
+	}
+	undo = append(undo, func() { dev.Close() })
+	if err := netconf.LinkUp(cfg.Iface); err != nil {
+		return startError{err}
+	}
+	if cfg.Range.IsValid() {
+		if err := netconf.AddRoute(cfg.Iface, cfg.Range); err != nil {
+			return startError{err}
+		}
+		undo = append(undo, func() { netconf.DelRoute(cfg.Iface, cfg.Range) })
+	}
+
+	var seed [16]byte
+	crand.Read(seed[:])
+	router, err := peering.New(peering.Config{
+		Name: name, Nickname: cfg.Nickname, Range: cfg.Range, MTU: mtu,
+		Rand: rand.New(rand.NewPCG(binary.LittleEndian.Uint64(seed[:8]), binary.LittleEndian.Uint64(seed[8:]))),
+		Log:  log.Named("router"),
+	}, dev, pc)
+	if err != nil {
+		return startError{err}
+	}
+	d := &daemon{cfg: cfg, log: log, router: router}
+	srv, err := api.Listen(cfg.Socket, d, buildinfo.Version, log.Named("api"))
+	if err != nil {
+		return startError{err}
+	}
+	d.api = srv
+
+	log.Info("overlayd started",
+		zap.String("version", buildinfo.Version), zap.Stringer("peer", name), zap.String("nick", cfg.Nickname),
+		zap.Stringer("range", cfg.Range), zap.String("iface", cfg.Iface), zap.Int("mtu", mtu),
+		zap.Int("underlay_mtu", underlay), zap.Uint16("port", pc.LocalPort()), zap.String("socket", cfg.Socket),
+		zap.Strings("targets", cfg.Targets))
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return router.Run(gctx) })
+	g.Go(func() error { return srv.Run(gctx) })
+	if len(cfg.Targets) > 0 {
+		if err := router.Connect(gctx, cfg.Targets); err != nil {
+			log.Error("adding targets", zap.Error(err))
+		}
+	}
+	runErr := g.Wait()
+
+	// Tear down: the router has closed the device (which takes its
+	// addresses and routes with it); remove what may outlive it.
+	if cfg.Range.IsValid() {
+		if err := netconf.DelRoute(cfg.Iface, cfg.Range); err != nil {
+			log.Warn("removing the range route", zap.Error(err))
+		}
+	}
+	log.Info("overlayd stopped")
+	return runErr
+}
+
+// Status implements api.Backend.
+func (d *daemon) Status(ctx context.Context) (api.Status, error) {
+	rs, err := d.router.Status(ctx)
+	if err != nil {
+		return api.Status{}, err
+	}
+	st := api.Status{Version: buildinfo.Version, Router: rs}
+	if d.cfg.Range.IsValid() {
+		st.IPAM = api.IPAMStatus{Enabled: true, Status: "idle", Range: d.cfg.Range, DefaultSubnet: d.cfg.DefaultSubnet}
+	}
+	return st, nil
+}
+
+// Connect implements api.Backend.
+func (d *daemon) Connect(ctx context.Context, peers []string) error {
+	if len(peers) == 0 {
+		return fmt.Errorf("%w: no peer address given", api.ErrBadRequest)
+	}
+	for _, p := range peers {
+		if _, _, err := peering.ParseTarget(p); err != nil {
+			return fmt.Errorf("%w: %v", api.ErrBadRequest, err)
+		}
+	}
+	return d.router.Connect(ctx, peers)
+}
+
+// Forget implements api.Backend.
+func (d *daemon) Forget(ctx context.Context, peers []string) error {
+	if len(peers) == 0 {
+		return fmt.Errorf("%w: no peer address given", api.ErrBadRequest)
+	}
+	err := d.router.Forget(ctx, peers)
+	if err != nil && !errors.Is(err, context.Canceled) {
+		return fmt.Errorf("%w: %v", api.ErrBadRequest, err)
+	}
+	return err
+}
+
+// Expose implements api.Backend: the address goes on the TUN device and is
+// announced to peers as a /32.
+func (d *daemon) Expose(ctx context.Context, p netip.Prefix) error {
+	a := p.Addr()
+	if a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
+		return fmt.Errorf("%w: cannot expose %v", api.ErrBadRequest, p)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if slices.Contains(d.exposed, p) {
+		return nil
+	}
+	for _, e := range d.exposed {
+		if e.Addr() == a {
+			return fmt.Errorf("%w: %v is already exposed as %v (hide it first)", api.ErrBadRequest, a, e)
+		}
+	}
+	if err := netconf.AddAddr(d.cfg.Iface, p); err != nil {
+		return err
+	}
+	next := append(slices.Clone(d.exposed), p)
+	if err := d.router.SetLocal(ctx, hostRoutes(next)); err != nil {
+		netconf.DelAddr(d.cfg.Iface, p)
+		return err
+	}
+	d.exposed = next
+	d.log.Info("exposed", zap.Stringer("addr", p))
+	return nil
+}
+
+// Hide implements api.Backend.
+func (d *daemon) Hide(ctx context.Context, p netip.Prefix) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	i := slices.IndexFunc(d.exposed, func(e netip.Prefix) bool { return e.Addr() == p.Addr() })
+	if i < 0 {
+		return fmt.Errorf("%w: %v is not exposed", api.ErrBadRequest, p.Addr())
+	}
+	next := slices.Delete(slices.Clone(d.exposed), i, i+1)
+	if err := d.router.SetLocal(ctx, hostRoutes(next)); err != nil {
+		return err
+	}
+	if err := netconf.DelAddr(d.cfg.Iface, d.exposed[i]); err != nil {
+		return err
+	}
+	d.log.Info("hidden", zap.Stringer("addr", d.exposed[i]))
+	d.exposed = next
+	return nil
+}
+
+// hostRoutes turns exposed addresses into the /32s this host serves.
+func hostRoutes(ps []netip.Prefix) []netip.Prefix {
+	out := make([]netip.Prefix, len(ps))
+	for i, p := range ps {
+		out[i] = netip.PrefixFrom(p.Addr(), 32)
+	}
+	return out
+}

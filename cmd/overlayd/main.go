@@ -1,0 +1,132 @@
+// Command overlayd is the overlay router: it puts the containers of many
+// hosts on one flat private network, carrying their IP packets to peer hosts
+// over UDP.
+//
+//	sudo overlayd --range 172.16.16.0/24 --peer 10.10.10.101
+//
+// Exit codes: 0 after SIGTERM or SIGINT, 2 when a flag is invalid or the
+// daemon cannot start (nothing is left set up), 1 when it fails while
+// running.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/overlayd/overlayd/internal/buildinfo"
+	"github.com/overlayd/overlayd/peering"
+	"github.com/overlayd/overlayd/proto"
+)
+
+func main() {
+	os.Exit(execute(os.Args[1:]))
+}
+
+// flagAliases are Weave's flag names, accepted for ours.
+var flagAliases = map[string]string{
+	"ipalloc-range":          "range",
+	"ipalloc-default-subnet": "default-subnet",
+}
+
+func execute(args []string) int {
+	var o options
+	var showVersion bool
+	cmd := &cobra.Command{
+		Use:   "overlayd [flags] [PEER...]",
+		Short: "Overlay network router: one flat private network for the containers of many hosts",
+		Long: `overlayd creates a TUN device, routes the allocation range to it, and carries
+the IP packets it reads to the peers that serve their destinations, over one
+UDP port. Peers are given as PEER arguments or --peer, as HOST or HOST:PORT.
+
+Weave's flag names --ipalloc-range and --ipalloc-default-subnet are accepted
+for --range and --default-subnet.`,
+		Example:       "  sudo overlayd --range 172.16.16.0/24 --peer 10.10.10.101",
+		Args:          cobra.ArbitraryArgs,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if showVersion {
+				fmt.Printf("overlayd %s (protocol %d..%d)\n", buildinfo.Version, proto.MinVersion, proto.MaxVersion)
+				return nil
+			}
+			cfg, err := o.validate(args)
+			if err != nil {
+				return err
+			}
+			log := newLogger(cfg.LogLevel)
+			defer log.Sync()
+			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+			defer stop()
+			return run(ctx, cfg, log)
+		},
+	}
+	f := cmd.Flags()
+	f.SortFlags = false
+	f.StringVar(&o.rangeCIDR, "range", defaultRange, "IP allocation range shared by all peers (CIDR; \"\" turns IPAM off); alias --ipalloc-range")
+	f.StringVar(&o.defaultSubnet, "default-subnet", "", "subnet of the range addresses come from by default (default: the whole range); alias --ipalloc-default-subnet")
+	f.StringArrayVar(&o.peers, "peer", nil, "peer to connect to, HOST[:PORT] (repeatable; positional arguments work too)")
+	f.StringVar(&o.name, "name", "", "peer name, like 12:d2:fe:7a:c1:f2 (default: generated once and kept in --state-dir)")
+	f.StringVar(&o.nickname, "nickname", "", "nickname shown next to the peer name (default: the host name)")
+	f.IntVar(&o.port, "port", peering.DefaultPort, "UDP port for control and data")
+	f.StringVar(&o.iface, "iface", defaultIface, "name of the TUN device to create")
+	f.IntVar(&o.mtu, "mtu", 0, "MTU of the TUN device (default: smallest underlay MTU minus 44 bytes of overhead)")
+	f.StringVar(&o.socket, "socket", socketDefault(), "control API unix socket (also $OVERLAY_SOCKET)")
+	f.StringVar(&o.stateDir, "state-dir", defaultStateDir, "directory for state kept across restarts")
+	f.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	f.BoolVar(&showVersion, "version", false, "print the version and exit")
+	f.SetNormalizeFunc(func(_ *pflag.FlagSet, name string) pflag.NormalizedName {
+		if to, ok := flagAliases[name]; ok {
+			name = to
+		}
+		return pflag.NormalizedName(name)
+	})
+	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+	cmd.SetArgs(args)
+
+	err := cmd.Execute()
+	if err == nil {
+		return 0
+	}
+	fmt.Fprintf(os.Stderr, "overlayd: %s\n", oneLine(err))
+	var ue usageError
+	var se startError
+	if errors.As(err, &ue) || errors.As(err, &se) {
+		return 2
+	}
+	return 1
+}
+
+func oneLine(err error) string {
+	return strings.ReplaceAll(err.Error(), "\n", "; ")
+}
+
+// newLogger logs to stderr in a console format at level; sampling keeps a
+// flood of rejected datagrams from flooding the log.
+func newLogger(level zapcore.Level) *zap.Logger {
+	enc := zap.NewProductionEncoderConfig()
+	enc.EncodeTime = zapcore.ISO8601TimeEncoder
+	enc.EncodeLevel = zapcore.CapitalLevelEncoder
+	cfg := zap.Config{
+		Level:            zap.NewAtomicLevelAt(level),
+		Encoding:         "console",
+		EncoderConfig:    enc,
+		OutputPaths:      []string{"stderr"},
+		ErrorOutputPaths: []string{"stderr"},
+		Sampling:         &zap.SamplingConfig{Initial: 100, Thereafter: 100},
+	}
+	log, err := cfg.Build()
+	if err != nil {
+		return zap.NewNop()
+	}
+	return log
+}

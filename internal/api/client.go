@@ -1,0 +1,112 @@
+package api
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"syscall"
+	"time"
+)
+
+// Client talks to overlayd's control socket.
+type Client struct {
+	path string
+	http *http.Client
+}
+
+// NewClient makes a client for the socket at path. It connects lazily.
+func NewClient(path string) *Client {
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		},
+		DisableKeepAlives: true,
+	}
+	return &Client{path: path, http: &http.Client{Transport: tr, Timeout: 30 * time.Second}}
+}
+
+// Status fetches the daemon's state.
+func (c *Client) Status(ctx context.Context) (Status, error) {
+	var st Status
+	return st, c.call(ctx, http.MethodGet, "/v1/status", nil, &st)
+}
+
+// Version fetches the daemon's version.
+func (c *Client) Version(ctx context.Context) (VersionInfo, error) {
+	var v VersionInfo
+	return v, c.call(ctx, http.MethodGet, "/v1/version", nil, &v)
+}
+
+// Connect adds targets.
+func (c *Client) Connect(ctx context.Context, peers []string) error {
+	return c.call(ctx, http.MethodPost, "/v1/connect", PeersRequest{Peers: peers}, nil)
+}
+
+// Forget removes targets.
+func (c *Client) Forget(ctx context.Context, peers []string) error {
+	return c.call(ctx, http.MethodPost, "/v1/forget", PeersRequest{Peers: peers}, nil)
+}
+
+// Expose gives this host an overlay address.
+func (c *Client) Expose(ctx context.Context, cidr string) error {
+	return c.call(ctx, http.MethodPost, "/v1/expose", CIDRRequest{CIDR: cidr}, nil)
+}
+
+// Hide removes an overlay address from this host.
+func (c *Client) Hide(ctx context.Context, cidr string) error {
+	return c.call(ctx, http.MethodPost, "/v1/hide", CIDRRequest{CIDR: cidr}, nil)
+}
+
+func (c *Client) call(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://overlayd"+path, body)
+	if err != nil {
+		return err
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		switch {
+		case errors.Is(err, syscall.ENOENT):
+			return fmt.Errorf("cannot reach overlayd: no socket at %s (is overlayd running? set --socket or %s)", c.path, SocketEnv)
+		case errors.Is(err, syscall.ECONNREFUSED):
+			return fmt.Errorf("cannot reach overlayd at %s: connection refused (is overlayd running?)", c.path)
+		case errors.Is(err, syscall.EACCES):
+			return fmt.Errorf("cannot reach overlayd at %s: permission denied (run as root)", c.path)
+		}
+		return fmt.Errorf("cannot reach overlayd at %s: %w", c.path, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err != nil {
+		return fmt.Errorf("reading the answer of overlayd: %w", err)
+	}
+	if resp.StatusCode >= 300 {
+		var e ErrorResponse
+		if json.Unmarshal(data, &e) == nil && e.Error != "" {
+			return errors.New(e.Error)
+		}
+		return fmt.Errorf("overlayd answered %s", resp.Status)
+	}
+	if out != nil {
+		if err := json.Unmarshal(data, out); err != nil {
+			return fmt.Errorf("decoding the answer of overlayd: %w", err)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,187 @@
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/overlayd/overlayd/proto"
+)
+
+// maxBody bounds a request body.
+const maxBody = 64 << 10
+
+// Server serves the API on a unix socket.
+type Server struct {
+	path    string
+	ln      net.Listener
+	http    *http.Server
+	log     *zap.Logger
+	version string
+}
+
+// Listen creates the socket at path (mode 0600; the parent directory is
+// created mode 0755 if missing). A stale socket left by a dead daemon is
+// replaced; a live one is an error.
+func Listen(path string, b Backend, version string, log *zap.Logger) (*Server, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("api: creating the socket directory: %w", err)
+	}
+	if _, err := os.Lstat(path); err == nil {
+		c, err := net.DialTimeout("unix", path, time.Second)
+		if err == nil {
+			c.Close()
+			return nil, fmt.Errorf("api: another overlayd is listening on %s", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("api: removing stale socket: %w", err)
+		}
+	}
+	// Create the socket with no access for anyone but root from the start.
+	old := umask(0o177)
+	ln, err := net.Listen("unix", path)
+	umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("api: listening on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("api: %w", err)
+	}
+	s := &Server{path: path, ln: ln, log: log, version: version}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
+		st, err := b.Status(r.Context())
+		s.reply(w, st, err)
+	})
+	mux.HandleFunc("GET /v1/version", func(w http.ResponseWriter, r *http.Request) {
+		s.reply(w, VersionInfo{Version: version, ProtocolMinVersion: proto.MinVersion,
+			ProtocolMaxVersion: proto.MaxVersion}, nil)
+	})
+	mux.HandleFunc("POST /v1/connect", func(w http.ResponseWriter, r *http.Request) {
+		var req PeersRequest
+		if err := decode(r, &req); err != nil {
+			s.reply(w, nil, err)
+			return
+		}
+		s.reply(w, nil, b.Connect(r.Context(), req.Peers))
+	})
+	mux.HandleFunc("POST /v1/forget", func(w http.ResponseWriter, r *http.Request) {
+		var req PeersRequest
+		if err := decode(r, &req); err != nil {
+			s.reply(w, nil, err)
+			return
+		}
+		s.reply(w, nil, b.Forget(r.Context(), req.Peers))
+	})
+	cidr := func(do func(context.Context, netip.Prefix) error) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) {
+			var req CIDRRequest
+			if err := decode(r, &req); err != nil {
+				s.reply(w, nil, err)
+				return
+			}
+			p, err := ParseCIDR(req.CIDR)
+			if err != nil {
+				s.reply(w, nil, err)
+				return
+			}
+			s.reply(w, nil, do(r.Context(), p))
+		}
+	}
+	mux.HandleFunc("POST /v1/expose", cidr(b.Expose))
+	mux.HandleFunc("POST /v1/hide", cidr(b.Hide))
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		s.reply(w, nil, fmt.Errorf("%w: no endpoint %s %s", errNotFound, r.Method, r.URL.Path))
+	})
+	s.http = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
+		ErrorLog: zap.NewStdLog(log.WithOptions(zap.IncreaseLevel(zap.WarnLevel)))}
+	return s, nil
+}
+
+var errNotFound = errors.New("not found")
+
+// ParseCIDR parses an IPv4 address with prefix length, like 10.32.0.1/24.
+func ParseCIDR(s string) (netip.Prefix, error) {
+	if s == "" {
+		return netip.Prefix{}, fmt.Errorf("%w: a CIDR is required (e.g. 10.32.0.1/12)", ErrBadRequest)
+	}
+	p, err := netip.ParsePrefix(s)
+	if err != nil {
+		return netip.Prefix{}, fmt.Errorf("%w: %q is not an address with a prefix length (e.g. 10.32.0.1/12)", ErrBadRequest, s)
+	}
+	if !p.Addr().Is4() {
+		return netip.Prefix{}, fmt.Errorf("%w: %v is not IPv4", ErrBadRequest, p)
+	}
+	return p, nil
+}
+
+// Run serves until ctx ends, then shuts down and removes the socket.
+func (s *Server) Run(ctx context.Context) error {
+	errc := make(chan error, 1)
+	go func() { errc <- s.http.Serve(s.ln) }()
+	var err error
+	select {
+	case <-ctx.Done():
+		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = s.http.Shutdown(sctx)
+		<-errc
+	case err = <-errc:
+	}
+	os.Remove(s.path)
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	return err
+}
+
+// Close releases the socket when Run was never called.
+func (s *Server) Close() {
+	s.ln.Close()
+	os.Remove(s.path)
+}
+
+func decode(r *http.Request, v any) error {
+	dec := json.NewDecoder(io.LimitReader(r.Body, maxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("%w: request body: %v", ErrBadRequest, err)
+	}
+	return nil
+}
+
+func (s *Server) reply(w http.ResponseWriter, v any, err error) {
+	w.Header().Set("Content-Type", "application/json")
+	if err != nil {
+		code := http.StatusInternalServerError
+		switch {
+		case errors.Is(err, ErrBadRequest):
+			code = http.StatusBadRequest
+		case errors.Is(err, errNotFound):
+			code = http.StatusNotFound
+		case errors.Is(err, context.Canceled):
+			code = http.StatusServiceUnavailable
+		}
+		msg := strings.TrimPrefix(err.Error(), ErrBadRequest.Error()+": ")
+		w.WriteHeader(code)
+		_ = json.NewEncoder(w).Encode(ErrorResponse{Error: msg})
+		return
+	}
+	if v == nil {
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
+	_ = json.NewEncoder(w).Encode(v)
+}

@@ -1,0 +1,144 @@
+// Package netconf configures the links, addresses and routes overlayd needs
+// in its network namespace, through netlink. It decides nothing: callers say
+// what to add and remove.
+package netconf
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// DefaultUnderlayMTU is assumed when no interface tells us better.
+const DefaultUnderlayMTU = 1500
+
+// LinkUp brings interface name up.
+func LinkUp(name string) error {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		return fmt.Errorf("netconf: %s: %w", name, err)
+	}
+	if err := netlink.LinkSetUp(l); err != nil {
+		return fmt.Errorf("netconf: bringing %s up: %w", name, err)
+	}
+	return nil
+}
+
+// AddRoute routes prefix to interface name. It fails, with the interface
+// that has it, if another route for exactly that prefix exists.
+func AddRoute(name string, p netip.Prefix) error {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		return fmt.Errorf("netconf: %s: %w", name, err)
+	}
+	rt := &netlink.Route{LinkIndex: l.Attrs().Index, Dst: ipnet(p.Masked()), Scope: netlink.SCOPE_LINK}
+	if err := netlink.RouteAdd(rt); err != nil {
+		if errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("netconf: a route for %v already exists%s: remove it or choose another range", p, routeOwner(p))
+		}
+		return fmt.Errorf("netconf: adding route %v dev %s: %w", p, name, err)
+	}
+	return nil
+}
+
+// routeOwner names the interface of an existing route for p, if it can.
+func routeOwner(p netip.Prefix) string {
+	rs, err := netlink.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Dst: ipnet(p.Masked())}, netlink.RT_FILTER_DST)
+	if err != nil || len(rs) == 0 {
+		return ""
+	}
+	if l, err := netlink.LinkByIndex(rs[0].LinkIndex); err == nil {
+		return " (dev " + l.Attrs().Name + ")"
+	}
+	return ""
+}
+
+// DelRoute removes the route for prefix through interface name; a route that
+// is already gone is not an error.
+func DelRoute(name string, p netip.Prefix) error {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		return nil // the link, and with it the route, is gone
+	}
+	rt := &netlink.Route{LinkIndex: l.Attrs().Index, Dst: ipnet(p.Masked()), Scope: netlink.SCOPE_LINK}
+	if err := netlink.RouteDel(rt); err != nil && !errors.Is(err, unix.ESRCH) {
+		return fmt.Errorf("netconf: removing route %v dev %s: %w", p, name, err)
+	}
+	return nil
+}
+
+// AddAddr puts address a (with its prefix length) on interface name without
+// the kernel's prefix route: the caller routes the overlay range itself.
+// Adding an address that is already there is not an error.
+func AddAddr(name string, a netip.Prefix) error {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		return fmt.Errorf("netconf: %s: %w", name, err)
+	}
+	addr := &netlink.Addr{IPNet: ipnet(a), Flags: unix.IFA_F_NOPREFIXROUTE}
+	if err := netlink.AddrAdd(l, addr); err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("netconf: adding address %v to %s: %w", a, name, err)
+	}
+	return nil
+}
+
+// DelAddr removes address a from interface name; an address that is not
+// there is not an error.
+func DelAddr(name string, a netip.Prefix) error {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		return nil
+	}
+	if err := netlink.AddrDel(l, &netlink.Addr{IPNet: ipnet(a)}); err != nil &&
+		!errors.Is(err, unix.EADDRNOTAVAIL) && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("netconf: removing address %v from %s: %w", a, name, err)
+	}
+	return nil
+}
+
+// LinkExists reports whether interface name exists.
+func LinkExists(name string) bool {
+	_, err := netlink.LinkByName(name)
+	return err == nil
+}
+
+// UnderlayMTU is the smallest MTU of the interfaces that are up, are not
+// loopback, are not skip, and have an IPv4 address: the links peers' packets
+// may leave by. DefaultUnderlayMTU when there is none.
+func UnderlayMTU(skip string) int {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return DefaultUnderlayMTU
+	}
+	best := 0
+	for _, l := range links {
+		a := l.Attrs()
+		if a.Name == skip || a.Flags&net.FlagUp == 0 || a.Flags&net.FlagLoopback != 0 || a.MTU <= 0 {
+			continue
+		}
+		addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
+		if err != nil || len(addrs) == 0 {
+			continue
+		}
+		if best == 0 || a.MTU < best {
+			best = a.MTU
+		}
+	}
+	if best == 0 {
+		return DefaultUnderlayMTU
+	}
+	return best
+}
+
+func ipnet(p netip.Prefix) *net.IPNet {
+	a := p.Addr()
+	bits := 32
+	if a.Is6() {
+		bits = 128
+	}
+	return &net.IPNet{IP: net.IP(a.AsSlice()), Mask: net.CIDRMask(p.Bits(), bits)}
+}
