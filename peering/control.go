@@ -507,8 +507,9 @@ func (c *control) refuse(from netip.AddrPort, h *proto.Hello, err error) {
 	c.sendMsg(from, c.scratch)
 }
 
-// logRefusal logs a failed handshake. A range mismatch is logged at error
-// level with Weave's exact text as the message, so operators find it.
+// logRefusal logs a failed handshake with the error's text as the message,
+// so Weave's operator texts appear verbatim (not quoted inside a field). A
+// range mismatch is an error: the cluster is misconfigured.
 func (c *control) logRefusal(from netip.AddrPort, name proto.PeerName, nick string, err error) {
 	fields := []zap.Field{zap.Stringer("peer", name), zap.Stringer("endpoint", from)}
 	if nick != "" {
@@ -519,7 +520,7 @@ func (c *control) logRefusal(from netip.AddrPort, name proto.PeerName, nick stri
 		c.log.Error(err.Error(), fields...)
 		return
 	}
-	c.log.Warn("handshake refused", append(fields, zap.Error(err))...)
+	c.log.Warn(err.Error(), fields...)
 }
 
 // drop ends a connection. If it served a target, the target is retried after
@@ -550,8 +551,7 @@ func (c *control) drop(cn *connection, reason error, now time.Time) {
 func (c *control) targetFailed(t *target, reason error, now time.Time, lasted time.Duration) {
 	t.lastErr = reason
 	t.state = targetFailed
-	var ce *handshake.CollisionError
-	if errors.Is(reason, errCannotConnectToOurself) || errors.As(reason, &ce) {
+	if errors.Is(reason, errCannotConnectToOurself) || handshake.Permanent(reason) {
 		t.never = true
 		return
 	}

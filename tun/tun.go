@@ -8,8 +8,8 @@ import (
 	"fmt"
 	"os"
 
-	wgtun "golang.zx2c4.com/wireguard/tun"
 	"golang.org/x/sys/unix"
+	wgtun "golang.zx2c4.com/wireguard/tun"
 )
 
 // Device is a TUN device with batched I/O: Read(bufs, sizes, offset) and

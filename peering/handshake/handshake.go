@@ -69,9 +69,12 @@ func (e *VersionError) Error() string {
 		e.TheirMin, e.TheirMax, e.OurMin, e.OurMax)
 }
 
-// RefusedError is a refusal the remote peer sent us for a reason we have no
-// type for.
-type RefusedError struct{ Message string }
+// RefusedError is a refusal the remote peer sent us, with its reason code
+// and its own words.
+type RefusedError struct {
+	Code    proto.RejectCode
+	Message string
+}
 
 func (e *RefusedError) Error() string { return "refused by peer: " + e.Message }
 
@@ -116,7 +119,15 @@ func (c *Config) FromReject(r *proto.Reject) error {
 	if r.Code == proto.RejectRange && r.Range.IsValid() && c.Range.IsValid() && r.Range != c.Range {
 		return &RangeError{Received: r.Range, Ours: c.Range}
 	}
-	return &RefusedError{Message: r.Message}
+	return &RefusedError{Code: r.Code, Message: r.Message}
+}
+
+// Permanent reports whether a handshake error will not go away by retrying:
+// the peer has our name. Weave never retries those.
+func Permanent(err error) bool {
+	var ce *CollisionError
+	var re *RefusedError
+	return errors.As(err, &ce) || errors.As(err, &re) && re.Code == proto.RejectCollision
 }
 
 func label(n proto.PeerName, nick string) string {

@@ -62,7 +62,11 @@ func TestRangeRefusalOnBothSides(t *testing.T) {
 	if !errors.As(got, &re) || got.Error() != "Incompatible IP allocation ranges (received: 10.32.0.0/16, ours: 172.16.16.0/24)" {
 		t.Errorf("dialler reports %v", got)
 	}
-	if other := a.FromReject(&proto.Reject{Code: proto.RejectCollision, Message: "x"}); other.Error() != "refused by peer: x" {
-		t.Errorf("got %v", other)
+	other := a.FromReject(&proto.Reject{Code: proto.RejectCollision, Message: "x"})
+	if other.Error() != "refused by peer: x" || !Permanent(other) {
+		t.Errorf("got %v, permanent %v", other, Permanent(other))
+	}
+	if Permanent(err) {
+		t.Error("a range mismatch is not permanent: the peer may be restarted with the right range")
 	}
 }

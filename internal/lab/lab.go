@@ -1,0 +1,296 @@
+// Package lab builds test networks of hosts in Linux network namespaces and
+// runs the real overlayd and overlayctl binaries in them.
+//
+// A lab is one "switch" namespace holding a bridge, and N host namespaces,
+// each with an eth0 whose peer is a port of that bridge:
+//
+//	ovtPID-K-h1 (192.168.200.1/24, eth0) ──┐
+//	ovtPID-K-h2 (192.168.200.2/24, eth0) ──┼── br0 in ovtPID-K-sw
+//	ovtPID-K-h3 (192.168.200.3/24, eth0) ──┘
+//
+// The bridge lives in its own namespace, not the root one, where a container
+// engine's firewall may drop bridged traffic. Traffic stays between the
+// lab's own namespaces. Everything is removed in t.Cleanup, also when a test
+// fails; namespaces left by a killed test process are swept the next time a
+// lab is made.
+package lab
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netns"
+)
+
+// namePrefix starts the name of every namespace a lab makes.
+const namePrefix = "ovt"
+
+// Underlay is the subnet of the hosts' eth0 addresses.
+var Underlay = netip.MustParsePrefix("192.168.200.0/24")
+
+var labCount atomic.Int32
+
+// Require fails (CI=true) or skips the test when labs cannot be built here:
+// they need root, the ip command and /dev/net/tun.
+func Require(t testing.TB) {
+	t.Helper()
+	var missing []string
+	if os.Geteuid() != 0 {
+		missing = append(missing, "root")
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		missing = append(missing, "the ip command (iproute2)")
+	}
+	if _, err := os.Stat("/dev/net/tun"); err != nil {
+		missing = append(missing, "/dev/net/tun")
+	}
+	if len(missing) == 0 {
+		return
+	}
+	msg := "network namespace tests need " + strings.Join(missing, ", ")
+	if os.Getenv("CI") == "true" {
+		t.Fatal(msg + " (CI=true: failing instead of skipping)")
+	}
+	t.Skip(msg)
+}
+
+// Lab is a set of hosts on one switch.
+type Lab struct {
+	t      testing.TB
+	id     string
+	Switch string
+	Hosts  []*Host
+	Bin    Binaries
+	dir    string
+}
+
+// Host is one network namespace on the lab's switch.
+type Host struct {
+	lab   *Lab
+	Index int // 1-based
+	NS    string
+	Addr  netip.Addr // underlay address on eth0
+	port  string     // the host's port on the bridge, in the switch namespace
+}
+
+// New builds a lab of n hosts. bin must hold overlayd and overlayctl.
+func New(t testing.TB, bin Binaries, n int) *Lab {
+	t.Helper()
+	Require(t)
+	sweep()
+	l := &Lab{
+		t:   t,
+		id:  fmt.Sprintf("%s%d-%d", namePrefix, os.Getpid(), labCount.Add(1)),
+		Bin: bin,
+		dir: t.TempDir(),
+	}
+	l.Switch = l.id + "-sw"
+	t.Cleanup(l.destroy)
+	l.must("ip", "netns", "add", l.Switch)
+	l.must("ip", "-n", l.Switch, "link", "add", "br0", "type", "bridge")
+	l.must("ip", "-n", l.Switch, "link", "set", "br0", "up")
+	for i := 1; i <= n; i++ {
+		l.AddHost()
+	}
+	return l
+}
+
+// AddHost adds one more host to the switch.
+func (l *Lab) AddHost() *Host {
+	i := len(l.Hosts) + 1
+	h := &Host{lab: l, Index: i, NS: fmt.Sprintf("%s-h%d", l.id, i),
+		Addr: netip.AddrFrom4([4]byte{192, 168, 200, byte(i)}), port: fmt.Sprintf("h%d", i)}
+	l.must("ip", "netns", "add", h.NS)
+	l.must("ip", "-n", h.NS, "link", "add", "eth0", "type", "veth", "peer", "name", h.port, "netns", l.Switch)
+	l.must("ip", "-n", l.Switch, "link", "set", h.port, "master", "br0", "up")
+	l.must("ip", "-n", h.NS, "addr", "add", netip.PrefixFrom(h.Addr, Underlay.Bits()).String(), "dev", "eth0")
+	l.must("ip", "-n", h.NS, "link", "set", "eth0", "up")
+	l.must("ip", "-n", h.NS, "link", "set", "lo", "up")
+	l.Hosts = append(l.Hosts, h)
+	return h
+}
+
+// Host returns host i (1-based).
+func (l *Lab) Host(i int) *Host { return l.Hosts[i-1] }
+
+func (l *Lab) must(name string, args ...string) {
+	l.t.Helper()
+	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
+		l.t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+}
+
+// destroy kills every process in the lab's namespaces and deletes them.
+func (l *Lab) destroy() {
+	for _, h := range l.Hosts {
+		killAll(h.NS)
+		exec.Command("ip", "netns", "del", h.NS).Run()
+	}
+	killAll(l.Switch)
+	exec.Command("ip", "netns", "del", l.Switch).Run()
+}
+
+// killAll SIGKILLs every process in namespace ns.
+func killAll(ns string) {
+	out, _ := exec.Command("ip", "netns", "pids", ns).Output()
+	for _, f := range strings.Fields(string(out)) {
+		if pid, err := strconv.Atoi(f); err == nil {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+}
+
+// sweep removes namespaces of labs whose test process is gone.
+func sweep() {
+	entries, _ := os.ReadDir("/run/netns")
+	for _, e := range entries {
+		name := e.Name()
+		if !strings.HasPrefix(name, namePrefix) {
+			continue
+		}
+		pidStr, _, ok := strings.Cut(strings.TrimPrefix(name, namePrefix), "-")
+		pid, err := strconv.Atoi(pidStr)
+		if !ok || err != nil || pid == os.Getpid() {
+			continue
+		}
+		if syscall.Kill(pid, 0) == nil {
+			continue // its test is still running
+		}
+		killAll(name)
+		exec.Command("ip", "netns", "del", name).Run()
+	}
+}
+
+// Exec runs a command in the host's namespace and returns its combined
+// output.
+func (h *Host) Exec(ctx context.Context, name string, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", h.NS, name}, args...)...)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// Ping sends count pings to addr from the host and fails unless all come
+// back.
+func (h *Host) Ping(addr netip.Addr, count int) error {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(count+5)*time.Second)
+	defer cancel()
+	out, err := h.Exec(ctx, "ping", "-c", strconv.Itoa(count), "-i", "0.2", "-W", "1", addr.String())
+	if err != nil {
+		return fmt.Errorf("ping %v from %s: %v\n%s", addr, h.NS, err, out)
+	}
+	return nil
+}
+
+// Do runs fn on an OS thread that is in the host's network namespace:
+// sockets fn creates belong to that namespace for their whole life.
+func (h *Host) Do(fn func() error) error {
+	var err error
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		runtime.LockOSThread()
+		// The thread is not unlocked: if restoring the namespace failed
+		// the thread must die with the goroutine, not be reused.
+		orig, e := netns.Get()
+		if e != nil {
+			err = e
+			return
+		}
+		defer orig.Close()
+		target, e := netns.GetFromName(h.NS)
+		if e != nil {
+			err = fmt.Errorf("namespace %s: %w", h.NS, e)
+			return
+		}
+		defer target.Close()
+		if e := netns.Set(target); e != nil {
+			err = e
+			return
+		}
+		err = fn()
+		if e := netns.Set(orig); e == nil {
+			runtime.UnlockOSThread()
+		}
+	})
+	wg.Wait()
+	return err
+}
+
+// Netem applies a tc netem qdisc (e.g. "delay", "20ms", "loss", "5%") to the
+// host's eth0; no arguments removes it.
+func (h *Host) Netem(args ...string) error {
+	ctx := context.Background()
+	if len(args) == 0 {
+		h.Exec(ctx, "tc", "qdisc", "del", "dev", "eth0", "root")
+		return nil
+	}
+	out, err := h.Exec(ctx, "tc", append([]string{"qdisc", "replace", "dev", "eth0", "root", "netem"}, args...)...)
+	if err != nil {
+		return fmt.Errorf("tc netem %v: %v: %s", args, err, out)
+	}
+	return nil
+}
+
+// Dir is a scratch directory that lives as long as the lab.
+func (l *Lab) Dir() string { return l.dir }
+
+// Eventually calls fn until it returns nil or timeout passes, then fails the
+// test with fn's last error.
+func Eventually(t testing.TB, timeout time.Duration, what string, fn func() error) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		err := fn()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %v: %v", what, timeout, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Binaries locates overlayd and overlayctl.
+type Binaries struct{ Overlayd, Overlayctl string }
+
+// Build compiles overlayd and overlayctl from this module into dir.
+func Build(dir string) (Binaries, error) {
+	root, err := moduleRoot()
+	if err != nil {
+		return Binaries{}, err
+	}
+	cmd := exec.Command("go", "build", "-o", dir+string(os.PathSeparator), "./cmd/overlayd", "./cmd/overlayctl")
+	cmd.Dir = root
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err != nil {
+		return Binaries{}, fmt.Errorf("go build: %v\n%s", err, stderr.String())
+	}
+	return Binaries{Overlayd: filepath.Join(dir, "overlayd"), Overlayctl: filepath.Join(dir, "overlayctl")}, nil
+}
+
+func moduleRoot() (string, error) {
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("go env GOMOD: %w", err)
+	}
+	mod := strings.TrimSpace(string(out))
+	if mod == "" || mod == os.DevNull {
+		return "", errors.New("not inside the overlayd module")
+	}
+	return filepath.Dir(mod), nil
+}
