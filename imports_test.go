@@ -1,0 +1,174 @@
+package overlayd_test
+
+// Meta tests: the repository's layering and conventions, checked on every
+// test run. The rules are DESIGN.md §8 and STYLE.md §3; changing them here
+// changes the design, so update those documents in the same change.
+
+import (
+	"bytes"
+	"go/ast"
+	"go/format"
+	"go/parser"
+	"go/token"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+const module = "github.com/overlayd/overlayd"
+
+// pure packages may import only the standard library (minus bannedInPure)
+// and the module packages listed.
+var pure = map[string][]string{
+	"proto":             nil,
+	"peering/handshake": {"proto"},
+	"peering/routes":    nil,
+}
+
+// bannedInPure gives a core I/O, time, concurrency or a process-global
+// state; cores take those as inputs instead.
+var bannedInPure = []string{"net", "os", "syscall", "time", "log", "log/slog", "sync", "sync/atomic", "unsafe", "math/rand", "crypto/rand"}
+
+// allowed lists, for the other packages, the module packages each may
+// import (most specific path first; "*" means any).
+var allowed = []struct {
+	pkg  string
+	deps []string
+}{
+	{"tun", nil},
+	{"peering/conn", nil},
+	{"peering", []string{"proto", "tun", "peering/conn", "peering/handshake", "peering/routes"}},
+	{"internal/netconf", nil},
+	{"internal/buildinfo", nil},
+	{"internal/api", []string{"proto", "peering"}},
+	{"internal/lab", []string{"internal/api"}},
+	{"cmd/overlayctl", []string{"internal/api", "internal/buildinfo", "peering"}},
+	{"cmd/overlayd", []string{"*"}},
+	{"fuzz", []string{"*"}},
+	{"", nil}, // the module root holds only these tests
+}
+
+type goFile struct {
+	pkg  string // directory relative to the module root
+	path string
+	ast  *ast.File
+	src  []byte
+}
+
+func sources(t *testing.T, withTests bool) []goFile {
+	t.Helper()
+	var files []goFile
+	fset := token.NewFileSet()
+	err := filepath.WalkDir(".", func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() && (strings.HasPrefix(d.Name(), ".") && path != "." || d.Name() == "testdata" || d.Name() == "bin") {
+			return filepath.SkipDir
+		}
+		if d.IsDir() || !strings.HasSuffix(path, ".go") || (!withTests && strings.HasSuffix(path, "_test.go")) {
+			return nil
+		}
+		src, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		f, err := parser.ParseFile(fset, path, src, parser.ParseComments)
+		if err != nil {
+			return err
+		}
+		files = append(files, goFile{pkg: filepath.ToSlash(filepath.Dir(path)), path: path, ast: f, src: src})
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range files {
+		if files[i].pkg == "." {
+			files[i].pkg = ""
+		}
+	}
+	return files
+}
+
+func TestImportRules(t *testing.T) {
+	for _, f := range sources(t, false) {
+		for _, imp := range f.ast.Imports {
+			path, _ := strconv.Unquote(imp.Path.Value)
+			internal, isModule := strings.CutPrefix(path, module+"/")
+			if deps, ok := pure[f.pkg]; ok {
+				switch {
+				case slices.Contains(bannedInPure, path):
+					t.Errorf("%s: pure package %s imports %s", f.path, f.pkg, path)
+				case isModule && !slices.Contains(deps, internal):
+					t.Errorf("%s: pure package %s imports %s; allowed: %v", f.path, f.pkg, internal, deps)
+				case !isModule && strings.Contains(strings.Split(path, "/")[0], "."):
+					t.Errorf("%s: pure package %s imports third-party %s", f.path, f.pkg, path)
+				}
+				continue
+			}
+			if !isModule {
+				continue
+			}
+			rule := -1
+			for i, r := range allowed {
+				if f.pkg == r.pkg || strings.HasPrefix(f.pkg, r.pkg+"/") && r.pkg != "" {
+					rule = i
+					break
+				}
+			}
+			if rule < 0 {
+				t.Errorf("%s: package %s has no import rule: add it to imports_test.go and DESIGN.md", f.path, f.pkg)
+				continue
+			}
+			deps := allowed[rule].deps
+			if !slices.Contains(deps, "*") && !slices.Contains(deps, internal) {
+				t.Errorf("%s: %s may not import %s (rule for %q allows %v)", f.path, f.pkg, internal, allowed[rule].pkg, deps)
+			}
+		}
+		if _, ok := pure[f.pkg]; ok {
+			ast.Inspect(f.ast, func(n ast.Node) bool {
+				if sel, ok := n.(*ast.SelectorExpr); ok {
+					if id, ok := sel.X.(*ast.Ident); ok && id.Name == "rand" {
+						t.Errorf("%s: pure package calls rand.%s: take a *rand.Rand in Config", f.path, sel.Sel.Name)
+					}
+				}
+				return true
+			})
+		}
+	}
+}
+
+func TestPackageComments(t *testing.T) {
+	documented := map[string]bool{}
+	seen := map[string]bool{}
+	for _, f := range sources(t, false) {
+		seen[f.pkg] = true
+		if f.ast.Doc != nil && strings.HasPrefix(f.ast.Doc.Text(), "Package "+f.ast.Name.Name) ||
+			f.ast.Doc != nil && f.ast.Name.Name == "main" && strings.HasPrefix(f.ast.Doc.Text(), "Command ") {
+			documented[f.pkg] = true
+		}
+	}
+	for pkg := range seen {
+		if !documented[pkg] && pkg != "" {
+			t.Errorf("package %s has no package comment", pkg)
+		}
+	}
+}
+
+func TestGofmt(t *testing.T) {
+	for _, f := range sources(t, true) {
+		want, err := format.Source(f.src)
+		if err != nil {
+			t.Errorf("%s: %v", f.path, err)
+			continue
+		}
+		if !bytes.Equal(want, f.src) {
+			t.Errorf("%s is not gofmt-formatted", f.path)
+		}
+	}
+}
