@@ -438,7 +438,9 @@ func (c *control) onHeartbeat(from netip.AddrPort, hb proto.Heartbeat, now time.
 
 func (c *control) onGossip(from netip.AddrPort, g *proto.Gossip) {
 	cn := c.conns[from]
-	if cn == nil || cn.state != stateEstablished || g.Src != cn.remote.Name {
+	// Pending is enough: the handshake has told us who the peer is, and its
+	// announcement may overtake the heartbeat that establishes us.
+	if cn == nil || cn.state == stateConnecting || g.Src != cn.remote.Name {
 		return
 	}
 	if g.Channel != ChannelAddresses {

@@ -48,8 +48,8 @@ type Config struct {
 	Rand     *rand.Rand   // every random choice (UID, retry jitter); required
 	Log      *zap.Logger  // required
 
-	HeartbeatInterval time.Duration // 500 ms: between heartbeats on a connection
-	HeartbeatTimeout  time.Duration // 2.5 s: silence after which a connection is dead
+	HeartbeatInterval time.Duration // 400 ms: between heartbeats on a connection
+	HeartbeatTimeout  time.Duration // 2 s: silence after which a connection is dead
 	HelloInterval     time.Duration // 1 s: between hellos while dialling
 	HelloAttempts     int           // 5: hellos before a dial fails
 	RetryInitial      time.Duration // 2 s: first wait after a failure (±50 % jitter)
@@ -63,8 +63,8 @@ func (c *Config) setDefaults() {
 			*d = v
 		}
 	}
-	def(&c.HeartbeatInterval, 500*time.Millisecond)
-	def(&c.HeartbeatTimeout, 2500*time.Millisecond)
+	def(&c.HeartbeatInterval, 400*time.Millisecond)
+	def(&c.HeartbeatTimeout, 2*time.Second)
 	def(&c.HelloInterval, time.Second)
 	def(&c.RetryInitial, 2*time.Second)
 	def(&c.RetryMax, 60*time.Second)

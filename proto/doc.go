@@ -72,8 +72,8 @@
 //	 4      6   sender peer name
 //	10      8   sender UID
 //
-// Sent every 500 ms on every accepted connection. A connection that has heard
-// nothing from its peer for 2.5 s is dead.
+// Sent every 400 ms on every accepted connection. A connection that has heard
+// nothing from its peer for 2 s is dead.
 //
 // # Gossip (type 5)
 //

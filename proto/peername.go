@@ -38,8 +38,13 @@ func (n PeerName) String() string {
 // MarshalText implements encoding.TextMarshaler.
 func (n PeerName) MarshalText() ([]byte, error) { return []byte(n.String()), nil }
 
-// UnmarshalText implements encoding.TextUnmarshaler.
+// UnmarshalText implements encoding.TextUnmarshaler. Unlike ParsePeerName it
+// accepts the zero name, spelled in full, since MarshalText writes it.
 func (n *PeerName) UnmarshalText(b []byte) error {
+	if string(b) == PeerName(0).String() {
+		*n = 0
+		return nil
+	}
 	p, err := ParsePeerName(string(b))
 	if err != nil {
 		return err

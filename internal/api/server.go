@@ -102,15 +102,10 @@ func Listen(path string, b Backend, version string, log *zap.Logger) (*Server, e
 	}
 	mux.HandleFunc("POST /v1/expose", cidr(b.Expose))
 	mux.HandleFunc("POST /v1/hide", cidr(b.Hide))
-	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		s.reply(w, nil, fmt.Errorf("%w: no endpoint %s %s", errNotFound, r.Method, r.URL.Path))
-	})
 	s.http = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
 		ErrorLog: zap.NewStdLog(log.WithOptions(zap.IncreaseLevel(zap.WarnLevel)))}
 	return s, nil
 }
-
-var errNotFound = errors.New("not found")
 
 // ParseCIDR parses an IPv4 address with prefix length, like 10.32.0.1/24.
 func ParseCIDR(s string) (netip.Prefix, error) {
@@ -169,8 +164,6 @@ func (s *Server) reply(w http.ResponseWriter, v any, err error) {
 		switch {
 		case errors.Is(err, ErrBadRequest):
 			code = http.StatusBadRequest
-		case errors.Is(err, errNotFound):
-			code = http.StatusNotFound
 		case errors.Is(err, context.Canceled):
 			code = http.StatusServiceUnavailable
 		}

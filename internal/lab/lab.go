@@ -267,13 +267,18 @@ func Eventually(t testing.TB, timeout time.Duration, what string, fn func() erro
 // Binaries locates overlayd and overlayctl.
 type Binaries struct{ Overlayd, Overlayctl string }
 
-// Build compiles overlayd and overlayctl from this module into dir.
+// Build compiles overlayd and overlayctl from this module into dir, with the
+// race detector when OVERLAYD_RACE=1.
 func Build(dir string) (Binaries, error) {
 	root, err := moduleRoot()
 	if err != nil {
 		return Binaries{}, err
 	}
-	cmd := exec.Command("go", "build", "-o", dir+string(os.PathSeparator), "./cmd/overlayd", "./cmd/overlayctl")
+	args := []string{"build", "-o", dir + string(os.PathSeparator)}
+	if os.Getenv("OVERLAYD_RACE") == "1" {
+		args = append(args, "-race")
+	}
+	cmd := exec.Command("go", append(args, "./cmd/overlayd", "./cmd/overlayctl")...)
 	cmd.Dir = root
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr

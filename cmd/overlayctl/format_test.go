@@ -1,0 +1,103 @@
+package main
+
+import (
+	"bytes"
+	"net/netip"
+	"testing"
+
+	"github.com/overlayd/overlayd/internal/api"
+	"github.com/overlayd/overlayd/peering"
+)
+
+func TestWriteStatus(t *testing.T) {
+	st := &api.Status{
+		Version: "1.2.3",
+		Router: peering.Status{
+			Name: 0x12d2fe7ac1f2, Nickname: "docker1", ProtocolMinVersion: 1, ProtocolMaxVersion: 2,
+			Targets: []string{"a:1", "b:1"},
+			Connections: []peering.ConnStatus{
+				{Address: "192.168.48.14:6783", Outbound: true, State: "established", Name: 0x7e214a702f45,
+					Nickname: "host2", Overlay: "udp", MTU: 1456},
+				{Address: "10.2.2.1:6783", Outbound: true, State: "failed", Info: "no answer to 5 hellos, retry: 2026-01-02 03:04:05"},
+			},
+			Peers: []peering.PeerStatus{
+				{Name: 0x12d2fe7ac1f2, Nickname: "docker1", Connections: []peering.PeerConnStatus{
+					{Name: 0x7e214a702f45, Nickname: "host2", Address: "192.168.48.14:6783", Outbound: true, Established: true}}},
+				{Name: 0x7e214a702f45, Nickname: "host2", Connections: []peering.PeerConnStatus{
+					{Name: 0x12d2fe7ac1f2, Nickname: "docker1", Established: false}}},
+			},
+		},
+		IPAM: api.IPAMStatus{Enabled: true, Status: "idle", Range: netip.MustParsePrefix("172.16.16.0/24"),
+			DefaultSubnet: netip.MustParsePrefix("172.16.16.0/24")},
+	}
+	var b bytes.Buffer
+	writeStatus(&b, st)
+	want := `
+        Version: 1.2.3
+
+        Service: router
+       Protocol: overlayd 1..2
+           Name: 12:d2:fe:7a:c1:f2(docker1)
+     Encryption: disabled
+  PeerDiscovery: disabled
+        Targets: 2
+    Connections: 2 (1 established, 1 failed)
+          Peers: 2 (with 1 established, 1 pending connections)
+
+        Service: ipam
+         Status: idle
+          Range: 172.16.16.0/24
+  DefaultSubnet: 172.16.16.0/24
+
+`
+	if b.String() != want {
+		t.Errorf("status:\n%s\nwant:\n%s", b.String(), want)
+	}
+
+	b.Reset()
+	writeConnections(&b, st.Router.Connections)
+	want = "-> 192.168.48.14:6783    established udp    7e:21:4a:70:2f:45(host2) mtu=1456\n" +
+		"-> 10.2.2.1:6783         failed      no answer to 5 hellos, retry: 2026-01-02 03:04:05\n"
+	if b.String() != want {
+		t.Errorf("connections:\n%q\nwant:\n%q", b.String(), want)
+	}
+
+	b.Reset()
+	writePeers(&b, st.Router.Peers)
+	want = "12:d2:fe:7a:c1:f2(docker1)\n" +
+		"   -> 192.168.48.14:6783    7e:21:4a:70:2f:45(host2)              established\n" +
+		"7e:21:4a:70:2f:45(host2)\n" +
+		"   <-                       12:d2:fe:7a:c1:f2(docker1)            pending\n"
+	if b.String() != want {
+		t.Errorf("peers:\n%q\nwant:\n%q", b.String(), want)
+	}
+}
+
+func TestSummariesOmitZeroCounts(t *testing.T) {
+	if got := connectionSummary(nil); got != "0" {
+		t.Errorf("no connections: %q", got)
+	}
+	if got := peerSummary([]peering.PeerStatus{{}}); got != "1" {
+		t.Errorf("lone peer: %q", got)
+	}
+	cs := []peering.ConnStatus{{State: "connecting"}, {State: "retrying"}, {State: "pending"}}
+	if got := connectionSummary(cs); got != "3 (1 pending, 1 retrying, 1 connecting)" {
+		t.Errorf("order: %q", got)
+	}
+}
+
+func TestUsageErrorsNeedNoDaemon(t *testing.T) {
+	for _, args := range [][]string{{"bogus"}, {"status", "bogus"}, {"connect"}, {"expose"}, {"expose", "x"}, {"--bogus"}, {}} {
+		var out, errOut bytes.Buffer
+		if code := execute(append([]string{"--socket", "/nonexistent/sock"}, args...), &out, &errOut); code != 2 {
+			t.Errorf("%v: exit %d, stderr %q", args, code, errOut.String())
+		}
+		if out.Len() != 0 || bytes.Count(errOut.Bytes(), []byte("\n")) != 1 {
+			t.Errorf("%v: stdout %q, stderr %q", args, out.String(), errOut.String())
+		}
+	}
+	var out, errOut bytes.Buffer
+	if code := execute([]string{"--socket", "/nonexistent/sock", "status"}, &out, &errOut); code != 1 {
+		t.Errorf("unreachable daemon: exit %d, %q", code, errOut.String())
+	}
+}

@@ -1,0 +1,90 @@
+package main
+
+import (
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func defaults() options {
+	return options{rangeCIDR: defaultRange, port: 6783, iface: defaultIface, socket: "/tmp/x.sock",
+		stateDir: "/tmp/state", logLevel: "info", nickname: "me"}
+}
+
+func TestValidate(t *testing.T) {
+	o := defaults()
+	o.peers = []string{"10.0.0.1", "10.0.0.1:6783", "host.example:7000"}
+	c, err := o.validate([]string{"10.0.0.2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Range != netip.MustParsePrefix("10.32.0.0/12") || c.DefaultSubnet != c.Range {
+		t.Errorf("range %v, default subnet %v", c.Range, c.DefaultSubnet)
+	}
+	if got := strings.Join(c.Targets, " "); got != "10.0.0.1:6783 host.example:7000 10.0.0.2:6783" {
+		t.Errorf("targets %q", got)
+	}
+	for _, tc := range []struct {
+		mod  func(*options)
+		want string
+	}{
+		{func(o *options) { o.rangeCIDR = "10.0.0.1/8" }, "bits after network prefix are not all zero: 10.0.0.1/8"},
+		{func(o *options) { o.rangeCIDR = "10.0.0.0/31" }, "smaller than minimum size 4"},
+		{func(o *options) { o.rangeCIDR = "fd00::/64" }, "only IPv4"},
+		{func(o *options) { o.rangeCIDR = ""; o.defaultSubnet = "10.0.0.0/24" }, "--default-subnet specified without --range"},
+		{func(o *options) { o.defaultSubnet = "10.48.0.0/16" }, "not inside --range"},
+		{func(o *options) { o.defaultSubnet = "10.0.0.0/8" }, "not inside --range"},
+		{func(o *options) { o.port = 0 }, "out of range"},
+		{func(o *options) { o.iface = "" }, "1 to 15 bytes"},
+		{func(o *options) { o.iface = "a/b" }, "not a valid interface name"},
+		{func(o *options) { o.name = "::" }, "invalid --name"},
+		{func(o *options) { o.peers = []string{"a:b:c"} }, "invalid peer"},
+		{func(o *options) { o.logLevel = "panic" }, "--log-level"},
+		{func(o *options) { o.mtu = 100 }, "--mtu"},
+		{func(o *options) { o.socket = "" }, "--socket"},
+		{func(o *options) { o.nickname = strings.Repeat("n", 65) }, "--nickname"},
+	} {
+		o := defaults()
+		tc.mod(&o)
+		if _, err := o.validate(nil); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("got %v, want %q", err, tc.want)
+		} else if _, ok := err.(usageError); !ok {
+			t.Errorf("%v is not a usage error (exit code 2)", err)
+		}
+	}
+	o = defaults()
+	o.rangeCIDR = ""
+	if c, err := o.validate(nil); err != nil || c.Range.IsValid() {
+		t.Errorf("IPAM off: %v, %v", c, err)
+	}
+}
+
+func TestPeerNamePersists(t *testing.T) {
+	dir := t.TempDir()
+	n1, created, err := loadOrCreatePeerName(dir)
+	if err != nil || !created || n1 == 0 {
+		t.Fatalf("%v %v %v", n1, created, err)
+	}
+	n2, created, err := loadOrCreatePeerName(dir)
+	if err != nil || created || n2 != n1 {
+		t.Fatalf("second load: %v %v %v, first %v", n2, created, err, n1)
+	}
+	os.WriteFile(filepath.Join(dir, peerNameFile), []byte("garbage"), 0o600)
+	if _, _, err := loadOrCreatePeerName(dir); err == nil || !strings.Contains(err.Error(), "corrupt") {
+		t.Errorf("corrupt file: %v", err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(dir, peerNameFile)); string(b) != "garbage" {
+		t.Errorf("corrupt file overwritten with %q", b)
+	}
+}
+
+func TestExitCodes(t *testing.T) {
+	if code := execute([]string{"--port", "0"}); code != 2 {
+		t.Errorf("bad flag: exit %d", code)
+	}
+	if code := execute([]string{"--version"}); code != 0 {
+		t.Errorf("--version: exit %d", code)
+	}
+}

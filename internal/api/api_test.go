@@ -1,0 +1,146 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"go.uber.org/goleak"
+	"go.uber.org/zap"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+type fakeBackend struct {
+	connected []string
+	exposed   []netip.Prefix
+}
+
+func (f *fakeBackend) Status(context.Context) (Status, error) {
+	return Status{Version: "test"}, nil
+}
+func (f *fakeBackend) Connect(_ context.Context, peers []string) error {
+	f.connected = append(f.connected, peers...)
+	return nil
+}
+func (f *fakeBackend) Forget(context.Context, []string) error {
+	return fmt.Errorf("%w: not a target", ErrBadRequest)
+}
+func (f *fakeBackend) Expose(_ context.Context, p netip.Prefix) error {
+	f.exposed = append(f.exposed, p)
+	return nil
+}
+func (f *fakeBackend) Hide(context.Context, netip.Prefix) error {
+	return errors.New("netlink exploded")
+}
+
+func serve(t *testing.T, path string, b Backend) {
+	t.Helper()
+	s, err := Listen(path, b, "test", zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() { done <- s.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+		if _, err := os.Stat(path); err == nil {
+			t.Error("socket left behind")
+		}
+	})
+}
+
+func TestServerAndClient(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "sub", "api.sock")
+	b := &fakeBackend{}
+	serve(t, path, b)
+	if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("socket mode: %v %v", fi, err)
+	}
+	c := NewClient(path)
+	ctx := context.Background()
+	if st, err := c.Status(ctx); err != nil || st.Version != "test" {
+		t.Errorf("status: %+v, %v", st, err)
+	}
+	if v, err := c.Version(ctx); err != nil || v.Version != "test" || v.ProtocolMinVersion != 1 {
+		t.Errorf("version: %+v, %v", v, err)
+	}
+	if err := c.Connect(ctx, []string{"a", "b:1"}); err != nil || strings.Join(b.connected, ",") != "a,b:1" {
+		t.Errorf("connect: %v, %v", b.connected, err)
+	}
+	if err := c.Forget(ctx, []string{"x"}); err == nil || err.Error() != "not a target" {
+		t.Errorf("forget: %v", err)
+	}
+	if err := c.Expose(ctx, "10.0.0.1/24"); err != nil || len(b.exposed) != 1 {
+		t.Errorf("expose: %v %v", b.exposed, err)
+	}
+	for _, bad := range []string{"", "10.0.0.1", "fd00::1/64", "nonsense"} {
+		if err := c.Expose(ctx, bad); err == nil {
+			t.Errorf("expose %q accepted", bad)
+		}
+	}
+	if err := c.Hide(ctx, "10.0.0.1/24"); err == nil || err.Error() != "netlink exploded" {
+		t.Errorf("hide: %v", err)
+	}
+	// Malformed requests and unknown endpoints get clear answers.
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return net.Dial("unix", path)
+	}}}
+	for _, tc := range []struct {
+		method, path, body string
+		code               int
+	}{
+		{"POST", "/v1/connect", "{not json", 400},
+		{"POST", "/v1/connect", `{"peers": ["a"], "extra": 1}`, 400},
+		{"POST", "/v1/expose", `{"cidr": 5}`, 400},
+		{"GET", "/v1/nothing", "", 404},
+		{"DELETE", "/v1/status", "", 405},
+	} {
+		req, _ := http.NewRequest(tc.method, "http://x"+tc.path, strings.NewReader(tc.body))
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != tc.code {
+			t.Errorf("%s %s %q: %d, want %d", tc.method, tc.path, tc.body, resp.StatusCode, tc.code)
+		}
+	}
+	hc.CloseIdleConnections()
+	// A second server on a live socket is refused.
+	if _, err := Listen(path, b, "test", zap.NewNop()); err == nil || !strings.Contains(err.Error(), "another overlayd") {
+		t.Errorf("second listener: %v", err)
+	}
+}
+
+func TestStaleSocketReplaced(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "api.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	ln.Close() // leaves the file, like a killed daemon
+	serve(t, path, &fakeBackend{})
+	if _, err := NewClient(path).Status(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestClientErrors(t *testing.T) {
+	err := NewClient(filepath.Join(t.TempDir(), "none.sock")).Connect(context.Background(), []string{"a"})
+	if err == nil || !strings.Contains(err.Error(), "no socket at") {
+		t.Errorf("missing socket: %v", err)
+	}
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# deps.sh: install what building, testing and the demo need on a fresh
+# Debian machine (run as root): iproute2 (ip, tc), ping, and the Go modules.
+# Go itself must be 1.21 or newer; it fetches the toolchain go.mod names.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v ip >/dev/null || need+=(iproute2)
+command -v tc >/dev/null || need+=(iproute2)
+command -v ping >/dev/null || need+=(iputils-ping)
+if [ "${#need[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "deps.sh: missing ${need[*]}; run as root to install them" >&2
+    exit 1
+  fi
+  echo "deps.sh: installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+command -v go >/dev/null || { echo "deps.sh: Go is not installed (https://go.dev/doc/install)" >&2; exit 1; }
+go mod download
