@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -163,15 +164,11 @@ func (r *Router) do(ctx context.Context, fn func(*control)) error {
 	return nil
 }
 
-// goodbye runs after the control loop has stopped; nothing to tell peers in
-// protocol version 1: they notice our silence within HeartbeatTimeout.
-func (c *control) goodbye() {}
-
 // sendMsg sends one control message; it never blocks for long (the socket is
 // non-blocking and gossip tolerates loss).
 func (c *control) sendMsg(to netip.AddrPort, msg []byte) {
 	c.bufs[0] = msg
-	if err := c.send.Send(c.bufs, to); err != nil {
+	if _, err := c.send.Send(c.bufs, to); err != nil {
 		c.log.Debug("sending control message", zap.Stringer("endpoint", to), zap.Error(err))
 	}
 	c.bufs[0] = nil
@@ -269,7 +266,15 @@ func (c *control) dial(ctx context.Context, t *target, now time.Time) {
 		case len(addrs) == 0:
 			res.err = fmt.Errorf("no address for %s", host)
 		default:
-			res.ep = netip.AddrPortFrom(addrs[0].Unmap(), port)
+			// Prefer IPv4: the MTU is computed for an IPv4 underlay.
+			a := addrs[0].Unmap()
+			for _, x := range addrs {
+				if x.Unmap().Is4() {
+					a = x.Unmap()
+					break
+				}
+			}
+			res.ep = netip.AddrPortFrom(a, port)
 		}
 		select {
 		case c.r.resolved <- res:
@@ -294,8 +299,12 @@ func (c *control) resolvedTarget(res resolution, now time.Time) {
 // connectTarget attaches t to the connection at ep, making one if needed.
 func (c *control) connectTarget(t *target, ep netip.AddrPort, now time.Time) {
 	if cn := c.conns[ep]; cn != nil {
-		// Already talking to that endpoint (the peer dialled us first).
-		cn.outbound, cn.target, t.conn = true, t, cn
+		// Already talking to that endpoint (the peer dialled us first, or
+		// another target names the same endpoint): share the connection.
+		if cn.target == nil {
+			cn.target = t
+		}
+		cn.outbound, t.conn = true, cn
 		return
 	}
 	cn := &connection{ep: ep, outbound: true, target: t, state: stateConnecting, nextHello: now}
@@ -369,8 +378,18 @@ func (c *control) onHello(from netip.AddrPort, h *proto.Hello, now time.Time) {
 		c.drop(cn, errors.New("peer restarted"), now)
 		cn = nil
 	}
-	c.replaceOther(from, h, now)
+	if err := c.settleDuplicates(from, h, now); err != nil {
+		c.refuse(from, h, err)
+		if cn != nil {
+			c.drop(cn, err, now)
+		}
+		return
+	}
 	if cn == nil {
+		if c.pendingInbound() >= maxPendingInbound {
+			c.r.stats.DropCtrlQueue.Add(1)
+			return // a flood of hellos; real peers retry
+		}
 		cn = &connection{ep: from, state: statePending}
 		c.conns[from] = cn
 		c.adoptTarget(cn)
@@ -401,7 +420,10 @@ func (c *control) onAccept(from netip.AddrPort, h *proto.Hello, now time.Time) {
 		c.drop(cn, errors.New("peer changed identity during the handshake"), now)
 		return
 	}
-	c.replaceOther(from, h, now)
+	if err := c.settleDuplicates(from, h, now); err != nil {
+		c.drop(cn, err, now)
+		return
+	}
 	cn.remote = *h
 	cn.lastHeard = now
 	if cn.started.IsZero() {
@@ -465,8 +487,10 @@ func (c *control) onGossip(from netip.AddrPort, g *proto.Gossip) {
 // establish marks cn established and tells the peer what we serve.
 func (c *control) establish(cn *connection, now time.Time) {
 	cn.state = stateEstablished
-	if t := cn.target; t != nil {
-		t.backoff, t.lastErr = 0, nil
+	for _, t := range c.targets {
+		if t.conn == cn {
+			t.backoff, t.lastErr = 0, nil
+		}
 	}
 	c.log.Info("connection established", zap.Stringer("peer", cn.remote.Name),
 		zap.String("nick", cn.remote.Nickname), zap.Stringer("endpoint", cn.ep))
@@ -476,14 +500,22 @@ func (c *control) establish(cn *connection, now time.Time) {
 	c.publish()
 }
 
-// replaceOther drops any other connection to the same peer: the newest
-// association wins (the peer moved, or restarted behind another endpoint).
-func (c *control) replaceOther(ep netip.AddrPort, h *proto.Hello, now time.Time) {
+// settleDuplicates decides between a handshake from the peer h at ep and
+// other connections to the same peer at other endpoints. An established
+// connection to the same incarnation wins: the new one is a duplicate (a
+// multi-homed peer reached through two targets) and an error says so.
+// Otherwise the others are dropped: the peer restarted or moved.
+func (c *control) settleDuplicates(ep netip.AddrPort, h *proto.Hello, now time.Time) error {
 	for _, other := range c.sortedConns() {
-		if other.ep != ep && other.remote.Name == h.Name {
-			c.drop(other, fmt.Errorf("peer %v now connected at %v", h.Name, ep), now)
+		if other.ep == ep || other.remote.Name != h.Name {
+			continue
 		}
+		if other.state == stateEstablished && other.remote.UID == h.UID {
+			return fmt.Errorf("already connected to %v(%s) via %v", h.Name, h.Nickname, other.ep)
+		}
+		c.drop(other, fmt.Errorf("peer %v now connected at %v", h.Name, ep), now)
 	}
+	return nil
 }
 
 // adoptTarget links an inbound connection to the target with its endpoint.
@@ -500,6 +532,20 @@ func (c *control) adoptTarget(cn *connection) {
 }
 
 var errCannotConnectToOurself = errors.New("cannot connect to ourself")
+
+// maxPendingInbound bounds inbound connections still waiting for their
+// first heartbeat, so that spoofed hellos cannot grow our state.
+const maxPendingInbound = 64
+
+func (c *control) pendingInbound() int {
+	n := 0
+	for _, cn := range c.conns {
+		if cn.state == statePending && !cn.outbound {
+			n++
+		}
+	}
+	return n
+}
 
 // refuse answers a hello with a reject and logs why.
 func (c *control) refuse(from netip.AddrPort, h *proto.Hello, err error) {
@@ -536,13 +582,15 @@ func (c *control) drop(cn *connection, reason error, now time.Time) {
 		c.log.Info("connection lost", zap.Stringer("peer", cn.remote.Name), zap.String("nick", cn.remote.Nickname),
 			zap.Stringer("endpoint", cn.ep), zap.Error(reason))
 	}
-	if t := cn.target; t != nil && c.targets[t.addr] == t {
-		t.conn = nil
-		var lasted time.Duration
-		if !cn.started.IsZero() {
-			lasted = now.Sub(cn.started)
+	var lasted time.Duration
+	if !cn.started.IsZero() {
+		lasted = now.Sub(cn.started)
+	}
+	for _, addr := range c.order {
+		if t := c.targets[addr]; t.conn == cn {
+			t.conn = nil
+			c.targetFailed(t, reason, now, lasted)
 		}
-		c.targetFailed(t, reason, now, lasted)
 	}
 	if cn.state == stateEstablished || cn.announce != nil {
 		c.publish()
@@ -621,6 +669,9 @@ func cmpName(a, b proto.PeerName) int {
 func ParseTarget(s string) (host string, port uint16, err error) {
 	if s == "" {
 		return "", 0, errors.New("empty peer address")
+	}
+	if strings.Contains(s, "%") {
+		return "", 0, fmt.Errorf("peer address %q: zoned (link-local) addresses are not supported", s)
 	}
 	if ap, err := netip.ParseAddrPort(s); err == nil {
 		if ap.Port() == 0 {

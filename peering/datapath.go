@@ -91,8 +91,8 @@ func (r *Router) tunToPeers() error {
 			r.forward(bufs[:n], sizes[:n], &b)
 			for i := range b.n {
 				g := &b.groups[i]
-				if err := send.Send(g.bufs, g.p.ep); err != nil {
-					r.stats.DropSendError.Add(uint64(len(g.bufs)))
+				if sent, _ := send.Send(g.bufs, g.p.ep); sent < len(g.bufs) {
+					r.stats.DropSendError.Add(uint64(len(g.bufs) - sent))
 				}
 			}
 			b.reset()

@@ -161,14 +161,16 @@ func (r *Router) Run(ctx context.Context) error {
 	select {
 	case <-ctx.Done():
 	case err = <-errs: // one loop stopped on its own: the router cannot work
+		if err == nil {
+			err = errors.New("peering: the TUN device or the UDP socket was closed under us")
+		}
 	}
 	cancel()
-	c.goodbye() // safe: the control loop has stopped or is stopping
 	r.pc.Close()
 	r.dev.Close()
 	wg.Wait()
 	r.bg.Wait()
-	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
+	if errors.Is(err, context.Canceled) {
 		err = nil
 	}
 	return err

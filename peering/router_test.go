@@ -189,7 +189,7 @@ func (f *dataPathFixture) forwardBatch(t testing.TB) {
 	f.r.forward(f.bufs, f.sizes, &f.b)
 	for i := range f.b.n {
 		g := &f.b.groups[i]
-		if err := f.send.Send(g.bufs, g.p.ep); err != nil {
+		if _, err := f.send.Send(g.bufs, g.p.ep); err != nil {
 			t.Fatal(err)
 		}
 	}

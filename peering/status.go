@@ -245,9 +245,14 @@ func (r *Router) Forget(ctx context.Context, addrs []string) error {
 			delete(c.targets, k)
 			c.order = slices.DeleteFunc(c.order, func(s string) bool { return s == k })
 			t.gen++
-			if t.conn != nil {
-				t.conn.target = nil
-				c.drop(t.conn, errors.New("target forgotten"), time.Now())
+			if cn := t.conn; cn != nil {
+				t.conn = nil
+				if cn.target == t {
+					cn.target = nil
+				}
+				if !c.servesTarget(cn) {
+					c.drop(cn, errors.New("target forgotten"), time.Now())
+				}
 			}
 			c.log.Info("target forgotten", zap.String("endpoint", k))
 		}
@@ -256,6 +261,16 @@ func (r *Router) Forget(ctx context.Context, addrs []string) error {
 		return doErr
 	}
 	return err
+}
+
+// servesTarget reports whether any target still uses cn.
+func (c *control) servesTarget(cn *connection) bool {
+	for _, t := range c.targets {
+		if t.conn == cn {
+			return true
+		}
+	}
+	return false
 }
 
 // SetLocal replaces the prefixes this host serves (its exposed addresses)

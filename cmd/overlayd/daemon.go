@@ -4,7 +4,6 @@ import (
 	"context"
 	crand "crypto/rand"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
@@ -183,7 +182,7 @@ func (d *daemon) Forget(ctx context.Context, peers []string) error {
 		return fmt.Errorf("%w: no peer address given", api.ErrBadRequest)
 	}
 	err := d.router.Forget(ctx, peers)
-	if err != nil && !errors.Is(err, context.Canceled) {
+	if err != nil && ctx.Err() == nil {
 		return fmt.Errorf("%w: %v", api.ErrBadRequest, err)
 	}
 	return err
@@ -228,10 +227,11 @@ func (d *daemon) Hide(ctx context.Context, p netip.Prefix) error {
 		return fmt.Errorf("%w: %v is not exposed", api.ErrBadRequest, p.Addr())
 	}
 	next := slices.Delete(slices.Clone(d.exposed), i, i+1)
-	if err := d.router.SetLocal(ctx, hostRoutes(next)); err != nil {
+	if err := netconf.DelAddr(d.cfg.Iface, d.exposed[i]); err != nil {
 		return err
 	}
-	if err := netconf.DelAddr(d.cfg.Iface, d.exposed[i]); err != nil {
+	if err := d.router.SetLocal(ctx, hostRoutes(next)); err != nil {
+		netconf.AddAddr(d.cfg.Iface, d.exposed[i]) // as it was: still announced
 		return err
 	}
 	d.log.Info("hidden", zap.Stringer("addr", d.exposed[i]))

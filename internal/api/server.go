@@ -124,6 +124,8 @@ func ParseCIDR(s string) (netip.Prefix, error) {
 
 // Run serves until ctx ends, then shuts down and removes the socket.
 func (s *Server) Run(ctx context.Context) error {
+	// Requests still in flight at shutdown see ctx end and give up.
+	s.http.BaseContext = func(net.Listener) context.Context { return ctx }
 	errc := make(chan error, 1)
 	go func() { errc <- s.http.Serve(s.ln) }()
 	var err error

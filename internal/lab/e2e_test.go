@@ -551,3 +551,21 @@ func TestOverlayctlErrors(t *testing.T) {
 		t.Errorf("version: %q", v)
 	}
 }
+
+// TestDeviceDeleted: if the TUN device is deleted under overlayd, it stops
+// with an error (exit 1) instead of running on without a data path.
+func TestDeviceDeleted(t *testing.T) {
+	l := lab.New(t, bin, 1)
+	h := l.Host(1)
+	d := h.Start("--range", testRange)
+	if out, err := h.Exec(t.Context(), "ip", "link", "del", "ovl0"); err != nil {
+		t.Fatalf("ip link del: %v: %s", err, out)
+	}
+	code, err := d.Wait(5 * time.Second)
+	if err != nil || code != 1 {
+		t.Fatalf("exit %d, %v:\n%s", code, err, d.Log())
+	}
+	if !strings.Contains(d.Log(), "closed under us") {
+		t.Errorf("no reason in the log:\n%s", d.Log())
+	}
+}

@@ -50,10 +50,11 @@ type Reader interface {
 
 // A Sender sends batches of datagrams. Not safe for concurrent use.
 type Sender interface {
-	// Send sends every buffer in bufs as one datagram to to. It returns
-	// after the kernel has taken them (or an error), so the caller owns bufs
-	// again as soon as Send returns.
-	Send(bufs [][]byte, to netip.AddrPort) error
+	// Send sends every buffer in bufs as one datagram to to and returns how
+	// many the kernel took. A datagram the kernel refuses (too big, no
+	// route) is skipped and the rest are still sent; err is the first such
+	// failure. The caller owns bufs again as soon as Send returns.
+	Send(bufs [][]byte, to netip.AddrPort) (sent int, err error)
 }
 
 // UDP is a PacketConn on a real UDP socket.
@@ -81,7 +82,7 @@ func Listen(port uint16) (*UDP, error) {
 	}}
 	v6 := true
 	pc, err := lc.ListenPacket(context.Background(), "udp", fmt.Sprintf("[::]:%d", port))
-	if err != nil {
+	if errors.Is(err, unix.EAFNOSUPPORT) || errors.Is(err, unix.EADDRNOTAVAIL) {
 		// No IPv6 in this namespace: fall back to IPv4 only.
 		v6 = false
 		pc, err = lc.ListenPacket(context.Background(), "udp4", fmt.Sprintf("0.0.0.0:%d", port))
@@ -145,9 +146,13 @@ func (u *UDP) NewReader(batch int) Reader {
 }
 
 func (r udpReader) recv(fd uintptr) bool {
-	n, _, errno := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.hdrs[0])),
-		uintptr(r.count), unix.MSG_DONTWAIT, 0, 0)
-	if errno == unix.EAGAIN || errno == unix.EINTR {
+	var n uintptr
+	errno := unix.EINTR
+	for errno == unix.EINTR {
+		n, _, errno = unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.hdrs[0])),
+			uintptr(r.count), unix.MSG_DONTWAIT, 0, 0)
+	}
+	if errno == unix.EAGAIN {
 		return false // wait for the socket to be readable, then call again
 	}
 	r.n, r.errno = int(n), errno
@@ -197,19 +202,23 @@ func (u *UDP) NewSender(batch int) Sender {
 }
 
 func (s udpSender) send(fd uintptr) bool {
-	n, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&s.hdrs[0])),
-		uintptr(s.count), unix.MSG_DONTWAIT, 0, 0)
-	if errno == unix.EAGAIN || errno == unix.EINTR {
+	var n uintptr
+	errno := unix.EINTR
+	for errno == unix.EINTR {
+		n, _, errno = unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&s.hdrs[0])),
+			uintptr(s.count), unix.MSG_DONTWAIT, 0, 0)
+	}
+	if errno == unix.EAGAIN {
 		return false // wait for room in the socket buffer
 	}
 	s.n, s.errno = int(n), errno
 	return true
 }
 
-func (s udpSender) Send(bufs [][]byte, to netip.AddrPort) error {
+func (s udpSender) Send(bufs [][]byte, to netip.AddrPort) (sent int, err error) {
 	namelen, err := s.putSockaddr(to)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	for len(bufs) > 0 {
 		count := min(len(bufs), len(s.hdrs))
@@ -225,22 +234,22 @@ func (s udpSender) Send(bufs [][]byte, to netip.AddrPort) error {
 			h.Namelen = namelen
 		}
 		s.count = count
-		if err := s.u.rc.Write(s.fn); err != nil {
-			return err
+		if werr := s.u.rc.Write(s.fn); werr != nil {
+			return sent, werr // the socket is closed
 		}
-		switch {
-		case s.errno != 0 && s.n <= 0:
+		if s.errno != 0 && s.n <= 0 {
 			// The first message failed (too big, no route...): skip it so
 			// that one bad datagram does not block the rest.
-			if len(bufs) == 1 {
-				return fmt.Errorf("conn: sendmmsg to %v: %w", to, s.errno)
+			if err == nil {
+				err = fmt.Errorf("conn: sendmmsg to %v: %w", to, s.errno)
 			}
 			bufs = bufs[1:]
-		default:
-			bufs = bufs[s.n:]
+			continue
 		}
+		sent += s.n
+		bufs = bufs[s.n:]
 	}
-	return nil
+	return sent, err
 }
 
 // putSockaddr writes to into names[0] in the socket's family.

@@ -29,8 +29,8 @@ func TestBatchRoundTrip(t *testing.T) {
 	for i := range 40 { // more than one sendmmsg batch of 16
 		out = append(out, []byte(fmt.Sprintf("datagram %d", i)))
 	}
-	if err := a.NewSender(16).Send(out, to); err != nil {
-		t.Fatal(err)
+	if n, err := a.NewSender(16).Send(out, to); err != nil || n != len(out) {
+		t.Fatal(n, err)
 	}
 	r := b.NewReader(64)
 	bufs, sizes, addrs := make([][]byte, 64), make([]int, 64), make([]netip.AddrPort, 64)
@@ -60,7 +60,7 @@ func TestBatchRoundTrip(t *testing.T) {
 func TestTruncatedDatagramHasSizeZero(t *testing.T) {
 	a, b := pair(t)
 	to := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), b.LocalPort())
-	if err := a.NewSender(2).Send([][]byte{make([]byte, 50), []byte("ok")}, to); err != nil {
+	if _, err := a.NewSender(2).Send([][]byte{make([]byte, 50), []byte("ok")}, to); err != nil {
 		t.Fatal(err)
 	}
 	bufs, sizes, addrs := [][]byte{make([]byte, 10), make([]byte, 10)}, make([]int, 2), make([]netip.AddrPort, 2)
@@ -102,7 +102,7 @@ func TestSendAndReadAllocateNothing(t *testing.T) {
 		bufs[i] = make([]byte, 2000)
 	}
 	allocs := testing.AllocsPerRun(200, func() {
-		if err := s.Send(out, to); err != nil {
+		if _, err := s.Send(out, to); err != nil {
 			t.Fatal(err)
 		}
 		for got := 0; got < len(out); {
@@ -115,5 +115,29 @@ func TestSendAndReadAllocateNothing(t *testing.T) {
 	})
 	if allocs != 0 {
 		t.Errorf("%v allocations per batch", allocs)
+	}
+}
+
+func TestOversizedDatagramIsSkipped(t *testing.T) {
+	a, b := pair(t)
+	to := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), b.LocalPort())
+	n, err := a.NewSender(4).Send([][]byte{[]byte("one"), make([]byte, 70000), []byte("three")}, to)
+	if n != 2 || err == nil {
+		t.Fatalf("sent %d, err %v; want 2 and an error", n, err)
+	}
+	bufs, sizes, addrs := [][]byte{make([]byte, 10), make([]byte, 10)}, make([]int, 2), make([]netip.AddrPort, 2)
+	var got []string
+	r := b.NewReader(2)
+	for len(got) < 2 {
+		k, err := r.Read(bufs, sizes, addrs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range k {
+			got = append(got, string(bufs[i][:sizes[i]]))
+		}
+	}
+	if got[0] != "one" || got[1] != "three" {
+		t.Errorf("got %q", got)
 	}
 }
