@@ -2,6 +2,7 @@ package lab_test
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
@@ -567,5 +568,75 @@ func TestDeviceDeleted(t *testing.T) {
 	}
 	if !strings.Contains(d.Log(), "closed under us") {
 		t.Errorf("no reason in the log:\n%s", d.Log())
+	}
+}
+
+// TestNotRoot: without root overlayd refuses to start, exit code 2.
+func TestNotRoot(t *testing.T) {
+	l := lab.New(t, bin, 1)
+	h := l.Host(1)
+	if _, err := exec.LookPath("setpriv"); err != nil {
+		t.Fatal("setpriv (util-linux) is needed to run overlayd as another user")
+	}
+	// The binary must be reachable by an unprivileged user.
+	dir := t.TempDir()
+	os.Chmod(dir, 0o755)
+	b, err := os.ReadFile(bin.Overlayd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	exe := dir + "/overlayd"
+	if err := os.WriteFile(exe, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	out, err := h.Exec(t.Context(), "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+		exe, "--state-dir", dir+"/state", "--socket", dir+"/sock")
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 2 || !strings.Contains(out, "must run as root") ||
+		strings.Count(strings.TrimSpace(out), "\n") != 0 {
+		t.Errorf("as nobody: %v, output %q", err, out)
+	}
+}
+
+// TestMTUFromUnderlay: the TUN MTU is the underlay's minus 44 bytes.
+func TestMTUFromUnderlay(t *testing.T) {
+	l := lab.New(t, bin, 1)
+	h := l.Host(1)
+	if out, err := h.Exec(t.Context(), "ip", "link", "set", "eth0", "mtu", "1400"); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	h.Start("--range", testRange)
+	out, err := h.Exec(t.Context(), "ip", "link", "show", "ovl0")
+	if err != nil || !strings.Contains(out, "mtu 1356 ") || !strings.Contains(out, ",UP") {
+		t.Errorf("ovl0 should be up with MTU 1356: %v\n%s", err, out)
+	}
+}
+
+// TestLossyUnderlay: with 10% of the packets leaving each host dropped, the
+// handshake still completes (hellos are resent) and TCP carries 1 MiB
+// intact.
+func TestLossyUnderlay(t *testing.T) {
+	l := lab.New(t, bin, 2)
+	h1, h2 := l.Host(1), l.Host(2)
+	for _, h := range []*lab.Host{h1, h2} {
+		if err := h.Loss(10); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d1 := h1.Start("--range", testRange)
+	d2 := h2.Start("--range", testRange, h1.Addr.String())
+	waitConnected(t, d2, 1, 20*time.Second)
+	expose(t, d1, 1)
+	expose(t, d2, 2)
+	waitPing(t, h2, overlayAddr(1), 15*time.Second)
+	took, err := lab.TransferTCP(h2, h1, overlayAddr(1), 5004, 1<<20, 60*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("1 MiB over TCP with 10%% loss each way in %v", took.Round(time.Millisecond))
+	// Loss really happened: a ping burst loses some.
+	out, _ := h2.Exec(t.Context(), "ping", "-c", "50", "-i", "0.01", "-W", "1", "-q", overlayAddr(1).String())
+	if !strings.Contains(out, "received") || strings.Contains(out, " 0% packet loss") {
+		t.Errorf("no loss seen with the loss rules in place:\n%s", out)
 	}
 }
