@@ -131,48 +131,42 @@ func execute(args []string, stdout, stderr io.Writer) int {
 		return plain(cmd, args)
 	}
 
-	connect := &cobra.Command{
-		Use: "connect ADDR...", Short: "Add peers to dial (HOST or HOST:PORT)",
-		Args: minArgs(1, "connect needs at least one peer address (HOST or HOST:PORT)"),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx, cancel := c.ctx()
-			defer cancel()
-			return c.client().Connect(ctx, args)
-		},
+	// action makes a command that hands its arguments to one client call.
+	action := func(use, short string, args cobra.PositionalArgs, check func(string) error,
+		call func(*api.Client, context.Context, []string) error) *cobra.Command {
+		return &cobra.Command{
+			Use: use, Short: short, Args: args,
+			RunE: func(cmd *cobra.Command, args []string) error {
+				for _, a := range args {
+					if err := check(a); err != nil {
+						return err
+					}
+				}
+				ctx, cancel := c.ctx()
+				defer cancel()
+				return call(c.client(), ctx, args)
+			},
+		}
 	}
-	forget := &cobra.Command{
-		Use: "forget ADDR...", Short: "Stop dialling peers and drop their connections",
-		Args: minArgs(1, "forget needs at least one peer address"),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx, cancel := c.ctx()
-			defer cancel()
-			return c.client().Forget(ctx, args)
-		},
+	anything := func(string) error { return nil }
+	cidr := func(s string) error {
+		if _, err := api.ParseCIDR(s); err != nil {
+			return usagef("%s", strings.TrimPrefix(err.Error(), api.ErrBadRequest.Error()+": "))
+		}
+		return nil
 	}
-	expose := &cobra.Command{
-		Use: "expose CIDR", Short: "Give this host an address on the overlay and announce it to peers",
-		Args: exactArgs(1, "expose needs the address to give this host, as a CIDR such as 10.32.0.1/12 (allocation from IPAM is not available yet)"),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if _, err := api.ParseCIDR(args[0]); err != nil {
-				return usagef("%s", strings.TrimPrefix(err.Error(), api.ErrBadRequest.Error()+": "))
-			}
-			ctx, cancel := c.ctx()
-			defer cancel()
-			return c.client().Expose(ctx, args[0])
-		},
-	}
-	hide := &cobra.Command{
-		Use: "hide CIDR", Short: "Remove an exposed address from this host",
-		Args: exactArgs(1, "hide needs the exposed address, as a CIDR such as 10.32.0.1/12"),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if _, err := api.ParseCIDR(args[0]); err != nil {
-				return usagef("%s", strings.TrimPrefix(err.Error(), api.ErrBadRequest.Error()+": "))
-			}
-			ctx, cancel := c.ctx()
-			defer cancel()
-			return c.client().Hide(ctx, args[0])
-		},
-	}
+	connect := action("connect ADDR...", "Add peers to dial (HOST or HOST:PORT)",
+		minArgs(1, "connect needs at least one peer address (HOST or HOST:PORT)"), anything,
+		func(cl *api.Client, ctx context.Context, args []string) error { return cl.Connect(ctx, args) })
+	forget := action("forget ADDR...", "Stop dialling peers and drop their connections",
+		minArgs(1, "forget needs at least one peer address"), anything,
+		func(cl *api.Client, ctx context.Context, args []string) error { return cl.Forget(ctx, args) })
+	expose := action("expose CIDR", "Give this host an address on the overlay and announce it to peers",
+		exactArgs(1, "expose needs the address to give this host, as a CIDR such as 10.32.0.1/12 (allocation from IPAM is not available yet)"),
+		cidr, func(cl *api.Client, ctx context.Context, args []string) error { return cl.Expose(ctx, args[0]) })
+	hide := action("hide CIDR", "Remove an exposed address from this host",
+		exactArgs(1, "hide needs the exposed address, as a CIDR such as 10.32.0.1/12"),
+		cidr, func(cl *api.Client, ctx context.Context, args []string) error { return cl.Hide(ctx, args[0]) })
 	version := jsonFlag(&cobra.Command{
 		Use: "version", Short: "Print the versions of overlayctl and the daemon", Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {

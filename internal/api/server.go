@@ -69,22 +69,18 @@ func Listen(path string, b Backend, version string, log *zap.Logger) (*Server, e
 		s.reply(w, VersionInfo{Version: version, ProtocolMinVersion: proto.MinVersion,
 			ProtocolMaxVersion: proto.MaxVersion}, nil)
 	})
-	mux.HandleFunc("POST /v1/connect", func(w http.ResponseWriter, r *http.Request) {
-		var req PeersRequest
-		if err := decode(r, &req); err != nil {
-			s.reply(w, nil, err)
-			return
+	peers := func(do func(context.Context, []string) error) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) {
+			var req PeersRequest
+			if err := decode(r, &req); err != nil {
+				s.reply(w, nil, err)
+				return
+			}
+			s.reply(w, nil, do(r.Context(), req.Peers))
 		}
-		s.reply(w, nil, b.Connect(r.Context(), req.Peers))
-	})
-	mux.HandleFunc("POST /v1/forget", func(w http.ResponseWriter, r *http.Request) {
-		var req PeersRequest
-		if err := decode(r, &req); err != nil {
-			s.reply(w, nil, err)
-			return
-		}
-		s.reply(w, nil, b.Forget(r.Context(), req.Peers))
-	})
+	}
+	mux.HandleFunc("POST /v1/connect", peers(b.Connect))
+	mux.HandleFunc("POST /v1/forget", peers(b.Forget))
 	cidr := func(do func(context.Context, netip.Prefix) error) http.HandlerFunc {
 		return func(w http.ResponseWriter, r *http.Request) {
 			var req CIDRRequest

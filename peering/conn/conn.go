@@ -135,28 +135,31 @@ func newMmsgs(u *UDP, batch int) *mmsgs {
 	return m
 }
 
-// Reader is the Reader of a UDP socket.
+// call runs one recvmmsg or sendmmsg (trap) on fd over the first count
+// messages. It reports false, so that RawConn waits and calls again, only
+// when the socket is not ready.
+func (m *mmsgs) call(trap, fd uintptr) bool {
+	var n uintptr
+	errno := unix.EINTR
+	for errno == unix.EINTR {
+		n, _, errno = unix.Syscall6(trap, fd, uintptr(unsafe.Pointer(&m.hdrs[0])),
+			uintptr(m.count), unix.MSG_DONTWAIT, 0, 0)
+	}
+	if errno == unix.EAGAIN {
+		return false
+	}
+	m.n, m.errno = int(n), errno
+	return true
+}
+
+// udpReader is the Reader of a UDP socket.
 type udpReader struct{ *mmsgs }
 
 // NewReader makes a Reader that receives up to batch datagrams per call.
 func (u *UDP) NewReader(batch int) Reader {
 	r := udpReader{newMmsgs(u, batch)}
-	r.fn = r.recv
+	r.fn = func(fd uintptr) bool { return r.call(unix.SYS_RECVMMSG, fd) }
 	return r
-}
-
-func (r udpReader) recv(fd uintptr) bool {
-	var n uintptr
-	errno := unix.EINTR
-	for errno == unix.EINTR {
-		n, _, errno = unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.hdrs[0])),
-			uintptr(r.count), unix.MSG_DONTWAIT, 0, 0)
-	}
-	if errno == unix.EAGAIN {
-		return false // wait for the socket to be readable, then call again
-	}
-	r.n, r.errno = int(n), errno
-	return true
 }
 
 func (r udpReader) Read(bufs [][]byte, sizes []int, addrs []netip.AddrPort) (int, error) {
@@ -197,22 +200,8 @@ type udpSender struct{ *mmsgs }
 // system call (larger batches take several calls).
 func (u *UDP) NewSender(batch int) Sender {
 	s := udpSender{newMmsgs(u, batch)}
-	s.fn = s.send
+	s.fn = func(fd uintptr) bool { return s.call(unix.SYS_SENDMMSG, fd) }
 	return s
-}
-
-func (s udpSender) send(fd uintptr) bool {
-	var n uintptr
-	errno := unix.EINTR
-	for errno == unix.EINTR {
-		n, _, errno = unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&s.hdrs[0])),
-			uintptr(s.count), unix.MSG_DONTWAIT, 0, 0)
-	}
-	if errno == unix.EAGAIN {
-		return false // wait for room in the socket buffer
-	}
-	s.n, s.errno = int(n), errno
-	return true
 }
 
 func (s udpSender) Send(bufs [][]byte, to netip.AddrPort) (sent int, err error) {
