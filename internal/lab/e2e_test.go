@@ -402,6 +402,15 @@ func TestConnectForget(t *testing.T) {
 	if _, errOut, code := d2.Ctl("forget", h1.Addr.String()); code == 0 || !strings.Contains(errOut, "not a target") {
 		t.Errorf("forgetting an unknown target: exit %d, %q", code, errOut)
 	}
+	// Our own address is refused for good.
+	d2.MustCtl("connect", h2.Addr.String())
+	lab.Eventually(t, 5*time.Second, "self-connection refused", func() error {
+		conns, _, _ := d2.Ctl("status", "connections")
+		if !strings.Contains(conns, h2.Addr.String()+":6783") || !strings.Contains(conns, "cannot connect to ourself, retry: never") {
+			return fmt.Errorf("connections: %s", conns)
+		}
+		return nil
+	})
 	// A target that does not answer shows as failed, then retrying.
 	d2.MustCtl("connect", "192.168.200.99:6783")
 	lab.Eventually(t, 10*time.Second, "unanswered target fails", func() error {
