@@ -28,7 +28,7 @@ const tickEvery = 100 * time.Millisecond
 
 // inbound is a control datagram copied out of the receive path.
 type inbound struct {
-	from netip.AddrPort
+	from conn.Endpoint
 	msg  []byte // owned by the control loop
 }
 
@@ -63,8 +63,9 @@ func (s connState) String() string {
 // the control loop.
 type connection struct {
 	ep       netip.AddrPort
-	outbound bool    // we dialled it (it serves a target)
-	target   *target // nil for inbound connections
+	local    netip.Addr // our address the peer talks to; zero: the kernel's choice
+	outbound bool       // we dialled it (it serves a target)
+	target   *target    // nil for inbound connections
 	state    connState
 	started  time.Time // when the handshake completed
 	// remote is the peer's hello; its Name is zero until we have one.
@@ -116,6 +117,11 @@ type control struct {
 	targets map[string]*target
 	order   []string // target addresses in the order they were added
 
+	// rejectBudget is how many rejects we may still send: one more per
+	// tick, at most maxRejectBudget, so that spoofed hellos cannot make us
+	// a reflector.
+	rejectBudget int
+
 	local        []netip.Prefix // prefixes we serve (exposed addresses)
 	localVersion uint64
 	nextAnnounce time.Time
@@ -123,12 +129,13 @@ type control struct {
 
 func newControl(r *Router) *control {
 	return &control{
-		r:       r,
-		log:     r.log,
-		send:    r.pc.NewSender(1),
-		bufs:    make([][]byte, 1),
-		conns:   make(map[netip.AddrPort]*connection),
-		targets: make(map[string]*target),
+		r:            r,
+		log:          r.log,
+		send:         r.pc.NewSender(1),
+		bufs:         make([][]byte, 1),
+		conns:        make(map[netip.AddrPort]*connection),
+		rejectBudget: maxRejectBudget,
+		targets:      make(map[string]*target),
 	}
 }
 
@@ -166,24 +173,29 @@ func (r *Router) do(ctx context.Context, fn func(*control)) error {
 
 // sendMsg sends one control message; it never blocks for long (the socket is
 // non-blocking and gossip tolerates loss).
-func (c *control) sendMsg(to netip.AddrPort, msg []byte) {
+func (c *control) sendMsg(to conn.Endpoint, msg []byte) {
 	c.bufs[0] = msg
 	if _, err := c.send.Send(c.bufs, to); err != nil {
-		c.log.Debug("sending control message", zap.Stringer("endpoint", to), zap.Error(err))
+		c.log.Debug("sending control message", zap.Stringer("endpoint", to.Remote), zap.Error(err))
 	}
 	c.bufs[0] = nil
+}
+
+// endpoint is where cn's messages go, and from which of our addresses.
+func (cn *connection) endpoint() conn.Endpoint {
+	return conn.Endpoint{Remote: cn.ep, Local: cn.local}
 }
 
 func (c *control) sendHello(cn *connection, t proto.Type) {
 	h := c.r.hs.Hello()
 	c.scratch = proto.AppendHello(c.scratch[:0], t, &h)
-	c.sendMsg(cn.ep, c.scratch)
+	c.sendMsg(cn.endpoint(), c.scratch)
 }
 
 func (c *control) sendHeartbeat(cn *connection) {
 	c.scratch = proto.AppendHeartbeat(c.scratch[:0], proto.Heartbeat{
 		Name: c.r.cfg.Name, UID: c.r.cfg.UID, Established: cn.state == stateEstablished})
-	c.sendMsg(cn.ep, c.scratch)
+	c.sendMsg(cn.endpoint(), c.scratch)
 }
 
 func (c *control) sendAnnounce(cn *connection) {
@@ -200,12 +212,13 @@ func (c *control) sendAnnounce(cn *connection) {
 		return
 	}
 	c.scratch = msg
-	c.sendMsg(cn.ep, msg)
+	c.sendMsg(cn.endpoint(), msg)
 }
 
 // tick runs timers: dials, hello retries, heartbeats, time-outs, announcements.
 func (c *control) tick(ctx context.Context, now time.Time) {
 	cfg := &c.r.cfg
+	c.rejectBudget = min(c.rejectBudget+1, maxRejectBudget)
 	for _, addr := range c.order {
 		t := c.targets[addr]
 		if t.conn == nil && !t.resolving && !t.never && !now.Before(t.retryAt) {
@@ -355,8 +368,8 @@ func (c *control) handle(in inbound, now time.Time) {
 	}
 }
 
-func (c *control) onHello(from netip.AddrPort, h *proto.Hello, now time.Time) {
-	cn := c.conns[from]
+func (c *control) onHello(from conn.Endpoint, h *proto.Hello, now time.Time) {
+	cn := c.conns[from.Remote]
 	if h.Name == c.r.cfg.Name && h.UID == c.r.cfg.UID {
 		// Our own hello: a target is one of our own addresses.
 		if cn != nil {
@@ -374,11 +387,11 @@ func (c *control) onHello(from netip.AddrPort, h *proto.Hello, now time.Time) {
 	if cn != nil && cn.remote.Name != 0 && (cn.remote.Name != h.Name || cn.remote.UID != h.UID) {
 		// Another incarnation (or another peer) at this endpoint: start over.
 		c.log.Info("peer restarted", zap.Stringer("peer", h.Name), zap.String("nick", h.Nickname),
-			zap.Stringer("endpoint", from))
+			zap.Stringer("endpoint", from.Remote))
 		c.drop(cn, errors.New("peer restarted"), now)
 		cn = nil
 	}
-	if err := c.settleDuplicates(from, h, now); err != nil {
+	if err := c.settleDuplicates(from.Remote, h, now); err != nil {
 		c.refuse(from, h, err)
 		if cn != nil {
 			c.drop(cn, err, now)
@@ -390,12 +403,13 @@ func (c *control) onHello(from netip.AddrPort, h *proto.Hello, now time.Time) {
 			c.r.stats.DropCtrlQueue.Add(1)
 			return // a flood of hellos; real peers retry
 		}
-		cn = &connection{ep: from, state: statePending}
-		c.conns[from] = cn
+		cn = &connection{ep: from.Remote, state: statePending}
+		c.conns[from.Remote] = cn
 		c.adoptTarget(cn)
 	}
 	cn.remote = *h
 	cn.lastHeard = now
+	cn.local = from.Local
 	c.sendHello(cn, proto.TypeAccept)
 	if cn.state == stateConnecting {
 		// Both sides dialled at once: wait for their accept or heartbeat.
@@ -406,8 +420,8 @@ func (c *control) onHello(from netip.AddrPort, h *proto.Hello, now time.Time) {
 	}
 }
 
-func (c *control) onAccept(from netip.AddrPort, h *proto.Hello, now time.Time) {
-	cn := c.conns[from]
+func (c *control) onAccept(from conn.Endpoint, h *proto.Hello, now time.Time) {
+	cn := c.conns[from.Remote]
 	if cn == nil || cn.state == stateEstablished {
 		return // unsolicited, or a duplicate of one we already took
 	}
@@ -420,20 +434,21 @@ func (c *control) onAccept(from netip.AddrPort, h *proto.Hello, now time.Time) {
 		c.drop(cn, errors.New("peer changed identity during the handshake"), now)
 		return
 	}
-	if err := c.settleDuplicates(from, h, now); err != nil {
+	if err := c.settleDuplicates(from.Remote, h, now); err != nil {
 		c.drop(cn, err, now)
 		return
 	}
 	cn.remote = *h
 	cn.lastHeard = now
+	cn.local = from.Local
 	if cn.started.IsZero() {
 		cn.started = now
 	}
 	c.establish(cn, now)
 }
 
-func (c *control) onReject(from netip.AddrPort, rj *proto.Reject, now time.Time) {
-	cn := c.conns[from]
+func (c *control) onReject(from conn.Endpoint, rj *proto.Reject, now time.Time) {
+	cn := c.conns[from.Remote]
 	if cn == nil || cn.state != stateConnecting {
 		return // rejects only answer our hellos
 	}
@@ -442,8 +457,8 @@ func (c *control) onReject(from netip.AddrPort, rj *proto.Reject, now time.Time)
 	c.drop(cn, err, now)
 }
 
-func (c *control) onHeartbeat(from netip.AddrPort, hb proto.Heartbeat, now time.Time) {
-	cn := c.conns[from]
+func (c *control) onHeartbeat(from conn.Endpoint, hb proto.Heartbeat, now time.Time) {
+	cn := c.conns[from.Remote]
 	if cn == nil || cn.remote.Name == 0 {
 		return
 	}
@@ -453,13 +468,21 @@ func (c *control) onHeartbeat(from netip.AddrPort, hb proto.Heartbeat, now time.
 	}
 	cn.lastHeard = now
 	cn.remoteEstablished = hb.Established
+	if cn.local != from.Local {
+		// The peer now reaches us at another of our addresses: answer
+		// from that one, data included.
+		cn.local = from.Local
+		if cn.state == stateEstablished {
+			c.publish()
+		}
+	}
 	if cn.state == statePending {
 		c.establish(cn, now)
 	}
 }
 
-func (c *control) onGossip(from netip.AddrPort, g *proto.Gossip) {
-	cn := c.conns[from]
+func (c *control) onGossip(from conn.Endpoint, g *proto.Gossip) {
+	cn := c.conns[from.Remote]
 	// Pending is enough: the handshake has told us who the peer is, and its
 	// announcement may overtake the heartbeat that establishes us.
 	if cn == nil || cn.state == stateConnecting || g.Src != cn.remote.Name {
@@ -537,6 +560,9 @@ var errCannotConnectToOurself = errors.New("cannot connect to ourself")
 // first heartbeat, so that spoofed hellos cannot grow our state.
 const maxPendingInbound = 64
 
+// maxRejectBudget is the burst of rejects we send; the rate is one per tick.
+const maxRejectBudget = 20
+
 func (c *control) pendingInbound() int {
 	n := 0
 	for _, cn := range c.conns {
@@ -548,8 +574,12 @@ func (c *control) pendingInbound() int {
 }
 
 // refuse answers a hello with a reject and logs why.
-func (c *control) refuse(from netip.AddrPort, h *proto.Hello, err error) {
+func (c *control) refuse(from conn.Endpoint, h *proto.Hello, err error) {
 	c.logRefusal(from, h.Name, h.Nickname, err)
+	if c.rejectBudget <= 0 {
+		return
+	}
+	c.rejectBudget--
 	rj := c.r.hs.Reject(err)
 	c.scratch = proto.AppendReject(c.scratch[:0], &rj)
 	c.sendMsg(from, c.scratch)
@@ -558,8 +588,8 @@ func (c *control) refuse(from netip.AddrPort, h *proto.Hello, err error) {
 // logRefusal logs a failed handshake with the error's text as the message,
 // so Weave's operator texts appear verbatim (not quoted inside a field). A
 // range mismatch is an error: the cluster is misconfigured.
-func (c *control) logRefusal(from netip.AddrPort, name proto.PeerName, nick string, err error) {
-	fields := []zap.Field{zap.Stringer("peer", name), zap.Stringer("endpoint", from)}
+func (c *control) logRefusal(from conn.Endpoint, name proto.PeerName, nick string, err error) {
+	fields := []zap.Field{zap.Stringer("peer", name), zap.Stringer("endpoint", from.Remote)}
 	if nick != "" {
 		fields = append(fields, zap.String("nick", nick))
 	}
@@ -643,7 +673,7 @@ func (c *control) publish() {
 		if cn.state != stateEstablished {
 			continue
 		}
-		p := &path{name: cn.remote.Name, ep: cn.ep}
+		p := &path{name: cn.remote.Name, ep: cn.endpoint()}
 		peers[cn.ep] = p
 		if cn.announce != nil {
 			for _, pfx := range cn.announce.Prefixes {

@@ -25,9 +25,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/netip"
 	"os"
 
+	"github.com/overlayd/overlayd/peering/conn"
 	"github.com/overlayd/overlayd/proto"
 )
 
@@ -155,18 +155,18 @@ func (r *Router) peersToTun() error {
 		bufs[i] = make([]byte, maxDatagram+hdr)
 	}
 	sizes := make([]int, batch)
-	addrs := make([]netip.AddrPort, batch)
+	eps := make([]conn.Endpoint, batch)
 	out := make([][]byte, 0, batch)
 	rd := r.pc.NewReader(batch)
 	for {
-		n, err := rd.Read(bufs, sizes, addrs)
+		n, err := rd.Read(bufs, sizes, eps)
 		if err != nil {
 			if isClosed(err) {
 				return nil
 			}
 			return fmt.Errorf("peering: reading from the UDP socket: %w", err)
 		}
-		out = r.receive(bufs[:n], sizes[:n], addrs[:n], out[:0])
+		out = r.receive(bufs[:n], sizes[:n], eps[:n], out[:0])
 		if len(out) > 0 {
 			if _, err := r.dev.Write(out, hdr); err != nil {
 				if isClosed(err) {
@@ -184,7 +184,7 @@ func (r *Router) peersToTun() error {
 // receive sorts one batch of datagrams: data for us is appended to out (the
 // buffer, with the packet at offset DataHeaderLen), control messages are
 // copied to the control loop.
-func (r *Router) receive(bufs [][]byte, sizes []int, addrs []netip.AddrPort, out [][]byte) [][]byte {
+func (r *Router) receive(bufs [][]byte, sizes []int, eps []conn.Endpoint, out [][]byte) [][]byte {
 	snap := r.snap.Load() // one atomic load per batch
 	var bytes uint64
 	for i, buf := range bufs {
@@ -195,7 +195,7 @@ func (r *Router) receive(bufs [][]byte, sizes []int, addrs []netip.AddrPort, out
 				r.stats.DropMalformed.Add(1)
 				continue
 			}
-			from, ok := snap.peers[addrs[i]]
+			from, ok := snap.peers[eps[i].Remote]
 			if !ok || from.name != src || dst != r.cfg.Name {
 				r.stats.DropUnknownPeer.Add(1)
 				continue
@@ -214,7 +214,7 @@ func (r *Router) receive(bufs [][]byte, sizes []int, addrs []netip.AddrPort, out
 			continue
 		}
 		select {
-		case r.ctrl <- inbound{from: addrs[i], msg: append([]byte(nil), msg...)}:
+		case r.ctrl <- inbound{from: eps[i], msg: append([]byte(nil), msg...)}:
 		default:
 			r.stats.DropCtrlQueue.Add(1)
 		}

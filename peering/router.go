@@ -92,6 +92,10 @@ func (c *Config) validate() error {
 	return nil
 }
 
+// ctrlQueueLen bounds the control datagrams waiting for the control loop
+// (each at most one datagram long).
+const ctrlQueueLen = 256
+
 // A Router connects this host to its peers. Make one with New, then call Run.
 type Router struct {
 	cfg Config
@@ -130,7 +134,7 @@ func New(cfg Config, dev tun.Device, pc conn.PacketConn) (*Router, error) {
 		log:      cfg.Log,
 		dev:      dev,
 		pc:       pc,
-		ctrl:     make(chan inbound, 1024),
+		ctrl:     make(chan inbound, ctrlQueueLen),
 		requests: make(chan request),
 		resolved: make(chan resolution, 16),
 	}
@@ -187,7 +191,7 @@ type snapshot struct {
 // path is where packets for one peer go. Immutable once published.
 type path struct {
 	name  proto.PeerName
-	ep    netip.AddrPort
+	ep    conn.Endpoint
 	local bool // the prefix is ours: packets for it belong to our TUN
 }
 

@@ -134,7 +134,7 @@ type dataPathFixture struct {
 	b       batcher
 	in      [][]byte
 	inSizes []int
-	inAddrs []netip.AddrPort
+	inAddrs []conn.Endpoint
 	out     [][]byte
 	sink    *conn.UDP
 	sinkRd  conn.Reader
@@ -156,7 +156,7 @@ func newDataPathFixture(t testing.TB, batch int) *dataPathFixture {
 		t.Fatal(err)
 	}
 	peerEP := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), sink.LocalPort())
-	peer := &path{name: 2, ep: peerEP}
+	peer := &path{name: 2, ep: conn.Endpoint{Remote: peerEP}}
 	self := &path{name: 1, local: true}
 	r.snap.Store(&snapshot{
 		routes: routes.New([]routes.Route[*path]{
@@ -178,7 +178,7 @@ func newDataPathFixture(t testing.TB, batch int) *dataPathFixture {
 		copy(in[proto.DataHeaderLen:], reply)
 		f.in = append(f.in, in)
 		f.inSizes = append(f.inSizes, proto.DataHeaderLen+len(reply))
-		f.inAddrs = append(f.inAddrs, peerEP)
+		f.inAddrs = append(f.inAddrs, conn.Endpoint{Remote: peerEP})
 	}
 	f.out = make([][]byte, 0, batch)
 	return f

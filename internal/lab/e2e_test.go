@@ -649,3 +649,26 @@ func TestLossyUnderlay(t *testing.T) {
 		t.Errorf("no loss seen with the loss rules in place:\n%s", out)
 	}
 }
+
+// TestSecondaryAddress: a peer dialled at one of several addresses of a host
+// answers from that address (IP_PKTINFO), so the handshake completes and
+// traffic flows.
+func TestSecondaryAddress(t *testing.T) {
+	l := lab.New(t, bin, 2)
+	h1, h2 := l.Host(1), l.Host(2)
+	if out, err := h1.Exec(t.Context(), "ip", "addr", "add", "192.168.200.101/24", "dev", "eth0"); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	d1 := h1.Start("--range", testRange)
+	d2 := h2.Start("--range", testRange, "192.168.200.101")
+	waitConnected(t, d2, 1, 5*time.Second)
+	expose(t, d1, 1)
+	expose(t, d2, 2)
+	waitPing(t, h2, overlayAddr(1), 5*time.Second)
+	if _, err := lab.TransferTCP(h1, h2, overlayAddr(2), 5005, 256<<10, 20*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if conns := d2.MustCtl("connections"); !strings.HasPrefix(conns, "-> 192.168.200.101:6783 ") {
+		t.Errorf("connections: %s", conns)
+	}
+}

@@ -11,6 +11,10 @@
 //     calls need, so they must not be shared between goroutines.
 //  3. Read and Send wait for the socket through Go's netpoller (RawConn), so
 //     a blocked reader parks its goroutine, not an OS thread.
+//  4. Every datagram read reports the local address it was sent to
+//     (IPV6_PKTINFO / IP_PKTINFO), and a send can name the local address to
+//     send from: on a host with several addresses, a peer that dialled one
+//     of them hears back from that same address.
 package conn
 
 import (
@@ -39,13 +43,21 @@ type PacketConn interface {
 	Close() error
 }
 
+// Endpoint is the path of a datagram: the remote address and port, and our
+// local address on that path.
+type Endpoint struct {
+	Remote netip.AddrPort
+	// Local is the address the peer sent to, and the one to send from; the
+	// zero Addr lets the kernel choose.
+	Local netip.Addr
+}
+
 // A Reader receives batches of datagrams. Not safe for concurrent use.
 type Reader interface {
-	// Read fills bufs[i][:sizes[i]] with datagrams from addrs[i], for i < n.
-	// It blocks until at least one datagram arrives. A datagram longer than
-	// its buffer is dropped and counted by the caller's size check: its size
-	// is reported as 0.
-	Read(bufs [][]byte, sizes []int, addrs []netip.AddrPort) (n int, err error)
+	// Read fills bufs[i][:sizes[i]] with datagrams that came along eps[i],
+	// for i < n. It blocks until at least one datagram arrives. A datagram
+	// longer than its buffer is reported with size 0.
+	Read(bufs [][]byte, sizes []int, eps []Endpoint) (n int, err error)
 }
 
 // A Sender sends batches of datagrams. Not safe for concurrent use.
@@ -54,7 +66,7 @@ type Sender interface {
 	// many the kernel took. A datagram the kernel refuses (too big, no
 	// route) is skipped and the rest are still sent; err is the first such
 	// failure. The caller owns bufs again as soon as Send returns.
-	Send(bufs [][]byte, to netip.AddrPort) (sent int, err error)
+	Send(bufs [][]byte, to Endpoint) (sent int, err error)
 }
 
 // UDP is a PacketConn on a real UDP socket.
@@ -69,8 +81,9 @@ var _ PacketConn = (*UDP)(nil)
 
 // Listen opens a UDP socket on port (0 picks a free one) on every address.
 func Listen(port uint16) (*UDP, error) {
-	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
-		return c.Control(func(fd uintptr) {
+	lc := net.ListenConfig{Control: func(network, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
 			// The FORCE variants pass the sysctl limits (root only); the
 			// plain ones are the best an unprivileged process gets.
 			for _, opt := range [][2]int{{unix.SO_RCVBUFFORCE, unix.SO_RCVBUF}, {unix.SO_SNDBUFFORCE, unix.SO_SNDBUF}} {
@@ -78,7 +91,18 @@ func Listen(port uint16) (*UDP, error) {
 					_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt[1], socketBufferBytes)
 				}
 			}
+			// Learn the local address of every datagram (for IPv4 on a
+			// dual-stack socket the kernel reports it v4-mapped).
+			if network == "udp4" {
+				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_PKTINFO, 1)
+			} else {
+				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_RECVPKTINFO, 1)
+			}
 		})
+		if err != nil {
+			return err
+		}
+		return serr
 	}}
 	v6 := true
 	pc, err := lc.ListenPacket(context.Background(), "udp", fmt.Sprintf("[::]:%d", port))
@@ -112,11 +136,15 @@ type mmsgs struct {
 	hdrs  []unix.Mmsghdr
 	iovs  []unix.Iovec
 	names []unix.RawSockaddrInet6 // big enough for either family
+	oob   []byte                  // oobLen bytes of control messages per datagram
 	count int                     // messages offered to the current call
 	n     int                     // messages the call handled
 	errno syscall.Errno
 	fn    func(fd uintptr) bool // made once, so no call allocates a closure
 }
+
+// oobLen holds one packet-info control message of either family.
+var oobLen = unix.CmsgSpace(unix.SizeofInet6Pktinfo)
 
 func newMmsgs(u *UDP, batch int) *mmsgs {
 	if batch < 1 {
@@ -127,6 +155,7 @@ func newMmsgs(u *UDP, batch int) *mmsgs {
 		hdrs:  make([]unix.Mmsghdr, batch),
 		iovs:  make([]unix.Iovec, batch),
 		names: make([]unix.RawSockaddrInet6, batch),
+		oob:   make([]byte, batch*oobLen),
 	}
 	for i := range m.hdrs {
 		m.hdrs[i].Hdr.Iov = &m.iovs[i]
@@ -162,8 +191,8 @@ func (u *UDP) NewReader(batch int) Reader {
 	return r
 }
 
-func (r udpReader) Read(bufs [][]byte, sizes []int, addrs []netip.AddrPort) (int, error) {
-	count := min(len(bufs), len(sizes), len(addrs), len(r.hdrs))
+func (r udpReader) Read(bufs [][]byte, sizes []int, eps []Endpoint) (int, error) {
+	count := min(len(bufs), len(sizes), len(eps), len(r.hdrs))
 	if count == 0 {
 		return 0, errors.New("conn: Read with no buffers")
 	}
@@ -173,6 +202,8 @@ func (r udpReader) Read(bufs [][]byte, sizes []int, addrs []netip.AddrPort) (int
 		h := &r.hdrs[i].Hdr
 		h.Name = (*byte)(unsafe.Pointer(&r.names[i]))
 		h.Namelen = unix.SizeofSockaddrInet6
+		h.Control = &r.oob[i*oobLen]
+		h.SetControllen(oobLen)
 		h.Flags = 0
 	}
 	r.count = count
@@ -188,7 +219,10 @@ func (r udpReader) Read(bufs [][]byte, sizes []int, addrs []netip.AddrPort) (int
 		if h.Hdr.Flags&unix.MSG_TRUNC != 0 {
 			sizes[i] = 0
 		}
-		addrs[i] = parseSockaddr(&r.names[i])
+		eps[i] = Endpoint{
+			Remote: parseSockaddr(&r.names[i]),
+			Local:  parsePktinfo(r.oob[i*oobLen : i*oobLen+int(h.Hdr.Controllen)]),
+		}
 	}
 	return r.n, nil
 }
@@ -204,11 +238,12 @@ func (u *UDP) NewSender(batch int) Sender {
 	return s
 }
 
-func (s udpSender) Send(bufs [][]byte, to netip.AddrPort) (sent int, err error) {
-	namelen, err := s.putSockaddr(to)
+func (s udpSender) Send(bufs [][]byte, to Endpoint) (sent int, err error) {
+	namelen, err := s.putSockaddr(to.Remote)
 	if err != nil {
 		return 0, err
 	}
+	oob := s.putPktinfo(to)
 	for len(bufs) > 0 {
 		count := min(len(bufs), len(s.hdrs))
 		for i := range count {
@@ -221,6 +256,12 @@ func (s udpSender) Send(bufs [][]byte, to netip.AddrPort) (sent int, err error) 
 			h := &s.hdrs[i].Hdr
 			h.Name = (*byte)(unsafe.Pointer(&s.names[0]))
 			h.Namelen = namelen
+			if oob > 0 {
+				h.Control = &s.oob[0]
+			} else {
+				h.Control = nil
+			}
+			h.SetControllen(oob)
 		}
 		s.count = count
 		if werr := s.u.rc.Write(s.fn); werr != nil {
@@ -230,7 +271,7 @@ func (s udpSender) Send(bufs [][]byte, to netip.AddrPort) (sent int, err error) 
 			// The first message failed (too big, no route...): skip it so
 			// that one bad datagram does not block the rest.
 			if err == nil {
-				err = fmt.Errorf("conn: sendmmsg to %v: %w", to, s.errno)
+				err = fmt.Errorf("conn: sendmmsg to %v: %w", to.Remote, s.errno)
 			}
 			bufs = bufs[1:]
 			continue
@@ -275,4 +316,59 @@ func parseSockaddr(sa *unix.RawSockaddrInet6) netip.AddrPort {
 		return netip.AddrPortFrom(netip.AddrFrom4(sa4.Addr), port)
 	}
 	return netip.AddrPort{}
+}
+
+// putPktinfo writes into oob[:n] the control message that makes the kernel
+// send from to.Local, and returns n (0 when Local is not set).
+func (s udpSender) putPktinfo(to Endpoint) int {
+	local := to.Local.Unmap()
+	if !local.IsValid() || local.IsUnspecified() {
+		return 0
+	}
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&s.oob[0]))
+	data := s.oob[unix.CmsgLen(0):]
+	if local.Is4() {
+		// IP_PKTINFO works on an AF_INET6 socket too, for IPv4 peers.
+		h.Level, h.Type = unix.IPPROTO_IP, unix.IP_PKTINFO
+		h.SetLen(unix.CmsgLen(unix.SizeofInet4Pktinfo))
+		pi := (*unix.Inet4Pktinfo)(unsafe.Pointer(&data[0]))
+		*pi = unix.Inet4Pktinfo{Spec_dst: local.As4()}
+		return unix.CmsgSpace(unix.SizeofInet4Pktinfo)
+	}
+	if !s.u.v6 {
+		return 0
+	}
+	h.Level, h.Type = unix.IPPROTO_IPV6, unix.IPV6_PKTINFO
+	h.SetLen(unix.CmsgLen(unix.SizeofInet6Pktinfo))
+	pi := (*unix.Inet6Pktinfo)(unsafe.Pointer(&data[0]))
+	*pi = unix.Inet6Pktinfo{Addr: local.As16()}
+	return unix.CmsgSpace(unix.SizeofInet6Pktinfo)
+}
+
+// parsePktinfo finds the destination address in the control messages the
+// kernel wrote for one datagram; the zero Addr if there is none. It walks
+// the bytes itself, so that it does not allocate.
+func parsePktinfo(oob []byte) netip.Addr {
+	for len(oob) >= unix.CmsgLen(0) {
+		h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
+		n := int(h.Len)
+		if n < unix.CmsgLen(0) || n > len(oob) {
+			return netip.Addr{}
+		}
+		data := oob[unix.CmsgLen(0):n]
+		switch {
+		case h.Level == unix.IPPROTO_IPV6 && h.Type == unix.IPV6_PKTINFO && len(data) >= unix.SizeofInet6Pktinfo:
+			pi := (*unix.Inet6Pktinfo)(unsafe.Pointer(&data[0]))
+			return netip.AddrFrom16(pi.Addr).Unmap()
+		case h.Level == unix.IPPROTO_IP && h.Type == unix.IP_PKTINFO && len(data) >= unix.SizeofInet4Pktinfo:
+			pi := (*unix.Inet4Pktinfo)(unsafe.Pointer(&data[0]))
+			return netip.AddrFrom4(pi.Addr)
+		}
+		next := unix.CmsgSpace(n - unix.CmsgLen(0))
+		if next > len(oob) {
+			return netip.Addr{}
+		}
+		oob = oob[next:]
+	}
+	return netip.Addr{}
 }

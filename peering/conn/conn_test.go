@@ -24,7 +24,7 @@ func pair(t *testing.T) (*UDP, *UDP) {
 
 func TestBatchRoundTrip(t *testing.T) {
 	a, b := pair(t)
-	to := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), b.LocalPort())
+	to := Endpoint{Remote: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), b.LocalPort())}
 	var out [][]byte
 	for i := range 40 { // more than one sendmmsg batch of 16
 		out = append(out, []byte(fmt.Sprintf("datagram %d", i)))
@@ -33,7 +33,7 @@ func TestBatchRoundTrip(t *testing.T) {
 		t.Fatal(n, err)
 	}
 	r := b.NewReader(64)
-	bufs, sizes, addrs := make([][]byte, 64), make([]int, 64), make([]netip.AddrPort, 64)
+	bufs, sizes, addrs := make([][]byte, 64), make([]int, 64), make([]Endpoint, 64)
 	for i := range bufs {
 		bufs[i] = make([]byte, 100)
 	}
@@ -44,8 +44,10 @@ func TestBatchRoundTrip(t *testing.T) {
 			t.Fatal(err)
 		}
 		for i := range n {
-			if want := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), a.LocalPort()); addrs[i] != want {
-				t.Fatalf("from %v, want %v", addrs[i], want)
+			want := Endpoint{Remote: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), a.LocalPort()),
+				Local: netip.MustParseAddr("127.0.0.1")}
+			if addrs[i] != want {
+				t.Fatalf("from %+v, want %+v", addrs[i], want)
 			}
 			got = append(got, bytes.Clone(bufs[i][:sizes[i]]))
 		}
@@ -59,11 +61,11 @@ func TestBatchRoundTrip(t *testing.T) {
 
 func TestTruncatedDatagramHasSizeZero(t *testing.T) {
 	a, b := pair(t)
-	to := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), b.LocalPort())
+	to := Endpoint{Remote: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), b.LocalPort())}
 	if _, err := a.NewSender(2).Send([][]byte{make([]byte, 50), []byte("ok")}, to); err != nil {
 		t.Fatal(err)
 	}
-	bufs, sizes, addrs := [][]byte{make([]byte, 10), make([]byte, 10)}, make([]int, 2), make([]netip.AddrPort, 2)
+	bufs, sizes, addrs := [][]byte{make([]byte, 10), make([]byte, 10)}, make([]int, 2), make([]Endpoint, 2)
 	r := b.NewReader(2)
 	var seen []int
 	for len(seen) < 2 {
@@ -83,7 +85,7 @@ func TestCloseUnblocksRead(t *testing.T) {
 	r := a.NewReader(1)
 	done := make(chan error)
 	go func() {
-		_, err := r.Read([][]byte{make([]byte, 10)}, make([]int, 1), make([]netip.AddrPort, 1))
+		_, err := r.Read([][]byte{make([]byte, 10)}, make([]int, 1), make([]Endpoint, 1))
 		done <- err
 	}()
 	a.Close()
@@ -94,10 +96,10 @@ func TestCloseUnblocksRead(t *testing.T) {
 
 func TestSendAndReadAllocateNothing(t *testing.T) {
 	a, b := pair(t)
-	to := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), b.LocalPort())
+	to := Endpoint{Remote: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), b.LocalPort())}
 	s, r := a.NewSender(8), b.NewReader(8)
 	out := [][]byte{make([]byte, 1400), make([]byte, 1400), make([]byte, 1400), make([]byte, 1400)}
-	bufs, sizes, addrs := make([][]byte, 8), make([]int, 8), make([]netip.AddrPort, 8)
+	bufs, sizes, addrs := make([][]byte, 8), make([]int, 8), make([]Endpoint, 8)
 	for i := range bufs {
 		bufs[i] = make([]byte, 2000)
 	}
@@ -120,12 +122,12 @@ func TestSendAndReadAllocateNothing(t *testing.T) {
 
 func TestOversizedDatagramIsSkipped(t *testing.T) {
 	a, b := pair(t)
-	to := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), b.LocalPort())
+	to := Endpoint{Remote: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), b.LocalPort())}
 	n, err := a.NewSender(4).Send([][]byte{[]byte("one"), make([]byte, 70000), []byte("three")}, to)
 	if n != 2 || err == nil {
 		t.Fatalf("sent %d, err %v; want 2 and an error", n, err)
 	}
-	bufs, sizes, addrs := [][]byte{make([]byte, 10), make([]byte, 10)}, make([]int, 2), make([]netip.AddrPort, 2)
+	bufs, sizes, addrs := [][]byte{make([]byte, 10), make([]byte, 10)}, make([]int, 2), make([]Endpoint, 2)
 	var got []string
 	r := b.NewReader(2)
 	for len(got) < 2 {
@@ -139,5 +141,42 @@ func TestOversizedDatagramIsSkipped(t *testing.T) {
 	}
 	if got[0] != "one" || got[1] != "three" {
 		t.Errorf("got %q", got)
+	}
+}
+
+// TestReplyFromLocalAddress: a datagram sent to one of several local
+// addresses reports that address, and a send from it leaves from it.
+func TestReplyFromLocalAddress(t *testing.T) {
+	a, b := pair(t)
+	for _, local := range []string{"127.0.0.2", "127.0.0.3"} {
+		to := Endpoint{Remote: netip.AddrPortFrom(netip.MustParseAddr(local), b.LocalPort())}
+		if _, err := a.NewSender(1).Send([][]byte{[]byte("hi")}, to); err != nil {
+			t.Fatal(err)
+		}
+		bufs, sizes, eps := [][]byte{make([]byte, 10)}, make([]int, 1), make([]Endpoint, 1)
+		if _, err := b.NewReader(1).Read(bufs, sizes, eps); err != nil {
+			t.Fatal(err)
+		}
+		if eps[0].Local != netip.MustParseAddr(local) {
+			t.Fatalf("local %v, want %s", eps[0].Local, local)
+		}
+		// Reply from the address the datagram came to.
+		if _, err := b.NewSender(1).Send([][]byte{[]byte("back")}, eps[0]); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := a.NewReader(1).Read(bufs, sizes, eps); err != nil {
+			t.Fatal(err)
+		}
+		if eps[0].Remote.Addr() != netip.MustParseAddr(local) {
+			t.Fatalf("reply came from %v, want %s", eps[0].Remote, local)
+		}
+	}
+}
+
+func TestParsePktinfoRejectsGarbage(t *testing.T) {
+	for _, b := range [][]byte{nil, {1, 2, 3}, make([]byte, 16), {255, 255, 255, 255, 255, 255, 255, 255, 41, 0, 0, 0, 50, 0, 0, 0}} {
+		if a := parsePktinfo(b); a.IsValid() {
+			t.Errorf("% x -> %v", b, a)
+		}
 	}
 }
