@@ -30,15 +30,17 @@ import (
 
 	"github.com/overlayd/overlayd/peering/conn"
 	"github.com/overlayd/overlayd/peering/handshake"
+	"github.com/overlayd/overlayd/peering/link"
 	"github.com/overlayd/overlayd/peering/routes"
 	"github.com/overlayd/overlayd/proto"
 	"github.com/overlayd/overlayd/tun"
 )
 
 // DefaultPort is the UDP port peers use when none is given.
-const DefaultPort = 6783
+const DefaultPort = link.DefaultPort
 
-// Config configures a Router. Zero durations take the defaults listed.
+// Config configures a Router. Zero durations take the defaults listed; the
+// link Machine counts them in ticks of TickEvery.
 type Config struct {
 	Name     proto.PeerName // required, never zero
 	Nickname string
@@ -48,6 +50,7 @@ type Config struct {
 	Rand     *rand.Rand   // every random choice (UID, retry jitter); required
 	Log      *zap.Logger  // required
 
+	TickEvery         time.Duration // 100 ms: the link Machine's clock
 	HeartbeatInterval time.Duration // 400 ms: between heartbeats on a connection
 	HeartbeatTimeout  time.Duration // 2 s: silence after which a connection is dead
 	HelloInterval     time.Duration // 1 s: between hellos while dialling
@@ -63,6 +66,7 @@ func (c *Config) setDefaults() {
 			*d = v
 		}
 	}
+	def(&c.TickEvery, 100*time.Millisecond)
 	def(&c.HeartbeatInterval, 400*time.Millisecond)
 	def(&c.HeartbeatTimeout, 2*time.Second)
 	def(&c.HelloInterval, time.Second)
@@ -84,13 +88,19 @@ func (c *Config) validate() error {
 		return errors.New("peering: config has no logger")
 	case c.MTU < 576 || c.MTU > 65535-proto.DataHeaderLen:
 		return fmt.Errorf("peering: MTU %d out of range", c.MTU)
-	case c.HeartbeatTimeout <= c.HeartbeatInterval:
-		return errors.New("peering: heartbeat timeout must exceed the heartbeat interval")
-	case c.Range.IsValid() && !c.Range.Addr().Is4():
-		return fmt.Errorf("peering: range %v is not IPv4", c.Range)
+	case c.TickEvery <= 0 || c.HeartbeatInterval < c.TickEvery:
+		return errors.New("peering: the heartbeat interval must be at least one tick")
 	}
 	return nil
 }
+
+// toTicks converts a duration to whole ticks, rounding up.
+func (c *Config) toTicks(d time.Duration) int {
+	return int((d + c.TickEvery - 1) / c.TickEvery)
+}
+
+// ticks converts a tick count back to a duration.
+func (r *Router) ticks(n int) time.Duration { return time.Duration(n) * r.cfg.TickEvery }
 
 // ctrlQueueLen bounds the control datagrams waiting for the control loop
 // (each at most one datagram long).
@@ -98,11 +108,12 @@ const ctrlQueueLen = 256
 
 // A Router connects this host to its peers. Make one with New, then call Run.
 type Router struct {
-	cfg Config
-	hs  handshake.Config
-	log *zap.Logger
-	dev tun.Device
-	pc  conn.PacketConn
+	cfg  Config
+	link *link.Machine // owned by the control loop once Run starts
+	port uint16
+	log  *zap.Logger
+	dev  tun.Device
+	pc   conn.PacketConn
 
 	snap atomic.Pointer[snapshot] // written by the control loop only
 
@@ -127,10 +138,26 @@ func New(cfg Config, dev tun.Device, pc conn.PacketConn) (*Router, error) {
 			cfg.UID = cfg.Rand.Uint64()
 		}
 	}
-	r := &Router{
-		cfg: cfg,
-		hs: handshake.Config{Name: cfg.Name, UID: cfg.UID, Nickname: cfg.Nickname,
+	m, err := link.New(link.Config{
+		Self: handshake.Config{Name: cfg.Name, UID: cfg.UID, Nickname: cfg.Nickname,
 			Port: pc.LocalPort(), Range: cfg.Range},
+		Rand:              cfg.Rand,
+		HeartbeatTicks:    cfg.toTicks(cfg.HeartbeatInterval),
+		TimeoutTicks:      cfg.toTicks(cfg.HeartbeatTimeout),
+		HelloTicks:        cfg.toTicks(cfg.HelloInterval),
+		HelloAttempts:     cfg.HelloAttempts,
+		RetryInitialTicks: cfg.toTicks(cfg.RetryInitial),
+		RetryMaxTicks:     cfg.toTicks(cfg.RetryMax),
+		AnnounceTicks:     cfg.toTicks(cfg.AnnounceInterval),
+		LongLivedTicks:    cfg.toTicks(time.Minute),
+	})
+	if err != nil {
+		return nil, err
+	}
+	r := &Router{
+		cfg:      cfg,
+		link:     m,
+		port:     pc.LocalPort(),
 		log:      cfg.Log,
 		dev:      dev,
 		pc:       pc,
@@ -153,7 +180,7 @@ func (r *Router) Run(ctx context.Context) error {
 	defer cancel()
 	var wg sync.WaitGroup
 	errs := make(chan error, 3)
-	c := newControl(r)
+	c := newControl(r, r.link)
 	wg.Go(func() { errs <- c.run(ctx) })
 	wg.Go(func() { errs <- r.tunToPeers() })
 	wg.Go(func() { errs <- r.peersToTun() })

@@ -2,14 +2,10 @@ package peering
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"net/netip"
-	"slices"
 	"time"
 
-	"go.uber.org/zap"
-
+	"github.com/overlayd/overlayd/peering/link"
 	"github.com/overlayd/overlayd/proto"
 )
 
@@ -102,195 +98,92 @@ func (s *Stats) snapshot() StatsSnapshot {
 // fails only when ctx ends first.
 func (r *Router) Status(ctx context.Context) (Status, error) {
 	var st Status
-	err := r.do(ctx, func(c *control) { st = c.status() })
+	err := r.do(ctx, func(c *control) { st = r.status(c.m.Status()) })
 	return st, err
 }
 
-func (c *control) status() Status {
-	cfg := &c.r.cfg
+// status turns the Machine's view into the API's, with wall-clock times.
+func (r *Router) status(ls link.Status) Status {
+	cfg := &r.cfg
 	st := Status{
-		Name: cfg.Name, Nickname: cfg.Nickname, UID: cfg.UID, Port: c.r.hs.Port,
+		Name: cfg.Name, Nickname: cfg.Nickname, UID: cfg.UID, Port: r.port,
 		ProtocolMinVersion: proto.MinVersion, ProtocolMaxVersion: proto.MaxVersion,
-		MTU: cfg.MTU, Targets: slices.Clone(c.order), Exposed: slices.Clone(c.local),
-		Stats: c.r.stats.snapshot(),
+		MTU: cfg.MTU, Targets: nonNil(ls.Targets), Exposed: nonNil(ls.Local),
+		Connections: []ConnStatus{}, Routes: []RouteStatus{}, Stats: r.stats.snapshot(),
 	}
-	if st.Targets == nil {
-		st.Targets = []string{}
-	}
-	self := PeerStatus{Name: cfg.Name, Nickname: cfg.Nickname, UID: cfg.UID, Connections: []PeerConnStatus{}}
-	var others []PeerStatus
-	for _, cn := range c.sortedConns() {
-		cs := ConnStatus{Address: cn.ep.String(), Outbound: cn.outbound, State: cn.state.String()}
-		if cn.state == stateConnecting && cn.target != nil && cn.target.lastErr != nil {
-			cs.State, cs.Info = "retrying", cn.target.lastErr.Error()
+	now := time.Now()
+	for _, c := range ls.Connections {
+		cs := ConnStatus{Address: c.Address, Outbound: c.Outbound, State: c.State, Name: c.Name, Nickname: c.Nickname}
+		if c.Err != nil {
+			cs.Info = c.Err.Error()
 		}
-		if cn.remote.Name != 0 {
-			cs.Name, cs.Nickname, cs.Overlay, cs.MTU = cn.remote.Name, cn.remote.Nickname, "udp", cfg.MTU
-		}
-		st.Connections = append(st.Connections, cs)
-		if cn.state == stateConnecting {
-			continue
-		}
-		self.Connections = append(self.Connections, PeerConnStatus{Name: cn.remote.Name,
-			Nickname: cn.remote.Nickname, Address: cn.ep.String(), Outbound: cn.outbound,
-			Established: cn.state == stateEstablished})
-		// What the peer itself reports of its connection to us, from its
-		// heartbeats.
-		others = append(others, PeerStatus{Name: cn.remote.Name, Nickname: cn.remote.Nickname,
-			UID: cn.remote.UID, Connections: []PeerConnStatus{{Name: cfg.Name, Nickname: cfg.Nickname,
-				Outbound: !cn.outbound, Established: cn.remoteEstablished}}})
-	}
-	for _, addr := range c.order {
-		t := c.targets[addr]
-		if t.conn != nil {
-			continue
-		}
-		cs := ConnStatus{Address: t.addr, Outbound: true}
 		switch {
-		case t.state == targetFailed:
-			cs.State = "failed"
-			if t.never {
-				cs.Info = fmt.Sprintf("%v, retry: never", t.lastErr)
-			} else {
-				at := t.retryAt
-				cs.RetryAt = &at
-				cs.Info = fmt.Sprintf("%v, retry: %s", t.lastErr, at.Format("2006-01-02 15:04:05"))
-			}
-		case t.lastErr != nil:
-			cs.State, cs.Info = "retrying", t.lastErr.Error()
-		default:
-			cs.State = "connecting"
+		case c.State == "failed" && c.RetryNever:
+			cs.Info += ", retry: never"
+		case c.State == "failed":
+			at := now.Add(r.ticks(c.RetryTicks))
+			cs.RetryAt = &at
+			cs.Info += ", retry: " + at.Format("2006-01-02 15:04:05")
+		}
+		if c.Name != 0 && c.State != "connecting" && c.State != "retrying" {
+			cs.Overlay, cs.MTU = "udp", cfg.MTU
 		}
 		st.Connections = append(st.Connections, cs)
 	}
-	if st.Connections == nil {
-		st.Connections = []ConnStatus{}
+	for _, p := range ls.Peers {
+		ps := PeerStatus{Name: p.Name, Nickname: p.Nickname, UID: p.UID, Connections: []PeerConnStatus{}}
+		for _, c := range p.Connections {
+			ps.Connections = append(ps.Connections, PeerConnStatus(c))
+		}
+		st.Peers = append(st.Peers, ps)
 	}
-	slices.SortFunc(others, func(a, b PeerStatus) int { return cmpName(a.Name, b.Name) })
-	st.Peers = append([]PeerStatus{self}, others...)
-	for _, rt := range c.r.snap.Load().routes.Routes() {
+	for _, rt := range r.snap.Load().routes.Routes() {
 		st.Routes = append(st.Routes, RouteStatus{Prefix: rt.Prefix, Via: rt.Via.name, Local: rt.Via.local})
 	}
-	if st.Routes == nil {
-		st.Routes = []RouteStatus{}
-	}
-	if st.Exposed == nil {
-		st.Exposed = []netip.Prefix{}
-	}
 	return st
+}
+
+func nonNil[T any](s []T) []T {
+	if s == nil {
+		return []T{}
+	}
+	return s
 }
 
 // Connect adds targets (HOST[:PORT]) and dials them at once. A target we
 // already have has its back-off reset. Nothing is added if any address is
 // malformed.
 func (r *Router) Connect(ctx context.Context, addrs []string) error {
-	type parsed struct {
-		host string
-		port uint16
-	}
-	var ps []parsed
-	var errs []error
-	for _, a := range addrs {
-		h, p, err := ParseTarget(a)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		ps = append(ps, parsed{h, p})
-	}
-	if len(errs) > 0 {
-		return errors.Join(errs...)
-	}
-	return r.do(ctx, func(c *control) {
-		for _, p := range ps {
-			addr := joinTarget(p.host, p.port)
-			if t := c.targets[addr]; t != nil {
-				t.backoff, t.retryAt, t.never = 0, time.Time{}, false
-				continue
-			}
-			c.targets[addr] = &target{addr: addr, host: p.host, port: p.port}
-			c.order = append(c.order, addr)
-			c.log.Info("target added", zap.String("endpoint", addr))
-		}
-	})
-}
-
-// ErrUnknownTarget is returned by Forget for an address that is not a target.
-var ErrUnknownTarget = errors.New("peering: not a target")
-
-// Forget removes targets and closes their connections. It fails, changing
-// nothing, if an address is malformed or not a target.
-func (r *Router) Forget(ctx context.Context, addrs []string) error {
-	var keys []string
-	for _, a := range addrs {
-		h, p, err := ParseTarget(a)
-		if err != nil {
-			return err
-		}
-		keys = append(keys, joinTarget(h, p))
-	}
 	var err error
-	doErr := r.do(ctx, func(c *control) {
-		for i, k := range keys {
-			if c.targets[k] == nil {
-				err = fmt.Errorf("%w: %s", ErrUnknownTarget, addrs[i])
-				return
-			}
-		}
-		for _, k := range keys {
-			t := c.targets[k]
-			if t == nil {
-				continue // listed twice
-			}
-			delete(c.targets, k)
-			c.order = slices.DeleteFunc(c.order, func(s string) bool { return s == k })
-			t.gen++
-			if cn := t.conn; cn != nil {
-				t.conn = nil
-				if cn.target == t {
-					cn.target = nil
-				}
-				if !c.servesTarget(cn) {
-					c.drop(cn, errors.New("target forgotten"), time.Now())
-				}
-			}
-			c.log.Info("target forgotten", zap.String("endpoint", k))
-		}
-	})
-	if doErr != nil {
-		return doErr
+	if derr := r.do(ctx, func(c *control) { err = c.m.Connect(addrs) }); derr != nil {
+		return derr
 	}
 	return err
 }
 
-// servesTarget reports whether any target still uses cn.
-func (c *control) servesTarget(cn *connection) bool {
-	for _, t := range c.targets {
-		if t.conn == cn {
-			return true
-		}
+// ErrUnknownTarget is returned by Forget for an address that is not a target.
+var ErrUnknownTarget = link.ErrUnknownTarget
+
+// Forget removes targets and closes their connections. It fails, changing
+// nothing, if an address is malformed or not a target.
+func (r *Router) Forget(ctx context.Context, addrs []string) error {
+	var err error
+	if derr := r.do(ctx, func(c *control) { err = c.m.Forget(addrs) }); derr != nil {
+		return derr
 	}
-	return false
+	return err
 }
 
 // SetLocal replaces the prefixes this host serves (its exposed addresses)
 // and announces them to every peer.
 func (r *Router) SetLocal(ctx context.Context, prefixes []netip.Prefix) error {
-	ps := slices.Clone(prefixes)
-	for _, p := range ps {
-		if !p.IsValid() || !p.Addr().Is4() {
-			return fmt.Errorf("peering: cannot serve %v: only IPv4 prefixes", p)
-		}
+	var err error
+	if derr := r.do(ctx, func(c *control) { err = c.m.SetLocal(prefixes) }); derr != nil {
+		return derr
 	}
-	slices.SortFunc(ps, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
-	return r.do(ctx, func(c *control) {
-		c.local = ps
-		c.localVersion++
-		c.publish()
-		for _, cn := range c.sortedConns() {
-			if cn.state == stateEstablished {
-				c.sendAnnounce(cn)
-			}
-		}
-	})
+	return err
 }
+
+// ParseTarget checks a peer address given as HOST, HOST:PORT, [IPv6] or
+// [IPv6]:PORT and returns its host and port.
+func ParseTarget(s string) (host string, port uint16, err error) { return link.ParseTarget(s) }

@@ -1,0 +1,753 @@
+// Package link is the life of this peer's links to other peers: dialling
+// targets, the hello/accept/reject handshake, heartbeats, time-outs, retries
+// with back-off, and the announcements of the prefixes each peer serves.
+//
+// The package is pure and deterministic: no sockets, clocks, goroutines or
+// globals. Time enters as Tick (one tick is a fixed interval the shell
+// chooses, 100 ms in overlayd); randomness (retry jitter) comes from
+// Config.Rand. Inputs arrive through Step (a datagram from a peer), Tick,
+// Connect, Forget, Resolved and SetLocal; outputs collect in Ready (datagrams
+// to send, host names to resolve, events to log, a new route set) until the
+// caller acknowledges them with Advance. A Machine is not safe for
+// concurrent use: exactly one goroutine owns it.
+package link
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"slices"
+
+	"github.com/overlayd/overlayd/peering/handshake"
+	"github.com/overlayd/overlayd/proto"
+)
+
+// ChannelAddresses is the gossip channel on which peers announce the
+// prefixes they serve.
+const ChannelAddresses = "addresses"
+
+// Config configures a Machine. Zero tick counts take the defaults listed
+// (in ticks of 100 ms).
+type Config struct {
+	Self handshake.Config // our identity and what we accept
+	Rand *rand.Rand       // retry jitter; required
+
+	HeartbeatTicks    int // 4: between heartbeats on a connection
+	TimeoutTicks      int // 20: silence after which a connection is dead
+	HelloTicks        int // 10: between hellos while dialling
+	HelloAttempts     int // 5: hellos before a dial fails
+	RetryInitialTicks int // 20: first wait after a failure (±50 % jitter)
+	RetryMaxTicks     int // 600: cap of the exponential back-off
+	AnnounceTicks     int // 50: periodic resend of our announcement
+	// LongLivedTicks: a connection that lasted longer is retried at once
+	// when it fails (600).
+	LongLivedTicks int
+	// MaxPendingInbound bounds inbound connections still waiting for their
+	// first heartbeat, so that spoofed hellos cannot grow our state (64).
+	MaxPendingInbound int
+	// RejectBurst is how many rejects may go out at once; the budget
+	// refills by one per tick, so spoofed hellos cannot make us a
+	// reflector (20).
+	RejectBurst int
+}
+
+func (c *Config) setDefaults() {
+	def := func(v *int, d int) {
+		if *v == 0 {
+			*v = d
+		}
+	}
+	def(&c.HeartbeatTicks, 4)
+	def(&c.TimeoutTicks, 20)
+	def(&c.HelloTicks, 10)
+	def(&c.HelloAttempts, 5)
+	def(&c.RetryInitialTicks, 20)
+	def(&c.RetryMaxTicks, 600)
+	def(&c.AnnounceTicks, 50)
+	def(&c.LongLivedTicks, 600)
+	def(&c.MaxPendingInbound, 64)
+	def(&c.RejectBurst, 20)
+}
+
+func (c *Config) validate() error {
+	switch {
+	case c.Self.Name == 0:
+		return errors.New("link: config has no peer name")
+	case c.Self.UID == 0:
+		return errors.New("link: config has no UID")
+	case c.Rand == nil:
+		return errors.New("link: config has no random source")
+	case c.TimeoutTicks <= c.HeartbeatTicks:
+		return errors.New("link: the time-out must be longer than the heartbeat interval")
+	case c.Self.Range.IsValid() && !c.Self.Range.Addr().Is4():
+		return fmt.Errorf("link: range %v is not IPv4", c.Self.Range)
+	}
+	return nil
+}
+
+// Endpoint is the path of a datagram: the peer's address and port, and our
+// address on that path (the zero Addr lets the kernel choose).
+type Endpoint struct {
+	Remote netip.AddrPort
+	Local  netip.Addr
+}
+
+// Datagram is a message to send. Msg belongs to the receiver of Ready.
+type Datagram struct {
+	To  Endpoint
+	Msg []byte
+}
+
+// Resolve asks the shell to look up a target's host name and report the
+// result with Resolved(Target, Gen, ...).
+type Resolve struct {
+	Target string // host:port, the target's key
+	Host   string
+	Port   uint16
+	Gen    int
+}
+
+// EventKind says what an Event reports.
+type EventKind int
+
+// Events worth a log line.
+const (
+	EventEstablished     EventKind = iota + 1 // a connection is established
+	EventLost                                 // a connection ended; Err says why
+	EventRefused                              // a handshake was refused (either side); Err says why
+	EventRestarted                            // a peer came back as a new incarnation
+	EventAnnounced                            // a peer announced its prefixes
+	EventTargetAdded                          // Endpoint is the target
+	EventTargetForgotten                      // Endpoint is the target
+	EventRetry                                // a target will be retried in RetryTicks
+)
+
+// Event is something that happened, for the shell to log.
+type Event struct {
+	Kind       EventKind
+	Peer       proto.PeerName
+	Nick       string
+	Endpoint   string // the peer's address and port, or the target
+	Err        error
+	Prefixes   []netip.Prefix
+	RetryTicks int
+}
+
+// Route sends the addresses of Prefix to Peer along Via; Local routes are
+// ours.
+type Route struct {
+	Prefix netip.Prefix
+	Peer   proto.PeerName
+	Via    Endpoint
+	Local  bool
+}
+
+// PeerPath is an established peer and where its datagrams go.
+type PeerPath struct {
+	Name proto.PeerName
+	Via  Endpoint
+}
+
+// Routing is everything the data path needs, rebuilt whole on every change.
+type Routing struct {
+	Routes []Route    // our prefixes, then each established peer's, by name
+	Peers  []PeerPath // the established peers
+}
+
+// Ready is the work produced since the last Advance.
+type Ready struct {
+	Sends   []Datagram
+	Resolve []Resolve
+	Events  []Event
+	Routing *Routing // nil unless it changed
+}
+
+// Empty reports whether there is nothing to do.
+func (rd *Ready) Empty() bool {
+	return len(rd.Sends) == 0 && len(rd.Resolve) == 0 && len(rd.Events) == 0 && rd.Routing == nil
+}
+
+// state is where a connection stands, as Weave shows it.
+type state int
+
+const (
+	stateConnecting  state = iota // hello sent, no answer yet
+	statePending                  // handshake done, waiting for the peer to confirm
+	stateEstablished              // both sides have confirmed
+)
+
+func (s state) String() string { return [...]string{"connecting", "pending", "established"}[s] }
+
+// connection is one association with a peer at one remote endpoint.
+type connection struct {
+	ep       Endpoint
+	outbound bool    // we dialled it (it serves a target)
+	target   *target // the first target it serves; nil for inbound connections
+	state    state
+	started  int64 // tick the handshake completed; 0 while connecting
+	// remote is the peer's hello; its Name is zero until we have one.
+	remote    proto.Hello
+	hellos    int   // hellos sent while connecting
+	nextHello int64 // tick of the next hello
+	lastHeard int64 // tick of the last hello, accept or heartbeat
+	nextBeat  int64
+	// remoteEstablished is the peer's own view, from its heartbeats.
+	remoteEstablished bool
+	// announce is the peer's latest announcement; nil until one arrives.
+	announce *proto.Announce
+}
+
+// targetState is where a target stands while it has no connection.
+type targetState int
+
+const (
+	targetConnecting targetState = iota // first attempt in progress
+	targetRetrying                      // attempt in progress after a failure
+	targetFailed                        // waiting to retry
+)
+
+// target is an address we keep dialling.
+type target struct {
+	addr      string // host:port as normalised by ParseTarget
+	host      string
+	port      uint16
+	gen       int // bumped whenever a pending lookup must be ignored
+	state     targetState
+	resolving bool
+	conn      *connection
+	lastErr   error
+	retryAt   int64 // tick of the next attempt
+	never     bool  // failed for good (our own address, name collision)
+	backoff   int   // ticks
+}
+
+// Machine is the link state of one peer.
+type Machine struct {
+	cfg  Config
+	now  int64 // ticks since New
+	rd   Ready
+	conn map[netip.AddrPort]*connection
+
+	targets map[string]*target
+	order   []string // target keys in the order they were added
+
+	rejectBudget int
+
+	local        []netip.Prefix // prefixes we serve
+	localVersion uint64
+	nextAnnounce int64
+
+	malformed uint64 // control messages that did not decode
+}
+
+// New checks cfg and makes a Machine.
+func New(cfg Config) (*Machine, error) {
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	return &Machine{
+		cfg:          cfg,
+		conn:         make(map[netip.AddrPort]*connection),
+		targets:      make(map[string]*target),
+		rejectBudget: cfg.RejectBurst,
+	}, nil
+}
+
+// Now is the number of ticks since New.
+func (m *Machine) Now() int64 { return m.now }
+
+// Malformed counts the control messages Step rejected.
+func (m *Machine) Malformed() uint64 { return m.malformed }
+
+// Ready returns the work produced since the last Advance; the same value
+// until Advance.
+func (m *Machine) Ready() Ready { return m.rd }
+
+// Advance tells the Machine the caller has acted on all of Ready.
+func (m *Machine) Advance() { m.rd = Ready{} }
+
+func (m *Machine) event(e Event) { m.rd.Events = append(m.rd.Events, e) }
+
+func (m *Machine) send(to Endpoint, msg []byte) {
+	m.rd.Sends = append(m.rd.Sends, Datagram{To: to, Msg: msg})
+}
+
+func (m *Machine) sendHello(cn *connection, t proto.Type) {
+	h := m.cfg.Self.Hello()
+	m.send(cn.ep, proto.AppendHello(nil, t, &h))
+}
+
+func (m *Machine) sendHeartbeat(cn *connection) {
+	m.send(cn.ep, proto.AppendHeartbeat(nil, proto.Heartbeat{
+		Name: m.cfg.Self.Name, UID: m.cfg.Self.UID, Established: cn.state == stateEstablished}))
+}
+
+func (m *Machine) sendAnnounce(cn *connection) {
+	payload, err := proto.AppendAnnounce(nil, &proto.Announce{
+		UID: m.cfg.Self.UID, Version: m.localVersion, Prefixes: m.local})
+	if err != nil {
+		return // SetLocal checked the prefixes
+	}
+	msg, err := proto.AppendGossip(nil, &proto.Gossip{
+		Channel: ChannelAddresses, Src: m.cfg.Self.Name, Dst: cn.remote.Name, Payload: payload})
+	if err != nil {
+		return
+	}
+	m.send(cn.ep, msg)
+}
+
+// Tick advances time by one tick and runs the timers: dials, hello
+// retries, heartbeats, time-outs, announcements.
+func (m *Machine) Tick() {
+	m.now++
+	cfg := &m.cfg
+	m.rejectBudget = min(m.rejectBudget+1, cfg.RejectBurst)
+	for _, key := range m.order {
+		t := m.targets[key]
+		if t.conn == nil && !t.resolving && !t.never && m.now >= t.retryAt {
+			t.state = targetConnecting
+			if t.lastErr != nil {
+				t.state = targetRetrying
+			}
+			m.dial(t)
+		}
+	}
+	for _, cn := range m.sorted() {
+		switch {
+		case cn.state == stateConnecting && m.now >= cn.nextHello:
+			if cn.hellos >= cfg.HelloAttempts {
+				m.drop(cn, fmt.Errorf("no answer to %d hellos", cn.hellos))
+				continue
+			}
+			m.sendHello(cn, proto.TypeHello)
+			cn.hellos++
+			cn.nextHello = m.now + int64(cfg.HelloTicks)
+		case cn.state != stateConnecting && m.now-cn.lastHeard > int64(cfg.TimeoutTicks):
+			m.drop(cn, errTimeout)
+			continue
+		}
+		if cn.state != stateConnecting && m.now >= cn.nextBeat {
+			m.sendHeartbeat(cn)
+			cn.nextBeat = m.now + int64(cfg.HeartbeatTicks)
+		}
+	}
+	if m.now >= m.nextAnnounce {
+		m.nextAnnounce = m.now + int64(cfg.AnnounceTicks)
+		for _, cn := range m.sorted() {
+			if cn.state == stateEstablished {
+				m.sendAnnounce(cn)
+			}
+		}
+	}
+}
+
+var (
+	errTimeout                = errors.New("timed out waiting for heartbeat")
+	errCannotConnectToOurself = errors.New("cannot connect to ourself")
+)
+
+// dial starts an attempt on a target: an address is dialled at once, a host
+// name is first resolved by the shell.
+func (m *Machine) dial(t *target) {
+	if a, err := netip.ParseAddr(t.host); err == nil {
+		m.connectTarget(t, netip.AddrPortFrom(a.Unmap(), t.port))
+		return
+	}
+	t.resolving = true
+	t.gen++
+	m.rd.Resolve = append(m.rd.Resolve, Resolve{Target: t.addr, Host: t.host, Port: t.port, Gen: t.gen})
+}
+
+// Resolved reports the result of a Resolve request. Results for forgotten
+// targets or superseded requests are ignored.
+func (m *Machine) Resolved(key string, gen int, ep netip.AddrPort, err error) {
+	t := m.targets[key]
+	if t == nil || gen != t.gen || !t.resolving {
+		return
+	}
+	t.resolving = false
+	if err != nil {
+		m.targetFailed(t, fmt.Errorf("resolving %s: %w", t.host, err), 0)
+		return
+	}
+	m.connectTarget(t, netip.AddrPortFrom(ep.Addr().Unmap(), ep.Port()))
+}
+
+// connectTarget attaches t to the connection at ep, making one if needed.
+func (m *Machine) connectTarget(t *target, ep netip.AddrPort) {
+	if cn := m.conn[ep]; cn != nil {
+		// Already talking to that endpoint (the peer dialled us first, or
+		// another target names the same endpoint): share the connection.
+		if cn.target == nil {
+			cn.target = t
+		}
+		cn.outbound, t.conn = true, cn
+		return
+	}
+	cn := &connection{ep: Endpoint{Remote: ep}, outbound: true, target: t, state: stateConnecting, nextHello: m.now}
+	m.conn[ep] = cn
+	t.conn = cn
+}
+
+// Step handles one control datagram from a peer. It returns an error, and
+// changes nothing, for a message that does not decode. msg is not retained.
+func (m *Machine) Step(from Endpoint, msg []byte) error {
+	hd, err := proto.ParseHeader(msg)
+	if err != nil {
+		m.malformed++
+		return err
+	}
+	switch hd.Type {
+	case proto.TypeHello, proto.TypeAccept:
+		h, err := proto.ParseHello(msg)
+		if err != nil {
+			m.malformed++
+			return err
+		}
+		if hd.Type == proto.TypeHello {
+			m.onHello(from, &h)
+		} else {
+			m.onAccept(from, &h)
+		}
+	case proto.TypeReject:
+		rj, err := proto.ParseReject(msg)
+		if err != nil {
+			m.malformed++
+			return err
+		}
+		m.onReject(from, &rj)
+	case proto.TypeHeartbeat:
+		hb, err := proto.ParseHeartbeat(msg)
+		if err != nil {
+			m.malformed++
+			return err
+		}
+		m.onHeartbeat(from, hb)
+	case proto.TypeGossip:
+		g, err := proto.ParseGossip(msg)
+		if err != nil {
+			m.malformed++
+			return err
+		}
+		return m.onGossip(from, &g)
+	case proto.TypeData:
+		return errors.New("link: data messages belong to the data path")
+	}
+	return nil
+}
+
+func (m *Machine) onHello(from Endpoint, h *proto.Hello) {
+	cn := m.conn[from.Remote]
+	if h.Name == m.cfg.Self.Name && h.UID == m.cfg.Self.UID {
+		// Our own hello: a target is one of our own addresses.
+		if cn != nil {
+			m.drop(cn, errCannotConnectToOurself)
+		}
+		return
+	}
+	if _, err := m.cfg.Self.Check(h); err != nil {
+		m.refuse(from, h, err)
+		if cn != nil {
+			m.drop(cn, err)
+		}
+		return
+	}
+	if cn != nil && cn.remote.Name != 0 && (cn.remote.Name != h.Name || cn.remote.UID != h.UID) {
+		// Another incarnation (or another peer) at this endpoint: start over.
+		m.event(Event{Kind: EventRestarted, Peer: h.Name, Nick: h.Nickname, Endpoint: from.Remote.String()})
+		m.drop(cn, errors.New("peer restarted"))
+		cn = nil
+	}
+	if err := m.settleDuplicates(from.Remote, h); err != nil {
+		m.refuse(from, h, err)
+		if cn != nil {
+			m.drop(cn, err)
+		}
+		return
+	}
+	if cn == nil {
+		if m.pendingInbound() >= m.cfg.MaxPendingInbound {
+			return // a flood of hellos; real peers retry
+		}
+		cn = &connection{ep: from, state: statePending}
+		m.conn[from.Remote] = cn
+		m.adoptTarget(cn)
+	}
+	cn.remote = *h
+	cn.lastHeard = m.now
+	cn.ep.Local = from.Local
+	m.sendHello(cn, proto.TypeAccept)
+	if cn.state == stateConnecting {
+		// Both sides dialled at once: wait for their accept or heartbeat.
+		cn.state = statePending
+	}
+	if cn.started == 0 {
+		cn.started = m.now
+	}
+}
+
+func (m *Machine) onAccept(from Endpoint, h *proto.Hello) {
+	cn := m.conn[from.Remote]
+	if cn == nil || cn.state == stateEstablished {
+		return // unsolicited, or a duplicate of one we already took
+	}
+	if _, err := m.cfg.Self.Check(h); err != nil {
+		m.event(Event{Kind: EventRefused, Peer: h.Name, Nick: h.Nickname, Endpoint: from.Remote.String(), Err: err})
+		m.drop(cn, err)
+		return
+	}
+	if cn.remote.Name != 0 && (cn.remote.Name != h.Name || cn.remote.UID != h.UID) {
+		m.drop(cn, errors.New("peer changed identity during the handshake"))
+		return
+	}
+	if err := m.settleDuplicates(from.Remote, h); err != nil {
+		m.drop(cn, err)
+		return
+	}
+	cn.remote = *h
+	cn.lastHeard = m.now
+	cn.ep.Local = from.Local
+	if cn.started == 0 {
+		cn.started = m.now
+	}
+	m.establish(cn)
+}
+
+func (m *Machine) onReject(from Endpoint, rj *proto.Reject) {
+	cn := m.conn[from.Remote]
+	if cn == nil || cn.state != stateConnecting {
+		return // rejects only answer our hellos
+	}
+	err := m.cfg.Self.FromReject(rj)
+	m.event(Event{Kind: EventRefused, Peer: rj.Name, Endpoint: from.Remote.String(), Err: err})
+	m.drop(cn, err)
+}
+
+func (m *Machine) onHeartbeat(from Endpoint, hb proto.Heartbeat) {
+	cn := m.conn[from.Remote]
+	if cn == nil || cn.remote.Name == 0 {
+		return
+	}
+	if hb.Name != cn.remote.Name || hb.UID != cn.remote.UID {
+		m.drop(cn, errors.New("heartbeat from another incarnation of the peer"))
+		return
+	}
+	cn.lastHeard = m.now
+	cn.remoteEstablished = hb.Established
+	if cn.ep.Local != from.Local {
+		// The peer now reaches us at another of our addresses: answer from
+		// that one, data included.
+		cn.ep.Local = from.Local
+		if cn.state == stateEstablished {
+			m.reroute()
+		}
+	}
+	if cn.state == statePending {
+		m.establish(cn)
+	}
+}
+
+// ErrUnknownChannel is returned by Step for gossip on a channel we do not
+// serve.
+var ErrUnknownChannel = errors.New("link: gossip on an unknown channel")
+
+func (m *Machine) onGossip(from Endpoint, g *proto.Gossip) error {
+	cn := m.conn[from.Remote]
+	// Pending is enough: the handshake has told us who the peer is, and its
+	// announcement may overtake the heartbeat that establishes us.
+	if cn == nil || cn.state == stateConnecting || g.Src != cn.remote.Name {
+		return nil
+	}
+	if g.Channel != ChannelAddresses {
+		return fmt.Errorf("%w %q", ErrUnknownChannel, g.Channel)
+	}
+	a, err := proto.ParseAnnounce(g.Payload)
+	if err != nil {
+		m.malformed++
+		return err
+	}
+	if a.UID != cn.remote.UID || (cn.announce != nil && a.Version <= cn.announce.Version) {
+		return nil // stale
+	}
+	cn.announce = &a
+	m.event(Event{Kind: EventAnnounced, Peer: g.Src, Nick: cn.remote.Nickname, Endpoint: from.Remote.String(),
+		Prefixes: slices.Clone(a.Prefixes)})
+	if cn.state == stateEstablished {
+		m.reroute()
+	}
+	return nil
+}
+
+// establish marks cn established and tells the peer what we serve.
+func (m *Machine) establish(cn *connection) {
+	cn.state = stateEstablished
+	for _, t := range m.targets {
+		if t.conn == cn {
+			t.backoff, t.lastErr = 0, nil
+		}
+	}
+	m.event(Event{Kind: EventEstablished, Peer: cn.remote.Name, Nick: cn.remote.Nickname, Endpoint: cn.ep.Remote.String()})
+	m.sendHeartbeat(cn)
+	cn.nextBeat = m.now + int64(m.cfg.HeartbeatTicks)
+	m.sendAnnounce(cn)
+	m.reroute()
+}
+
+// settleDuplicates decides between a handshake from the peer h at ep and
+// other connections to the same peer at other endpoints. An established
+// connection to the same incarnation wins: the new one is a duplicate (a
+// multi-homed peer reached through two targets) and an error says so.
+// Otherwise the others are dropped: the peer restarted or moved.
+func (m *Machine) settleDuplicates(ep netip.AddrPort, h *proto.Hello) error {
+	for _, other := range m.sorted() {
+		if other.ep.Remote == ep || other.remote.Name != h.Name {
+			continue
+		}
+		if other.state == stateEstablished && other.remote.UID == h.UID {
+			return fmt.Errorf("already connected to %v(%s) via %v", h.Name, h.Nickname, other.ep.Remote)
+		}
+		m.drop(other, fmt.Errorf("peer %v now connected at %v", h.Name, ep))
+	}
+	return nil
+}
+
+// adoptTarget links an inbound connection to the target with its endpoint.
+func (m *Machine) adoptTarget(cn *connection) {
+	for _, key := range m.order {
+		t := m.targets[key]
+		if t.conn == nil && !t.resolving {
+			if a, err := netip.ParseAddr(t.host); err == nil && netip.AddrPortFrom(a.Unmap(), t.port) == cn.ep.Remote {
+				cn.outbound, cn.target, t.conn = true, t, cn
+				return
+			}
+		}
+	}
+}
+
+func (m *Machine) pendingInbound() int {
+	n := 0
+	for _, cn := range m.conn {
+		if cn.state == statePending && !cn.outbound {
+			n++
+		}
+	}
+	return n
+}
+
+// refuse answers a hello with a reject, within the reject budget.
+func (m *Machine) refuse(from Endpoint, h *proto.Hello, err error) {
+	m.event(Event{Kind: EventRefused, Peer: h.Name, Nick: h.Nickname, Endpoint: from.Remote.String(), Err: err})
+	if m.rejectBudget <= 0 {
+		return
+	}
+	m.rejectBudget--
+	rj := m.cfg.Self.Reject(err)
+	m.send(from, proto.AppendReject(nil, &rj))
+}
+
+// drop ends a connection. The targets it served are retried after a back-off
+// (at once if the connection had lasted long).
+func (m *Machine) drop(cn *connection, reason error) {
+	if m.conn[cn.ep.Remote] != cn {
+		return
+	}
+	delete(m.conn, cn.ep.Remote)
+	if cn.state != stateConnecting {
+		m.event(Event{Kind: EventLost, Peer: cn.remote.Name, Nick: cn.remote.Nickname,
+			Endpoint: cn.ep.Remote.String(), Err: reason})
+	}
+	var lasted int64
+	if cn.started != 0 {
+		lasted = m.now - cn.started
+	}
+	for _, key := range m.order {
+		if t := m.targets[key]; t.conn == cn {
+			t.conn = nil
+			m.targetFailed(t, reason, lasted)
+		}
+	}
+	if cn.state == stateEstablished {
+		m.reroute()
+	}
+}
+
+// targetFailed records a failed attempt and schedules the next one.
+func (m *Machine) targetFailed(t *target, reason error, lasted int64) {
+	t.lastErr = reason
+	t.state = targetFailed
+	if errors.Is(reason, errCannotConnectToOurself) || handshake.Permanent(reason) {
+		t.never = true
+		return
+	}
+	if lasted > int64(m.cfg.LongLivedTicks) {
+		t.backoff = 0
+		t.retryAt = m.now
+		return
+	}
+	t.backoff = nextBackoff(t.backoff, m.cfg.RetryInitialTicks, m.cfg.RetryMaxTicks)
+	t.retryAt = m.now + int64(jitter(t.backoff, m.cfg.Rand.Float64()))
+	m.event(Event{Kind: EventRetry, Endpoint: t.addr, Err: reason, RetryTicks: int(t.retryAt - m.now)})
+}
+
+// nextBackoff is the wait after one more failure: initial at first, then
+// half as long again each time, up to max (Weave's policy, with a lower cap:
+// a UDP hello costs little).
+func nextBackoff(prev, initial, max int) int {
+	if prev <= 0 {
+		return initial
+	}
+	return min(prev+prev/2, max)
+}
+
+// jitter spreads d over [d/2, 3d/2) with u drawn uniformly from [0, 1), so
+// that peers that failed together do not retry together.
+func jitter(d int, u float64) int {
+	return d/2 + int(float64(d)*u)
+}
+
+// sorted lists connections by remote endpoint, so that every loop over them
+// is deterministic.
+func (m *Machine) sorted() []*connection {
+	cs := make([]*connection, 0, len(m.conn))
+	for _, cn := range m.conn {
+		cs = append(cs, cn)
+	}
+	slices.SortFunc(cs, func(a, b *connection) int { return a.ep.Remote.Compare(b.ep.Remote) })
+	return cs
+}
+
+// reroute puts a new Routing in Ready: our prefixes, then the established
+// peers' in name order, so where two peers announce the same prefix the
+// lower name wins, the same on every host.
+func (m *Machine) reroute() {
+	rt := &Routing{}
+	for _, p := range m.local {
+		rt.Routes = append(rt.Routes, Route{Prefix: p, Peer: m.cfg.Self.Name, Local: true})
+	}
+	cs := m.sorted()
+	slices.SortStableFunc(cs, func(a, b *connection) int { return cmpName(a.remote.Name, b.remote.Name) })
+	for _, cn := range cs {
+		if cn.state != stateEstablished {
+			continue
+		}
+		rt.Peers = append(rt.Peers, PeerPath{Name: cn.remote.Name, Via: cn.ep})
+		if cn.announce != nil {
+			for _, p := range cn.announce.Prefixes {
+				rt.Routes = append(rt.Routes, Route{Prefix: p, Peer: cn.remote.Name, Via: cn.ep})
+			}
+		}
+	}
+	m.rd.Routing = rt
+}
+
+func cmpName(a, b proto.PeerName) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
