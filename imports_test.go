@@ -45,6 +45,7 @@ var allowed = []struct {
 	{"peering", []string{"proto", "tun", "peering/conn", "peering/handshake", "peering/link", "peering/routes"}},
 	{"internal/netconf", nil},
 	{"internal/buildinfo", nil},
+	{"internal/metrics", nil},
 	{"internal/api", []string{"proto", "peering"}},
 	{"internal/lab", []string{"internal/api"}},
 	{"cmd/overlayctl", []string{"internal/api", "internal/buildinfo", "peering"}},

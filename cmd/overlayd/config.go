@@ -3,8 +3,10 @@ package main
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
+	"strconv"
 	"strings"
 
 	"go.uber.org/zap/zapcore"
@@ -35,6 +37,7 @@ type options struct {
 	stateDir      string
 	logLevel      string
 	mtu           int
+	metricsAddr   string
 }
 
 // config is the validated configuration of one daemon.
@@ -49,7 +52,8 @@ type config struct {
 	Socket        string
 	StateDir      string
 	LogLevel      zapcore.Level
-	MTU           int // zero: underlay MTU minus proto.UDPOverhead
+	MTU           int    // zero: underlay MTU minus proto.UDPOverhead
+	MetricsAddr   string // host:port for Prometheus; empty: off
 }
 
 // usageError is a bad flag value: exit code 2.
@@ -138,6 +142,14 @@ func (o *options) validate(positional []string) (*config, error) {
 		return nil, badFlag("--mtu %d is out of range 576-%d", o.mtu, 65535-proto.DataHeaderLen-28)
 	}
 	c.MTU = o.mtu
+	if o.metricsAddr != "" {
+		host, port, err := net.SplitHostPort(o.metricsAddr)
+		n, perr := strconv.Atoi(port)
+		if err != nil || perr != nil || n < 0 || n > 65535 || strings.ContainsAny(host, " /") {
+			return nil, badFlag("--metrics-addr %q: want HOST:PORT, such as 127.0.0.1:9783", o.metricsAddr)
+		}
+		c.MetricsAddr = o.metricsAddr
+	}
 	return c, nil
 }
 

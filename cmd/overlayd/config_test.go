@@ -44,6 +44,8 @@ func TestValidate(t *testing.T) {
 		{func(o *options) { o.logLevel = "panic" }, "--log-level"},
 		{func(o *options) { o.mtu = 100 }, "--mtu"},
 		{func(o *options) { o.socket = "" }, "--socket"},
+		{func(o *options) { o.metricsAddr = "9783" }, "--metrics-addr"},
+		{func(o *options) { o.metricsAddr = "host:99999" }, "--metrics-addr"},
 		{func(o *options) { o.nickname = strings.Repeat("n", 65) }, "--nickname"},
 	} {
 		o := defaults()

@@ -16,6 +16,7 @@ import (
 
 	"github.com/overlayd/overlayd/internal/api"
 	"github.com/overlayd/overlayd/internal/buildinfo"
+	"github.com/overlayd/overlayd/internal/metrics"
 	"github.com/overlayd/overlayd/internal/netconf"
 	"github.com/overlayd/overlayd/peering"
 	"github.com/overlayd/overlayd/peering/conn"
@@ -122,16 +123,31 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 		return startError{err}
 	}
 	d.api = srv
+	undo = append(undo, srv.Close)
+	var ms *metrics.Server
+	if cfg.MetricsAddr != "" {
+		reg, err := metrics.NewRegistry(router.Collector())
+		if err != nil {
+			return startError{err}
+		}
+		if ms, err = metrics.Listen(cfg.MetricsAddr, reg); err != nil {
+			return startError{err}
+		}
+		undo = append(undo, ms.Close)
+	}
 
 	log.Info("overlayd started",
 		zap.String("version", buildinfo.Version), zap.Stringer("peer", name), zap.String("nick", cfg.Nickname),
 		zap.Stringer("range", cfg.Range), zap.String("iface", cfg.Iface), zap.Int("mtu", mtu),
 		zap.Int("underlay_mtu", underlay), zap.Uint16("port", pc.LocalPort()), zap.String("socket", cfg.Socket),
-		zap.Strings("targets", cfg.Targets))
+		zap.Strings("targets", cfg.Targets), zap.String("metrics", cfg.MetricsAddr))
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return router.Run(gctx) })
 	g.Go(func() error { return srv.Run(gctx) })
+	if ms != nil {
+		g.Go(func() error { return ms.Run(gctx) })
+	}
 	if len(cfg.Targets) > 0 {
 		if err := router.Connect(gctx, cfg.Targets); err != nil {
 			log.Error("adding targets", zap.Error(err))

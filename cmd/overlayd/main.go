@@ -83,6 +83,7 @@ for --range and --default-subnet.`,
 	f.StringVar(&o.socket, "socket", socketDefault(), "control API unix socket (also $OVERLAY_SOCKET)")
 	f.StringVar(&o.stateDir, "state-dir", defaultStateDir, "directory for state kept across restarts")
 	f.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	f.StringVar(&o.metricsAddr, "metrics-addr", "", "serve Prometheus metrics on HOST:PORT at /metrics (default: off)")
 	f.BoolVar(&showVersion, "version", false, "print the version and exit")
 	f.SetNormalizeFunc(func(_ *pflag.FlagSet, name string) pflag.NormalizedName {
 		if to, ok := flagAliases[name]; ok {

@@ -1,10 +1,14 @@
 package lab_test
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -670,5 +674,78 @@ func TestSecondaryAddress(t *testing.T) {
 	}
 	if conns := d2.MustCtl("connections"); !strings.HasPrefix(conns, "-> 192.168.200.101:6783 ") {
 		t.Errorf("connections: %s", conns)
+	}
+}
+
+// TestMetrics: --metrics-addr serves Prometheus metrics that follow the
+// connections and the traffic.
+func TestMetrics(t *testing.T) {
+	l := lab.New(t, bin, 2)
+	h1, h2 := l.Host(1), l.Host(2)
+	d1 := h1.Start("--range", testRange, "--metrics-addr", "127.0.0.1:9783")
+	d2 := h2.Start("--range", testRange, h1.Addr.String())
+	waitConnected(t, d1, 1, 5*time.Second)
+	expose(t, d1, 1)
+	expose(t, d2, 2)
+	waitPing(t, h1, overlayAddr(2), 5*time.Second)
+	if err := h1.Ping(overlayAddr(2), 5); err != nil {
+		t.Fatal(err)
+	}
+	var body string
+	// The socket must be made on h1's namespace thread, so no http.Client
+	// (it dials from goroutines of its own).
+	var c net.Conn
+	if err := h1.Do(func() (err error) {
+		c, err = net.Dial("tcp", "127.0.0.1:9783")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(c, "GET /metrics HTTP/1.0\r\nHost: overlayd\r\n\r\n")
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("GET /metrics: %v %v", resp.Status, err)
+	}
+	body = string(b)
+	for _, want := range []string{
+		`overlayd_connections{state="established"} 1`,
+		`overlayd_connections{state="failed"} 0`,
+		"overlayd_peers 2",
+		"go_goroutines ",
+		"process_resident_memory_bytes ",
+	} {
+		if !strings.Contains(body, want+"\n") && !strings.Contains(body, want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+	for _, counter := range []string{`overlayd_forwarded_packets_total{direction="sent"} `, `overlayd_forwarded_packets_total{direction="received"} `} {
+		i := strings.Index(body, counter)
+		if i < 0 {
+			t.Errorf("no %s", counter)
+			continue
+		}
+		var v float64
+		fmt.Sscan(body[i+len(counter):], &v)
+		if v < 5 {
+			t.Errorf("%s%v, want at least the 5 pings", counter, v)
+		}
+	}
+	// A port in use stops the daemon at start, exit 2.
+	other := h1.Spawn("--range", "10.41.0.0/16", "--iface", "ovl9", "--port", "6799", "--socket", l.Dir()+"/other.sock",
+		"--metrics-addr", "127.0.0.1:9783")
+	if code, err := other.Wait(5 * time.Second); err != nil || code != 2 || !strings.Contains(other.Log(), "metrics") {
+		t.Errorf("second daemon on the same metrics port: exit %d, %v: %s", code, err, other.Log())
+	}
+	if out, _ := h1.Exec(t.Context(), "ip", "link", "show", "ovl9"); !strings.Contains(out, "does not exist") {
+		t.Errorf("device left behind: %s", out)
+	}
+	if out, _ := h1.Exec(t.Context(), "ip", "route", "show", "10.41.0.0/16"); strings.TrimSpace(out) != "" {
+		t.Errorf("route left behind: %s", out)
 	}
 }

@@ -1,0 +1,82 @@
+package peering
+
+import (
+	"context"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Collector exposes the router's counters to Prometheus. It reads them at
+// scrape time: the data path only bumps atomics and never waits on a scrape.
+type Collector struct {
+	r *Router
+
+	peers, conns, packets, bytes, drops *prometheus.Desc
+}
+
+var _ prometheus.Collector = (*Collector)(nil)
+
+// Collector returns a Prometheus collector for r, to be registered with the
+// daemon's own registry.
+func (r *Router) Collector() *Collector {
+	return &Collector{
+		r: r,
+		peers: prometheus.NewDesc("overlayd_peers",
+			"Peers this router knows (itself and those it has a connection with).", nil, nil),
+		conns: prometheus.NewDesc("overlayd_connections",
+			"Connections and targets by state (connecting, retrying, failed, pending, established).", []string{"state"}, nil),
+		packets: prometheus.NewDesc("overlayd_forwarded_packets_total",
+			"IP packets carried: sent to peers, or received from them and written to the TUN device.", []string{"direction"}, nil),
+		bytes: prometheus.NewDesc("overlayd_forwarded_bytes_total",
+			"Bytes of the packets in overlayd_forwarded_packets_total (overlay header included when sent).", []string{"direction"}, nil),
+		drops: prometheus.NewDesc("overlayd_dropped_packets_total",
+			"Packets and datagrams dropped, by reason.", []string{"reason"}, nil),
+	}
+}
+
+// Describe implements prometheus.Collector.
+func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.peers, c.conns, c.packets, c.bytes, c.drops} {
+		ch <- d
+	}
+}
+
+// Collect implements prometheus.Collector. Connection states come from the
+// control loop; if it does not answer within a second the gauges are left
+// out of this scrape.
+func (c *Collector) Collect(ch chan<- prometheus.Metric) {
+	s := c.r.stats.snapshot()
+	counter := func(d *prometheus.Desc, v uint64, label string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), label)
+	}
+	counter(c.packets, s.SentPackets, "sent")
+	counter(c.packets, s.ReceivedPackets, "received")
+	counter(c.bytes, s.SentBytes, "sent")
+	counter(c.bytes, s.ReceivedBytes, "received")
+	for _, d := range []struct {
+		reason string
+		v      uint64
+	}{
+		{"unroutable", s.DropUnroutable}, {"send_error", s.DropSendError}, {"unknown_peer", s.DropUnknownPeer},
+		{"not_for_us", s.DropNotForUs}, {"malformed", s.DropMalformed}, {"control_queue_full", s.DropCtrlQueue},
+		{"tun_write", s.DropTunWrite}, {"tun_read", s.DropTunRead},
+	} {
+		counter(c.drops, d.v, d.reason)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	st, err := c.r.Status(ctx)
+	if err != nil {
+		return
+	}
+	states := map[string]int{"connecting": 0, "retrying": 0, "failed": 0, "pending": 0, "established": 0}
+	for _, cs := range st.Connections {
+		states[cs.State]++
+	}
+	for state, n := range states {
+		ch <- prometheus.MustNewConstMetric(c.conns, prometheus.GaugeValue, float64(n), state)
+	}
+	ch <- prometheus.MustNewConstMetric(c.peers, prometheus.GaugeValue, float64(len(st.Peers)))
+}
