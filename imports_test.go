@@ -27,6 +27,8 @@ var pure = map[string][]string{
 	"proto":             nil,
 	"peering/handshake": {"proto"},
 	"peering/link":      {"proto", "peering/handshake"},
+	"peering/topology":  {"proto"},
+	"peering/gossip":    {"proto"},
 	"peering/routes":    nil,
 }
 
@@ -42,6 +44,7 @@ var allowed = []struct {
 }{
 	{"tun", nil},
 	{"peering/conn", nil},
+	{"peering/topology/topotest", []string{"proto", "peering/topology"}},
 	{"peering", []string{"proto", "tun", "peering/conn", "peering/handshake", "peering/link", "peering/routes"}},
 	{"internal/netconf", nil},
 	{"internal/buildinfo", nil},

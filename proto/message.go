@@ -278,8 +278,24 @@ type Gossip struct {
 	Channel string
 	Src     PeerName // the origin
 	Dst     PeerName // 0 means every peer
-	Payload []byte   // aliases the buffer given to ParseGossip
+	Hops    uint8    // relays it has crossed (byte 3 of the header)
+	// Chunk is set when Payload is one piece of a larger message.
+	Chunk   *Chunk
+	Payload []byte // aliases the buffer given to ParseGossip
 }
+
+// Chunk places a piece of a gossip message that was split to fit in
+// datagrams.
+type Chunk struct {
+	MsgID uint32 // chosen by the origin; unique among its messages in flight
+	Index uint16 // 0-based
+	Count uint16 // pieces in all, at least 2
+}
+
+// FlagChunk, on gossip, says a chunk header follows the destination.
+const FlagChunk = 0x01
+
+const chunkLen = 8
 
 // AppendGossip appends a gossip message to b. It fails for a channel name or
 // payload over the limits.
@@ -290,11 +306,23 @@ func AppendGossip(b []byte, g *Gossip) ([]byte, error) {
 	if len(g.Payload) > MaxGossipPayload {
 		return b, fmt.Errorf("%w: gossip payload of %d bytes", ErrTooLarge, len(g.Payload))
 	}
-	b = appendHeader(b, TypeGossip, 0)
+	var flags uint8
+	if g.Chunk != nil {
+		if g.Chunk.Count < 2 || g.Chunk.Index >= g.Chunk.Count {
+			return b, fmt.Errorf("%w: chunk %d of %d", ErrMalform, g.Chunk.Index, g.Chunk.Count)
+		}
+		flags = FlagChunk
+	}
+	b = append(b, Version, byte(TypeGossip), flags, g.Hops)
 	b = append(b, byte(len(g.Channel)))
 	b = append(b, g.Channel...)
 	b = appendName(b, g.Src)
 	b = appendName(b, g.Dst)
+	if g.Chunk != nil {
+		b = binary.BigEndian.AppendUint32(b, g.Chunk.MsgID)
+		b = binary.BigEndian.AppendUint16(b, g.Chunk.Index)
+		b = binary.BigEndian.AppendUint16(b, g.Chunk.Count)
+	}
 	return append(b, g.Payload...), nil
 }
 
@@ -329,7 +357,20 @@ func ParseGossip(b []byte) (Gossip, error) {
 	g.Channel = string(ch)
 	g.Src = getName(p[1+n:])
 	g.Dst = getName(p[1+n+PeerNameLen:])
+	g.Hops = b[3]
 	g.Payload = p[1+n+2*PeerNameLen:]
+	if hd.Flags&FlagChunk != 0 {
+		if len(g.Payload) < chunkLen {
+			return g, fmt.Errorf("%w: chunk header cut short", ErrShort)
+		}
+		c := Chunk{MsgID: binary.BigEndian.Uint32(g.Payload), Index: binary.BigEndian.Uint16(g.Payload[4:]),
+			Count: binary.BigEndian.Uint16(g.Payload[6:])}
+		if c.Count < 2 || c.Index >= c.Count {
+			return g, fmt.Errorf("%w: chunk %d of %d", ErrMalform, c.Index, c.Count)
+		}
+		g.Chunk = &c
+		g.Payload = g.Payload[chunkLen:]
+	}
 	if g.Src == 0 {
 		return g, fmt.Errorf("%w: zero origin", ErrMalform)
 	}

@@ -31,7 +31,29 @@ func goldenMessages(t *testing.T) map[string][]byte {
 	data := make([]byte, DataHeaderLen, DataHeaderLen+20)
 	PutDataHeader(data, name, PeerName(0x7e214a702f45))
 	data = append(data, 0x45, 0, 0, 20, 0, 0, 0, 0, 64, 1, 0, 0, 172, 16, 16, 1, 172, 16, 16, 2)
+	chunked, err := AppendGossip(nil, &Gossip{Channel: "topology", Src: name, Dst: 7, Hops: 1,
+		Chunk: &Chunk{MsgID: 0x01020304, Index: 1, Count: 3}, Payload: []byte{0xcc}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	topo, err := AppendTopoMsg(nil, &TopoMsg{Kind: TopoEntries, Entries: []TopoPeer{{
+		Name: name, UID: 9, Version: 2, Port: 6783, Nickname: "h1",
+		Conns:    []TopoConn{{Peer: 0x7e214a702f45, Addr: netip.MustParseAddrPort("192.168.0.2:6783"), Outbound: true, Established: true}},
+		Prefixes: []netip.Prefix{netip.MustParsePrefix("172.16.16.1/32")},
+	}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	digest, err := AppendTopoMsg(nil, &TopoMsg{Kind: TopoDigestRequest, Digest: []TopoDigestItem{{Name: name, UID: 9, Version: 2}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hash, _ := AppendTopoMsg(nil, &TopoMsg{Kind: TopoHash, Count: 2, Hash: 0x1122334455667788})
 	return map[string][]byte{
+		"gossip-chunk":     chunked,
+		"topo-entries":     topo,
+		"topo-digest":      digest,
+		"topo-hash":        hash,
 		"hello":            AppendHello(nil, TypeHello, &hello),
 		"accept-no-range":  AppendHello(nil, TypeAccept, &Hello{MinVersion: 1, MaxVersion: 2, Name: 1, UID: 1, Port: 1}),
 		"reject":           AppendReject(nil, &Reject{Code: RejectRange, Name: name, Range: rng, Message: "no"}),

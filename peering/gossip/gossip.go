@@ -1,0 +1,166 @@
+// Package gossip splits gossip messages that do not fit in one datagram
+// into chunks and puts them back together, with bounded memory.
+//
+// The package is pure: no sockets, clocks, goroutines or globals. Time is
+// the caller's tick count.
+package gossip
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+
+	"github.com/overlayd/overlayd/proto"
+)
+
+// MaxChunk is the payload carried per datagram. With the gossip header it
+// stays under 1280 bytes, the minimum IPv6 MTU, so chunks are never
+// fragmented on any underlay.
+const MaxChunk = 1200
+
+// Split cuts payload into pieces of at most MaxChunk bytes. One piece means
+// the message needs no chunk header. The pieces alias payload.
+func Split(payload []byte) [][]byte {
+	if len(payload) <= MaxChunk {
+		return [][]byte{payload}
+	}
+	var out [][]byte
+	for len(payload) > 0 {
+		n := min(len(payload), MaxChunk)
+		out = append(out, payload[:n])
+		payload = payload[n:]
+	}
+	return out
+}
+
+// Limits of reassembly.
+const (
+	MaxMessageBytes  = 4 << 20 // a reassembled message; larger ones are refused
+	MaxPartialPerSrc = 8       // incomplete messages kept per origin
+	MaxPartial       = 256     // incomplete messages kept in all
+	ExpireTicks      = 50      // an incomplete message is dropped after this long
+)
+
+// Errors of reassembly; each also drops the partial message it concerns.
+var (
+	ErrTooBig       = errors.New("gossip: reassembled message too large")
+	ErrInconsistent = errors.New("gossip: chunk does not match its message")
+)
+
+type key struct {
+	src     proto.PeerName
+	channel string
+	id      uint32
+}
+
+type partial struct {
+	pieces [][]byte // nil until received
+	have   int
+	bytes  int
+	born   int64
+}
+
+// Assembler puts chunked gossip messages back together. The zero value is
+// not ready: use NewAssembler. Not safe for concurrent use.
+type Assembler struct {
+	parts map[key]*partial
+	// Dropped counts incomplete messages given up (expired or evicted).
+	Dropped uint64
+}
+
+// NewAssembler makes an empty Assembler.
+func NewAssembler() *Assembler { return &Assembler{parts: make(map[key]*partial)} }
+
+// Pending is the number of incomplete messages held.
+func (a *Assembler) Pending() int { return len(a.parts) }
+
+// Add takes one chunk of g (which must have g.Chunk set) received at tick
+// now. When it completes its message, Add returns the whole payload (a new
+// slice); otherwise nil. The chunk's payload is copied.
+func (a *Assembler) Add(g *proto.Gossip, now int64) ([]byte, error) {
+	c := g.Chunk
+	k := key{g.Src, g.Channel, c.MsgID}
+	p := a.parts[k]
+	if p == nil {
+		if int(c.Count)*MaxChunk > MaxMessageBytes+MaxChunk {
+			return nil, fmt.Errorf("%w: %d chunks", ErrTooBig, c.Count)
+		}
+		a.makeRoom(g.Src)
+		p = &partial{pieces: make([][]byte, c.Count), born: now}
+		a.parts[k] = p
+	}
+	if int(c.Count) != len(p.pieces) || len(g.Payload) > MaxChunk || len(g.Payload) == 0 {
+		delete(a.parts, k)
+		a.Dropped++
+		return nil, fmt.Errorf("%w: chunk %d/%d of %d bytes", ErrInconsistent, c.Index, c.Count, len(g.Payload))
+	}
+	if p.pieces[c.Index] != nil {
+		return nil, nil // duplicate
+	}
+	p.pieces[c.Index] = slices.Clone(g.Payload)
+	p.have++
+	p.bytes += len(g.Payload)
+	if p.bytes > MaxMessageBytes {
+		delete(a.parts, k)
+		a.Dropped++
+		return nil, fmt.Errorf("%w: over %d bytes", ErrTooBig, MaxMessageBytes)
+	}
+	if p.have < len(p.pieces) {
+		return nil, nil
+	}
+	delete(a.parts, k)
+	out := make([]byte, 0, p.bytes)
+	for _, piece := range p.pieces {
+		out = append(out, piece...)
+	}
+	return out, nil
+}
+
+// makeRoom evicts the oldest incomplete messages so that a new one from src
+// fits within the limits.
+func (a *Assembler) makeRoom(src proto.PeerName) {
+	for {
+		n, oldest, oldestSrc := 0, key{}, key{}
+		var bornAll, bornSrc int64 = -1, -1
+		for k, p := range a.parts {
+			if k.src == src {
+				n++
+				if bornSrc < 0 || p.born < bornSrc || p.born == bornSrc && less(k, oldestSrc) {
+					bornSrc, oldestSrc = p.born, k
+				}
+			}
+			if bornAll < 0 || p.born < bornAll || p.born == bornAll && less(k, oldest) {
+				bornAll, oldest = p.born, k
+			}
+		}
+		switch {
+		case n >= MaxPartialPerSrc:
+			delete(a.parts, oldestSrc)
+		case len(a.parts) >= MaxPartial:
+			delete(a.parts, oldest)
+		default:
+			return
+		}
+		a.Dropped++
+	}
+}
+
+func less(a, b key) bool {
+	if a.src != b.src {
+		return a.src < b.src
+	}
+	if a.channel != b.channel {
+		return a.channel < b.channel
+	}
+	return a.id < b.id
+}
+
+// Expire drops incomplete messages older than ExpireTicks at tick now.
+func (a *Assembler) Expire(now int64) {
+	for k, p := range a.parts {
+		if now-p.born > ExpireTicks {
+			delete(a.parts, k)
+			a.Dropped++
+		}
+	}
+}

@@ -1,0 +1,535 @@
+// Package topology is the mesh's shared picture: every peer's entry (name,
+// incarnation, version, the connections it reports, the prefixes it
+// serves), spread by gossip between neighbours, with shortest-path routes
+// and discovery derived from it.
+//
+// The entries form a CRDT: each peer alone writes its own entry and bumps
+// its version on every change; a receiver keeps the higher (version, UID) of
+// each name, so merges are idempotent and commutative. A restarted peer
+// (new UID) that learns of its old incarnation's entry bumps its version
+// past it.
+//
+// Dissemination, one round at a time (the shell runs a round per second):
+//
+//   - news: an entry that changed, ours or one learned, is sent to Fanout
+//     random neighbours each round for Retransmit rounds (epidemic fan-out,
+//     so a change reaches everyone in O(log N) rounds at O(N log N)
+//     messages, whatever the number of connections);
+//   - anti-entropy: each round one random neighbour gets a 13-byte hash of
+//     everything we know; on a mismatch the two exchange digests (name,
+//     UID, version per entry) and send each other what the other lacks. In
+//     a steady mesh that hash is all the traffic there is.
+//
+// Peers that no live peer reports a connection to (not reachable from us
+// over reported connections for two rounds) are removed.
+//
+// The package is pure and deterministic: no sockets, clocks, goroutines or
+// globals; randomness comes from Config.Rand. Inputs arrive through
+// SetLocal, Step and Tick; outputs collect in Ready until Advance. A Node is
+// not safe for concurrent use.
+package topology
+
+import (
+	"errors"
+	"fmt"
+	"math/bits"
+	"math/rand/v2"
+	"net/netip"
+	"slices"
+
+	"github.com/overlayd/overlayd/proto"
+)
+
+// Config configures a Node.
+type Config struct {
+	Self     proto.PeerName
+	UID      uint64
+	Nickname string
+	Port     uint16
+	Rand     *rand.Rand // required
+
+	// Fanout is how many neighbours get our news each round (3).
+	Fanout int
+	// Retransmit is how many rounds a news item is sent for; 0 means
+	// 2 + log2 of the number of peers we know.
+	Retransmit int
+	// MaxPeers bounds the entries kept (10,000); entries of unknown peers
+	// beyond it are refused.
+	MaxPeers int
+}
+
+// Msg is a topology message for one neighbour.
+type Msg struct {
+	To  proto.PeerName
+	Msg proto.TopoMsg
+}
+
+// Ready is the work produced since the last Advance.
+type Ready struct {
+	Msgs []Msg
+	// Changed says the topology (and so routes) changed.
+	Changed bool
+	// Removed lists peers garbage-collected.
+	Removed []proto.PeerName
+}
+
+// tomb is a removed entry, kept for TombRounds.
+type tomb struct {
+	entry proto.TopoPeer
+	until int64
+}
+
+// TombRounds is how long a removed entry is remembered.
+const TombRounds = 60
+
+// Node holds one peer's view of the topology.
+type Node struct {
+	cfg   Config
+	peers map[proto.PeerName]*proto.TopoPeer // values are never changed in place
+	// news maps peers whose entry we still spread to the rounds left.
+	news map[proto.PeerName]int
+	// unreachable maps peers not reachable from us to the rounds they have
+	// been so.
+	unreachable map[proto.PeerName]int
+	// removed remembers the entries we garbage-collected, so that a peer
+	// that has not collected them yet cannot gossip them back to us: only a
+	// newer entry (the peer is back) is taken.
+	removed map[proto.PeerName]tomb
+	round   int64
+	rd      Ready
+	hash    uint64
+	// Rejected counts entries refused by Step.
+	Rejected uint64
+}
+
+// New makes a Node whose only entry is our own, version 1.
+func New(cfg Config) (*Node, error) {
+	if cfg.Self == 0 || cfg.UID == 0 || cfg.Rand == nil {
+		return nil, errors.New("topology: config needs Self, UID and Rand")
+	}
+	if cfg.Fanout == 0 {
+		cfg.Fanout = 3
+	}
+	if cfg.MaxPeers == 0 {
+		cfg.MaxPeers = 10000
+	}
+	n := &Node{cfg: cfg, peers: map[proto.PeerName]*proto.TopoPeer{}, news: map[proto.PeerName]int{},
+		unreachable: map[proto.PeerName]int{}, removed: map[proto.PeerName]tomb{}}
+	n.put(&proto.TopoPeer{Name: cfg.Self, UID: cfg.UID, Version: 1, Port: cfg.Port, Nickname: cfg.Nickname})
+	return n, nil
+}
+
+// Ready returns the work produced since the last Advance.
+func (n *Node) Ready() Ready { return n.rd }
+
+// Advance tells the Node the caller has acted on Ready.
+func (n *Node) Advance() { n.rd = Ready{} }
+
+func (n *Node) self() *proto.TopoPeer { return n.peers[n.cfg.Self] }
+
+// put stores e as the entry of its peer and marks it as news.
+func (n *Node) put(e *proto.TopoPeer) {
+	if old := n.peers[e.Name]; old != nil {
+		n.hash ^= entryHash(old)
+	}
+	n.peers[e.Name] = e
+	n.hash ^= entryHash(e)
+	n.news[e.Name] = n.retransmits()
+	n.rd.Changed = true
+}
+
+func (n *Node) retransmits() int {
+	if n.cfg.Retransmit > 0 {
+		return n.cfg.Retransmit
+	}
+	return 2 + bits.Len(uint(len(n.peers)))
+}
+
+// SetLocal replaces our own connections and prefixes; the version is bumped
+// if anything changed. conns need not be sorted.
+func (n *Node) SetLocal(conns []proto.TopoConn, prefixes []netip.Prefix) {
+	cs := slices.Clone(conns)
+	slices.SortFunc(cs, func(a, b proto.TopoConn) int { return cmpName(a.Peer, b.Peer) })
+	cs = slices.CompactFunc(cs, func(a, b proto.TopoConn) bool { return a.Peer == b.Peer })
+	cs = slices.DeleteFunc(cs, func(c proto.TopoConn) bool { return c.Peer == n.cfg.Self || c.Peer == 0 })
+	ps := slices.Clone(prefixes)
+	old := n.self()
+	if slices.Equal(old.Conns, cs) && slices.Equal(old.Prefixes, ps) {
+		return
+	}
+	e := *old
+	e.Version++
+	e.Conns, e.Prefixes = cs, ps
+	n.put(&e)
+}
+
+// newer reports whether a should replace b.
+func newer(a, b *proto.TopoPeer) bool {
+	return a.Version > b.Version || a.Version == b.Version && a.UID > b.UID
+}
+
+// ErrImpersonation is returned by Step when a neighbour sends an entry of
+// its own name with another incarnation's UID than the one it handshook
+// with.
+var ErrImpersonation = errors.New("topology: neighbour sent its own entry with another UID")
+
+// Step handles a message from neighbour from, whose handshake told us its
+// UID. Entries that fail checks are refused and counted; the error reports
+// the first of them, and the rest of the message is still used. Step keeps
+// the slices of m's entries: the caller must not change them afterwards
+// (entries are immutable once stored, and shared with the Msgs in Ready).
+func (n *Node) Step(from proto.PeerName, fromUID uint64, m *proto.TopoMsg) error {
+	switch m.Kind {
+	case proto.TopoHash:
+		if m.Hash != n.hash || int(m.Count) != len(n.peers) {
+			n.send(from, proto.TopoMsg{Kind: proto.TopoDigestRequest, Digest: n.digest()})
+		}
+	case proto.TopoDigestRequest, proto.TopoDigestReply:
+		theirs := make(map[proto.PeerName]proto.TopoDigestItem, len(m.Digest))
+		behind := false
+		for _, d := range m.Digest {
+			theirs[d.Name] = d
+			if cur := n.peers[d.Name]; cur == nil || newer(&proto.TopoPeer{Version: d.Version, UID: d.UID}, cur) {
+				behind = true
+			}
+		}
+		var send []proto.TopoPeer
+		for _, name := range n.names() {
+			e := n.peers[name]
+			if d, ok := theirs[name]; !ok || newer(e, &proto.TopoPeer{Version: d.Version, UID: d.UID}) {
+				send = append(send, *e)
+			}
+		}
+		if len(send) > 0 {
+			n.send(from, proto.TopoMsg{Kind: proto.TopoEntries, Entries: send})
+		}
+		if m.Kind == proto.TopoDigestRequest && behind {
+			n.send(from, proto.TopoMsg{Kind: proto.TopoDigestReply, Digest: n.digest()})
+		}
+	case proto.TopoEntries:
+		return n.merge(from, fromUID, m.Entries)
+	default:
+		return fmt.Errorf("topology: unknown message kind %d", m.Kind)
+	}
+	return nil
+}
+
+func (n *Node) merge(from proto.PeerName, fromUID uint64, entries []proto.TopoPeer) error {
+	var first error
+	for i := range entries {
+		e := &entries[i]
+		switch {
+		case e.Name == from && e.UID != fromUID:
+			n.Rejected++
+			if first == nil {
+				first = fmt.Errorf("%w: %v sent UID %d, handshook as %d", ErrImpersonation, from, e.UID, fromUID)
+			}
+			continue
+		case e.Name == n.cfg.Self:
+			if self := n.self(); e.UID != n.cfg.UID && e.Version >= self.Version || e.UID == n.cfg.UID && e.Version > self.Version {
+				// An older incarnation of us (or a copy newer than ours):
+				// bump past it so that ours wins everywhere.
+				mine := *self
+				mine.Version = e.Version + 1
+				n.put(&mine)
+			}
+			continue
+		}
+		cur := n.peers[e.Name]
+		if cur != nil && !newer(e, cur) {
+			continue
+		}
+		if t, ok := n.removed[e.Name]; ok && e.UID == t.entry.UID && !newer(e, &t.entry) {
+			continue // a copy of what we removed, from a peer that has not yet
+		}
+		if cur == nil && len(n.peers) >= n.cfg.MaxPeers {
+			n.Rejected++
+			if first == nil {
+				first = fmt.Errorf("topology: more than %d peers; entry of %v refused", n.cfg.MaxPeers, e.Name)
+			}
+			continue
+		}
+		c := *e // the slices are taken over, never changed: see Step
+		delete(n.removed, e.Name)
+		n.put(&c)
+	}
+	return first
+}
+
+func (n *Node) send(to proto.PeerName, m proto.TopoMsg) {
+	n.rd.Msgs = append(n.rd.Msgs, Msg{To: to, Msg: m})
+}
+
+func (n *Node) names() []proto.PeerName {
+	ns := make([]proto.PeerName, 0, len(n.peers))
+	for name := range n.peers {
+		ns = append(ns, name)
+	}
+	slices.Sort(ns)
+	return ns
+}
+
+func (n *Node) digest() []proto.TopoDigestItem {
+	d := make([]proto.TopoDigestItem, 0, len(n.peers))
+	for _, name := range n.names() {
+		e := n.peers[name]
+		d = append(d, proto.TopoDigestItem{Name: e.Name, UID: e.UID, Version: e.Version})
+	}
+	return d
+}
+
+// Neighbours are the peers our own entry reports an established connection
+// to, in name order.
+func (n *Node) Neighbours() []proto.PeerName {
+	var ns []proto.PeerName
+	for _, c := range n.self().Conns {
+		if c.Established {
+			ns = append(ns, c.Peer)
+		}
+	}
+	return ns
+}
+
+// Tick runs one gossip round: news to Fanout random neighbours, our hash to
+// one, and garbage collection.
+func (n *Node) Tick() {
+	n.collect()
+	nb := n.Neighbours()
+	if len(nb) == 0 {
+		return
+	}
+	if len(n.news) > 0 {
+		var entries []proto.TopoPeer
+		for _, name := range n.names() {
+			if left, ok := n.news[name]; ok {
+				entries = append(entries, *n.peers[name])
+				if left <= 1 {
+					delete(n.news, name)
+				} else {
+					n.news[name] = left - 1
+				}
+			}
+		}
+		for _, to := range n.pick(nb, n.cfg.Fanout) {
+			n.send(to, proto.TopoMsg{Kind: proto.TopoEntries, Entries: entries})
+		}
+	}
+	to := nb[n.cfg.Rand.IntN(len(nb))]
+	n.send(to, proto.TopoMsg{Kind: proto.TopoHash, Count: uint32(len(n.peers)), Hash: n.hash})
+}
+
+// pick chooses k of ns at random (all if k >= len(ns)).
+func (n *Node) pick(ns []proto.PeerName, k int) []proto.PeerName {
+	if k >= len(ns) {
+		return ns
+	}
+	c := slices.Clone(ns)
+	n.cfg.Rand.Shuffle(len(c), func(i, j int) { c[i], c[j] = c[j], c[i] })
+	return c[:k]
+}
+
+// collect removes peers that have not been reachable from us over reported
+// connections for two rounds.
+func (n *Node) collect() {
+	n.round++
+	for name, t := range n.removed {
+		if n.round > t.until {
+			delete(n.removed, name)
+		}
+	}
+	reach := map[proto.PeerName]bool{n.cfg.Self: true}
+	queue := []proto.PeerName{n.cfg.Self}
+	for len(queue) > 0 {
+		p := n.peers[queue[0]]
+		queue = queue[1:]
+		if p == nil {
+			continue
+		}
+		for _, c := range p.Conns {
+			if !reach[c.Peer] {
+				reach[c.Peer] = true
+				queue = append(queue, c.Peer)
+			}
+		}
+	}
+	for _, name := range n.names() {
+		if reach[name] {
+			delete(n.unreachable, name)
+			continue
+		}
+		n.unreachable[name]++
+		if n.unreachable[name] >= 2 {
+			n.removed[name] = tomb{entry: *n.peers[name], until: n.round + TombRounds}
+			n.hash ^= entryHash(n.peers[name])
+			delete(n.peers, name)
+			delete(n.news, name)
+			delete(n.unreachable, name)
+			n.rd.Removed = append(n.rd.Removed, name)
+			n.rd.Changed = true
+		}
+	}
+}
+
+// Peers returns every entry in name order. The entries are shared and must
+// not be modified.
+func (n *Node) Peers() []*proto.TopoPeer {
+	out := make([]*proto.TopoPeer, 0, len(n.peers))
+	for _, name := range n.names() {
+		out = append(out, n.peers[name])
+	}
+	return out
+}
+
+// Peer returns the entry of name, or nil. Shared: do not modify.
+func (n *Node) Peer(name proto.PeerName) *proto.TopoPeer { return n.peers[name] }
+
+// Len is the number of peers known, ourselves included.
+func (n *Node) Len() int { return len(n.peers) }
+
+// Hash is the summary other peers compare with theirs.
+func (n *Node) Hash() uint64 { return n.hash }
+
+// Routes maps every peer reachable over symmetric established connections
+// (both ends report it established) to the neighbour through which the
+// shortest path to it starts. Breadth-first, neighbours in name order, so
+// every peer computes the same paths.
+func (n *Node) Routes() map[proto.PeerName]proto.PeerName {
+	return Routes(n.peers, n.cfg.Self)
+}
+
+// Routes computes next hops from self over the given entries; see
+// Node.Routes.
+func Routes(peers map[proto.PeerName]*proto.TopoPeer, self proto.PeerName) map[proto.PeerName]proto.PeerName {
+	next := map[proto.PeerName]proto.PeerName{}
+	seen := map[proto.PeerName]bool{self: true}
+	type hop struct{ peer, first proto.PeerName }
+	queue := []hop{{self, 0}}
+	for len(queue) > 0 {
+		h := queue[0]
+		queue = queue[1:]
+		p := peers[h.peer]
+		if p == nil {
+			continue
+		}
+		for _, c := range p.Conns { // sorted by name
+			if !c.Established || seen[c.Peer] || !reports(peers[c.Peer], h.peer) {
+				continue
+			}
+			seen[c.Peer] = true
+			first := h.first
+			if h.peer == self {
+				first = c.Peer
+			}
+			next[c.Peer] = first
+			queue = append(queue, hop{c.Peer, first})
+		}
+	}
+	return next
+}
+
+// reports says whether p reports an established connection to other.
+func reports(p *proto.TopoPeer, other proto.PeerName) bool {
+	if p == nil {
+		return false
+	}
+	i, ok := slices.BinarySearchFunc(p.Conns, other, func(c proto.TopoConn, name proto.PeerName) int { return cmpName(c.Peer, name) })
+	return ok && p.Conns[i].Established
+}
+
+func cmpName(a, b proto.PeerName) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// entryHash mixes an entry's identity and version into 64 bits; the node's
+// hash is the XOR of all of them, so it is independent of order and cheap to
+// update.
+func entryHash(e *proto.TopoPeer) uint64 {
+	x := uint64(e.Name)*0x9e3779b97f4a7c15 ^ e.UID*0xc2b2ae3d27d4eb4f ^ e.Version*0x165667b19e3779f9
+	x ^= x >> 30
+	x *= 0xbf58476d1ce4e5b9
+	x ^= x >> 27
+	x *= 0x94d049bb133111eb
+	return x ^ x>>31
+}
+
+// Candidates lists peers worth dialling for discovery: known peers we have
+// no connection to, each with an address taken from a connection some peer
+// reports to it (an outbound one's address as is, an inbound one's host
+// with the peer's own port), in name order.
+func (n *Node) Candidates() []Candidate {
+	mine := map[proto.PeerName]bool{}
+	for _, c := range n.self().Conns {
+		mine[c.Peer] = true
+	}
+	addrs := map[proto.PeerName]netip.AddrPort{}
+	for _, name := range n.names() {
+		p := n.peers[name]
+		for _, c := range p.Conns {
+			if c.Peer == n.cfg.Self || mine[c.Peer] || !c.Addr.IsValid() {
+				continue
+			}
+			if _, ok := addrs[c.Peer]; ok {
+				continue
+			}
+			ap := c.Addr
+			if !c.Outbound {
+				target := n.peers[c.Peer]
+				if target == nil || target.Port == 0 {
+					continue
+				}
+				ap = netip.AddrPortFrom(c.Addr.Addr(), target.Port)
+			}
+			addrs[c.Peer] = ap
+		}
+	}
+	var out []Candidate
+	for _, name := range n.names() {
+		if ap, ok := addrs[name]; ok && n.peers[name] != nil {
+			out = append(out, Candidate{Name: name, Addr: ap})
+		}
+	}
+	return out
+}
+
+// Candidate is a peer discovery may dial.
+type Candidate struct {
+	Name proto.PeerName
+	Addr netip.AddrPort
+}
+
+// Discover chooses the candidates to dial now: in random order (so that
+// peers do not all crowd the same few), and only while our connections stay
+// under half of limit, which keeps the other half for peers that dial us,
+// configured ones first among them. A limit of 0 means no limit.
+func Discover(cands []Candidate, conns, limit int, r *rand.Rand) []Candidate {
+	c := slices.Clone(cands)
+	r.Shuffle(len(c), func(i, j int) { c[i], c[j] = c[j], c[i] })
+	if limit <= 0 {
+		return c
+	}
+	room := limit/2 - conns
+	if room <= 0 {
+		return nil
+	}
+	return c[:min(room, len(c))]
+}
+
+// Admit says whether a peer with conns connections accepts one more: a peer
+// dialled because it was configured is taken up to limit, a discovered one
+// only while a tenth of the limit stays free for configured peers. A limit
+// of 0 means no limit.
+func Admit(conns, limit int, configured bool) bool {
+	switch {
+	case limit <= 0:
+		return true
+	case configured:
+		return conns < limit
+	}
+	return conns < limit-limit/10
+}

@@ -1,0 +1,159 @@
+package topotest
+
+import (
+	"flag"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/overlayd/overlayd/proto"
+)
+
+var (
+	seed  = flag.Uint64("seed", 0, "run only this simulation seed")
+	scale = flag.Bool("scale", false, "run TestScale: 100, 300 and 1,000 peers, with figures")
+)
+
+func seeds(n int) []uint64 {
+	if *seed != 0 {
+		return []uint64{*seed}
+	}
+	s := make([]uint64, n)
+	for i := range s {
+		s[i] = uint64(i + 1)
+	}
+	return s
+}
+
+// grow joins peers 2..n, perRound per round, each given target(i) as its
+// one --peer, then runs until converged; it returns the rounds from the last
+// join to convergence.
+func grow(t *testing.T, s *Sim, n, perRound int, target func(i int) int, limit int) int {
+	t.Helper()
+	s.Join(1, 0)
+	for i := 2; i <= n; i++ {
+		s.Join(i, Name(target(i)))
+		if i%perRound == 0 {
+			s.Step()
+		}
+	}
+	last := s.Round()
+	for s.Round()-last < int64(limit) {
+		s.Step()
+		if s.Converged() == nil {
+			return int(s.Round() - last)
+		}
+	}
+	t.Fatalf("seed %d: %d peers not converged %d rounds after the last join: %v\n%s\nreplay: go test ./peering/topology/topotest -run %s -seed %d",
+		s.seed, n, limit, s.Converged(), strings.Join(s.Trace(), "\n"), t.Name(), s.seed)
+	return 0
+}
+
+// Test200Join: 200 peers join through one bootstrap peer over a lossy,
+// duplicating, reordering network; everyone learns everyone, and routes
+// follow shortest paths.
+func Test200Join(t *testing.T) {
+	start := time.Now()
+	for _, sd := range seeds(3) {
+		s := New(sd)
+		s.Drop, s.Dup, s.MaxDelay = 0.05, 0.02, 1
+		rounds := grow(t, s, 200, 20, func(int) int { return 1 }, 40)
+		t.Logf("seed %d: converged %d rounds after the last join", sd, rounds)
+		if s.Conns(1) != 199 {
+			t.Errorf("bootstrap has %d connections: discovery should make a full mesh", s.Conns(1))
+		}
+	}
+	if el := time.Since(start); el > 60*time.Second {
+		t.Errorf("took %v", el)
+	}
+}
+
+// TestPartitionHeals: a converged mesh split in two forgets the other side,
+// and after the heal (configured peers redialled, discovery re-meshing)
+// converges again.
+func TestPartitionHeals(t *testing.T) {
+	for _, sd := range seeds(3) {
+		s := New(sd)
+		s.Drop = 0.02
+		grow(t, s, 60, 10, func(i int) int { return 1 + (i-2)%3 }, 30)
+		s.Partition(func(name proto.PeerName) int { return int(name) % 2 })
+		for range 10 {
+			s.Step()
+		}
+		s.Heal()
+		var err error
+		for range 30 {
+			s.Step()
+			if err = s.Converged(); err == nil {
+				break
+			}
+		}
+		if err != nil {
+			t.Fatalf("seed %d: not converged 30 rounds after the heal: %v\nreplay: go test ./peering/topology/topotest -run %s -seed %d", sd, err, t.Name(), sd)
+		}
+	}
+}
+
+// TestDepartureAndRestart: a stopped peer vanishes from every view (no live
+// peer reports a connection to it); restarted as a new incarnation it
+// replaces the old one everywhere.
+func TestDepartureAndRestart(t *testing.T) {
+	for _, sd := range seeds(3) {
+		s := New(sd)
+		grow(t, s, 30, 10, func(int) int { return 1 }, 30)
+		s.Stop(7)
+		converge(t, s, 10, "after peer 7 stopped")
+		s.Join(7, Name(1))
+		converge(t, s, 15, "after peer 7 restarted")
+	}
+}
+
+func converge(t *testing.T, s *Sim, limit int, what string) {
+	t.Helper()
+	var err error
+	for range limit {
+		s.Step()
+		if err = s.Converged(); err == nil {
+			return
+		}
+	}
+	t.Fatalf("seed %d: not converged within %d rounds %s: %v\nreplay: go test ./peering/topology/topotest -run %s -seed %d",
+		s.seed, limit, what, err, t.Name(), s.seed)
+}
+
+// TestScale (go test ./peering/topology/topotest -run TestScale -scale -v)
+// grows meshes of 100, 300 and 1,000 peers, each peer given one random
+// earlier peer, with the default connection limit of 200, and reports the
+// rounds to convergence after the last join and the steady-state gossip per
+// peer (one round per second, as overlayd runs them).
+func TestScale(t *testing.T) {
+	if !*scale {
+		t.Skip("run with -scale")
+	}
+	for _, n := range []int{100, 300, 1000} {
+		s := New(42)
+		s.ConnLimit = 200
+		start := time.Now()
+		rounds := grow(t, s, n, 50, func(i int) int { return 1 + int(uint64(i)*2654435761%uint64(i-1)) }, 60)
+		quiet := s.Round() - s.LastChange
+		for range 30 { // news still being retransmitted dies out
+			s.Step()
+		}
+		s.ResetBytes()
+		for range 30 {
+			s.Step()
+		}
+		if err := s.Converged(); err != nil {
+			t.Errorf("%d peers: diverged in steady state: %v", n, err)
+		}
+		fmt.Printf("peers=%d rounds_after_last_join=%d connections_stable_for=%d steady_bytes_per_peer_per_s=%.0f wall=%v\n",
+			n, rounds, quiet, s.BytesPerPeer()/30, time.Since(start).Round(time.Millisecond))
+		if rounds > 12 {
+			t.Errorf("%d peers took %d rounds, target 12", n, rounds)
+		}
+		if b := s.BytesPerPeer() / 30; b > 10_000 {
+			t.Errorf("%d peers: %.0f B/s per peer in steady state, target 10,000", n, b)
+		}
+	}
+}
