@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/overlayd/overlayd/peering"
+	"github.com/overlayd/overlayd/peering/gossip"
 	"github.com/overlayd/overlayd/proto"
 )
 
@@ -188,6 +189,63 @@ func FuzzPeeringTarget(f *testing.F) {
 		h2, p2, err := peering.ParseTarget(joinHostPort(h, p))
 		if err != nil || h2 != h || p2 != p {
 			t.Fatalf("%q -> %q:%d -> %q:%d, %v", s, h, p, h2, p2, err)
+		}
+	})
+}
+
+func FuzzProtoTopology(f *testing.F) {
+	for _, m := range []proto.TopoMsg{
+		{Kind: proto.TopoHash, Count: 3, Hash: 42},
+		{Kind: proto.TopoDigestReply, Digest: []proto.TopoDigestItem{{Name: seedName, UID: 1, Version: 2}}},
+		{Kind: proto.TopoEntries, Entries: []proto.TopoPeer{{Name: seedName, UID: 1, Version: 1, Nickname: "a",
+			Conns:    []proto.TopoConn{{Peer: 7, Addr: netip.MustParseAddrPort("10.0.0.1:6783"), Established: true}},
+			Prefixes: []netip.Prefix{netip.MustParsePrefix("10.40.0.1/32")}}}},
+	} {
+		b, _ := proto.AppendTopoMsg(nil, &m)
+		f.Add(b)
+	}
+	f.Add([]byte{4, 0, 9})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		m, err := proto.ParseTopoMsg(b)
+		if err != nil {
+			return
+		}
+		enc, err := proto.AppendTopoMsg(nil, &m)
+		if err != nil {
+			t.Fatalf("cannot re-encode %+v: %v", m, err)
+		}
+		again, err := proto.ParseTopoMsg(enc)
+		if err != nil || !reflect.DeepEqual(again, m) {
+			t.Fatalf("round trip: %v\n%+v\n%+v", err, m, again)
+		}
+		if proto.TopoMsgSize(&m) != len(enc) {
+			t.Fatalf("TopoMsgSize %d, encoded %d", proto.TopoMsgSize(&m), len(enc))
+		}
+	})
+}
+
+// FuzzGossipAssembler feeds chunks decoded from fuzzed datagrams to an
+// Assembler: whatever arrives, memory stays within the limits.
+func FuzzGossipAssembler(f *testing.F) {
+	c, _ := proto.AppendGossip(nil, &proto.Gossip{Channel: "topology", Src: 1, Chunk: &proto.Chunk{MsgID: 1, Index: 0, Count: 2}, Payload: []byte("ab")})
+	d, _ := proto.AppendGossip(nil, &proto.Gossip{Channel: "topology", Src: 1, Chunk: &proto.Chunk{MsgID: 1, Index: 1, Count: 2}, Payload: []byte("cd")})
+	f.Add(append(append([]byte{byte(len(c))}, c...), d...))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		a := gossip.NewAssembler()
+		for now := int64(0); len(b) > 1; now++ {
+			n := min(int(b[0]), len(b)-1)
+			g, err := proto.ParseGossip(b[1 : 1+n])
+			b = b[1+n:]
+			if err != nil || g.Chunk == nil {
+				continue
+			}
+			out, _ := a.Add(&g, now)
+			if len(out) > gossip.MaxMessageBytes {
+				t.Fatalf("reassembled %d bytes", len(out))
+			}
+			if a.Pending() > gossip.MaxPartial {
+				t.Fatalf("%d pending", a.Pending())
+			}
 		}
 	})
 }

@@ -31,9 +31,10 @@
 //	5 gossip     control-plane state for a named channel
 //	6 data       one IP packet
 //
-// flags are per type (only heartbeat defines one); undefined bits must be sent
-// as zero and are ignored on receipt. Byte 3 is reserved: sent as zero,
-// ignored on receipt.
+// flags are per type (heartbeat and gossip define one each); undefined bits
+// must be sent as zero and are ignored on receipt. Byte 3 counts the relays
+// a gossip or data message has crossed (hops); other types send zero, and it
+// is ignored on receipt.
 //
 // # Hello and accept (types 1 and 2)
 //
@@ -78,17 +79,24 @@
 // # Gossip (type 5)
 //
 //	offset size
-//	 0      4   header
+//	 0      4   header; flags bit 0 (0x01) = chunk header present;
+//	            byte 3 = relays crossed
 //	 4      1   channel name length n (1..32)
 //	 5      n   channel name (e.g. "addresses", "topology")
 //	 5+n    6   origin peer name
 //	11+n    6   destination peer name (00:00:00:00:00:00 = every peer)
-//	17+n    *   payload, owned by the channel (at most MaxGossipPayload bytes)
+//	17+n    8   only with flag 0x01: message id (4), chunk index (2),
+//	            chunk count (2, at least 2, index < count)
+//	 *      *   payload, owned by the channel (at most MaxGossipPayload bytes)
+//
+// A message too big for one datagram is cut into chunks of at most 1200
+// payload bytes, all with the same message id; the receiver puts them back
+// together (peering/gossip, with limits on size, count and age).
 //
 // # Data (type 6)
 //
 //	offset size
-//	 0      4   header
+//	 0      4   header; byte 3 = relays crossed
 //	 4      6   source peer (the one that read the packet from its TUN)
 //	10      6   destination peer (the one that writes it to its TUN)
 //	16      *   one IPv4 or IPv6 packet
@@ -111,6 +119,24 @@
 // Receivers accept an announcement only from the incarnation (UID) they hold
 // a connection with, and only with a higher version than the last one they
 // took; it then replaces the older one whole.
+//
+// # Channel "topology"
+//
+// The first payload byte is the kind:
+//
+//	1 hash     count of entries (4) | XOR of the entries' hashes (8)
+//	2 digest request, 3 digest reply
+//	           n (2) | n × (peer name 6 | UID 8 | version 8)
+//	4 entries  n (2) | n × entry
+//
+// An entry:
+//
+//	 6  peer name        8  UID            8  version
+//	 2  UDP port         1+k nickname (k <= 64)
+//	 2  connections c, then c × (peer name 6 | remote address as 16-byte
+//	    IPv6, IPv4 mapped | port 2 | flags 1: 0x01 outbound, 0x02 established),
+//	    sorted by peer name, distinct, never the entry's own name
+//	 2  prefixes p, then p × IPv4 prefix (5)
 //
 // Golden vectors for every message live in testdata/golden.txt and are
 // checked by TestGolden.
