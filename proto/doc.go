@@ -131,12 +131,12 @@
 //
 // An entry:
 //
-//	 6  peer name        8  UID            8  version
-//	 2  UDP port         1+k nickname (k <= 64)
-//	 2  connections c, then c × (peer name 6 | remote address as 16-byte
-//	    IPv6, IPv4 mapped | port 2 | flags 1: 0x01 outbound, 0x02 established),
-//	    sorted by peer name, distinct, never the entry's own name
-//	 2  prefixes p, then p × IPv4 prefix (5)
+//	6  peer name        8  UID            8  version
+//	2  UDP port         1+k nickname (k <= 64)
+//	2  connections c, then c × (peer name 6 | remote address as 16-byte
+//	   IPv6, IPv4 mapped | port 2 | flags 1: 0x01 outbound, 0x02 established),
+//	   sorted by peer name, distinct, never the entry's own name
+//	2  prefixes p, then p × IPv4 prefix (5)
 //
 // Golden vectors for every message live in testdata/golden.txt and are
 // checked by TestGolden.
