@@ -45,7 +45,7 @@ var allowed = []struct {
 	{"tun", nil},
 	{"peering/conn", nil},
 	{"peering/topology/topotest", []string{"proto", "peering/topology"}},
-	{"peering", []string{"proto", "tun", "peering/conn", "peering/handshake", "peering/link", "peering/routes"}},
+	{"peering", []string{"proto", "tun", "peering/conn", "peering/gossip", "peering/handshake", "peering/link", "peering/routes", "peering/topology"}},
 	{"internal/netconf", nil},
 	{"internal/buildinfo", nil},
 	{"internal/metrics", nil},

@@ -11,9 +11,11 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/overlayd/overlayd/peering/conn"
+	"github.com/overlayd/overlayd/peering/gossip"
 	"github.com/overlayd/overlayd/peering/handshake"
 	"github.com/overlayd/overlayd/peering/link"
 	"github.com/overlayd/overlayd/peering/routes"
+	"github.com/overlayd/overlayd/peering/topology"
 	"github.com/overlayd/overlayd/proto"
 )
 
@@ -44,12 +46,20 @@ type control struct {
 	r    *Router
 	log  *zap.Logger
 	m    *link.Machine
+	topo *topology.Node
+	asm  *gossip.Assembler
 	send conn.Sender
 	bufs [][]byte
+
+	neighbours map[proto.PeerName]link.PeerPath // established, from the link Machine
+	local      []netip.Prefix                   // prefixes we serve
+	msgID      uint32                           // of our last chunked gossip message
+	ticks      int64
 }
 
-func newControl(r *Router, m *link.Machine) *control {
-	return &control{r: r, log: r.log, m: m, send: r.pc.NewSender(1), bufs: make([][]byte, 1)}
+func newControl(r *Router, m *link.Machine, topo *topology.Node) *control {
+	return &control{r: r, log: r.log, m: m, topo: topo, asm: gossip.NewAssembler(), send: r.pc.NewSender(64), bufs: make([][]byte, 1),
+		neighbours: map[proto.PeerName]link.PeerPath{}}
 }
 
 func (c *control) run(ctx context.Context) error {
@@ -62,11 +72,21 @@ func (c *control) run(ctx context.Context) error {
 			return ctx.Err()
 		case <-tick.C:
 			c.m.Tick()
+			c.ticks++
+			if c.ticks%int64(c.r.gossipTicks) == 0 {
+				c.topo.Tick()
+				c.asm.Expire(c.ticks / int64(c.r.gossipTicks))
+				c.discover()
+			}
 		case in := <-c.r.ctrl:
 			if err := c.m.Step(link.Endpoint(in.from), in.msg); err != nil {
-				if errors.Is(err, link.ErrUnknownChannel) {
-					c.log.Debug("gossip on an unknown channel", zap.Stringer("endpoint", in.from.Remote), zap.Error(err))
-				} else {
+				switch {
+				case errors.Is(err, link.ErrImpostor):
+					c.r.stats.GossipRejected.Add(1)
+					c.log.Warn("gossip refused", zap.Stringer("endpoint", in.from.Remote), zap.Error(err))
+				case errors.Is(err, link.ErrStranger):
+					c.r.stats.DropUnknownPeer.Add(1)
+				default:
 					c.r.stats.DropMalformed.Add(1)
 				}
 			}
@@ -91,14 +111,34 @@ func (r *Router) do(ctx context.Context, fn func(*control)) error {
 	return nil
 }
 
-// apply carries out the Machine's Ready.
+// apply carries out what the link Machine and the topology Node decided,
+// until neither has anything left.
 func (c *control) apply(ctx context.Context) {
+	for range 16 {
+		worked := c.applyLink(ctx)
+		if c.applyTopology() {
+			worked = true
+		}
+		if !worked {
+			return
+		}
+	}
+}
+
+func (c *control) applyLink(ctx context.Context) bool {
 	rd := c.m.Ready()
 	if rd.Empty() {
-		return
+		return false
 	}
 	if rd.Routing != nil {
-		c.publish(rd.Routing)
+		c.neighbours = make(map[proto.PeerName]link.PeerPath, len(rd.Routing.Peers))
+		for _, p := range rd.Routing.Peers {
+			c.neighbours[p.Name] = p
+		}
+		c.setLocal()
+	}
+	for _, g := range rd.Gossip {
+		c.onGossip(g)
 	}
 	for _, d := range rd.Sends {
 		c.bufs[0] = d.Msg
@@ -114,6 +154,121 @@ func (c *control) apply(ctx context.Context) {
 		c.logEvent(e)
 	}
 	c.m.Advance()
+	return true
+}
+
+// setLocal tells the topology our connections and prefixes.
+func (c *control) setLocal() {
+	conns := make([]proto.TopoConn, 0, len(c.neighbours))
+	for _, p := range c.neighbours {
+		conns = append(conns, proto.TopoConn{Peer: p.Name, Addr: p.Via.Remote, Outbound: p.Outbound, Established: true})
+	}
+	c.topo.SetLocal(conns, c.local)
+}
+
+func (c *control) applyTopology() bool {
+	rd := c.topo.Ready()
+	if len(rd.Msgs) == 0 && !rd.Changed && len(rd.Removed) == 0 {
+		return false
+	}
+	c.topo.Advance()
+	for _, m := range rd.Msgs {
+		c.sendTopology(m)
+	}
+	for _, name := range rd.Removed {
+		c.log.Info("removed unreachable peer", zap.Stringer("peer", name))
+	}
+	if rd.Changed || len(rd.Removed) > 0 {
+		c.publish()
+	}
+	return true
+}
+
+// sendTopology encodes a topology message for a neighbour, in chunks if it
+// does not fit in one datagram.
+func (c *control) sendTopology(m topology.Msg) {
+	nb, ok := c.neighbours[m.To]
+	if !ok {
+		return // gone meanwhile
+	}
+	payload, err := proto.AppendTopoMsg(nil, &m.Msg)
+	if err != nil {
+		c.log.Error("cannot encode topology", zap.Error(err))
+		return
+	}
+	g := proto.Gossip{Channel: proto.ChannelTopology, Src: c.r.cfg.Name, Dst: m.To}
+	pieces := gossip.Split(payload)
+	if len(pieces) > 1 {
+		c.msgID++
+	}
+	var dgrams [][]byte
+	for i, piece := range pieces {
+		g.Payload = piece
+		g.Chunk = nil
+		if len(pieces) > 1 {
+			g.Chunk = &proto.Chunk{MsgID: c.msgID, Index: uint16(i), Count: uint16(len(pieces))}
+		}
+		b, err := proto.AppendGossip(nil, &g)
+		if err != nil {
+			c.log.Error("cannot encode gossip", zap.Error(err))
+			return
+		}
+		dgrams = append(dgrams, b)
+		c.r.stats.GossipSentBytes.Add(uint64(len(b)))
+	}
+	if _, err := c.send.Send(dgrams, conn.Endpoint(nb.Via)); err != nil {
+		c.log.Debug("sending gossip", zap.Stringer("peer", m.To), zap.Error(err))
+	}
+}
+
+// onGossip takes a gossip message the link Machine checked.
+func (c *control) onGossip(g link.Gossip) {
+	c.r.stats.GossipReceivedBytes.Add(uint64(len(g.Msg.Payload)))
+	if g.Msg.Channel != proto.ChannelTopology {
+		c.r.stats.GossipUnknownChannel.Add(1)
+		c.log.Debug("gossip on an unknown channel", zap.String("kind", g.Msg.Channel), zap.Stringer("peer", g.From))
+		return
+	}
+	if g.Msg.Hops != 0 || g.Msg.Dst != c.r.cfg.Name {
+		c.r.stats.DropMalformed.Add(1)
+		return // topology only travels between neighbours
+	}
+	payload := g.Msg.Payload
+	if g.Msg.Chunk != nil {
+		full, err := c.asm.Add(&g.Msg, c.ticks/int64(c.r.gossipTicks))
+		if err != nil {
+			c.r.stats.GossipRejected.Add(1)
+			c.log.Warn("gossip chunk refused", zap.Stringer("peer", g.From), zap.Error(err))
+			return
+		}
+		if full == nil {
+			return
+		}
+		payload = full
+	}
+	msg, err := proto.ParseTopoMsg(payload)
+	if err != nil {
+		c.r.stats.GossipRejected.Add(1)
+		c.log.Warn("topology message refused", zap.Stringer("peer", g.From), zap.Error(err))
+		return
+	}
+	if err := c.topo.Step(g.From, g.FromUID, &msg); err != nil {
+		c.r.stats.GossipRejected.Add(1)
+		c.log.Warn("topology entries refused", zap.Stringer("peer", g.From), zap.Error(err))
+	}
+}
+
+// discover hands the link Machine the peers worth dialling.
+func (c *control) discover() {
+	if !c.r.cfg.Discovery {
+		return
+	}
+	cands := topology.Discover(c.topo.Candidates(), len(c.neighbours), c.r.cfg.ConnLimit, c.r.cfg.Rand)
+	addrs := make([]netip.AddrPort, len(cands))
+	for i, cd := range cands {
+		addrs[i] = cd.Addr
+	}
+	c.m.Discovered(addrs)
 }
 
 // resolve looks up a target's host name on a goroutine of its own and hands
@@ -175,8 +330,6 @@ func (c *control) logEvent(e link.Event) {
 		}
 	case link.EventRestarted:
 		c.log.Info("peer restarted", fields...)
-	case link.EventAnnounced:
-		c.log.Info("peer announced addresses", append(fields, zap.Stringers("addr", e.Prefixes))...)
 	case link.EventTargetAdded:
 		c.log.Info("target added", fields...)
 	case link.EventTargetForgotten:
@@ -186,23 +339,43 @@ func (c *control) logEvent(e link.Event) {
 	}
 }
 
-// publish swaps in a new snapshot for the data path.
-func (c *control) publish(rt *link.Routing) {
-	paths := make(map[proto.PeerName]*path, len(rt.Peers))
-	peers := make(map[netip.AddrPort]*path, len(rt.Peers))
-	for _, p := range rt.Peers {
-		pp := &path{name: p.Name, ep: conn.Endpoint(p.Via)}
-		paths[p.Name] = pp
-		peers[p.Via.Remote] = pp
-	}
-	self := &path{name: c.r.cfg.Name, local: true}
-	rs := make([]routes.Route[*path], 0, len(rt.Routes))
-	for _, r := range rt.Routes {
-		via := self
-		if !r.Local {
-			via = paths[r.Peer]
+// publish swaps in a new snapshot for the data path: every prefix a known
+// peer serves, sent towards it through the first hop of its shortest path;
+// our own prefixes are local.
+func (c *control) publish() {
+	self := c.r.cfg.Name
+	hops := c.topo.Routes()
+	for name := range c.neighbours {
+		if _, ok := hops[name]; !ok {
+			hops[name] = name // connected, but its entry has not arrived yet
 		}
-		rs = append(rs, routes.Route[*path]{Prefix: r.Prefix, Via: via})
 	}
-	c.r.snap.Store(&snapshot{routes: routes.New(rs), peers: peers})
+	snap := &snapshot{peers: make(map[netip.AddrPort]*path, len(c.neighbours)), byName: map[proto.PeerName]*path{}}
+	for name, nb := range c.neighbours {
+		snap.peers[nb.Via.Remote] = &path{name: name, ep: conn.Endpoint(nb.Via)}
+	}
+	for dest, hop := range hops {
+		nb, ok := c.neighbours[hop]
+		if !ok {
+			continue
+		}
+		snap.byName[dest] = &path{name: dest, ep: conn.Endpoint(nb.Via), relayed: dest != hop}
+	}
+	var rs []routes.Route[*path]
+	local := &path{name: self, local: true}
+	for _, p := range c.local {
+		rs = append(rs, routes.Route[*path]{Prefix: p, Via: local})
+	}
+	for _, e := range c.topo.Peers() { // name order: the lower name wins a contested prefix
+		if e.Name == self {
+			continue
+		}
+		if p := snap.byName[e.Name]; p != nil {
+			for _, pf := range e.Prefixes {
+				rs = append(rs, routes.Route[*path]{Prefix: pf, Via: p})
+			}
+		}
+	}
+	snap.routes = routes.New(rs)
+	c.r.snap.Store(snap)
 }

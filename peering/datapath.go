@@ -17,9 +17,12 @@ package peering
 //  2. Load the routing snapshot once for the whole batch.
 //  3. Data messages from an established peer, for an address we serve, are
 //     collected; their packet starts DataHeaderLen bytes into the buffer.
+//     Data for another peer is relayed: its hop count goes up by one and it
+//     is grouped by next hop, like packets from the TUN.
 //  4. Other message types are copied and queued for the control loop (the
 //     buffers are reused by the next batch); a full queue drops them.
-//  5. The collected packets go to the TUN device with one batched write.
+//  5. The collected packets go to the TUN device with one batched write, the
+//     relayed ones to their next hops with one batched send each.
 
 import (
 	"errors"
@@ -158,6 +161,8 @@ func (r *Router) peersToTun() error {
 	eps := make([]conn.Endpoint, batch)
 	out := make([][]byte, 0, batch)
 	rd := r.pc.NewReader(batch)
+	send := r.pc.NewSender(batch)
+	var relay batcher
 	for {
 		n, err := rd.Read(bufs, sizes, eps)
 		if err != nil {
@@ -166,7 +171,14 @@ func (r *Router) peersToTun() error {
 			}
 			return fmt.Errorf("peering: reading from the UDP socket: %w", err)
 		}
-		out = r.receive(bufs[:n], sizes[:n], eps[:n], out[:0])
+		out = r.receive(bufs[:n], sizes[:n], eps[:n], out[:0], &relay)
+		for i := range relay.n {
+			g := &relay.groups[i]
+			if sent, _ := send.Send(g.bufs, g.p.ep); sent < len(g.bufs) {
+				r.stats.DropSendError.Add(uint64(len(g.bufs) - sent))
+			}
+		}
+		relay.reset()
 		if len(out) > 0 {
 			if _, err := r.dev.Write(out, hdr); err != nil {
 				if isClosed(err) {
@@ -181,12 +193,16 @@ func (r *Router) peersToTun() error {
 	}
 }
 
+// MaxHops is how many relays a data message may cross; more means a
+// routing loop while routes change, and it is dropped.
+const MaxHops = 16
+
 // receive sorts one batch of datagrams: data for us is appended to out (the
-// buffer, with the packet at offset DataHeaderLen), control messages are
-// copied to the control loop.
-func (r *Router) receive(bufs [][]byte, sizes []int, eps []conn.Endpoint, out [][]byte) [][]byte {
+// buffer, with the packet at offset DataHeaderLen), data for others goes
+// into relay, control messages are copied to the control loop.
+func (r *Router) receive(bufs [][]byte, sizes []int, eps []conn.Endpoint, out [][]byte, relay *batcher) [][]byte {
 	snap := r.snap.Load() // one atomic load per batch
-	var bytes uint64
+	var bytes, relayed, relayedBytes uint64
 	for i, buf := range bufs {
 		msg := buf[:sizes[i]]
 		if len(msg) >= 2 && msg[0] == proto.Version && proto.Type(msg[1]) == proto.TypeData {
@@ -195,9 +211,23 @@ func (r *Router) receive(bufs [][]byte, sizes []int, eps []conn.Endpoint, out []
 				r.stats.DropMalformed.Add(1)
 				continue
 			}
-			from, ok := snap.peers[eps[i].Remote]
-			if !ok || from.name != src || dst != r.cfg.Name {
+			if _, ok := snap.peers[eps[i].Remote]; !ok || src == r.cfg.Name {
 				r.stats.DropUnknownPeer.Add(1)
+				continue
+			}
+			if dst != r.cfg.Name {
+				p := snap.byName[dst]
+				switch {
+				case p == nil:
+					r.stats.DropUnroutable.Add(1)
+				case msg[3] >= MaxHops:
+					r.stats.DropHops.Add(1)
+				default:
+					msg[3]++
+					relay.add(p, msg)
+					relayed++
+					relayedBytes += uint64(len(msg))
+				}
 				continue
 			}
 			to, _ := proto.DstAddr(pkt)
@@ -221,5 +251,7 @@ func (r *Router) receive(bufs [][]byte, sizes []int, eps []conn.Endpoint, out []
 	}
 	r.stats.ReceivedPackets.Add(uint64(len(out)))
 	r.stats.ReceivedBytes.Add(bytes)
+	r.stats.RelayedPackets.Add(relayed)
+	r.stats.RelayedBytes.Add(relayedBytes)
 	return out
 }

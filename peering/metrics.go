@@ -12,7 +12,7 @@ import (
 type Collector struct {
 	r *Router
 
-	peers, conns, packets, bytes, drops *prometheus.Desc
+	peers, conns, packets, bytes, drops, gossip, gossipErrs *prometheus.Desc
 }
 
 var _ prometheus.Collector = (*Collector)(nil)
@@ -23,7 +23,7 @@ func (r *Router) Collector() *Collector {
 	return &Collector{
 		r: r,
 		peers: prometheus.NewDesc("overlayd_peers",
-			"Peers this router knows (itself and those it has a connection with).", nil, nil),
+			"Peers in this router's topology, itself included.", nil, nil),
 		conns: prometheus.NewDesc("overlayd_connections",
 			"Connections and targets by state (connecting, retrying, failed, pending, established).", []string{"state"}, nil),
 		packets: prometheus.NewDesc("overlayd_forwarded_packets_total",
@@ -32,12 +32,16 @@ func (r *Router) Collector() *Collector {
 			"Bytes of the packets in overlayd_forwarded_packets_total (overlay header included when sent).", []string{"direction"}, nil),
 		drops: prometheus.NewDesc("overlayd_dropped_packets_total",
 			"Packets and datagrams dropped, by reason.", []string{"reason"}, nil),
+		gossip: prometheus.NewDesc("overlayd_gossip_bytes_total",
+			"Gossip bytes by channel and direction.", []string{"channel", "direction"}, nil),
+		gossipErrs: prometheus.NewDesc("overlayd_gossip_rejected_total",
+			"Gossip refused, by kind: bad chunks or entries, forged origin, unknown channel.", []string{"kind"}, nil),
 	}
 }
 
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.peers, c.conns, c.packets, c.bytes, c.drops} {
+	for _, d := range []*prometheus.Desc{c.peers, c.conns, c.packets, c.bytes, c.drops, c.gossip, c.gossipErrs} {
 		ch <- d
 	}
 }
@@ -52,15 +56,21 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	counter(c.packets, s.SentPackets, "sent")
 	counter(c.packets, s.ReceivedPackets, "received")
+	counter(c.packets, s.RelayedPackets, "relayed")
 	counter(c.bytes, s.SentBytes, "sent")
 	counter(c.bytes, s.ReceivedBytes, "received")
+	counter(c.bytes, s.RelayedBytes, "relayed")
+	ch <- prometheus.MustNewConstMetric(c.gossip, prometheus.CounterValue, float64(s.GossipSentBytes), "topology", "sent")
+	ch <- prometheus.MustNewConstMetric(c.gossip, prometheus.CounterValue, float64(s.GossipReceivedBytes), "topology", "received")
+	counter(c.gossipErrs, s.GossipRejected, "rejected")
+	counter(c.gossipErrs, s.GossipUnknownChannel, "unknown_channel")
 	for _, d := range []struct {
 		reason string
 		v      uint64
 	}{
 		{"unroutable", s.DropUnroutable}, {"send_error", s.DropSendError}, {"unknown_peer", s.DropUnknownPeer},
 		{"not_for_us", s.DropNotForUs}, {"malformed", s.DropMalformed}, {"control_queue_full", s.DropCtrlQueue},
-		{"tun_write", s.DropTunWrite}, {"tun_read", s.DropTunRead},
+		{"tun_write", s.DropTunWrite}, {"tun_read", s.DropTunRead}, {"too_many_hops", s.DropHops},
 	} {
 		counter(c.drops, d.v, d.reason)
 	}

@@ -32,6 +32,7 @@ import (
 	"github.com/overlayd/overlayd/peering/handshake"
 	"github.com/overlayd/overlayd/peering/link"
 	"github.com/overlayd/overlayd/peering/routes"
+	"github.com/overlayd/overlayd/peering/topology"
 	"github.com/overlayd/overlayd/proto"
 	"github.com/overlayd/overlayd/tun"
 )
@@ -50,14 +51,16 @@ type Config struct {
 	Rand     *rand.Rand   // every random choice (UID, retry jitter); required
 	Log      *zap.Logger  // required
 
+	Discovery         bool          // dial the peers the topology tells of
+	ConnLimit         int           // connections at most; 0: no limit
 	TickEvery         time.Duration // 100 ms: the link Machine's clock
+	GossipInterval    time.Duration // 1 s: a topology gossip round
 	HeartbeatInterval time.Duration // 400 ms: between heartbeats on a connection
 	HeartbeatTimeout  time.Duration // 2 s: silence after which a connection is dead
 	HelloInterval     time.Duration // 1 s: between hellos while dialling
 	HelloAttempts     int           // 5: hellos before a dial fails
 	RetryInitial      time.Duration // 2 s: first wait after a failure (±50 % jitter)
 	RetryMax          time.Duration // 60 s: cap of the exponential back-off
-	AnnounceInterval  time.Duration // 5 s: periodic resend of our announcement
 }
 
 func (c *Config) setDefaults() {
@@ -72,7 +75,7 @@ func (c *Config) setDefaults() {
 	def(&c.HelloInterval, time.Second)
 	def(&c.RetryInitial, 2*time.Second)
 	def(&c.RetryMax, 60*time.Second)
-	def(&c.AnnounceInterval, 5*time.Second)
+	def(&c.GossipInterval, time.Second)
 	if c.HelloAttempts == 0 {
 		c.HelloAttempts = 5
 	}
@@ -109,11 +112,14 @@ const ctrlQueueLen = 256
 // A Router connects this host to its peers. Make one with New, then call Run.
 type Router struct {
 	cfg  Config
-	link *link.Machine // owned by the control loop once Run starts
-	port uint16
-	log  *zap.Logger
-	dev  tun.Device
-	pc   conn.PacketConn
+	link *link.Machine  // owned by the control loop once Run starts
+	topo *topology.Node // the same
+	// gossipTicks is the length of a gossip round in link ticks.
+	gossipTicks int
+	port        uint16
+	log         *zap.Logger
+	dev         tun.Device
+	pc          conn.PacketConn
 
 	snap atomic.Pointer[snapshot] // written by the control loop only
 
@@ -148,22 +154,29 @@ func New(cfg Config, dev tun.Device, pc conn.PacketConn) (*Router, error) {
 		HelloAttempts:     cfg.HelloAttempts,
 		RetryInitialTicks: cfg.toTicks(cfg.RetryInitial),
 		RetryMaxTicks:     cfg.toTicks(cfg.RetryMax),
-		AnnounceTicks:     cfg.toTicks(cfg.AnnounceInterval),
 		LongLivedTicks:    cfg.toTicks(time.Minute),
+		ConnLimit:         cfg.ConnLimit,
 	})
 	if err != nil {
 		return nil, err
 	}
+	topo, err := topology.New(topology.Config{Self: cfg.Name, UID: cfg.UID, Nickname: cfg.Nickname,
+		Port: pc.LocalPort(), Rand: cfg.Rand})
+	if err != nil {
+		return nil, err
+	}
 	r := &Router{
-		cfg:      cfg,
-		link:     m,
-		port:     pc.LocalPort(),
-		log:      cfg.Log,
-		dev:      dev,
-		pc:       pc,
-		ctrl:     make(chan inbound, ctrlQueueLen),
-		requests: make(chan request),
-		resolved: make(chan resolution, 16),
+		cfg:         cfg,
+		link:        m,
+		topo:        topo,
+		gossipTicks: max(1, cfg.toTicks(cfg.GossipInterval)),
+		port:        pc.LocalPort(),
+		log:         cfg.Log,
+		dev:         dev,
+		pc:          pc,
+		ctrl:        make(chan inbound, ctrlQueueLen),
+		requests:    make(chan request),
+		resolved:    make(chan resolution, 16),
 	}
 	r.snap.Store(&snapshot{routes: routes.New[*path](nil)})
 	return r, nil
@@ -180,7 +193,7 @@ func (r *Router) Run(ctx context.Context) error {
 	defer cancel()
 	var wg sync.WaitGroup
 	errs := make(chan error, 3)
-	c := newControl(r, r.link)
+	c := newControl(r, r.link, r.topo)
 	wg.Go(func() { errs <- c.run(ctx) })
 	wg.Go(func() { errs <- r.tunToPeers() })
 	wg.Go(func() { errs <- r.peersToTun() })
@@ -213,13 +226,16 @@ type snapshot struct {
 	// peers maps the endpoint of every established connection to its path:
 	// data from any other endpoint is dropped.
 	peers map[netip.AddrPort]*path
+	// byName is where data for each reachable peer goes (relays use it).
+	byName map[proto.PeerName]*path
 }
 
 // path is where packets for one peer go. Immutable once published.
 type path struct {
-	name  proto.PeerName
-	ep    conn.Endpoint
-	local bool // the prefix is ours: packets for it belong to our TUN
+	name    proto.PeerName
+	ep      conn.Endpoint // of the first hop
+	local   bool          // the prefix is ours: packets for it belong to our TUN
+	relayed bool          // the first hop is not the destination
 }
 
 // Stats counts what the data path did. All fields are updated atomically.
@@ -237,4 +253,12 @@ type Stats struct {
 	DropCtrlQueue   atomic.Uint64 // control messages dropped because the control loop lagged
 	DropTunWrite    atomic.Uint64 // batches the TUN device refused (in part)
 	DropTunRead     atomic.Uint64 // failed reads from the TUN device
+	DropHops        atomic.Uint64 // data that crossed too many relays (a routing loop)
+	RelayedPackets  atomic.Uint64 // data for other peers passed on
+	RelayedBytes    atomic.Uint64
+
+	GossipSentBytes      atomic.Uint64 // topology gossip datagrams sent
+	GossipReceivedBytes  atomic.Uint64 // gossip payload received
+	GossipRejected       atomic.Uint64 // gossip refused: bad chunks, bad entries, forged origin
+	GossipUnknownChannel atomic.Uint64
 }

@@ -132,6 +132,7 @@ type dataPathFixture struct {
 	bufs    [][]byte
 	sizes   []int
 	b       batcher
+	relay   batcher
 	in      [][]byte
 	inSizes []int
 	inAddrs []conn.Endpoint
@@ -227,7 +228,7 @@ func TestDataPathAllocatesNothing(t *testing.T) {
 	// The drain reused the receive buffers; rebuild them as data for us.
 	f2 := newDataPathFixture(t, batch)
 	if n := testing.AllocsPerRun(100, func() {
-		f2.out = f2.r.receive(f2.in, f2.inSizes, f2.inAddrs, f2.out[:0])
+		f2.out = f2.r.receive(f2.in, f2.inSizes, f2.inAddrs, f2.out[:0], &f2.relay)
 		if len(f2.out) != batch {
 			t.Fatalf("accepted %d of %d", len(f2.out), batch)
 		}
@@ -253,7 +254,7 @@ func BenchmarkReceive(b *testing.B) {
 	f := newDataPathFixture(b, batch)
 	b.ReportAllocs()
 	for b.Loop() {
-		f.out = f.r.receive(f.in, f.inSizes, f.inAddrs, f.out[:0])
+		f.out = f.r.receive(f.in, f.inSizes, f.inAddrs, f.out[:0], &f.relay)
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*batch), "ns/packet")
 }

@@ -2,7 +2,9 @@ package peering
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
+	"slices"
 	"time"
 
 	"github.com/overlayd/overlayd/peering/link"
@@ -19,6 +21,7 @@ type Status struct {
 	ProtocolMaxVersion uint8          `json:"protocolMaxVersion"`
 	Encryption         bool           `json:"encryption"`
 	PeerDiscovery      bool           `json:"peerDiscovery"`
+	ConnLimit          int            `json:"connLimit"`
 	MTU                int            `json:"mtu"`
 	Targets            []string       `json:"targets"`
 	Connections        []ConnStatus   `json:"connections"`
@@ -61,9 +64,10 @@ type PeerConnStatus struct {
 
 // RouteStatus is one entry of the route table.
 type RouteStatus struct {
-	Prefix netip.Prefix   `json:"prefix"`
-	Via    proto.PeerName `json:"via"`
-	Local  bool           `json:"local,omitempty"`
+	Prefix  netip.Prefix   `json:"prefix"`
+	Via     proto.PeerName `json:"via"`               // the peer that serves it
+	NextHop proto.PeerName `json:"nextHop,omitempty"` // the relay, when not Via itself
+	Local   bool           `json:"local,omitempty"`
 }
 
 // StatsSnapshot is a copy of Stats.
@@ -81,6 +85,14 @@ type StatsSnapshot struct {
 	DropCtrlQueue   uint64 `json:"dropCtrlQueue"`
 	DropTunWrite    uint64 `json:"dropTunWrite"`
 	DropTunRead     uint64 `json:"dropTunRead"`
+	DropHops        uint64 `json:"dropHops"`
+	RelayedPackets  uint64 `json:"relayedPackets"`
+	RelayedBytes    uint64 `json:"relayedBytes"`
+
+	GossipSentBytes      uint64 `json:"gossipSentBytes"`
+	GossipReceivedBytes  uint64 `json:"gossipReceivedBytes"`
+	GossipRejected       uint64 `json:"gossipRejected"`
+	GossipUnknownChannel uint64 `json:"gossipUnknownChannel"`
 }
 
 func (s *Stats) snapshot() StatsSnapshot {
@@ -91,6 +103,9 @@ func (s *Stats) snapshot() StatsSnapshot {
 		DropUnknownPeer: s.DropUnknownPeer.Load(), DropNotForUs: s.DropNotForUs.Load(),
 		DropMalformed: s.DropMalformed.Load(), DropCtrlQueue: s.DropCtrlQueue.Load(),
 		DropTunWrite: s.DropTunWrite.Load(), DropTunRead: s.DropTunRead.Load(),
+		DropHops: s.DropHops.Load(), RelayedPackets: s.RelayedPackets.Load(), RelayedBytes: s.RelayedBytes.Load(),
+		GossipSentBytes: s.GossipSentBytes.Load(), GossipReceivedBytes: s.GossipReceivedBytes.Load(),
+		GossipRejected: s.GossipRejected.Load(), GossipUnknownChannel: s.GossipUnknownChannel.Load(),
 	}
 }
 
@@ -98,17 +113,20 @@ func (s *Stats) snapshot() StatsSnapshot {
 // fails only when ctx ends first.
 func (r *Router) Status(ctx context.Context) (Status, error) {
 	var st Status
-	err := r.do(ctx, func(c *control) { st = r.status(c.m.Status()) })
+	err := r.do(ctx, func(c *control) { st = c.status() })
 	return st, err
 }
 
-// status turns the Machine's view into the API's, with wall-clock times.
-func (r *Router) status(ls link.Status) Status {
+// status turns the cores' views into the API's, with wall-clock times.
+func (c *control) status() Status {
+	r := c.r
+	ls := c.m.Status()
 	cfg := &r.cfg
 	st := Status{
 		Name: cfg.Name, Nickname: cfg.Nickname, UID: cfg.UID, Port: r.port,
 		ProtocolMinVersion: proto.MinVersion, ProtocolMaxVersion: proto.MaxVersion,
-		MTU: cfg.MTU, Targets: nonNil(ls.Targets), Exposed: nonNil(ls.Local),
+		PeerDiscovery: cfg.Discovery, ConnLimit: cfg.ConnLimit,
+		MTU: cfg.MTU, Targets: nonNil(ls.Targets), Exposed: nonNil(slices.Clone(c.local)),
 		Connections: []ConnStatus{}, Routes: []RouteStatus{}, Stats: r.stats.snapshot(),
 	}
 	now := time.Now()
@@ -130,15 +148,39 @@ func (r *Router) status(ls link.Status) Status {
 		}
 		st.Connections = append(st.Connections, cs)
 	}
-	for _, p := range ls.Peers {
-		ps := PeerStatus{Name: p.Name, Nickname: p.Nickname, UID: p.UID, Connections: []PeerConnStatus{}}
-		for _, c := range p.Connections {
-			ps.Connections = append(ps.Connections, PeerConnStatus(c))
+	// Every peer the topology knows, ourselves first, with the
+	// connections it reports.
+	peers := c.topo.Peers()
+	slices.SortStableFunc(peers, func(a, b *proto.TopoPeer) int {
+		switch {
+		case a.Name == cfg.Name:
+			return -1
+		case b.Name == cfg.Name:
+			return 1
+		}
+		return 0
+	})
+	for _, e := range peers {
+		ps := PeerStatus{Name: e.Name, Nickname: e.Nickname, UID: e.UID, Connections: []PeerConnStatus{}}
+		for _, cn := range e.Conns {
+			nick := ""
+			if other := c.topo.Peer(cn.Peer); other != nil {
+				nick = other.Nickname
+			}
+			ps.Connections = append(ps.Connections, PeerConnStatus{Name: cn.Peer, Nickname: nick,
+				Address: cn.Addr.String(), Outbound: cn.Outbound, Established: cn.Established})
 		}
 		st.Peers = append(st.Peers, ps)
 	}
-	for _, rt := range r.snap.Load().routes.Routes() {
-		st.Routes = append(st.Routes, RouteStatus{Prefix: rt.Prefix, Via: rt.Via.name, Local: rt.Via.local})
+	snap := r.snap.Load()
+	for _, rt := range snap.routes.Routes() {
+		rs := RouteStatus{Prefix: rt.Prefix, Via: rt.Via.name, Local: rt.Via.local}
+		if rt.Via.relayed {
+			if nb, ok := snap.peers[rt.Via.ep.Remote]; ok {
+				rs.NextHop = nb.name
+			}
+		}
+		st.Routes = append(st.Routes, rs)
 	}
 	return st
 }
@@ -177,11 +219,20 @@ func (r *Router) Forget(ctx context.Context, addrs []string) error {
 // SetLocal replaces the prefixes this host serves (its exposed addresses)
 // and announces them to every peer.
 func (r *Router) SetLocal(ctx context.Context, prefixes []netip.Prefix) error {
-	var err error
-	if derr := r.do(ctx, func(c *control) { err = c.m.SetLocal(prefixes) }); derr != nil {
-		return derr
+	ps := slices.Clone(prefixes)
+	for _, p := range ps {
+		if !p.IsValid() || !p.Addr().Is4() {
+			return fmt.Errorf("peering: cannot serve %v: only IPv4 prefixes", p)
+		}
 	}
-	return err
+	if len(ps) > proto.MaxAnnouncedPrefixes {
+		return fmt.Errorf("peering: cannot serve more than %d prefixes", proto.MaxAnnouncedPrefixes)
+	}
+	slices.SortFunc(ps, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
+	return r.do(ctx, func(c *control) {
+		c.local = ps
+		c.setLocal()
+	})
 }
 
 // ParseTarget checks a peer address given as HOST, HOST:PORT, [IPv6] or

@@ -67,6 +67,11 @@ func (t Type) String() string {
 // established.
 const FlagEstablished = 0x01
 
+// FlagConfigured, on a hello, says the sender dials us because an operator
+// configured it to (not discovery): it may take a place kept free for such
+// peers under the connection limit.
+const FlagConfigured = 0x01
+
 // Decoding errors. Every decoder wraps one of these, so callers can count
 // rejected datagrams by kind.
 var (

@@ -38,6 +38,8 @@ type options struct {
 	logLevel      string
 	mtu           int
 	metricsAddr   string
+	connLimit     int
+	noDiscovery   bool
 }
 
 // config is the validated configuration of one daemon.
@@ -54,6 +56,8 @@ type config struct {
 	LogLevel      zapcore.Level
 	MTU           int    // zero: underlay MTU minus proto.UDPOverhead
 	MetricsAddr   string // host:port for Prometheus; empty: off
+	ConnLimit     int    // 0: no limit
+	Discovery     bool
 }
 
 // usageError is a bad flag value: exit code 2.
@@ -142,6 +146,10 @@ func (o *options) validate(positional []string) (*config, error) {
 		return nil, badFlag("--mtu %d is out of range 576-%d", o.mtu, 65535-proto.DataHeaderLen-28)
 	}
 	c.MTU = o.mtu
+	if o.connLimit < 0 {
+		return nil, badFlag("--conn-limit %d: want 0 (no limit) or more", o.connLimit)
+	}
+	c.ConnLimit, c.Discovery = o.connLimit, !o.noDiscovery
 	if o.metricsAddr != "" {
 		host, port, err := net.SplitHostPort(o.metricsAddr)
 		n, perr := strconv.Atoi(port)

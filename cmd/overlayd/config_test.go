@@ -9,7 +9,7 @@ import (
 )
 
 func defaults() options {
-	return options{rangeCIDR: defaultRange, port: 6783, iface: defaultIface, socket: "/tmp/x.sock",
+	return options{rangeCIDR: defaultRange, port: 6783, connLimit: 200, iface: defaultIface, socket: "/tmp/x.sock",
 		stateDir: "/tmp/state", logLevel: "info", nickname: "me"}
 }
 
@@ -45,6 +45,7 @@ func TestValidate(t *testing.T) {
 		{func(o *options) { o.mtu = 100 }, "--mtu"},
 		{func(o *options) { o.socket = "" }, "--socket"},
 		{func(o *options) { o.metricsAddr = "9783" }, "--metrics-addr"},
+		{func(o *options) { o.connLimit = -1 }, "--conn-limit"},
 		{func(o *options) { o.metricsAddr = "host:99999" }, "--metrics-addr"},
 		{func(o *options) { o.nickname = strings.Repeat("n", 65) }, "--nickname"},
 	} {

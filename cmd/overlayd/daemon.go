@@ -111,6 +111,7 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 	crand.Read(seed[:])
 	router, err := peering.New(peering.Config{
 		Name: name, Nickname: cfg.Nickname, Range: cfg.Range, MTU: mtu,
+		Discovery: cfg.Discovery, ConnLimit: cfg.ConnLimit,
 		Rand: rand.New(rand.NewPCG(binary.LittleEndian.Uint64(seed[:8]), binary.LittleEndian.Uint64(seed[8:]))),
 		Log:  log.Named("router"),
 	}, dev, pc)

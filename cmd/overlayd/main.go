@@ -78,6 +78,8 @@ for --range and --default-subnet.`,
 	f.StringVar(&o.name, "name", "", "peer name, like 12:d2:fe:7a:c1:f2 (default: generated once and kept in --state-dir)")
 	f.StringVar(&o.nickname, "nickname", "", "nickname shown next to the peer name (default: the host name)")
 	f.IntVar(&o.port, "port", peering.DefaultPort, "UDP port for control and data")
+	f.IntVar(&o.connLimit, "conn-limit", 200, "connections to other peers at most (0: no limit)")
+	f.BoolVar(&o.noDiscovery, "no-discovery", false, "do not dial the peers other peers tell of (only --peer and connect)")
 	f.StringVar(&o.iface, "iface", defaultIface, "name of the TUN device to create")
 	f.IntVar(&o.mtu, "mtu", 0, "MTU of the TUN device (default: smallest underlay MTU minus 44 bytes of overhead)")
 	f.StringVar(&o.socket, "socket", socketDefault(), "control API unix socket (also $OVERLAY_SOCKET)")

@@ -127,9 +127,13 @@ func (s *Server) Run(ctx context.Context) error {
 	var err error
 	select {
 	case <-ctx.Done():
-		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		// Requests in flight get a moment to finish; then everything is
+		// closed, so that the daemon exits well within 2 s of SIGTERM.
+		sctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 		defer cancel()
-		_ = s.http.Shutdown(sctx)
+		if s.http.Shutdown(sctx) != nil {
+			s.http.Close()
+		}
 		<-errc
 	case err = <-errc:
 	}

@@ -253,6 +253,28 @@ func (h *Host) Loss(pct int) error {
 	return nil
 }
 
+// Block drops every packet from the host to addr and from addr to the host
+// (nftables in the host's namespace), as if the underlay could not carry
+// them.
+func (h *Host) Block(addr netip.Addr) error {
+	rules := fmt.Sprintf(`table inet ovtblock {
+	chain out {
+		type filter hook output priority 0; policy accept;
+		ip daddr %[1]s drop
+	}
+	chain in {
+		type filter hook input priority 0; policy accept;
+		ip saddr %[1]s drop
+	}
+}`, addr)
+	cmd := exec.Command("ip", "netns", "exec", h.NS, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(rules)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("nft block rule: %v: %s", err, out)
+	}
+	return nil
+}
+
 // Dir is a scratch directory that lives as long as the lab.
 func (l *Lab) Dir() string { return l.dir }
 

@@ -1,6 +1,8 @@
 // Package link is the life of this peer's links to other peers: dialling
-// targets, the hello/accept/reject handshake, heartbeats, time-outs, retries
-// with back-off, and the announcements of the prefixes each peer serves.
+// targets (configured or discovered), the hello/accept/reject handshake, the
+// connection limit, heartbeats, time-outs and retries with back-off. Gossip
+// from connected peers is checked and handed up; what it means is the
+// business of other cores (topology).
 //
 // The package is pure and deterministic: no sockets, clocks, goroutines or
 // globals. Time enters as Tick (one tick is a fixed interval the shell
@@ -23,10 +25,6 @@ import (
 	"github.com/overlayd/overlayd/proto"
 )
 
-// ChannelAddresses is the gossip channel on which peers announce the
-// prefixes they serve.
-const ChannelAddresses = "addresses"
-
 // Config configures a Machine. Zero tick counts take the defaults listed
 // (in ticks of 100 ms).
 type Config struct {
@@ -39,7 +37,8 @@ type Config struct {
 	HelloAttempts     int // 5: hellos before a dial fails
 	RetryInitialTicks int // 20: first wait after a failure (±50 % jitter)
 	RetryMaxTicks     int // 600: cap of the exponential back-off
-	AnnounceTicks     int // 50: periodic resend of our announcement
+	// ConnLimit bounds connections (0: no limit); see Admit.
+	ConnLimit int
 	// LongLivedTicks: a connection that lasted longer is retried at once
 	// when it fails (600).
 	LongLivedTicks int
@@ -64,7 +63,6 @@ func (c *Config) setDefaults() {
 	def(&c.HelloAttempts, 5)
 	def(&c.RetryInitialTicks, 20)
 	def(&c.RetryMaxTicks, 600)
-	def(&c.AnnounceTicks, 50)
 	def(&c.LongLivedTicks, 600)
 	def(&c.MaxPendingInbound, 64)
 	def(&c.RejectBurst, 20)
@@ -117,7 +115,6 @@ const (
 	EventLost                                 // a connection ended; Err says why
 	EventRefused                              // a handshake was refused (either side); Err says why
 	EventRestarted                            // a peer came back as a new incarnation
-	EventAnnounced                            // a peer announced its prefixes
 	EventTargetAdded                          // Endpoint is the target
 	EventTargetForgotten                      // Endpoint is the target
 	EventRetry                                // a target will be retried in RetryTicks
@@ -134,25 +131,27 @@ type Event struct {
 	RetryTicks int
 }
 
-// Route sends the addresses of Prefix to Peer along Via; Local routes are
-// ours.
-type Route struct {
-	Prefix netip.Prefix
-	Peer   proto.PeerName
-	Via    Endpoint
-	Local  bool
-}
-
 // PeerPath is an established peer and where its datagrams go.
 type PeerPath struct {
-	Name proto.PeerName
-	Via  Endpoint
+	Name     proto.PeerName
+	UID      uint64
+	Nickname string
+	Via      Endpoint
+	Outbound bool
 }
 
-// Routing is everything the data path needs, rebuilt whole on every change.
+// Routing is the set of established peers, rebuilt whole on every change.
 type Routing struct {
-	Routes []Route    // our prefixes, then each established peer's, by name
-	Peers  []PeerPath // the established peers
+	Peers []PeerPath // in name order
+}
+
+// Gossip is a gossip message from a connected peer, checked: it came from
+// the peer it names as origin, or was relayed (Hops > 0).
+type Gossip struct {
+	From    proto.PeerName // the neighbour it came from
+	FromUID uint64         // that neighbour's incarnation
+	Via     Endpoint
+	Msg     proto.Gossip // Payload is a copy, owned by the receiver
 }
 
 // Ready is the work produced since the last Advance.
@@ -160,12 +159,13 @@ type Ready struct {
 	Sends   []Datagram
 	Resolve []Resolve
 	Events  []Event
+	Gossip  []Gossip
 	Routing *Routing // nil unless it changed
 }
 
 // Empty reports whether there is nothing to do.
 func (rd *Ready) Empty() bool {
-	return len(rd.Sends) == 0 && len(rd.Resolve) == 0 && len(rd.Events) == 0 && rd.Routing == nil
+	return len(rd.Sends) == 0 && len(rd.Resolve) == 0 && len(rd.Events) == 0 && len(rd.Gossip) == 0 && rd.Routing == nil
 }
 
 // state is where a connection stands, as Weave shows it.
@@ -194,8 +194,9 @@ type connection struct {
 	nextBeat  int64
 	// remoteEstablished is the peer's own view, from its heartbeats.
 	remoteEstablished bool
-	// announce is the peer's latest announcement; nil until one arrives.
-	announce *proto.Announce
+	// configured is set on an inbound connection whose peer dialled us
+	// because we are one of its configured targets (hello flag).
+	configured bool
 }
 
 // targetState is where a target stands while it has no connection.
@@ -220,6 +221,9 @@ type target struct {
 	retryAt   int64 // tick of the next attempt
 	never     bool  // failed for good (our own address, name collision)
 	backoff   int   // ticks
+	// discovered targets come from the topology, not from the operator:
+	// they are not listed as targets and go when the topology drops them.
+	discovered bool
 }
 
 // Machine is the link state of one peer.
@@ -234,11 +238,9 @@ type Machine struct {
 
 	rejectBudget int
 
-	local        []netip.Prefix // prefixes we serve
-	localVersion uint64
-	nextAnnounce int64
-
 	malformed uint64 // control messages that did not decode
+	// Impostors counts gossip from a peer that claims another's name.
+	Impostors uint64
 }
 
 // New checks cfg and makes a Machine.
@@ -276,7 +278,11 @@ func (m *Machine) send(to Endpoint, msg []byte) {
 
 func (m *Machine) sendHello(cn *connection, t proto.Type) {
 	h := m.cfg.Self.Hello()
-	m.send(cn.ep, proto.AppendHello(nil, t, &h))
+	msg := proto.AppendHello(nil, t, &h)
+	if t == proto.TypeHello && cn.target != nil && !cn.target.discovered {
+		msg[2] |= proto.FlagConfigured
+	}
+	m.send(cn.ep, msg)
 }
 
 func (m *Machine) sendHeartbeat(cn *connection) {
@@ -284,29 +290,15 @@ func (m *Machine) sendHeartbeat(cn *connection) {
 		Name: m.cfg.Self.Name, UID: m.cfg.Self.UID, Established: cn.state == stateEstablished}))
 }
 
-func (m *Machine) sendAnnounce(cn *connection) {
-	payload, err := proto.AppendAnnounce(nil, &proto.Announce{
-		UID: m.cfg.Self.UID, Version: m.localVersion, Prefixes: m.local})
-	if err != nil {
-		return // SetLocal checked the prefixes
-	}
-	msg, err := proto.AppendGossip(nil, &proto.Gossip{
-		Channel: ChannelAddresses, Src: m.cfg.Self.Name, Dst: cn.remote.Name, Payload: payload})
-	if err != nil {
-		return
-	}
-	m.send(cn.ep, msg)
-}
-
 // Tick advances time by one tick and runs the timers: dials, hello
-// retries, heartbeats, time-outs, announcements.
+// retries, heartbeats, time-outs.
 func (m *Machine) Tick() {
 	m.now++
 	cfg := &m.cfg
 	m.rejectBudget = min(m.rejectBudget+1, cfg.RejectBurst)
 	for _, key := range m.order {
 		t := m.targets[key]
-		if t.conn == nil && !t.resolving && !t.never && m.now >= t.retryAt {
+		if t.conn == nil && !t.resolving && !t.never && m.now >= t.retryAt && m.room(!t.discovered) {
 			t.state = targetConnecting
 			if t.lastErr != nil {
 				t.state = targetRetrying
@@ -333,15 +325,24 @@ func (m *Machine) Tick() {
 			cn.nextBeat = m.now + int64(cfg.HeartbeatTicks)
 		}
 	}
-	if m.now >= m.nextAnnounce {
-		m.nextAnnounce = m.now + int64(cfg.AnnounceTicks)
-		for _, cn := range m.sorted() {
-			if cn.state == stateEstablished {
-				m.sendAnnounce(cn)
-			}
-		}
-	}
 }
+
+// room says whether one more connection fits: a configured one up to
+// ConnLimit, a discovered one while a tenth of the limit stays free.
+func (m *Machine) room(configured bool) bool {
+	switch {
+	case m.cfg.ConnLimit <= 0:
+		return true
+	case configured:
+		return len(m.conn) < m.cfg.ConnLimit
+	}
+	return len(m.conn) < m.cfg.ConnLimit-m.cfg.ConnLimit/10
+}
+
+// ConnLimitError refuses a connection beyond the limit; Weave's text.
+type ConnLimitError struct{ Limit int }
+
+func (e *ConnLimitError) Error() string { return fmt.Sprintf("Connection limit reached (%d)", e.Limit) }
 
 var (
 	errTimeout                = errors.New("timed out waiting for heartbeat")
@@ -407,7 +408,7 @@ func (m *Machine) Step(from Endpoint, msg []byte) error {
 			return err
 		}
 		if hd.Type == proto.TypeHello {
-			m.onHello(from, &h)
+			m.onHello(from, &h, hd.Flags&proto.FlagConfigured != 0)
 		} else {
 			m.onAccept(from, &h)
 		}
@@ -438,7 +439,7 @@ func (m *Machine) Step(from Endpoint, msg []byte) error {
 	return nil
 }
 
-func (m *Machine) onHello(from Endpoint, h *proto.Hello) {
+func (m *Machine) onHello(from Endpoint, h *proto.Hello, configured bool) {
 	cn := m.conn[from.Remote]
 	if h.Name == m.cfg.Self.Name && h.UID == m.cfg.Self.UID {
 		// Our own hello: a target is one of our own addresses.
@@ -471,7 +472,11 @@ func (m *Machine) onHello(from Endpoint, h *proto.Hello) {
 		if m.pendingInbound() >= m.cfg.MaxPendingInbound {
 			return // a flood of hellos; real peers retry
 		}
-		cn = &connection{ep: from, state: statePending}
+		if !m.room(configured) {
+			m.refuse(from, h, &ConnLimitError{Limit: m.cfg.ConnLimit})
+			return
+		}
+		cn = &connection{ep: from, state: statePending, configured: configured}
 		m.conn[from.Remote] = cn
 		m.adoptTarget(cn)
 	}
@@ -549,34 +554,32 @@ func (m *Machine) onHeartbeat(from Endpoint, hb proto.Heartbeat) {
 	}
 }
 
-// ErrUnknownChannel is returned by Step for gossip on a channel we do not
-// serve.
-var ErrUnknownChannel = errors.New("link: gossip on an unknown channel")
+// ErrImpostor is returned by Step for gossip whose origin is not the peer
+// it came from, though it claims to come straight from it.
+var ErrImpostor = errors.New("link: gossip from a peer that claims another peer's name")
+
+// ErrStranger is returned by Step for gossip from an endpoint we have no
+// connection with.
+var ErrStranger = errors.New("link: gossip from a peer we are not connected to")
 
 func (m *Machine) onGossip(from Endpoint, g *proto.Gossip) error {
 	cn := m.conn[from.Remote]
 	// Pending is enough: the handshake has told us who the peer is, and its
-	// announcement may overtake the heartbeat that establishes us.
-	if cn == nil || cn.state == stateConnecting || g.Src != cn.remote.Name {
-		return nil
+	// gossip may overtake the heartbeat that establishes us.
+	if cn == nil || cn.state == stateConnecting {
+		return ErrStranger
 	}
-	if g.Channel != ChannelAddresses {
-		return fmt.Errorf("%w %q", ErrUnknownChannel, g.Channel)
+	if g.Hops == 0 && g.Src != cn.remote.Name {
+		m.Impostors++
+		return fmt.Errorf("%w: %v sent it as %v", ErrImpostor, cn.remote.Name, g.Src)
 	}
-	a, err := proto.ParseAnnounce(g.Payload)
-	if err != nil {
-		m.malformed++
-		return err
+	c := *g
+	c.Payload = slices.Clone(g.Payload)
+	if g.Chunk != nil {
+		ch := *g.Chunk
+		c.Chunk = &ch
 	}
-	if a.UID != cn.remote.UID || (cn.announce != nil && a.Version <= cn.announce.Version) {
-		return nil // stale
-	}
-	cn.announce = &a
-	m.event(Event{Kind: EventAnnounced, Peer: g.Src, Nick: cn.remote.Nickname, Endpoint: from.Remote.String(),
-		Prefixes: slices.Clone(a.Prefixes)})
-	if cn.state == stateEstablished {
-		m.reroute()
-	}
+	m.rd.Gossip = append(m.rd.Gossip, Gossip{From: cn.remote.Name, FromUID: cn.remote.UID, Via: cn.ep, Msg: c})
 	return nil
 }
 
@@ -591,7 +594,6 @@ func (m *Machine) establish(cn *connection) {
 	m.event(Event{Kind: EventEstablished, Peer: cn.remote.Name, Nick: cn.remote.Nickname, Endpoint: cn.ep.Remote.String()})
 	m.sendHeartbeat(cn)
 	cn.nextBeat = m.now + int64(m.cfg.HeartbeatTicks)
-	m.sendAnnounce(cn)
 	m.reroute()
 }
 
@@ -718,25 +720,15 @@ func (m *Machine) sorted() []*connection {
 	return cs
 }
 
-// reroute puts a new Routing in Ready: our prefixes, then the established
-// peers' in name order, so where two peers announce the same prefix the
-// lower name wins, the same on every host.
+// reroute puts the established peers, in name order, in Ready.
 func (m *Machine) reroute() {
-	rt := &Routing{}
-	for _, p := range m.local {
-		rt.Routes = append(rt.Routes, Route{Prefix: p, Peer: m.cfg.Self.Name, Local: true})
-	}
+	rt := &Routing{Peers: []PeerPath{}}
 	cs := m.sorted()
 	slices.SortStableFunc(cs, func(a, b *connection) int { return cmpName(a.remote.Name, b.remote.Name) })
 	for _, cn := range cs {
-		if cn.state != stateEstablished {
-			continue
-		}
-		rt.Peers = append(rt.Peers, PeerPath{Name: cn.remote.Name, Via: cn.ep})
-		if cn.announce != nil {
-			for _, p := range cn.announce.Prefixes {
-				rt.Routes = append(rt.Routes, Route{Prefix: p, Peer: cn.remote.Name, Via: cn.ep})
-			}
+		if cn.state == stateEstablished {
+			rt.Peers = append(rt.Peers, PeerPath{Name: cn.remote.Name, UID: cn.remote.UID,
+				Nickname: cn.remote.Nickname, Via: cn.ep, Outbound: cn.outbound})
 		}
 	}
 	m.rd.Routing = rt

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
-	"slices"
 	"strings"
 	"testing"
 
@@ -117,26 +116,29 @@ func establish(t *testing.T) (*net, *Machine, *Machine) {
 	return n, a, b
 }
 
-func TestHandshakeAndAnnouncements(t *testing.T) {
+func TestHandshakeAndGossip(t *testing.T) {
 	n, a, b := establish(t)
-	if err := a.SetLocal([]netip.Prefix{netip.MustParsePrefix("10.40.0.1/32")}); err != nil {
-		t.Fatal(err)
-	}
-	n.deliver()
-	rd := b.Ready()
-	_ = rd
 	st := b.Status()
 	if len(st.Peers) != 2 || st.Peers[1].Name != 0xa || !st.Peers[1].Connections[0].Established {
 		t.Errorf("b's peers: %+v", st.Peers)
 	}
-	// b's routing now sends 10.40.0.1 to a.
-	b.SetLocal(nil) // forces a Routing into Ready
-	routing := b.Ready().Routing
-	if routing == nil || !slices.ContainsFunc(routing.Routes, func(r Route) bool {
-		return r.Prefix == netip.MustParsePrefix("10.40.0.1/32") && r.Peer == 0xa && r.Via.Remote == netip.AddrPortFrom(addr(1), DefaultPort)
-	}) {
-		t.Errorf("b's routing: %+v\n%s", routing, n.dump())
+	// Gossip from a goes up to b's shell, checked.
+	g, _ := proto.AppendGossip(nil, &proto.Gossip{Channel: "topology", Src: 0xa, Payload: []byte("x")})
+	if err := b.Step(Endpoint{Remote: netip.AddrPortFrom(addr(1), DefaultPort)}, g); err != nil {
+		t.Fatal(err)
 	}
+	if got := b.Ready().Gossip; len(got) != 1 || got[0].From != 0xa || got[0].FromUID != 1 || string(got[0].Msg.Payload) != "x" {
+		t.Errorf("gossip handed up: %+v", got)
+	}
+	// Gossip claiming to come straight from another peer is refused.
+	forged, _ := proto.AppendGossip(nil, &proto.Gossip{Channel: "topology", Src: 0xc, Payload: []byte("x")})
+	if err := b.Step(Endpoint{Remote: netip.AddrPortFrom(addr(1), DefaultPort)}, forged); !errors.Is(err, ErrImpostor) || b.Impostors != 1 {
+		t.Errorf("forged origin: %v", err)
+	}
+	if err := b.Step(Endpoint{Remote: netip.MustParseAddrPort("192.168.0.77:6783")}, g); !errors.Is(err, ErrStranger) {
+		t.Errorf("stranger: %v", err)
+	}
+	_, _ = n, a
 }
 
 // TestTimeout: a silent peer is dropped exactly when TimeoutTicks have
@@ -270,24 +272,57 @@ func TestSimultaneousOpen(t *testing.T) {
 }
 
 // TestRestart: a peer that restarts (same name and address, new UID) is
-// replaced cleanly, and the new incarnation's announcement wins.
+// replaced cleanly.
 func TestRestart(t *testing.T) {
-	n, a, b := establish(t)
-	a.SetLocal([]netip.Prefix{netip.MustParsePrefix("10.40.0.1/32")})
+	n, _, b := establish(t)
 	n.run(5)
-	a2 := n.add(1, 0xa, 99, testRange) // restarted a, no addresses yet
-	n.run(60)                          // b times out, redials and meets a2
+	n.add(1, 0xa, 99, testRange) // restarted a
+	n.run(60)                    // b times out, redials and meets the new a
 	if n.connState(b, targetOf(1)) != "established" {
 		t.Fatalf("not re-established:\n%s", n.dump())
 	}
 	if uid := b.Status().Peers[1].UID; uid != 99 {
 		t.Errorf("b knows UID %d, want the new incarnation's", uid)
 	}
-	b.SetLocal(nil)
-	if rt := b.Ready().Routing; rt == nil || slices.ContainsFunc(rt.Routes, func(r Route) bool { return !r.Local }) {
-		t.Errorf("old incarnation's routes survive: %+v", rt)
+}
+
+// TestConnLimitAndDiscovery: discovered targets are dialled but not listed
+// as targets; beyond the limit hellos are refused with Weave's text, while
+// a tenth of the room stays for configured peers.
+func TestConnLimitAndDiscovery(t *testing.T) {
+	n := newNet(t)
+	hub, err := New(Config{Self: handshake.Config{Name: 0xa, UID: 1, Range: testRange}, Rand: rand.New(rand.NewPCG(1, 1)), ConnLimit: 10})
+	if err != nil {
+		t.Fatal(err)
 	}
-	_, _ = a, a2
+	n.nodes[addr(1)], n.order = hub, append(n.order, addr(1))
+	for i := 2; i <= 12; i++ {
+		m := n.add(i, proto.PeerName(0xa+i), uint64(i), testRange)
+		m.Discovered([]netip.AddrPort{netip.AddrPortFrom(addr(1), DefaultPort)})
+	}
+	n.run(3)
+	if got := len(hub.conn); got != 9 {
+		t.Errorf("hub has %d connections, want 9 (a tenth of 10 kept for configured peers)", got)
+	}
+	if !strings.Contains(n.dump(), "Connection limit reached (10)") {
+		t.Errorf("no refusal:\n%s", n.dump())
+	}
+	last := n.nodes[addr(12)]
+	if len(last.Status().Targets) != 0 {
+		t.Errorf("discovered targets listed: %v", last.Status().Targets)
+	}
+	// A configured peer still gets in.
+	m := n.add(13, 0x99, 13, testRange)
+	m.Connect([]string{addr(1).String()})
+	n.run(2)
+	if n.connState(m, targetOf(1)) != "established" {
+		t.Errorf("configured peer refused:\n%s", n.dump())
+	}
+	// Dropping a discovered target from the set forgets it.
+	last.Discovered(nil)
+	if len(last.targets) != 0 && last.targets[targetOf(1)].conn == nil {
+		t.Errorf("stale discovered target kept: %+v", last.targets)
+	}
 }
 
 func TestForgetDropsConnection(t *testing.T) {

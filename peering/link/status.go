@@ -1,7 +1,6 @@
 package link
 
 import (
-	"net/netip"
 	"slices"
 
 	"github.com/overlayd/overlayd/proto"
@@ -12,7 +11,6 @@ type Status struct {
 	Targets     []string
 	Connections []ConnStatus
 	Peers       []PeerStatus // ourselves first, then the peers we are connected to
-	Local       []netip.Prefix
 }
 
 // ConnStatus is one line of `status connections`: a connection, or a target
@@ -50,7 +48,12 @@ type PeerConn struct {
 // Status reports the state; it shares no memory with the Machine.
 func (m *Machine) Status() Status {
 	self := m.cfg.Self
-	st := Status{Targets: slices.Clone(m.order), Local: slices.Clone(m.local)}
+	st := Status{}
+	for _, key := range m.order {
+		if !m.targets[key].discovered {
+			st.Targets = append(st.Targets, key)
+		}
+	}
 	me := PeerStatus{Name: self.Name, Nickname: self.Nickname, UID: self.UID}
 	var others []PeerStatus
 	for _, cn := range m.sorted() {
@@ -73,7 +76,7 @@ func (m *Machine) Status() Status {
 	}
 	for _, key := range m.order {
 		t := m.targets[key]
-		if t.conn != nil {
+		if t.conn != nil || t.discovered && t.lastErr == nil {
 			continue
 		}
 		cs := ConnStatus{Address: t.addr, Outbound: true, Err: t.lastErr}

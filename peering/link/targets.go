@@ -38,7 +38,7 @@ func (m *Machine) Connect(addrs []string) error {
 	for _, p := range ps {
 		key := JoinTarget(p.host, p.port)
 		if t := m.targets[key]; t != nil {
-			t.backoff, t.retryAt, t.never = 0, m.now, false
+			t.backoff, t.retryAt, t.never, t.discovered = 0, m.now, false, false
 			continue
 		}
 		m.targets[key] = &target{addr: key, host: p.host, port: p.port, retryAt: m.now}
@@ -61,7 +61,7 @@ func (m *Machine) Forget(addrs []string) error {
 			return err
 		}
 		key := JoinTarget(h, p)
-		if m.targets[key] == nil {
+		if t := m.targets[key]; t == nil || t.discovered {
 			return fmt.Errorf("%w: %s", ErrUnknownTarget, a)
 		}
 		keys = append(keys, key)
@@ -97,28 +97,49 @@ func (m *Machine) servesTarget(cn *connection) bool {
 	return false
 }
 
-// SetLocal replaces the prefixes this peer serves and announces them to
-// every peer.
-func (m *Machine) SetLocal(prefixes []netip.Prefix) error {
-	ps := slices.Clone(prefixes)
-	for _, p := range ps {
-		if !p.IsValid() || !p.Addr().Is4() {
-			return fmt.Errorf("link: cannot serve %v: only IPv4 prefixes", p)
+// Discovered replaces the set of peers found through the topology that we
+// should dial (never one we already have a connection with or that is a
+// configured target). Discovered targets that drop out of the set are
+// forgotten; their connections stay.
+func (m *Machine) Discovered(addrs []netip.AddrPort) {
+	want := make(map[string]netip.AddrPort, len(addrs))
+	for _, a := range addrs {
+		a = netip.AddrPortFrom(a.Addr().Unmap(), a.Port())
+		if a.IsValid() && a.Port() != 0 && m.conn[a] == nil {
+			want[JoinTarget(a.Addr().String(), a.Port())] = a
 		}
 	}
-	if len(ps) > proto.MaxAnnouncedPrefixes {
-		return fmt.Errorf("link: cannot serve more than %d prefixes", proto.MaxAnnouncedPrefixes)
-	}
-	slices.SortFunc(ps, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
-	m.local = ps
-	m.localVersion++
-	m.reroute()
-	for _, cn := range m.sorted() {
-		if cn.state == stateEstablished {
-			m.sendAnnounce(cn)
+	for _, key := range slices.Clone(m.order) {
+		t := m.targets[key]
+		if _, ok := want[key]; !t.discovered || ok || t.conn != nil {
+			continue
 		}
+		delete(m.targets, key)
+		m.order = slices.DeleteFunc(m.order, func(s string) bool { return s == key })
 	}
-	return nil
+	keys := make([]string, 0, len(want))
+	for key := range want {
+		keys = append(keys, key)
+	}
+	slices.Sort(keys)
+	for _, key := range keys {
+		if m.targets[key] != nil {
+			continue
+		}
+		a := want[key]
+		m.targets[key] = &target{addr: key, host: a.Addr().String(), port: a.Port(), retryAt: m.now, discovered: true}
+		m.order = append(m.order, key)
+	}
+}
+
+// Neighbour returns the established or pending peer at the far end of
+// remote, if any.
+func (m *Machine) Neighbour(remote netip.AddrPort) (name proto.PeerName, uid uint64, ok bool) {
+	cn := m.conn[remote]
+	if cn == nil || cn.state == stateConnecting {
+		return 0, 0, false
+	}
+	return cn.remote.Name, cn.remote.UID, true
 }
 
 // ParseTarget checks a peer address given as HOST, HOST:PORT, IP, [IPv6] or

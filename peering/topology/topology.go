@@ -161,6 +161,11 @@ func (n *Node) SetLocal(conns []proto.TopoConn, prefixes []netip.Prefix) {
 	e.Version++
 	e.Conns, e.Prefixes = cs, ps
 	n.put(&e)
+	// Our neighbours hear of it at once (new ones need it to route to us);
+	// the rest through news and anti-entropy.
+	for _, nb := range n.Neighbours() {
+		n.send(nb, proto.TopoMsg{Kind: proto.TopoEntries, Entries: []proto.TopoPeer{e}})
+	}
 }
 
 // newer reports whether a should replace b.
