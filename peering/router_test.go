@@ -258,3 +258,103 @@ func BenchmarkReceive(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*batch), "ns/packet")
 }
+
+// fakePeer is a hand-driven peer on a plain socket: it does the handshake
+// and then sends whatever the test wants.
+type fakePeer struct {
+	t    *testing.T
+	pc   *conn.UDP
+	send conn.Sender
+	to   conn.Endpoint
+	name proto.PeerName
+	uid  uint64
+}
+
+func newFakePeer(t *testing.T, to *node, name proto.PeerName, uid uint64) *fakePeer {
+	pc, err := conn.Listen(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	f := &fakePeer{t: t, pc: pc, send: pc.NewSender(64), name: name, uid: uid,
+		to: conn.Endpoint{Remote: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), to.pc.LocalPort())}}
+	f.datagram(proto.AppendHello(nil, proto.TypeHello, &proto.Hello{MinVersion: 1, MaxVersion: 1, Name: name,
+		UID: uid, Port: pc.LocalPort(), Range: testRange, Nickname: "fake"}))
+	bufs, sizes, eps := [][]byte{make([]byte, 2000)}, make([]int, 1), make([]conn.Endpoint, 1)
+	for {
+		if _, err := pc.NewReader(1).Read(bufs, sizes, eps); err != nil {
+			t.Fatal(err)
+		}
+		if hd, err := proto.ParseHeader(bufs[0][:sizes[0]]); err == nil && hd.Type == proto.TypeAccept {
+			break
+		}
+	}
+	f.datagram(proto.AppendHeartbeat(nil, proto.Heartbeat{Name: name, UID: uid, Established: true}))
+	return f
+}
+
+func (f *fakePeer) datagram(bs ...[]byte) {
+	if _, err := f.send.Send(bs, f.to); err != nil {
+		f.t.Fatal(err)
+	}
+}
+
+func (f *fakePeer) gossip(g proto.Gossip) []byte {
+	b, err := proto.AppendGossip(nil, &g)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return b
+}
+
+// TestBadGossipIsRefused: gossip that claims another origin, a topology
+// entry of the sender with a forged UID, malformed topology payloads and
+// chunks that never complete are all refused and counted; memory for
+// partial messages stays bounded; the router keeps working.
+func TestBadGossipIsRefused(t *testing.T) {
+	a := startNode(t, 0xa, "a")
+	f := newFakePeer(t, a, 0xf, 77)
+	eventually(t, "fake peer established", func() bool {
+		cs := a.status(t).Connections
+		return len(cs) == 1 && cs[0].State == "established"
+	})
+	topo := func(m proto.TopoMsg) []byte {
+		b, err := proto.AppendTopoMsg(nil, &m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	forged := topo(proto.TopoMsg{Kind: proto.TopoEntries, Entries: []proto.TopoPeer{{Name: 0xf, UID: 666, Version: 9}}})
+	f.datagram(
+		f.gossip(proto.Gossip{Channel: proto.ChannelTopology, Src: 0xb, Dst: 0xa, Payload: forged}),                // another origin
+		f.gossip(proto.Gossip{Channel: proto.ChannelTopology, Src: 0xf, Dst: 0xa, Payload: forged}),                // its own entry, forged UID
+		f.gossip(proto.Gossip{Channel: proto.ChannelTopology, Src: 0xf, Dst: 0xa, Payload: []byte{4, 0, 9, 1, 2}}), // malformed
+		f.gossip(proto.Gossip{Channel: proto.ChannelTopology, Src: 0xf, Dst: 0xa, Payload: []byte{77}}),            // unknown kind
+	)
+	// Chunks that never complete, far more than the limits.
+	var chunks [][]byte
+	for id := range uint32(2000) {
+		chunks = append(chunks, f.gossip(proto.Gossip{Channel: proto.ChannelTopology, Src: 0xf, Dst: 0xa,
+			Chunk: &proto.Chunk{MsgID: id, Index: 0, Count: 3}, Payload: make([]byte, 1000)}))
+		if len(chunks) == 64 {
+			f.datagram(chunks...)
+			chunks = chunks[:0]
+			time.Sleep(time.Millisecond) // let the control loop keep up
+		}
+	}
+	eventually(t, "refusals counted", func() bool { return a.status(t).Stats.GossipRejected >= 4 })
+	st := a.status(t)
+	if st.GossipPartial > 8 { // one origin may keep gossip.MaxPartialPerSrc
+		t.Errorf("%d partial messages kept", st.GossipPartial)
+	}
+	for _, p := range st.Peers {
+		if p.Name == 0xf && p.UID == 666 {
+			t.Error("the forged entry was taken")
+		}
+	}
+	// Still working: a keeps the connection and answers a good hash.
+	if cs := st.Connections; len(cs) != 1 || cs[0].State != "established" {
+		t.Errorf("connections after the junk: %+v", cs)
+	}
+}

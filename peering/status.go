@@ -28,6 +28,9 @@ type Status struct {
 	Peers              []PeerStatus   `json:"peers"`
 	Routes             []RouteStatus  `json:"routes"`
 	Exposed            []netip.Prefix `json:"exposed"`
+	// GossipPartial is the number of chunked gossip messages waiting for
+	// their missing chunks (bounded by peering/gossip.MaxPartial).
+	GossipPartial int `json:"gossipPartial"`
 	Stats              StatsSnapshot  `json:"stats"`
 }
 
@@ -128,6 +131,7 @@ func (c *control) status() Status {
 		PeerDiscovery: cfg.Discovery, ConnLimit: cfg.ConnLimit,
 		MTU: cfg.MTU, Targets: nonNil(ls.Targets), Exposed: nonNil(slices.Clone(c.local)),
 		Connections: []ConnStatus{}, Routes: []RouteStatus{}, Stats: r.stats.snapshot(),
+		GossipPartial: c.asm.Pending(),
 	}
 	now := time.Now()
 	for _, c := range ls.Connections {

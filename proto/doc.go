@@ -50,7 +50,9 @@
 //	28      n   nickname (UTF-8)
 //
 // A peer dials by sending hello; the other side validates it and answers
-// accept (same layout, its own identity) or reject. Trailing bytes after the
+// accept (same layout, its own identity) or reject. On a hello, flags bit 0
+// (0x01) says the dialler was configured to dial us (not discovery): under
+// the connection limit such peers may take the last tenth of the places. Trailing bytes after the
 // nickname are ignored, so later versions may append fields.
 //
 // # Reject (type 3)

@@ -157,14 +157,19 @@ func (n *Node) SetLocal(conns []proto.TopoConn, prefixes []netip.Prefix) {
 	if slices.Equal(old.Conns, cs) && slices.Equal(old.Prefixes, ps) {
 		return
 	}
+	before := n.Neighbours()
 	e := *old
 	e.Version++
 	e.Conns, e.Prefixes = cs, ps
 	n.put(&e)
 	// Our neighbours hear of it at once (new ones need it to route to us);
-	// the rest through news and anti-entropy.
+	// the rest through news and anti-entropy. A new neighbour also gets our
+	// hash, so that the two of us sync everything now, not by chance later.
 	for _, nb := range n.Neighbours() {
 		n.send(nb, proto.TopoMsg{Kind: proto.TopoEntries, Entries: []proto.TopoPeer{e}})
+		if _, known := slices.BinarySearch(before, nb); !known {
+			n.send(nb, proto.TopoMsg{Kind: proto.TopoHash, Count: uint32(len(n.peers)), Hash: n.hash})
+		}
 	}
 }
 

@@ -276,6 +276,11 @@ func (s *Sim) Converged() error {
 		want[p.name] = p.node.Peer(p.name)
 	}
 	for _, p := range live {
+		if p.node.Hash() != live[0].node.Hash() {
+			return fmt.Errorf("%v and %v see different topologies", p.name, live[0].name)
+		}
+	}
+	for _, p := range live[:1] { // all hashes are equal: checking one view checks all
 		if p.node.Len() != len(want) {
 			return fmt.Errorf("%v knows %d peers, %d are live", p.name, p.node.Len(), len(want))
 		}
