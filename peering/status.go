@@ -30,8 +30,8 @@ type Status struct {
 	Exposed            []netip.Prefix `json:"exposed"`
 	// GossipPartial is the number of chunked gossip messages waiting for
 	// their missing chunks (bounded by peering/gossip.MaxPartial).
-	GossipPartial int `json:"gossipPartial"`
-	Stats              StatsSnapshot  `json:"stats"`
+	GossipPartial int           `json:"gossipPartial"`
+	Stats         StatsSnapshot `json:"stats"`
 }
 
 // ConnStatus is one line of `status connections`: a connection, or a target
