@@ -48,7 +48,7 @@ for i in "${HOSTS[@]}"; do
   echo "host$i: 192.168.201.$i"
 done
 
-step "overlayd on each host: host2 and host3 are given only --peer 192.168.201.1 (host3 also host2)"
+step "overlayd on each host: host2 is given host1 as its peer, host3 only host2 (it discovers host1)"
 start() {
   local i=$1; shift
   ip netns exec "$P-h$i" bin/overlayd --range "$RANGE" --nickname "host$i" \
@@ -58,7 +58,7 @@ start() {
 }
 start 1
 start 2 --peer 192.168.201.1
-start 3 --peer 192.168.201.1 --peer 192.168.201.2
+start 3 --peer 192.168.201.2
 for i in "${HOSTS[@]}"; do
   echo "+ overlayctl expose 172.16.16.$i/24   (on host$i)"
   ctl "$i" expose "172.16.16.$i/24"
