@@ -263,7 +263,7 @@ func (c *control) discover() {
 	if !c.r.cfg.Discovery {
 		return
 	}
-	cands := topology.Discover(c.topo.Candidates(), len(c.neighbours), c.r.cfg.ConnLimit, c.r.cfg.Rand)
+	cands := topology.Discover(c.topo.Candidates(), len(c.neighbours), c.topo.Len(), c.r.cfg.ConnLimit, c.r.cfg.Rand)
 	addrs := make([]netip.AddrPort, len(cands))
 	for i, cd := range cands {
 		addrs[i] = cd.Addr

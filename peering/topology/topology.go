@@ -513,17 +513,25 @@ type Candidate struct {
 	Addr netip.AddrPort
 }
 
-// Discover chooses the candidates to dial now: in random order (so that
-// peers do not all crowd the same few), and only while our connections stay
-// under half of limit, which keeps the other half for peers that dial us,
-// configured ones first among them. A limit of 0 means no limit.
-func Discover(cands []Candidate, conns, limit int, r *rand.Rand) []Candidate {
+// Discover chooses the candidates to dial now, in random order (so that
+// peers do not all crowd the same few). With peers known (ourselves
+// included) and a limit, we dial while our connections stay under half of
+// the limit, which keeps the other half for peers that dial us, configured
+// ones first among them: a full mesh where it fits in that half. A mesh too
+// big for it gets a random graph of degree 8 + 4·log2(peers) instead, whose
+// diameter stays small while connections, entries and gossip stay small
+// too. A limit of 0 means no limit: a full mesh.
+func Discover(cands []Candidate, conns, peers, limit int, r *rand.Rand) []Candidate {
 	c := slices.Clone(cands)
 	r.Shuffle(len(c), func(i, j int) { c[i], c[j] = c[j], c[i] })
 	if limit <= 0 {
 		return c
 	}
-	room := limit/2 - conns
+	want := limit / 2
+	if peers-1 > want {
+		want = min(want, 8+4*bits.Len(uint(peers)))
+	}
+	room := want - conns
 	if room <= 0 {
 		return nil
 	}

@@ -160,11 +160,14 @@ func TestCandidatesAndDiscover(t *testing.T) {
 		t.Errorf("candidates %+v", c)
 	}
 	r := rand.New(rand.NewPCG(1, 2))
-	if got := Discover(c, 0, 0, r); len(got) != 2 {
+	if got := Discover(c, 0, 4, 0, r); len(got) != 2 {
 		t.Errorf("unlimited: %v", got)
 	}
-	if got := Discover(c, 99, 200, r); len(got) != 1 {
+	if got := Discover(c, 99, 50, 200, r); len(got) != 1 {
 		t.Errorf("one left under half the limit: %v", got)
+	}
+	if got := Discover(c, 47, 1000, 200, r); len(got) != 1 {
+		t.Errorf("1,000 peers: want degree 48, one left: %v", got)
 	}
 	if Admit(179, 200, false) != true || Admit(180, 200, false) || !Admit(199, 200, true) || Admit(200, 200, true) {
 		t.Error("Admit")

@@ -171,7 +171,7 @@ func (s *Sim) Step() {
 		if s.ConnLimit > 0 && len(p.conns) >= s.ConnLimit/2 {
 			continue // no room for discovery: spare the work
 		}
-		for _, c := range topology.Discover(p.node.Candidates(), len(p.conns), s.ConnLimit, s.rand) {
+		for _, c := range topology.Discover(p.node.Candidates(), len(p.conns), p.node.Len(), s.ConnLimit, s.rand) {
 			s.dial(p, c.Name, false)
 		}
 	}
