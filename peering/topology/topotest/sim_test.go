@@ -11,8 +11,8 @@ import (
 )
 
 var (
-	seed  = flag.Uint64("seed", 0, "run only this simulation seed")
-	more  = flag.Int("seeds", 0, "run this many seeds in each test instead of the default")
+	seed = flag.Uint64("seed", 0, "run only this simulation seed")
+	more = flag.Int("seeds", 0, "run this many seeds in each test instead of the default")
 )
 
 func seeds(n int) []uint64 {
