@@ -184,11 +184,9 @@ func (c *control) applyTopology() bool {
 	return true
 }
 
-// sendTopology encodes a topology message for a neighbour, in chunks if it
-// does not fit in one datagram.
+// sendTopology encodes a topology message for a neighbour.
 func (c *control) sendTopology(m topology.Msg) {
-	nb, ok := c.neighbours[m.To]
-	if !ok {
+	if _, ok := c.neighbours[m.To]; !ok {
 		return // gone meanwhile
 	}
 	payload, err := proto.AppendTopoMsg(nil, &m.Msg)
@@ -196,55 +194,85 @@ func (c *control) sendTopology(m topology.Msg) {
 		c.log.Error("cannot encode topology", zap.Error(err))
 		return
 	}
-	g := proto.Gossip{Channel: proto.ChannelTopology, Src: c.r.cfg.Name, Dst: m.To}
+	c.unicast(proto.ChannelTopology, m.To, payload)
+}
+
+// unicast sends payload on channel to peer dst: straight to it if it is a
+// neighbour, else to the first hop of the shortest path, which relays it.
+// A payload that does not fit in one datagram goes in chunks, each relayed
+// on its own and put back together by dst. It reports false if dst is
+// unreachable.
+func (c *control) unicast(channel string, dst proto.PeerName, payload []byte) bool {
+	var via conn.Endpoint
+	if nb, ok := c.neighbours[dst]; ok {
+		via = conn.Endpoint(nb.Via)
+	} else if p := c.r.snap.Load().byName[dst]; p != nil {
+		via = p.ep
+	} else {
+		return false
+	}
+	g := proto.Gossip{Channel: channel, Src: c.r.cfg.Name, Dst: dst}
 	pieces := gossip.Split(payload)
 	if len(pieces) > 1 {
 		c.msgID++
 	}
-	var dgrams [][]byte
+	dgrams := make([][]byte, 0, len(pieces))
 	for i, piece := range pieces {
-		g.Payload = piece
-		g.Chunk = nil
+		g.Payload, g.Chunk = piece, nil
 		if len(pieces) > 1 {
 			g.Chunk = &proto.Chunk{MsgID: c.msgID, Index: uint16(i), Count: uint16(len(pieces))}
 		}
 		b, err := proto.AppendGossip(nil, &g)
 		if err != nil {
 			c.log.Error("cannot encode gossip", zap.Error(err))
-			return
+			return false
 		}
 		dgrams = append(dgrams, b)
 		c.r.stats.GossipSentBytes.Add(uint64(len(b)))
 	}
-	if _, err := c.send.Send(dgrams, conn.Endpoint(nb.Via)); err != nil {
-		c.log.Debug("sending gossip", zap.Stringer("peer", m.To), zap.Error(err))
+	if _, err := c.send.Send(dgrams, via); err != nil {
+		c.log.Debug("sending gossip", zap.Stringer("peer", dst), zap.Error(err))
 	}
+	return true
 }
 
-// onGossip takes a gossip message the link Machine checked.
+// onGossip takes a gossip message the link Machine checked: relays it if it
+// is for another peer, else puts chunks together and hands the message to
+// its channel.
 func (c *control) onGossip(g link.Gossip) {
 	c.r.stats.GossipReceivedBytes.Add(uint64(len(g.Msg.Payload)))
-	if g.Msg.Channel != proto.ChannelTopology {
+	self := c.r.cfg.Name
+	if g.Msg.Dst != self {
+		c.relayGossip(g)
+		return
+	}
+	handler, known := c.r.cfg.Channels[g.Msg.Channel]
+	if g.Msg.Channel == proto.ChannelTopology {
+		if g.Msg.Hops != 0 {
+			c.r.stats.GossipRejected.Add(1)
+			return // topology only travels between neighbours
+		}
+	} else if !known {
 		c.r.stats.GossipUnknownChannel.Add(1)
 		c.log.Debug("gossip on an unknown channel", zap.String("kind", g.Msg.Channel), zap.Stringer("peer", g.From))
 		return
-	}
-	if g.Msg.Hops != 0 || g.Msg.Dst != c.r.cfg.Name {
-		c.r.stats.DropMalformed.Add(1)
-		return // topology only travels between neighbours
 	}
 	payload := g.Msg.Payload
 	if g.Msg.Chunk != nil {
 		full, err := c.asm.Add(&g.Msg, c.ticks/int64(c.r.gossipTicks))
 		if err != nil {
 			c.r.stats.GossipRejected.Add(1)
-			c.log.Warn("gossip chunk refused", zap.Stringer("peer", g.From), zap.Error(err))
+			c.log.Warn("gossip chunk refused", zap.Stringer("peer", g.Msg.Src), zap.Error(err))
 			return
 		}
 		if full == nil {
 			return
 		}
 		payload = full
+	}
+	if g.Msg.Channel != proto.ChannelTopology {
+		handler(g.Msg.Src, payload)
+		return
 	}
 	msg, err := proto.ParseTopoMsg(payload)
 	if err != nil {
@@ -256,6 +284,32 @@ func (c *control) onGossip(g link.Gossip) {
 		c.r.stats.GossipRejected.Add(1)
 		c.log.Warn("topology entries refused", zap.Stringer("peer", g.From), zap.Error(err))
 	}
+}
+
+// relayGossip passes on unicast gossip for another peer, one hop closer.
+func (c *control) relayGossip(g link.Gossip) {
+	p := c.r.snap.Load().byName[g.Msg.Dst]
+	switch {
+	case g.Msg.Dst == 0 || p == nil:
+		c.r.stats.DropUnroutable.Add(1)
+		return
+	case g.Msg.Hops >= MaxHops:
+		c.r.stats.DropHops.Add(1)
+		return
+	}
+	m := g.Msg
+	m.Hops++
+	b, err := proto.AppendGossip(nil, &m)
+	if err != nil {
+		c.r.stats.GossipRejected.Add(1)
+		return
+	}
+	c.bufs[0] = b
+	if _, err := c.send.Send(c.bufs, p.ep); err != nil {
+		c.log.Debug("relaying gossip", zap.Stringer("peer", m.Dst), zap.Error(err))
+	}
+	c.bufs[0] = nil
+	c.r.stats.GossipRelayed.Add(1)
 }
 
 // discover hands the link Machine the peers worth dialling.

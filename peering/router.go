@@ -52,6 +52,10 @@ type Config struct {
 	Log      *zap.Logger  // required
 
 	Discovery         bool          // dial the peers the topology tells of
+	// Channels are the gossip channels other subsystems serve: a message
+	// for us on one of them is handed, whole, to its function, on the
+	// control goroutine (it must not block; payload is its own).
+	Channels map[string]func(src proto.PeerName, payload []byte)
 	ConnLimit         int           // connections at most; 0: no limit
 	TickEvery         time.Duration // 100 ms: the link Machine's clock
 	GossipInterval    time.Duration // 1 s: a topology gossip round
@@ -261,4 +265,5 @@ type Stats struct {
 	GossipReceivedBytes  atomic.Uint64 // gossip payload received
 	GossipRejected       atomic.Uint64 // gossip refused: bad chunks, bad entries, forged origin
 	GossipUnknownChannel atomic.Uint64
+	GossipRelayed        atomic.Uint64 // unicast gossip passed on to another peer
 }

@@ -3,6 +3,7 @@ package peering
 import (
 	"bytes"
 	"context"
+	"errors"
 	"math/rand/v2"
 	"net/netip"
 	"testing"
@@ -30,15 +31,19 @@ type node struct {
 	done   chan error
 }
 
-func startNode(t *testing.T, name proto.PeerName, nick string) *node {
+func startNode(t *testing.T, name proto.PeerName, nick string, opts ...func(*Config)) *node {
 	t.Helper()
 	pc, err := conn.Listen(0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ct := tuntest.NewChannelTUN()
-	r, err := New(Config{Name: name, Nickname: nick, Range: testRange, MTU: 1420,
-		Rand: rand.New(rand.NewPCG(uint64(name), 1)), Log: zaptest.NewLogger(t).Named(nick)}, ct.TUN(), pc)
+	cfg := Config{Name: name, Nickname: nick, Range: testRange, MTU: 1420, Discovery: true,
+		Rand: rand.New(rand.NewPCG(uint64(name), 1)), Log: zaptest.NewLogger(t).Named(nick)}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	r, err := New(cfg, ct.TUN(), pc)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -356,5 +361,60 @@ func TestBadGossipIsRefused(t *testing.T) {
 	// Still working: a keeps the connection and answers a good hash.
 	if cs := st.Connections; len(cs) != 1 || cs[0].State != "established" {
 		t.Errorf("connections after the junk: %+v", cs)
+	}
+}
+
+func loopback(n *node) string {
+	return netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), n.pc.LocalPort()).String()
+}
+
+// TestUnicastGossipRelayed: in a line a - b - c without discovery, a's
+// unicast gossip to c, too big for one datagram, is relayed by b and
+// arrives whole; a and c learn each other from the topology and route
+// through b.
+func TestUnicastGossipRelayed(t *testing.T) {
+	ctx := context.Background()
+	got := make(chan []byte, 1)
+	noDiscovery := func(c *Config) { c.Discovery = false }
+	a := startNode(t, 0xa, "a", noDiscovery)
+	b := startNode(t, 0xb, "b", noDiscovery)
+	c := startNode(t, 0xc, "c", noDiscovery, func(c *Config) {
+		c.Channels = map[string]func(proto.PeerName, []byte){"test": func(src proto.PeerName, p []byte) {
+			if src == 0xa {
+				got <- p
+			}
+		}}
+	})
+	a.r.Connect(ctx, []string{loopback(b)})
+	c.r.Connect(ctx, []string{loopback(b)})
+	eventually(t, "a knows c and routes through b", func() bool {
+		return len(a.status(t).Peers) == 3 && len(c.status(t).Peers) == 3
+	})
+	if n := len(a.status(t).Connections); n != 1 {
+		t.Errorf("a has %d connections without discovery", n)
+	}
+	payload := make([]byte, 5000)
+	for i := range payload {
+		payload[i] = byte(i * 7)
+	}
+	eventually(t, "unicast delivered", func() bool {
+		if err := a.r.Unicast(ctx, "test", 0xc, payload); err != nil {
+			return false
+		}
+		select {
+		case p := <-got:
+			if !bytes.Equal(p, payload) {
+				t.Fatalf("c got %d bytes, not the payload", len(p))
+			}
+			return true
+		case <-time.After(200 * time.Millisecond):
+			return false
+		}
+	})
+	if b.status(t).Stats.GossipRelayed < 5 {
+		t.Errorf("b relayed %d chunks", b.status(t).Stats.GossipRelayed)
+	}
+	if err := a.r.Unicast(ctx, "test", 0x99, payload); !errors.Is(err, ErrUnreachable) {
+		t.Errorf("to a stranger: %v", err)
 	}
 }

@@ -2,6 +2,7 @@ package peering
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -96,6 +97,7 @@ type StatsSnapshot struct {
 	GossipReceivedBytes  uint64 `json:"gossipReceivedBytes"`
 	GossipRejected       uint64 `json:"gossipRejected"`
 	GossipUnknownChannel uint64 `json:"gossipUnknownChannel"`
+	GossipRelayed        uint64 `json:"gossipRelayed"`
 }
 
 func (s *Stats) snapshot() StatsSnapshot {
@@ -109,6 +111,7 @@ func (s *Stats) snapshot() StatsSnapshot {
 		DropHops: s.DropHops.Load(), RelayedPackets: s.RelayedPackets.Load(), RelayedBytes: s.RelayedBytes.Load(),
 		GossipSentBytes: s.GossipSentBytes.Load(), GossipReceivedBytes: s.GossipReceivedBytes.Load(),
 		GossipRejected: s.GossipRejected.Load(), GossipUnknownChannel: s.GossipUnknownChannel.Load(),
+		GossipRelayed: s.GossipRelayed.Load(),
 	}
 }
 
@@ -242,3 +245,24 @@ func (r *Router) SetLocal(ctx context.Context, prefixes []netip.Prefix) error {
 // ParseTarget checks a peer address given as HOST, HOST:PORT, [IPv6] or
 // [IPv6]:PORT and returns its host and port.
 func ParseTarget(s string) (host string, port uint16, err error) { return link.ParseTarget(s) }
+
+// ErrUnreachable is returned by Unicast when no path leads to the peer.
+var ErrUnreachable = errors.New("peering: peer unreachable")
+
+// Unicast sends payload on a gossip channel to one peer, relayed by others
+// if it is not a neighbour, in chunks if it is large. Delivery is not
+// guaranteed (gossip tolerates loss); the channel's protocol retries.
+func (r *Router) Unicast(ctx context.Context, channel string, dst proto.PeerName, payload []byte) error {
+	if channel == proto.ChannelTopology || channel == "" || len(channel) > proto.MaxChannelLen {
+		return fmt.Errorf("peering: cannot send on channel %q", channel)
+	}
+	p := slices.Clone(payload)
+	ok := false
+	if err := r.do(ctx, func(c *control) { ok = c.unicast(channel, dst, p) }); err != nil {
+		return err
+	}
+	if !ok {
+		return fmt.Errorf("%w: %v", ErrUnreachable, dst)
+	}
+	return nil
+}
