@@ -51,11 +51,11 @@ type Config struct {
 	Rand     *rand.Rand   // every random choice (UID, retry jitter); required
 	Log      *zap.Logger  // required
 
-	Discovery         bool          // dial the peers the topology tells of
+	Discovery bool // dial the peers the topology tells of
 	// Channels are the gossip channels other subsystems serve: a message
 	// for us on one of them is handed, whole, to its function, on the
 	// control goroutine (it must not block; payload is its own).
-	Channels map[string]func(src proto.PeerName, payload []byte)
+	Channels          map[string]func(src proto.PeerName, payload []byte)
 	ConnLimit         int           // connections at most; 0: no limit
 	TickEvery         time.Duration // 100 ms: the link Machine's clock
 	GossipInterval    time.Duration // 1 s: a topology gossip round
