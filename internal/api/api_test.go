@@ -41,7 +41,7 @@ func (f *fakeBackend) Hide(context.Context, netip.Prefix) error {
 	return errors.New("netlink exploded")
 }
 
-func serve(t *testing.T, path string, b Backend) {
+func startServer(t *testing.T, path string, b Backend) {
 	t.Helper()
 	s, err := Listen(path, b, "test", zap.NewNop())
 	if err != nil {
@@ -64,7 +64,7 @@ func serve(t *testing.T, path string, b Backend) {
 func TestServerAndClient(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "sub", "api.sock")
 	b := &fakeBackend{}
-	serve(t, path, b)
+	startServer(t, path, b)
 	if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("socket mode: %v %v", fi, err)
 	}
@@ -132,7 +132,7 @@ func TestStaleSocketReplaced(t *testing.T) {
 	}
 	ln.(*net.UnixListener).SetUnlinkOnClose(false)
 	ln.Close() // leaves the file, like a killed daemon
-	serve(t, path, &fakeBackend{})
+	startServer(t, path, &fakeBackend{})
 	if _, err := NewClient(path).Status(context.Background()); err != nil {
 		t.Fatal(err)
 	}

@@ -16,6 +16,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/overlayd/overlayd/internal/serve"
 	"github.com/overlayd/overlayd/proto"
 )
 
@@ -120,27 +121,8 @@ func ParseCIDR(s string) (netip.Prefix, error) {
 
 // Run serves until ctx ends, then shuts down and removes the socket.
 func (s *Server) Run(ctx context.Context) error {
-	// Requests still in flight at shutdown see ctx end and give up.
-	s.http.BaseContext = func(net.Listener) context.Context { return ctx }
-	errc := make(chan error, 1)
-	go func() { errc <- s.http.Serve(s.ln) }()
-	var err error
-	select {
-	case <-ctx.Done():
-		// Requests in flight get a moment to finish; then everything is
-		// closed, so that the daemon exits well within 2 s of SIGTERM.
-		sctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
-		defer cancel()
-		if s.http.Shutdown(sctx) != nil {
-			s.http.Close()
-		}
-		<-errc
-	case err = <-errc:
-	}
+	err := serve.Run(ctx, s.http, s.ln)
 	os.Remove(s.path)
-	if errors.Is(err, http.ErrServerClosed) {
-		err = nil
-	}
 	return err
 }
 

@@ -5,7 +5,6 @@ package metrics
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -14,6 +13,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/overlayd/overlayd/internal/serve"
 )
 
 // Server serves /metrics.
@@ -51,27 +52,7 @@ func Listen(addr string, reg *prometheus.Registry) (*Server, error) {
 func (s *Server) Addr() net.Addr { return s.ln.Addr() }
 
 // Run serves until ctx ends.
-func (s *Server) Run(ctx context.Context) error {
-	errc := make(chan error, 1)
-	go func() { errc <- s.http.Serve(s.ln) }()
-	var err error
-	select {
-	case <-ctx.Done():
-		// Requests in flight get a moment to finish; then everything is
-		// closed, so that the daemon exits well within 2 s of SIGTERM.
-		sctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
-		defer cancel()
-		if s.http.Shutdown(sctx) != nil {
-			s.http.Close()
-		}
-		err = <-errc
-	case err = <-errc:
-	}
-	if errors.Is(err, http.ErrServerClosed) {
-		err = nil
-	}
-	return err
-}
+func (s *Server) Run(ctx context.Context) error { return serve.Run(ctx, s.http, s.ln) }
 
 // Close releases the listener when Run was never called.
 func (s *Server) Close() { s.ln.Close() }

@@ -15,6 +15,7 @@
 package link
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -724,7 +725,7 @@ func (m *Machine) sorted() []*connection {
 func (m *Machine) reroute() {
 	rt := &Routing{Peers: []PeerPath{}}
 	cs := m.sorted()
-	slices.SortStableFunc(cs, func(a, b *connection) int { return cmpName(a.remote.Name, b.remote.Name) })
+	slices.SortStableFunc(cs, func(a, b *connection) int { return cmp.Compare(a.remote.Name, b.remote.Name) })
 	for _, cn := range cs {
 		if cn.state == stateEstablished {
 			rt.Peers = append(rt.Peers, PeerPath{Name: cn.remote.Name, UID: cn.remote.UID,
@@ -732,14 +733,4 @@ func (m *Machine) reroute() {
 		}
 	}
 	m.rd.Routing = rt
-}
-
-func cmpName(a, b proto.PeerName) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }

@@ -1,6 +1,7 @@
 package link
 
 import (
+	"cmp"
 	"slices"
 
 	"github.com/overlayd/overlayd/proto"
@@ -92,7 +93,7 @@ func (m *Machine) Status() Status {
 		}
 		st.Connections = append(st.Connections, cs)
 	}
-	slices.SortFunc(others, func(a, b PeerStatus) int { return cmpName(a.Name, b.Name) })
+	slices.SortFunc(others, func(a, b PeerStatus) int { return cmp.Compare(a.Name, b.Name) })
 	st.Peers = append([]PeerStatus{me}, others...)
 	return st
 }

@@ -30,6 +30,7 @@
 package topology
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"math/bits"
@@ -149,7 +150,7 @@ func (n *Node) retransmits() int {
 // if anything changed. conns need not be sorted.
 func (n *Node) SetLocal(conns []proto.TopoConn, prefixes []netip.Prefix) {
 	cs := slices.Clone(conns)
-	slices.SortFunc(cs, func(a, b proto.TopoConn) int { return cmpName(a.Peer, b.Peer) })
+	slices.SortFunc(cs, func(a, b proto.TopoConn) int { return cmp.Compare(a.Peer, b.Peer) })
 	cs = slices.CompactFunc(cs, func(a, b proto.TopoConn) bool { return a.Peer == b.Peer })
 	cs = slices.DeleteFunc(cs, func(c proto.TopoConn) bool { return c.Peer == n.cfg.Self || c.Peer == 0 })
 	ps := slices.Clone(prefixes)
@@ -442,18 +443,8 @@ func reports(p *proto.TopoPeer, other proto.PeerName) bool {
 	if p == nil {
 		return false
 	}
-	i, ok := slices.BinarySearchFunc(p.Conns, other, func(c proto.TopoConn, name proto.PeerName) int { return cmpName(c.Peer, name) })
+	i, ok := slices.BinarySearchFunc(p.Conns, other, func(c proto.TopoConn, name proto.PeerName) int { return cmp.Compare(c.Peer, name) })
 	return ok && p.Conns[i].Established
-}
-
-func cmpName(a, b proto.PeerName) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // entryHash mixes an entry's identity and version into 64 bits; the node's
