@@ -87,7 +87,7 @@ func (c *control) run(ctx context.Context) error {
 				case errors.Is(err, link.ErrStranger):
 					c.r.stats.DropUnknownPeer.Add(1)
 				default:
-					c.r.stats.DropMalformed.Add(1)
+					c.r.stats.malformed(proto.Type(in.msg[1])) // the header was checked
 				}
 			}
 		case req := <-c.r.requests:
@@ -228,7 +228,11 @@ func (c *control) unicast(channel string, dst proto.PeerName, payload []byte) bo
 			return false
 		}
 		dgrams = append(dgrams, b)
-		c.r.stats.GossipSentBytes.Add(uint64(len(b)))
+		if channel == proto.ChannelTopology {
+			c.r.stats.GossipSentBytes.Add(uint64(len(b)))
+		} else {
+			c.r.stats.OtherSentBytes.Add(uint64(len(b)))
+		}
 	}
 	if _, err := c.send.Send(dgrams, via); err != nil {
 		c.log.Debug("sending gossip", zap.Stringer("peer", dst), zap.Error(err))
@@ -240,7 +244,11 @@ func (c *control) unicast(channel string, dst proto.PeerName, payload []byte) bo
 // is for another peer, else puts chunks together and hands the message to
 // its channel.
 func (c *control) onGossip(g link.Gossip) {
-	c.r.stats.GossipReceivedBytes.Add(uint64(len(g.Msg.Payload)))
+	if g.Msg.Channel == proto.ChannelTopology {
+		c.r.stats.GossipReceivedBytes.Add(uint64(len(g.Msg.Payload)))
+	} else {
+		c.r.stats.OtherReceivedBytes.Add(uint64(len(g.Msg.Payload)))
+	}
 	self := c.r.cfg.Name
 	if g.Msg.Dst != self {
 		c.relayGossip(g)

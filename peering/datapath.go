@@ -208,7 +208,7 @@ func (r *Router) receive(bufs [][]byte, sizes []int, eps []conn.Endpoint, out []
 		if len(msg) >= 2 && msg[0] == proto.Version && proto.Type(msg[1]) == proto.TypeData {
 			src, dst, pkt, err := proto.ParseData(msg)
 			if err != nil {
-				r.stats.DropMalformed.Add(1)
+				r.stats.malformed(proto.TypeData)
 				continue
 			}
 			if _, ok := snap.peers[eps[i].Remote]; !ok || src == r.cfg.Name {
@@ -240,7 +240,7 @@ func (r *Router) receive(bufs [][]byte, sizes []int, eps []conn.Endpoint, out []
 			continue
 		}
 		if _, err := proto.ParseHeader(msg); err != nil {
-			r.stats.DropMalformed.Add(1)
+			r.stats.malformed(0)
 			continue
 		}
 		select {
@@ -254,4 +254,12 @@ func (r *Router) receive(bufs [][]byte, sizes []int, eps []conn.Endpoint, out []
 	r.stats.RelayedPackets.Add(relayed)
 	r.stats.RelayedBytes.Add(relayedBytes)
 	return out
+}
+
+// malformed counts an undecodable datagram of type t (0: bad header).
+func (s *Stats) malformed(t proto.Type) {
+	s.DropMalformed.Add(1)
+	if int(t) < len(s.DecodeErrors) {
+		s.DecodeErrors[t].Add(1)
+	}
 }

@@ -12,7 +12,7 @@ import (
 type Collector struct {
 	r *Router
 
-	peers, conns, packets, bytes, drops, gossip, gossipErrs *prometheus.Desc
+	peers, conns, packets, bytes, drops, gossip, gossipErrs, decode *prometheus.Desc
 }
 
 var _ prometheus.Collector = (*Collector)(nil)
@@ -34,6 +34,8 @@ func (r *Router) Collector() *Collector {
 			"Packets and datagrams dropped, by reason.", []string{"reason"}, nil),
 		gossip: prometheus.NewDesc("overlayd_gossip_bytes_total",
 			"Gossip bytes by channel and direction.", []string{"channel", "direction"}, nil),
+		decode: prometheus.NewDesc("overlayd_decode_errors_total",
+			"Datagrams that did not decode, by message type (header: bad version, type or length).", []string{"type"}, nil),
 		gossipErrs: prometheus.NewDesc("overlayd_gossip_rejected_total",
 			"Gossip refused, by kind: bad chunks or entries, forged origin, unknown channel.", []string{"kind"}, nil),
 	}
@@ -41,7 +43,7 @@ func (r *Router) Collector() *Collector {
 
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.peers, c.conns, c.packets, c.bytes, c.drops, c.gossip, c.gossipErrs} {
+	for _, d := range []*prometheus.Desc{c.peers, c.conns, c.packets, c.bytes, c.drops, c.gossip, c.gossipErrs, c.decode} {
 		ch <- d
 	}
 }
@@ -62,7 +64,12 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.bytes, s.RelayedBytes, "relayed")
 	ch <- prometheus.MustNewConstMetric(c.gossip, prometheus.CounterValue, float64(s.GossipSentBytes), "topology", "sent")
 	ch <- prometheus.MustNewConstMetric(c.gossip, prometheus.CounterValue, float64(s.GossipReceivedBytes), "topology", "received")
+	ch <- prometheus.MustNewConstMetric(c.gossip, prometheus.CounterValue, float64(s.OtherSentBytes), "other", "sent")
+	ch <- prometheus.MustNewConstMetric(c.gossip, prometheus.CounterValue, float64(s.OtherReceivedBytes), "other", "received")
 	counter(c.gossipErrs, s.GossipRejected, "rejected")
+	for kind, v := range s.DecodeErrors {
+		counter(c.decode, v, kind)
+	}
 	counter(c.gossipErrs, s.GossipUnknownChannel, "unknown_channel")
 	for _, d := range []struct {
 		reason string

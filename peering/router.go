@@ -254,15 +254,20 @@ type Stats struct {
 	DropUnknownPeer atomic.Uint64 // data from an endpoint with no established connection
 	DropNotForUs    atomic.Uint64 // data for an address we do not serve
 	DropMalformed   atomic.Uint64 // undecodable datagrams of any type
-	DropCtrlQueue   atomic.Uint64 // control messages dropped because the control loop lagged
-	DropTunWrite    atomic.Uint64 // batches the TUN device refused (in part)
-	DropTunRead     atomic.Uint64 // failed reads from the TUN device
-	DropHops        atomic.Uint64 // data that crossed too many relays (a routing loop)
-	RelayedPackets  atomic.Uint64 // data for other peers passed on
-	RelayedBytes    atomic.Uint64
+	// DecodeErrors breaks DropMalformed down by message type; index 0 is a
+	// bad header (unknown version or type, too short).
+	DecodeErrors   [proto.TypeData + 1]atomic.Uint64
+	DropCtrlQueue  atomic.Uint64 // control messages dropped because the control loop lagged
+	DropTunWrite   atomic.Uint64 // batches the TUN device refused (in part)
+	DropTunRead    atomic.Uint64 // failed reads from the TUN device
+	DropHops       atomic.Uint64 // data that crossed too many relays (a routing loop)
+	RelayedPackets atomic.Uint64 // data for other peers passed on
+	RelayedBytes   atomic.Uint64
 
 	GossipSentBytes      atomic.Uint64 // topology gossip datagrams sent
-	GossipReceivedBytes  atomic.Uint64 // gossip payload received
+	GossipReceivedBytes  atomic.Uint64 // topology gossip payload received
+	OtherSentBytes       atomic.Uint64 // the same for the other channels
+	OtherReceivedBytes   atomic.Uint64
 	GossipRejected       atomic.Uint64 // gossip refused: bad chunks, bad entries, forged origin
 	GossipUnknownChannel atomic.Uint64
 	GossipRelayed        atomic.Uint64 // unicast gossip passed on to another peer

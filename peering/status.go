@@ -98,10 +98,15 @@ type StatsSnapshot struct {
 	GossipRejected       uint64 `json:"gossipRejected"`
 	GossipUnknownChannel uint64 `json:"gossipUnknownChannel"`
 	GossipRelayed        uint64 `json:"gossipRelayed"`
+	OtherSentBytes       uint64 `json:"otherGossipSentBytes"`
+	OtherReceivedBytes   uint64 `json:"otherGossipReceivedBytes"`
+	// DecodeErrors counts undecodable datagrams by type ("header" for a bad
+	// header).
+	DecodeErrors map[string]uint64 `json:"decodeErrors"`
 }
 
 func (s *Stats) snapshot() StatsSnapshot {
-	return StatsSnapshot{
+	snap := StatsSnapshot{
 		TunPackets: s.TunPackets.Load(), SentPackets: s.SentPackets.Load(), SentBytes: s.SentBytes.Load(),
 		ReceivedPackets: s.ReceivedPackets.Load(), ReceivedBytes: s.ReceivedBytes.Load(),
 		DropUnroutable: s.DropUnroutable.Load(), DropSendError: s.DropSendError.Load(),
@@ -111,8 +116,17 @@ func (s *Stats) snapshot() StatsSnapshot {
 		DropHops: s.DropHops.Load(), RelayedPackets: s.RelayedPackets.Load(), RelayedBytes: s.RelayedBytes.Load(),
 		GossipSentBytes: s.GossipSentBytes.Load(), GossipReceivedBytes: s.GossipReceivedBytes.Load(),
 		GossipRejected: s.GossipRejected.Load(), GossipUnknownChannel: s.GossipUnknownChannel.Load(),
-		GossipRelayed: s.GossipRelayed.Load(),
+		GossipRelayed: s.GossipRelayed.Load(), DecodeErrors: map[string]uint64{},
+		OtherSentBytes: s.OtherSentBytes.Load(), OtherReceivedBytes: s.OtherReceivedBytes.Load(),
 	}
+	for t := range s.DecodeErrors {
+		name := "header"
+		if t > 0 {
+			name = proto.Type(t).String()
+		}
+		snap.DecodeErrors[name] = s.DecodeErrors[t].Load()
+	}
+	return snap
 }
 
 // Status reports the router's state. It waits for the control loop, so it

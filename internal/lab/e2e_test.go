@@ -375,6 +375,13 @@ func TestJunkDatagrams(t *testing.T) {
 	if st.Router.Stats.DropMalformed+st.Router.Stats.DropUnknownPeer < 1000 {
 		t.Errorf("junk not counted: %+v", st.Router.Stats)
 	}
+	var byType uint64
+	for _, v := range st.Router.Stats.DecodeErrors {
+		byType += v
+	}
+	if byType != st.Router.Stats.DropMalformed || st.Router.Stats.DecodeErrors["header"] == 0 {
+		t.Errorf("decode errors by type %v do not add up to %d", st.Router.Stats.DecodeErrors, st.Router.Stats.DropMalformed)
+	}
 	if n := len(st.Router.Connections); n != 1 {
 		t.Errorf("junk changed the connections: %+v", st.Router.Connections)
 	}
@@ -714,6 +721,8 @@ func TestMetrics(t *testing.T) {
 	for _, want := range []string{
 		`overlayd_connections{state="established"} 1`,
 		`overlayd_connections{state="failed"} 0`,
+		`overlayd_gossip_bytes_total{channel="topology",direction="sent"}`,
+		`overlayd_decode_errors_total{type="header"} 0`,
 		"overlayd_peers 2",
 		"go_goroutines ",
 		"process_resident_memory_bytes ",
