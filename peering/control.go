@@ -106,6 +106,8 @@ func (r *Router) do(ctx context.Context, fn func(*control)) error {
 	case r.requests <- req:
 	case <-ctx.Done():
 		return ctx.Err()
+	case <-r.stopped:
+		return ErrStopped
 	}
 	<-req.done
 	return nil
@@ -136,6 +138,7 @@ func (c *control) applyLink(ctx context.Context) bool {
 			c.neighbours[p.Name] = p
 		}
 		c.setLocal()
+		c.publish() // endpoints may have changed even where the topology did not
 	}
 	for _, g := range rd.Gossip {
 		c.onGossip(g)
@@ -203,6 +206,10 @@ func (c *control) sendTopology(m topology.Msg) {
 // on its own and put back together by dst. It reports false if dst is
 // unreachable.
 func (c *control) unicast(channel string, dst proto.PeerName, payload []byte) bool {
+	if len(payload) > gossip.MaxMessageBytes {
+		c.log.Error("gossip message too large to send", zap.String("kind", channel), zap.Int("bytes", len(payload)))
+		return false
+	}
 	var via conn.Endpoint
 	if nb, ok := c.neighbours[dst]; ok {
 		via = conn.Endpoint(nb.Via)

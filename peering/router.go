@@ -113,6 +113,9 @@ func (r *Router) ticks(n int) time.Duration { return time.Duration(n) * r.cfg.Ti
 // (each at most one datagram long).
 const ctrlQueueLen = 256
 
+// ErrStopped is returned by calls on a Router whose Run has ended.
+var ErrStopped = errors.New("peering: the router has stopped")
+
 // A Router connects this host to its peers. Make one with New, then call Run.
 type Router struct {
 	cfg  Config
@@ -132,6 +135,10 @@ type Router struct {
 	resolved chan resolution // hostname lookups finished
 
 	bg sync.WaitGroup // resolver goroutines
+
+	// stopped is closed when the control loop has stopped, so that API
+	// calls fail instead of waiting for it.
+	stopped chan struct{}
 
 	stats Stats
 }
@@ -181,6 +188,7 @@ func New(cfg Config, dev tun.Device, pc conn.PacketConn) (*Router, error) {
 		ctrl:        make(chan inbound, ctrlQueueLen),
 		requests:    make(chan request),
 		resolved:    make(chan resolution, 16),
+		stopped:     make(chan struct{}),
 	}
 	r.snap.Store(&snapshot{routes: routes.New[*path](nil)})
 	return r, nil
@@ -198,7 +206,10 @@ func (r *Router) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	errs := make(chan error, 3)
 	c := newControl(r, r.link, r.topo)
-	wg.Go(func() { errs <- c.run(ctx) })
+	wg.Go(func() {
+		defer close(r.stopped)
+		errs <- c.run(ctx)
+	})
 	wg.Go(func() { errs <- r.tunToPeers() })
 	wg.Go(func() { errs <- r.peersToTun() })
 	wg.Go(func() {

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/overlayd/overlayd/peering/gossip"
 	"github.com/overlayd/overlayd/peering/link"
 	"github.com/overlayd/overlayd/proto"
 )
@@ -269,6 +270,9 @@ var ErrUnreachable = errors.New("peering: peer unreachable")
 func (r *Router) Unicast(ctx context.Context, channel string, dst proto.PeerName, payload []byte) error {
 	if channel == proto.ChannelTopology || channel == "" || len(channel) > proto.MaxChannelLen {
 		return fmt.Errorf("peering: cannot send on channel %q", channel)
+	}
+	if len(payload) > gossip.MaxMessageBytes {
+		return fmt.Errorf("peering: gossip message of %d bytes is over the %d-byte limit", len(payload), gossip.MaxMessageBytes)
 	}
 	p := slices.Clone(payload)
 	ok := false

@@ -12,6 +12,9 @@ const ChannelTopology = "topology"
 
 // Limits of topology messages.
 const (
+	// MaxTopoVersion bounds entry versions, so that bumping past a
+	// received version can never wrap around.
+	MaxTopoVersion = 1 << 62
 	MaxTopoConns   = 4096  // connections listed in one peer entry
 	MaxTopoEntries = 65535 // entries or digest items in one message
 )
@@ -177,7 +180,7 @@ func ParseTopoMsg(b []byte) (TopoMsg, error) {
 		for i := range n {
 			q := p[i*topoDigestLen:]
 			m.Digest[i] = TopoDigestItem{Name: getName(q), UID: binary.BigEndian.Uint64(q[6:]), Version: binary.BigEndian.Uint64(q[14:])}
-			if m.Digest[i].Name == 0 {
+			if m.Digest[i].Name == 0 || m.Digest[i].Version >= MaxTopoVersion {
 				return TopoMsg{}, fmt.Errorf("%w: zero name in digest", ErrMalform)
 			}
 		}
@@ -269,6 +272,9 @@ func parseTopoPeer(p []byte) (TopoPeer, []byte, error) {
 	}
 	if e.Name == 0 || e.UID == 0 {
 		return e, nil, fmt.Errorf("%w: topology entry without name or UID", ErrMalform)
+	}
+	if e.Version >= MaxTopoVersion {
+		return e, nil, fmt.Errorf("%w: topology entry version %d", ErrMalform, e.Version)
 	}
 	return e, p[np*prefixLen:], nil
 }

@@ -35,10 +35,11 @@ func Split(payload []byte) [][]byte {
 
 // Limits of reassembly.
 const (
-	MaxMessageBytes  = 4 << 20 // a reassembled message; larger ones are refused
-	MaxPartialPerSrc = 8       // incomplete messages kept per origin
-	MaxPartial       = 256     // incomplete messages kept in all
-	ExpireTicks      = 50      // an incomplete message is dropped after this long
+	MaxMessageBytes  = 4 << 20  // a reassembled message; larger ones are refused
+	MaxPartialPerSrc = 8        // incomplete messages kept per origin
+	MaxPartial       = 256      // incomplete messages kept in all
+	MaxPartialBytes  = 16 << 20 // bytes held in incomplete messages in all
+	ExpireTicks      = 50       // an incomplete message is dropped after this long
 )
 
 // Errors of reassembly; each also drops the partial message it concerns.
@@ -64,6 +65,7 @@ type partial struct {
 // not ready: use NewAssembler. Not safe for concurrent use.
 type Assembler struct {
 	parts map[key]*partial
+	bytes int // held in parts
 	// Dropped counts incomplete messages given up (expired or evicted).
 	Dropped uint64
 }
@@ -90,8 +92,7 @@ func (a *Assembler) Add(g *proto.Gossip, now int64) ([]byte, error) {
 		a.parts[k] = p
 	}
 	if int(c.Count) != len(p.pieces) || len(g.Payload) > MaxChunk || len(g.Payload) == 0 {
-		delete(a.parts, k)
-		a.Dropped++
+		a.drop(k)
 		return nil, fmt.Errorf("%w: chunk %d/%d of %d bytes", ErrInconsistent, c.Index, c.Count, len(g.Payload))
 	}
 	if p.pieces[c.Index] != nil {
@@ -100,14 +101,18 @@ func (a *Assembler) Add(g *proto.Gossip, now int64) ([]byte, error) {
 	p.pieces[c.Index] = slices.Clone(g.Payload)
 	p.have++
 	p.bytes += len(g.Payload)
+	a.bytes += len(g.Payload)
 	if p.bytes > MaxMessageBytes {
-		delete(a.parts, k)
-		a.Dropped++
+		a.drop(k)
 		return nil, fmt.Errorf("%w: over %d bytes", ErrTooBig, MaxMessageBytes)
+	}
+	for a.bytes > MaxPartialBytes {
+		a.drop(a.oldest(k))
 	}
 	if p.have < len(p.pieces) {
 		return nil, nil
 	}
+	a.bytes -= p.bytes
 	delete(a.parts, k)
 	out := make([]byte, 0, p.bytes)
 	for _, piece := range p.pieces {
@@ -115,6 +120,30 @@ func (a *Assembler) Add(g *proto.Gossip, now int64) ([]byte, error) {
 	}
 	return out, nil
 }
+
+// drop gives up the incomplete message k.
+func (a *Assembler) drop(k key) {
+	if p := a.parts[k]; p != nil {
+		a.bytes -= p.bytes
+		delete(a.parts, k)
+		a.Dropped++
+	}
+}
+
+// oldest is the oldest incomplete message other than keep (keep itself if
+// it is the only one).
+func (a *Assembler) oldest(keep key) key {
+	o, born := keep, int64(-1)
+	for k, p := range a.parts {
+		if k != keep && (born < 0 || p.born < born || p.born == born && less(k, o)) {
+			o, born = k, p.born
+		}
+	}
+	return o
+}
+
+// Bytes is what the incomplete messages hold.
+func (a *Assembler) Bytes() int { return a.bytes }
 
 // makeRoom evicts the oldest incomplete messages so that a new one from src
 // fits within the limits.
@@ -135,13 +164,12 @@ func (a *Assembler) makeRoom(src proto.PeerName) {
 		}
 		switch {
 		case n >= MaxPartialPerSrc:
-			delete(a.parts, oldestSrc)
+			a.drop(oldestSrc)
 		case len(a.parts) >= MaxPartial:
-			delete(a.parts, oldest)
+			a.drop(oldest)
 		default:
 			return
 		}
-		a.Dropped++
 	}
 }
 
@@ -159,8 +187,7 @@ func less(a, b key) bool {
 func (a *Assembler) Expire(now int64) {
 	for k, p := range a.parts {
 		if now-p.born > ExpireTicks {
-			delete(a.parts, k)
-			a.Dropped++
+			a.drop(k)
 		}
 	}
 }

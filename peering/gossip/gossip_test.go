@@ -84,3 +84,20 @@ func TestMemoryIsBounded(t *testing.T) {
 		t.Errorf("inconsistent count: %v, %d pending", err, a.Pending())
 	}
 }
+
+// TestByteBudget: incomplete messages from many origins never hold more
+// than MaxPartialBytes.
+func TestByteBudget(t *testing.T) {
+	a := NewAssembler()
+	for src := range proto.PeerName(200) {
+		for id := range uint32(MaxPartialPerSrc) {
+			cs := chunks(src+1, id, make([]byte, 200*MaxChunk))
+			for _, c := range cs[:len(cs)-1] { // never the last one
+				a.Add(c, 0)
+			}
+			if a.Bytes() > MaxPartialBytes {
+				t.Fatalf("%d bytes held", a.Bytes())
+			}
+		}
+	}
+}

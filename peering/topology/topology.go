@@ -74,10 +74,10 @@ type Ready struct {
 	Removed []proto.PeerName
 }
 
-// tomb is a removed entry, kept for TombRounds.
+// tomb is what we remember of a removed entry, for TombRounds.
 type tomb struct {
-	entry proto.TopoPeer
-	until int64
+	uid, version uint64
+	until        int64
 }
 
 // TombRounds is how long a removed entry is remembered.
@@ -97,8 +97,12 @@ type Node struct {
 	// newer entry (the peer is back) is taken.
 	removed map[proto.PeerName]tomb
 	round   int64
-	rd      Ready
-	hash    uint64
+	// synced maps neighbours to the last round we answered their hash or
+	// digest request: once a round each, so a neighbour cannot make us
+	// send our whole state over and over.
+	synced map[proto.PeerName]int64
+	rd     Ready
+	hash   uint64
 	// Rejected counts entries refused by Step.
 	Rejected uint64
 }
@@ -115,7 +119,7 @@ func New(cfg Config) (*Node, error) {
 		cfg.MaxPeers = 10000
 	}
 	n := &Node{cfg: cfg, peers: map[proto.PeerName]*proto.TopoPeer{}, news: map[proto.PeerName]int{},
-		unreachable: map[proto.PeerName]int{}, removed: map[proto.PeerName]tomb{}}
+		unreachable: map[proto.PeerName]int{}, removed: map[proto.PeerName]tomb{}, synced: map[proto.PeerName]int64{}}
 	n.put(&proto.TopoPeer{Name: cfg.Self, UID: cfg.UID, Version: 1, Port: cfg.Port, Nickname: cfg.Nickname})
 	return n, nil
 }
@@ -190,6 +194,12 @@ var ErrImpersonation = errors.New("topology: neighbour sent its own entry with a
 // the slices of m's entries: the caller must not change them afterwards
 // (entries are immutable once stored, and shared with the Msgs in Ready).
 func (n *Node) Step(from proto.PeerName, fromUID uint64, m *proto.TopoMsg) error {
+	if m.Kind == proto.TopoHash || m.Kind == proto.TopoDigestRequest {
+		if last, ok := n.synced[from]; ok && last == n.round {
+			return nil // answered this neighbour this round already
+		}
+		n.synced[from] = n.round
+	}
 	switch m.Kind {
 	case proto.TopoHash:
 		if m.Hash != n.hash || int(m.Count) != len(n.peers) {
@@ -211,9 +221,7 @@ func (n *Node) Step(from proto.PeerName, fromUID uint64, m *proto.TopoMsg) error
 				send = append(send, *e)
 			}
 		}
-		if len(send) > 0 {
-			n.send(from, proto.TopoMsg{Kind: proto.TopoEntries, Entries: send})
-		}
+		n.sendEntries(from, send)
 		if m.Kind == proto.TopoDigestRequest && behind {
 			n.send(from, proto.TopoMsg{Kind: proto.TopoDigestReply, Digest: n.digest()})
 		}
@@ -250,7 +258,7 @@ func (n *Node) merge(from proto.PeerName, fromUID uint64, entries []proto.TopoPe
 		if cur != nil && !newer(e, cur) {
 			continue
 		}
-		if t, ok := n.removed[e.Name]; ok && e.UID == t.entry.UID && !newer(e, &t.entry) {
+		if t, ok := n.removed[e.Name]; ok && e.UID == t.uid && e.Version <= t.version {
 			continue // a copy of what we removed, from a peer that has not yet
 		}
 		if cur == nil && len(n.peers) >= n.cfg.MaxPeers {
@@ -269,6 +277,25 @@ func (n *Node) merge(from proto.PeerName, fromUID uint64, entries []proto.TopoPe
 
 func (n *Node) send(to proto.PeerName, m proto.TopoMsg) {
 	n.rd.Msgs = append(n.rd.Msgs, Msg{To: to, Msg: m})
+}
+
+// MaxEntriesBytes bounds one entries message: more entries go in more
+// messages, each merged on its own, so that one lost chunk costs little and
+// no message nears the receiver's reassembly limit.
+const MaxEntriesBytes = 48 << 10
+
+// sendEntries sends es to a neighbour in messages of at most
+// MaxEntriesBytes (a single larger entry goes alone).
+func (n *Node) sendEntries(to proto.PeerName, es []proto.TopoPeer) {
+	for len(es) > 0 {
+		k, size := 0, 3
+		for k < len(es) && (k == 0 || size+proto.TopoPeerSize(&es[k]) <= MaxEntriesBytes) {
+			size += proto.TopoPeerSize(&es[k])
+			k++
+		}
+		n.send(to, proto.TopoMsg{Kind: proto.TopoEntries, Entries: es[:k:k]})
+		es = es[k:]
+	}
 }
 
 func (n *Node) names() []proto.PeerName {
@@ -322,7 +349,7 @@ func (n *Node) Tick() {
 			}
 		}
 		for _, to := range n.pick(nb, n.cfg.Fanout) {
-			n.send(to, proto.TopoMsg{Kind: proto.TopoEntries, Entries: entries})
+			n.sendEntries(to, entries)
 		}
 	}
 	to := nb[n.cfg.Rand.IntN(len(nb))]
@@ -343,6 +370,11 @@ func (n *Node) pick(ns []proto.PeerName, k int) []proto.PeerName {
 // connections for two rounds.
 func (n *Node) collect() {
 	n.round++
+	for name, last := range n.synced {
+		if last < n.round-1 {
+			delete(n.synced, name)
+		}
+	}
 	for name, t := range n.removed {
 		if n.round > t.until {
 			delete(n.removed, name)
@@ -370,7 +402,9 @@ func (n *Node) collect() {
 		}
 		n.unreachable[name]++
 		if n.unreachable[name] >= 2 {
-			n.removed[name] = tomb{entry: *n.peers[name], until: n.round + TombRounds}
+			if len(n.removed) < n.cfg.MaxPeers {
+				n.removed[name] = tomb{uid: n.peers[name].UID, version: n.peers[name].Version, until: n.round + TombRounds}
+			}
 			n.hash ^= entryHash(n.peers[name])
 			delete(n.peers, name)
 			delete(n.news, name)

@@ -173,3 +173,45 @@ func TestCandidatesAndDiscover(t *testing.T) {
 		t.Error("Admit")
 	}
 }
+
+// TestLargeStateGoesInBoundedMessages: a digest answer with thousands of
+// entries is split into entries messages of at most MaxEntriesBytes.
+func TestLargeStateGoesInBoundedMessages(t *testing.T) {
+	n := node(t, 1, 100)
+	n.SetLocal([]proto.TopoConn{conn(2, true)}, nil)
+	var es []proto.TopoPeer
+	conns := []proto.TopoConn{conn(1, true)}
+	for i := range 3000 {
+		es = append(es, entry(proto.PeerName(1000+i), uint64(1000+i), 1, conns...))
+	}
+	es = append(es, entry(2, 200, 1, conn(1, true)))
+	n.Step(2, 200, entries(es...))
+	n.Advance()
+	n.Step(3, 300, &proto.TopoMsg{Kind: proto.TopoDigestRequest})
+	msgs, total := 0, 0
+	for _, m := range n.Ready().Msgs {
+		if m.Msg.Kind == proto.TopoEntries {
+			msgs++
+			total += len(m.Msg.Entries)
+			if size := proto.TopoMsgSize(&m.Msg); size > MaxEntriesBytes {
+				t.Errorf("a message of %d bytes", size)
+			}
+		}
+	}
+	if total != n.Len() || msgs < 2 {
+		t.Errorf("%d entries in %d messages, want all %d in several", total, msgs, n.Len())
+	}
+	// A second digest request in the same round is not answered.
+	n.Advance()
+	n.Step(3, 300, &proto.TopoMsg{Kind: proto.TopoDigestRequest})
+	if len(n.Ready().Msgs) != 0 {
+		t.Error("answered twice in one round")
+	}
+}
+
+func TestVersionsCannotWrap(t *testing.T) {
+	b, _ := proto.AppendTopoMsg(nil, entries(entry(1, 99, proto.MaxTopoVersion, conn(2, true))))
+	if _, err := proto.ParseTopoMsg(b); err == nil {
+		t.Error("a version of 2^62 was accepted")
+	}
+}
