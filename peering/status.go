@@ -247,8 +247,8 @@ func (r *Router) SetLocal(ctx context.Context, prefixes []netip.Prefix) error {
 			return fmt.Errorf("peering: cannot serve %v: only IPv4 prefixes", p)
 		}
 	}
-	if len(ps) > proto.MaxAnnouncedPrefixes {
-		return fmt.Errorf("peering: cannot serve more than %d prefixes", proto.MaxAnnouncedPrefixes)
+	if len(ps) > proto.MaxPrefixes {
+		return fmt.Errorf("peering: cannot serve more than %d prefixes", proto.MaxPrefixes)
 	}
 	slices.SortFunc(ps, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
 	return r.do(ctx, func(c *control) {

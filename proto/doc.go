@@ -84,7 +84,7 @@
 //	 0      4   header; flags bit 0 (0x01) = chunk header present;
 //	            byte 3 = relays crossed
 //	 4      1   channel name length n (1..32)
-//	 5      n   channel name (e.g. "addresses", "topology")
+//	 5      n   channel name (e.g. "topology")
 //	 5+n    6   origin peer name
 //	11+n    6   destination peer name (00:00:00:00:00:00 = every peer)
 //	17+n    8   only with flag 0x01: message id (4), chunk index (2),
@@ -106,21 +106,6 @@
 // DataHeaderLen (16) is the whole per-packet overhead, so the overlay MTU is
 // the underlay MTU minus 20 (IPv4) + 8 (UDP) + 16 = 44 bytes: 1456 on a 1500
 // byte underlay.
-//
-// # Channel "addresses"
-//
-// The payload of gossip on the "addresses" channel is a peer's announcement
-// of the prefixes it serves (addresses exposed with `overlayctl expose`):
-//
-//	offset size
-//	 0      8   announcer's UID
-//	 8      8   version (bumped on every change within one UID)
-//	16      2   number of prefixes k (at most MaxAnnouncedPrefixes)
-//	18    5*k   IPv4 prefixes
-//
-// Receivers accept an announcement only from the incarnation (UID) they hold
-// a connection with, and only with a higher version than the last one they
-// took; it then replaces the older one whole.
 //
 // # Channel "topology"
 //

@@ -18,23 +18,22 @@ const (
 
 // Sizes of the fixed parts of each message, including the header.
 const (
-	HeaderLen       = 4
-	DataHeaderLen   = HeaderLen + 2*PeerNameLen // 16: the whole per-packet overhead
-	helloFixedLen   = HeaderLen + 1 + 1 + PeerNameLen + 8 + 2 + prefixLen + 1
-	rejectFixedLen  = HeaderLen + 1 + PeerNameLen + prefixLen + 1
-	HeartbeatLen    = HeaderLen + PeerNameLen + 8
-	gossipFixedLen  = HeaderLen + 1 + 2*PeerNameLen
-	announceFixedLn = 8 + 8 + 2
-	prefixLen       = 5
+	HeaderLen      = 4
+	DataHeaderLen  = HeaderLen + 2*PeerNameLen // 16: the whole per-packet overhead
+	helloFixedLen  = HeaderLen + 1 + 1 + PeerNameLen + 8 + 2 + prefixLen + 1
+	rejectFixedLen = HeaderLen + 1 + PeerNameLen + prefixLen + 1
+	HeartbeatLen   = HeaderLen + PeerNameLen + 8
+	gossipFixedLen = HeaderLen + 1 + 2*PeerNameLen
+	prefixLen      = 5
 )
 
 // Limits on variable-length fields.
 const (
-	MaxNicknameLen       = 64
-	MaxRejectMessageLen  = 255
-	MaxChannelLen        = 32
-	MaxGossipPayload     = 60000
-	MaxAnnouncedPrefixes = 4096
+	MaxNicknameLen      = 64
+	MaxRejectMessageLen = 255
+	MaxChannelLen       = 32
+	MaxGossipPayload    = 60000
+	MaxPrefixes         = 4096 // prefixes one peer may serve
 )
 
 // UDPOverhead is what the overlay adds to every packet on an IPv4 underlay:
@@ -436,66 +435,6 @@ func DstAddr(packet []byte) (netip.Addr, bool) {
 		return netip.AddrFrom16([16]byte(packet[24:40])), true
 	}
 	return netip.Addr{}, false
-}
-
-// Announce is a peer's list of the prefixes it serves, carried on the
-// "addresses" gossip channel.
-type Announce struct {
-	UID      uint64
-	Version  uint64
-	Prefixes []netip.Prefix // IPv4 only
-}
-
-// AppendAnnounce appends the encoded announcement to b.
-func AppendAnnounce(b []byte, a *Announce) ([]byte, error) {
-	if len(a.Prefixes) > MaxAnnouncedPrefixes {
-		return b, fmt.Errorf("%w: %d prefixes", ErrTooLarge, len(a.Prefixes))
-	}
-	for _, p := range a.Prefixes {
-		if !p.IsValid() || !p.Addr().Is4() {
-			return b, fmt.Errorf("%w: cannot announce %v", ErrMalform, p)
-		}
-	}
-	b = binary.BigEndian.AppendUint64(b, a.UID)
-	b = binary.BigEndian.AppendUint64(b, a.Version)
-	b = binary.BigEndian.AppendUint16(b, uint16(len(a.Prefixes)))
-	for _, p := range a.Prefixes {
-		b = appendPrefix(b, p)
-	}
-	return b, nil
-}
-
-// ParseAnnounce decodes an announcement. It allocates at most one slice,
-// bounded by both the input length and MaxAnnouncedPrefixes.
-func ParseAnnounce(b []byte) (Announce, error) {
-	var a Announce
-	if len(b) < announceFixedLn {
-		return a, fmt.Errorf("%w: announcement of %d bytes", ErrShort, len(b))
-	}
-	a.UID = binary.BigEndian.Uint64(b)
-	a.Version = binary.BigEndian.Uint64(b[8:])
-	k := int(binary.BigEndian.Uint16(b[16:]))
-	if k > MaxAnnouncedPrefixes {
-		return a, fmt.Errorf("%w: %d prefixes", ErrTooLarge, k)
-	}
-	if len(b) != announceFixedLn+k*prefixLen {
-		return a, fmt.Errorf("%w: announcement of %d bytes for %d prefixes", ErrMalform, len(b), k)
-	}
-	if a.UID == 0 {
-		return a, fmt.Errorf("%w: zero UID", ErrMalform)
-	}
-	a.Prefixes = make([]netip.Prefix, 0, k)
-	for i := range k {
-		p, err := getPrefix(b[announceFixedLn+i*prefixLen:])
-		if err != nil {
-			return Announce{}, err
-		}
-		if !p.IsValid() {
-			return Announce{}, fmt.Errorf("%w: empty prefix in announcement", ErrMalform)
-		}
-		a.Prefixes = append(a.Prefixes, p)
-	}
-	return a, nil
 }
 
 func appendHeader(b []byte, t Type, flags uint8) []byte {

@@ -23,11 +23,6 @@ func goldenMessages(t *testing.T) map[string][]byte {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ann, err := AppendAnnounce(nil, &Announce{UID: 7, Version: 2,
-		Prefixes: []netip.Prefix{netip.MustParsePrefix("172.16.16.1/32"), netip.MustParsePrefix("10.0.0.0/8")}})
-	if err != nil {
-		t.Fatal(err)
-	}
 	data := make([]byte, DataHeaderLen, DataHeaderLen+20)
 	PutDataHeader(data, name, PeerName(0x7e214a702f45))
 	data = append(data, 0x45, 0, 0, 20, 0, 0, 0, 0, 64, 1, 0, 0, 172, 16, 16, 1, 172, 16, 16, 2)
@@ -50,17 +45,16 @@ func goldenMessages(t *testing.T) map[string][]byte {
 	}
 	hash, _ := AppendTopoMsg(nil, &TopoMsg{Kind: TopoHash, Count: 2, Hash: 0x1122334455667788})
 	return map[string][]byte{
-		"gossip-chunk":     chunked,
-		"topo-entries":     topo,
-		"topo-digest":      digest,
-		"topo-hash":        hash,
-		"hello":            AppendHello(nil, TypeHello, &hello),
-		"accept-no-range":  AppendHello(nil, TypeAccept, &Hello{MinVersion: 1, MaxVersion: 2, Name: 1, UID: 1, Port: 1}),
-		"reject":           AppendReject(nil, &Reject{Code: RejectRange, Name: name, Range: rng, Message: "no"}),
-		"heartbeat":        AppendHeartbeat(nil, Heartbeat{Name: name, UID: 9, Established: true}),
-		"gossip":           gossip,
-		"announce-payload": ann,
-		"data":             data,
+		"gossip-chunk":    chunked,
+		"topo-entries":    topo,
+		"topo-digest":     digest,
+		"topo-hash":       hash,
+		"hello":           AppendHello(nil, TypeHello, &hello),
+		"accept-no-range": AppendHello(nil, TypeAccept, &Hello{MinVersion: 1, MaxVersion: 2, Name: 1, UID: 1, Port: 1}),
+		"reject":          AppendReject(nil, &Reject{Code: RejectRange, Name: name, Range: rng, Message: "no"}),
+		"heartbeat":       AppendHeartbeat(nil, Heartbeat{Name: name, UID: 9, Established: true}),
+		"gossip":          gossip,
+		"data":            data,
 	}
 }
 
@@ -116,11 +110,6 @@ func TestRoundTrip(t *testing.T) {
 	if got, err := ParseGossip(b); err != nil || !reflect.DeepEqual(got, g) {
 		t.Errorf("gossip: got %+v, %v", got, err)
 	}
-	a := Announce{UID: 1, Version: 1, Prefixes: []netip.Prefix{}}
-	b, _ = AppendAnnounce(nil, &a)
-	if got, err := ParseAnnounce(b); err != nil || !reflect.DeepEqual(got, a) {
-		t.Errorf("announce: got %+v, %v", got, err)
-	}
 }
 
 func TestLongNicknameIsCut(t *testing.T) {
@@ -166,11 +155,6 @@ func TestDecodersRejectMalformed(t *testing.T) {
 		{"data not ip", patch(msgs["data"], 16, 0x25), data, ErrMalform},
 		{"data ip cut", msgs["data"][:30], data, ErrMalform},
 		{"data wrong type", patch(msgs["data"], 1, 5), data, ErrType},
-		{"announce short", msgs["announce-payload"][:17], announce, ErrShort},
-		{"announce count too big", patch(msgs["announce-payload"], 16, 0xff, 0xff), announce, ErrTooLarge},
-		{"announce count mismatch", patch(msgs["announce-payload"], 17, 3), announce, ErrMalform},
-		{"announce zero uid", patch(msgs["announce-payload"], 7, 0), announce, ErrMalform},
-		{"announce no-prefix", patch(msgs["announce-payload"], 18, 0, 0, 0, 0, 255), announce, ErrMalform},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if err := tc.parse(tc.input); !errors.Is(err, tc.want) {
@@ -192,7 +176,6 @@ func reject(b []byte) error    { _, err := ParseReject(b); return err }
 func heartbeat(b []byte) error { _, err := ParseHeartbeat(b); return err }
 func gossip(b []byte) error    { _, err := ParseGossip(b); return err }
 func data(b []byte) error      { _, _, _, err := ParseData(b); return err }
-func announce(b []byte) error  { _, err := ParseAnnounce(b); return err }
 
 func TestPeerNames(t *testing.T) {
 	for _, tc := range []struct {

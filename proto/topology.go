@@ -114,7 +114,7 @@ func AppendTopoMsg(b []byte, m *TopoMsg) ([]byte, error) {
 }
 
 func appendTopoPeer(b []byte, p *TopoPeer) ([]byte, error) {
-	if len(p.Conns) > MaxTopoConns || len(p.Prefixes) > MaxAnnouncedPrefixes {
+	if len(p.Conns) > MaxTopoConns || len(p.Prefixes) > MaxPrefixes {
 		return b, fmt.Errorf("%w: entry of %v with %d connections, %d prefixes", ErrTooLarge, p.Name, len(p.Conns), len(p.Prefixes))
 	}
 	nick := truncate(p.Nickname, MaxNicknameLen)
@@ -254,7 +254,7 @@ func parseTopoPeer(p []byte) (TopoPeer, []byte, error) {
 	p = p[nc*topoConnLen:]
 	np := int(binary.BigEndian.Uint16(p))
 	p = p[2:]
-	if np > MaxAnnouncedPrefixes || len(p) < np*prefixLen {
+	if np > MaxPrefixes || len(p) < np*prefixLen {
 		return e, nil, fmt.Errorf("%w: %d prefixes", ErrMalform, np)
 	}
 	if np > 0 {

@@ -7,8 +7,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-
-	"github.com/overlayd/overlayd/proto"
 )
 
 // DefaultPort is the UDP port peers use when none is given.
@@ -130,16 +128,6 @@ func (m *Machine) Discovered(addrs []netip.AddrPort) {
 		m.targets[key] = &target{addr: key, host: a.Addr().String(), port: a.Port(), retryAt: m.now, discovered: true}
 		m.order = append(m.order, key)
 	}
-}
-
-// Neighbour returns the established or pending peer at the far end of
-// remote, if any.
-func (m *Machine) Neighbour(remote netip.AddrPort) (name proto.PeerName, uid uint64, ok bool) {
-	cn := m.conn[remote]
-	if cn == nil || cn.state == stateConnecting {
-		return 0, 0, false
-	}
-	return cn.remote.Name, cn.remote.UID, true
 }
 
 // ParseTarget checks a peer address given as HOST, HOST:PORT, IP, [IPv6] or
