@@ -1,0 +1,334 @@
+// Package ipalloctest runs many allocator cores in one process over a
+// simulated network: seeded, so a failing schedule replays exactly. The
+// network loses, duplicates and reorders messages and can be partitioned;
+// peers stop, restart from their saved state, and take over dead peers'
+// space. Check verifies the invariants that must hold after every step.
+package ipalloctest
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"slices"
+
+	"github.com/overlayd/overlayd/ipalloc"
+	"github.com/overlayd/overlayd/ipalloc/ring"
+	"github.com/overlayd/overlayd/proto"
+)
+
+// Name is the peer name of peer i.
+func Name(i int) proto.PeerName { return proto.PeerName(0x0a0000000000 + i) }
+
+// Net is the network's behaviour.
+type Net struct {
+	Loss    float64 // chance a message is lost
+	Dup     float64 // chance it is delivered twice
+	Reorder bool    // deliver each tick's messages in random order
+}
+
+// Sim is a simulated cluster. It is not safe for concurrent use.
+type Sim struct {
+	Net      Net
+	Universe netip.Prefix
+	rand     *rand.Rand
+	peers    map[proto.PeerName]*Peer
+	queue    []delivery
+	group    map[proto.PeerName]int // partition; nil: one network
+	ticks    int64
+	nextID   uint64
+	answers  map[uint64]ipalloc.Done
+	live     []*Peer                  // by name; nil when it must be recomputed
+	parsed   map[*byte]*proto.IPAMMsg // this step's deliveries, decoded
+	moved    bool                     // peers started, stopped or partitioned since the last step
+	Log      []string                 // Warnf lines, for failure reports
+	Sent     [8]int                   // deliveries by message kind
+}
+
+// Peer is one simulated overlayd.
+type Peer struct {
+	Name  proto.PeerName
+	Node  *ipalloc.Node
+	cfg   ipalloc.Config
+	state []byte // last saved
+	live  bool
+	uid   uint64
+}
+
+type delivery struct {
+	from, to proto.PeerName
+	msg      []byte // encoded, as on the wire
+}
+
+// New makes an empty cluster over universe.
+func New(seed uint64, universe netip.Prefix) *Sim {
+	return &Sim{Universe: universe, rand: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)),
+		peers: map[proto.PeerName]*Peer{}, answers: map[uint64]ipalloc.Done{}}
+}
+
+// Rand is the simulation's random source, for schedules.
+func (s *Sim) Rand() *rand.Rand { return s.rand }
+
+// Ticks is the simulated time.
+func (s *Sim) Ticks() int64 { return s.ticks }
+
+// Add starts a new peer; cfg's Self, UID, Universe and Rand are filled in.
+func (s *Sim) Add(name proto.PeerName, cfg ipalloc.Config) error {
+	cfg.Self, cfg.Universe = name, s.Universe
+	p := &Peer{Name: name, cfg: cfg}
+	s.peers[name] = p
+	return s.start(p)
+}
+
+func (s *Sim) start(p *Peer) error {
+	p.uid = s.rand.Uint64()
+	cfg := p.cfg
+	cfg.UID = p.uid
+	cfg.Rand = rand.New(rand.NewPCG(s.rand.Uint64(), s.rand.Uint64()))
+	name := p.Name
+	cfg.Warnf = func(f string, a ...any) {
+		s.Log = append(s.Log, fmt.Sprintf("t=%d %v: ", s.ticks, name)+fmt.Sprintf(f, a...))
+	}
+	cfg.Infof = cfg.Warnf
+	n, err := ipalloc.New(cfg, p.state)
+	if err != nil {
+		return err
+	}
+	p.Node, p.live = n, true
+	s.drain(p)
+	s.reachability()
+	return nil
+}
+
+// Stop stops a peer; its saved state stays.
+func (s *Sim) Stop(name proto.PeerName) {
+	if p := s.peers[name]; p != nil && p.live {
+		p.live = false
+		p.Node = nil
+		s.reachability()
+	}
+}
+
+// Restart starts a stopped peer again from its saved state.
+func (s *Sim) Restart(name proto.PeerName) error {
+	p := s.peers[name]
+	if p == nil || p.live {
+		return fmt.Errorf("ipalloctest: %v is not stopped", name)
+	}
+	return s.start(p)
+}
+
+// UID is the peer's current incarnation: requests to an earlier one are
+// lost with it.
+func (p *Peer) UID() uint64 { return p.uid }
+
+// Peer returns a peer, live or not.
+func (s *Sim) Peer(name proto.PeerName) *Peer { return s.peers[name] }
+
+// Live returns the live peers, by name.
+func (s *Sim) Live() []*Peer {
+	if s.live != nil {
+		return s.live
+	}
+	out := []*Peer{}
+	for _, p := range s.peers {
+		if p.live {
+			out = append(out, p)
+		}
+	}
+	slices.SortFunc(out, func(a, b *Peer) int { return int(int64(a.Name) - int64(b.Name)) })
+	s.live = out
+	return out
+}
+
+// Partition splits the network into groups; f gives each peer's group.
+func (s *Sim) Partition(f func(proto.PeerName) int) {
+	s.group = map[proto.PeerName]int{}
+	for name := range s.peers {
+		s.group[name] = f(name)
+	}
+	s.reachability()
+}
+
+// Heal joins the network again.
+func (s *Sim) Heal() {
+	s.group = nil
+	s.reachability()
+}
+
+func (s *Sim) reaches(a, b proto.PeerName) bool {
+	pa, pb := s.peers[a], s.peers[b]
+	return pa != nil && pb != nil && pa.live && pb.live && (s.group == nil || s.group[a] == s.group[b])
+}
+
+// reachability tells every live peer whom it reaches.
+// It runs at the start of the next step, once for all changes made
+// between steps.
+func (s *Sim) reachability() {
+	s.live = nil
+	s.moved = true
+}
+
+func (s *Sim) tellReachability() {
+	if !s.moved {
+		return
+	}
+	s.moved = false
+	groups := map[int][]proto.PeerName{}
+	for _, p := range s.Live() {
+		g := s.group[p.Name]
+		groups[g] = append(groups[g], p.Name)
+	}
+	for _, p := range s.Live() {
+		p.Node.SetReachable(groups[s.group[p.Name]]) // it leaves itself out
+		s.drain(p)
+	}
+}
+
+// Submit hands a request to a peer and returns its ID.
+func (s *Sim) Submit(name proto.PeerName, r ipalloc.Request) uint64 {
+	s.nextID++
+	r.ID = s.nextID
+	if p := s.peers[name]; p != nil && p.live {
+		p.Node.Submit(r)
+		s.drain(p)
+	}
+	return r.ID
+}
+
+// Answer returns the answer to a request, if there is one yet.
+func (s *Sim) Answer(id uint64) (ipalloc.Done, bool) {
+	d, ok := s.answers[id]
+	return d, ok
+}
+
+// drain carries out a peer's Ready: saves state, queues messages, records
+// answers.
+func (s *Sim) drain(p *Peer) {
+	for range 100 {
+		rd := p.Node.Ready()
+		if rd.Empty() {
+			return
+		}
+		if rd.State != nil {
+			p.state = rd.State
+		}
+		for _, m := range rd.Msgs {
+			b := m.Payload
+			if m.To != 0 {
+				s.queue = append(s.queue, delivery{from: p.Name, to: m.To, msg: b})
+				continue
+			}
+			for _, q := range s.Live() {
+				if q != p && s.reaches(p.Name, q.Name) {
+					s.queue = append(s.queue, delivery{from: p.Name, to: q.Name, msg: b})
+				}
+			}
+		}
+		for _, d := range rd.Done {
+			s.answers[d.ID] = d
+		}
+		p.Node.Advance()
+	}
+	panic(fmt.Sprintf("ipalloctest: %v never runs out of work", p.Name))
+}
+
+// Step advances one tick: delivers what was sent (subject to the network),
+// then ticks every live peer.
+func (s *Sim) Step() error {
+	s.tellReachability()
+	s.ticks++
+	q := s.queue
+	s.queue = nil
+	if s.Net.Reorder {
+		s.rand.Shuffle(len(q), func(i, j int) { q[i], q[j] = q[j], q[i] })
+	}
+	s.parsed = map[*byte]*proto.IPAMMsg{}
+	for _, d := range q {
+		if !s.reaches(d.from, d.to) || s.rand.Float64() < s.Net.Loss {
+			continue
+		}
+		times := 1
+		if s.rand.Float64() < s.Net.Dup {
+			times = 2
+		}
+		for range times {
+			if err := s.deliver(d); err != nil {
+				return err
+			}
+		}
+	}
+	for _, p := range s.Live() {
+		p.Node.Tick()
+		s.drain(p)
+	}
+	return nil
+}
+
+func (s *Sim) deliver(d delivery) error {
+	p := s.peers[d.to]
+	s.Sent[d.msg[0]&7]++
+	// A broadcast is decoded once for all its receivers (Step reads,
+	// never keeps or changes, a message).
+	m := s.parsed[&d.msg[0]]
+	if m == nil {
+		pm, err := proto.ParseIPAMMsg(d.msg)
+		if err != nil {
+			return fmt.Errorf("%v sent %v an undecodable message: %w", d.from, d.to, err)
+		}
+		m = &pm
+		s.parsed[&d.msg[0]] = m
+	}
+	if err := p.Node.Step(d.from, m); err != nil {
+		return fmt.Errorf("%v refused a message from %v: %w", d.to, d.from, err)
+	}
+	s.drain(p)
+	return nil
+}
+
+// Run steps n ticks, stopping at the first error.
+func (s *Sim) Run(n int) error {
+	for range n {
+		if err := s.Step(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Check verifies what must hold at every step: each peer's own
+// invariants; no address allocated on two live peers; no space that two
+// live peers both believe they own and may allocate from.
+func (s *Sim) Check() error {
+	seen := map[netip.Addr]proto.PeerName{}
+	var owned []ring.Span
+	for _, p := range s.Live() {
+		if err := p.Node.Check(); err != nil {
+			return fmt.Errorf("%v: %w", p.Name, err)
+		}
+		for a := range p.Node.Allocations() {
+			if other, ok := seen[a]; ok {
+				return fmt.Errorf("%v allocated on both %v and %v", a, other, p.Name)
+			}
+			seen[a] = p.Name
+		}
+		owned = append(owned, p.Node.Usable()...)
+	}
+	slices.SortFunc(owned, func(a, b ring.Span) int { return int(int64(a.Start) - int64(b.Start)) })
+	for i := 1; i < len(owned); i++ {
+		if uint64(owned[i].Start) < owned[i-1].End {
+			return fmt.Errorf("%v and %v both own %v", owned[i-1].Peer, owned[i].Peer, ring.Addr(owned[i].Start))
+		}
+	}
+	return nil
+}
+
+// Converged reports whether every live peer holds the same ring.
+func (s *Sim) Converged() error {
+	live := s.Live()
+	for _, p := range live[1:] {
+		if !p.Node.Ring().Equal(live[0].Node.Ring()) {
+			return fmt.Errorf("%v and %v hold different rings", live[0].Name, p.Name)
+		}
+	}
+	return nil
+}

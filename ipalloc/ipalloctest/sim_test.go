@@ -1,0 +1,257 @@
+package ipalloctest_test
+
+import (
+	"flag"
+	"fmt"
+	"net/netip"
+	"runtime"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/overlayd/overlayd/ipalloc"
+	"github.com/overlayd/overlayd/ipalloc/ipalloctest"
+	"github.com/overlayd/overlayd/proto"
+)
+
+var (
+	schedules = flag.Int("schedules", 1000, "random schedules to run")
+	seedFlag  = flag.Uint64("seed", 0, "run only this schedule")
+	maxPeers  = flag.Int("peers", 120, "most peers in a schedule (at least 50)")
+)
+
+// TestSchedules runs random schedules: 50 to 200 peers (with -peers),
+// allocations, releases, claims inside and outside the range, partitions,
+// restarts from saved state, dead peers taken over by one or two survivors
+// at once, on a network that loses, duplicates and reorders. After every
+// step no address is allocated on two peers and no space is usable by two;
+// once healed and quiet, every ring is the same and every request of a
+// live peer is answered.
+func TestSchedules(t *testing.T) {
+	n := *schedules
+	first := uint64(1)
+	if *seedFlag != 0 {
+		first, n = *seedFlag, 1
+	}
+	start := time.Now()
+	seeds := make(chan uint64)
+	var (
+		mu     sync.Mutex
+		total  totals
+		failed []string
+	)
+	var wg sync.WaitGroup
+	for range runtime.GOMAXPROCS(0) {
+		wg.Go(func() {
+			for seed := range seeds {
+				tot, err := runSchedule(seed)
+				mu.Lock()
+				total.add(tot)
+				if err != nil {
+					failed = append(failed, fmt.Sprintf("schedule %d: %v\nreplay: go test ./ipalloc/ipalloctest -run TestSchedules -seed %d", seed, err, seed))
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	for seed := first; seed < first+uint64(n); seed++ {
+		mu.Lock()
+		stop := len(failed) > 0
+		mu.Unlock()
+		if stop {
+			break
+		}
+		seeds <- seed
+	}
+	close(seeds)
+	wg.Wait()
+	for _, f := range failed {
+		t.Error(f)
+	}
+	t.Logf("%d schedules in %v: %+v", total.Schedules, time.Since(start).Round(time.Millisecond), total)
+}
+
+// totals sum up what the schedules did, so that a change that makes them
+// do nothing shows.
+type totals struct {
+	Schedules, Peers, MaxPeers, Allocated, Claimed, Released, Refused int
+	RmPeers, Partitions, Restarts                                     int
+	Conflicts, Donations                                              uint64
+	Messages                                                          [8]int // by kind
+}
+
+func (t *totals) add(o totals) {
+	t.Schedules += o.Schedules
+	t.Peers += o.Peers
+	t.MaxPeers = max(t.MaxPeers, o.MaxPeers)
+	t.Allocated += o.Allocated
+	t.Claimed += o.Claimed
+	t.Released += o.Released
+	t.Refused += o.Refused
+	t.RmPeers += o.RmPeers
+	t.Partitions += o.Partitions
+	t.Restarts += o.Restarts
+	t.Conflicts += o.Conflicts
+	t.Donations += o.Donations
+	for i, n := range o.Messages {
+		t.Messages[i] += n
+	}
+}
+
+func runSchedule(seed uint64) (tot totals, err error) {
+	tot.Schedules = 1
+	universe := netip.MustParsePrefix("10.32.0.0/16")
+	s := ipalloctest.New(seed, universe)
+	r := s.Rand()
+	peers := 50 + r.IntN(max(*maxPeers-49, 1))
+	s.Net = ipalloctest.Net{Loss: r.Float64() * 0.1, Dup: r.Float64() * 0.05, Reorder: r.IntN(2) == 0}
+	initial := 1 + r.IntN(min(peers, 9))
+	quorum := initial/2 + 1
+	added := 0
+	add := func() error {
+		name := ipalloctest.Name(added)
+		added++
+		cfg := ipalloc.Config{Quorum: quorum, RetryTicks: 5, SettleTicks: 10}
+		if added > initial {
+			// Peers added later join as observers, as Weave advises:
+			// as voters they would make quorums that need not overlap
+			// (WEAVE.md §7.3).
+			cfg.Mode = ipalloc.Observer
+		}
+		return s.Add(name, cfg)
+	}
+	for range initial {
+		if err := add(); err != nil {
+			return tot, err
+		}
+	}
+	type req struct {
+		id    uint64
+		peer  proto.PeerName
+		uid   uint64
+		claim bool
+	}
+	var reqs []req
+	dead := map[proto.PeerName]bool{}
+	stopped := map[proto.PeerName]int64{}
+	idents := 0
+	partitionUntil := int64(-1)
+	steps := 200 + r.IntN(100)
+	for step := range steps {
+		live := s.Live()
+		pick := live[r.IntN(len(live))].Name
+		switch x := r.IntN(100); {
+		case added < peers && x < 40:
+			for range min(1+r.IntN(15), peers-added) {
+				if err := add(); err != nil {
+					return tot, err
+				}
+			}
+		case x < 65:
+			idents++
+			reqs = append(reqs, req{s.Submit(pick, ipalloc.Request{Op: ipalloc.OpAlloc, Ident: fmt.Sprintf("%v-%d", pick, r.IntN(idents))}), pick, s.Peer(pick).UID(), false})
+		case x < 75:
+			holder := live[r.IntN(len(live))]
+			if st := holder.Node.Status(); len(st.Owned) > 0 {
+				o := st.Owned[r.IntN(len(st.Owned))]
+				s.Submit(holder.Name, ipalloc.Request{Op: ipalloc.OpRelease, Ident: o.Ident})
+				tot.Released++
+			}
+		case x < 80:
+			a := netip.AddrFrom4([4]byte{10, 32, byte(r.IntN(256)), byte(1 + r.IntN(254))})
+			if r.IntN(4) == 0 {
+				a = netip.AddrFrom4([4]byte{192, 0, 2, byte(r.IntN(8))})
+			}
+			idents++
+			reqs = append(reqs, req{s.Submit(pick, ipalloc.Request{Op: ipalloc.OpClaim, Ident: fmt.Sprintf("%v-c%d", pick, idents), Addr: netip.PrefixFrom(a, 16)}), pick, s.Peer(pick).UID(), true})
+		case x < 83 && partitionUntil < 0 && step < steps-60:
+			cut := r.IntN(3) + 1
+			s.Partition(func(p proto.PeerName) int { return int(p) % (cut + 1) })
+			partitionUntil = s.Ticks() + int64(10+r.IntN(40))
+			tot.Partitions++
+		case x < 86 && len(live) > 2:
+			s.Stop(pick)
+			stopped[pick] = s.Ticks() + int64(1+r.IntN(20))
+			tot.Restarts++
+		case x < 88 && len(live) > 3 && partitionUntil < 0 && step < steps-60:
+			// A peer dies for good; one or two survivors take it over at once.
+			s.Stop(pick)
+			dead[pick] = true
+			live = s.Live()
+			for range 1 + r.IntN(2) {
+				s.Submit(live[r.IntN(len(live))].Name, ipalloc.Request{Op: ipalloc.OpRmPeer, Peer: pick})
+				tot.RmPeers++
+			}
+		}
+		if partitionUntil >= 0 && s.Ticks() >= partitionUntil {
+			s.Heal()
+			partitionUntil = -1
+		}
+		for name, at := range stopped {
+			if s.Ticks() >= at {
+				delete(stopped, name)
+				if err := s.Restart(name); err != nil {
+					return tot, err
+				}
+			}
+		}
+		if err := s.Step(); err != nil {
+			return tot, fmt.Errorf("tick %d: %w", s.Ticks(), err)
+		}
+		if err := s.Check(); err != nil {
+			if *seedFlag != 0 {
+				for _, l := range s.Log {
+					fmt.Println(l)
+				}
+				for _, p := range s.Live() {
+					es, _ := p.Node.Ring().Entries()
+					fmt.Println(p.Name, p.Node.Usable(), es)
+				}
+			}
+			return tot, fmt.Errorf("tick %d: %w", s.Ticks(), err)
+		}
+	}
+	// Heal, restart, and let it settle on a perfect network.
+	s.Heal()
+	for name := range stopped {
+		if err := s.Restart(name); err != nil {
+			return tot, err
+		}
+	}
+	s.Net = ipalloctest.Net{}
+	for range 120 {
+		if err := s.Step(); err != nil {
+			return tot, err
+		}
+		if err := s.Check(); err != nil {
+			return tot, fmt.Errorf("settling, tick %d: %w", s.Ticks(), err)
+		}
+	}
+	if err := s.Converged(); err != nil {
+		return tot, err
+	}
+	tot.Peers, tot.MaxPeers = added, added
+	tot.Messages = s.Sent
+	for _, p := range s.Live() {
+		st := p.Node.Stats()
+		tot.Conflicts += st.Conflicts
+		tot.Donations += st.Donations
+	}
+	for _, q := range reqs {
+		if d, ok := s.Answer(q.id); ok {
+			switch {
+			case d.Err != nil:
+				tot.Refused++
+			case q.claim:
+				tot.Claimed++
+			default:
+				tot.Allocated++
+			}
+		}
+		p := s.Peer(q.peer)
+		if _, ok := s.Answer(q.id); !ok && p.Node != nil && p.UID() == q.uid && p.Node.Status().Status == ipalloc.StatusReady {
+			return tot, fmt.Errorf("request %d on %v never answered (status %q)", q.id, q.peer, p.Node.Status().Status)
+		}
+	}
+	return tot, nil
+}

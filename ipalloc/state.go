@@ -1,0 +1,174 @@
+package ipalloc
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"net/netip"
+	"slices"
+
+	"github.com/overlayd/overlayd/ipalloc/ring"
+	"github.com/overlayd/overlayd/proto"
+)
+
+// The durable state, as Ready.State carries it and New reads it back:
+//
+//	8  magic "OVLIPAM" and format version 1
+//	4  CRC-32C of everything after it
+//	6  peer name
+//	4  length of the ring, then the ring as an IPAM ring message
+//	4  number of addresses, then each: ident length (1), ident, IPv4 prefix (5)
+//	4  number of holds (space taken over by rmpeer, not yet settled), then
+//	   each: first address (4), last address (4)
+//
+// A file that is cut short or altered fails the checksum: ParseState says
+// so rather than returning less than was saved.
+var stateMagic = [8]byte{'O', 'V', 'L', 'I', 'P', 'A', 'M', 1}
+
+// MaxIdentLen bounds an allocation ID (a container ID is 64 bytes).
+const MaxIdentLen = 255
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// ErrCorruptState is wrapped by ParseState's errors.
+var ErrCorruptState = errors.New("ipalloc: state is corrupt")
+
+// Owned is one address held for an ID.
+type Owned struct {
+	Ident string
+	Addr  netip.Prefix
+}
+
+// State is what a Node saves.
+type State struct {
+	Self  proto.PeerName
+	Ring  proto.Ring
+	Owned []Owned
+	Holds []ring.Span // Peer unused
+}
+
+func (n *Node) marshal() []byte {
+	st := State{Self: n.cfg.Self, Ring: n.ring.Proto()}
+	idents := make([]string, 0, len(n.owned))
+	for id := range n.owned {
+		idents = append(idents, id)
+	}
+	slices.Sort(idents)
+	for _, id := range idents {
+		for _, a := range n.owned[id] {
+			st.Owned = append(st.Owned, Owned{Ident: id, Addr: a})
+		}
+	}
+	for _, h := range n.holds {
+		st.Holds = append(st.Holds, ring.Span{Start: h.Start, End: h.End})
+	}
+	b, err := MarshalState(&st)
+	if err != nil {
+		// Only an over-long ident could do this, and Submit refuses those.
+		panic(fmt.Sprintf("ipalloc: cannot encode own state: %v", err))
+	}
+	return b
+}
+
+// MarshalState encodes st.
+func MarshalState(st *State) ([]byte, error) {
+	b := append([]byte(nil), stateMagic[:]...)
+	b = append(b, 0, 0, 0, 0)
+	b = binary.BigEndian.AppendUint64(b, uint64(st.Self)<<16)[:len(b)+proto.PeerNameLen] // the low 48 bits
+	ringStart := len(b)
+	b = append(b, 0, 0, 0, 0)
+	b, err := proto.AppendIPAMMsg(b, &proto.IPAMMsg{Kind: proto.IPAMRing, Ring: st.Ring})
+	if err != nil {
+		return nil, err
+	}
+	binary.BigEndian.PutUint32(b[ringStart:], uint32(len(b)-ringStart-4))
+	b = binary.BigEndian.AppendUint32(b, uint32(len(st.Owned)))
+	for _, o := range st.Owned {
+		if len(o.Ident) == 0 || len(o.Ident) > MaxIdentLen || !o.Addr.Addr().Is4() {
+			return nil, fmt.Errorf("ipalloc: cannot store %v for %q", o.Addr, o.Ident)
+		}
+		a := o.Addr.Addr().As4()
+		b = append(b, byte(len(o.Ident)))
+		b = append(b, o.Ident...)
+		b = append(b, a[0], a[1], a[2], a[3], byte(o.Addr.Bits()))
+	}
+	b = binary.BigEndian.AppendUint32(b, uint32(len(st.Holds)))
+	for _, h := range st.Holds {
+		if h.End <= uint64(h.Start) {
+			return nil, fmt.Errorf("ipalloc: cannot store hold %d-%d", h.Start, h.End)
+		}
+		b = binary.BigEndian.AppendUint32(b, h.Start)
+		b = binary.BigEndian.AppendUint32(b, uint32(h.End-1))
+	}
+	binary.BigEndian.PutUint32(b[8:], crc32.Checksum(b[12:], castagnoli))
+	return b, nil
+}
+
+// ParseState decodes a saved state, checking its checksum and encoding.
+func ParseState(b []byte) (*State, error) {
+	if len(b) < 12+6+4 || [8]byte(b[:8]) != stateMagic {
+		return nil, fmt.Errorf("%w: not an overlayd IPAM state of format 1 (%d bytes)", ErrCorruptState, len(b))
+	}
+	if crc32.Checksum(b[12:], castagnoli) != binary.BigEndian.Uint32(b[8:]) {
+		return nil, fmt.Errorf("%w: checksum mismatch (truncated or altered)", ErrCorruptState)
+	}
+	st := &State{}
+	p := b[12:]
+	st.Self = proto.PeerNameFromBytes([6]byte(p[:6]))
+	p = p[6:]
+	n := binary.BigEndian.Uint32(p)
+	p = p[4:]
+	if uint64(n) > uint64(len(p)) {
+		return nil, fmt.Errorf("%w: ring of %d bytes in %d", ErrCorruptState, n, len(p))
+	}
+	m, err := proto.ParseIPAMMsg(p[:n])
+	if err != nil || m.Kind != proto.IPAMRing {
+		return nil, fmt.Errorf("%w: ring: %v", ErrCorruptState, err)
+	}
+	st.Ring = m.Ring
+	p = p[n:]
+	if len(p) < 4 {
+		return nil, fmt.Errorf("%w: no address list", ErrCorruptState)
+	}
+	k := binary.BigEndian.Uint32(p)
+	p = p[4:]
+	if uint64(k)*7 > uint64(len(p)) {
+		return nil, fmt.Errorf("%w: %d addresses in %d bytes", ErrCorruptState, k, len(p))
+	}
+	st.Owned = make([]Owned, 0, k)
+	for range k {
+		if len(p) < 1 || len(p) < 1+int(p[0])+5 || p[0] == 0 {
+			return nil, fmt.Errorf("%w: address list cut short", ErrCorruptState)
+		}
+		l := int(p[0])
+		id := string(p[1 : 1+l])
+		q := p[1+l:]
+		bits := int(q[4])
+		if bits > 32 {
+			return nil, fmt.Errorf("%w: prefix length %d", ErrCorruptState, bits)
+		}
+		st.Owned = append(st.Owned, Owned{Ident: id, Addr: netip.PrefixFrom(netip.AddrFrom4([4]byte(q[:4])), bits)})
+		p = q[5:]
+	}
+	if len(p) < 4 {
+		return nil, fmt.Errorf("%w: no hold list", ErrCorruptState)
+	}
+	k = binary.BigEndian.Uint32(p)
+	p = p[4:]
+	if uint64(k)*8 != uint64(len(p)) {
+		return nil, fmt.Errorf("%w: %d holds in %d bytes", ErrCorruptState, k, len(p))
+	}
+	for i := range int(k) {
+		start, last := binary.BigEndian.Uint32(p[8*i:]), binary.BigEndian.Uint32(p[8*i+4:])
+		if last < start {
+			return nil, fmt.Errorf("%w: hold %d-%d", ErrCorruptState, start, last)
+		}
+		st.Holds = append(st.Holds, ring.Span{Start: start, End: uint64(last) + 1})
+	}
+	p = p[8*k:]
+	if len(p) != 0 {
+		return nil, fmt.Errorf("%w: %d bytes after the address list", ErrCorruptState, len(p))
+	}
+	return st, nil
+}
