@@ -30,6 +30,9 @@ var pure = map[string][]string{
 	"peering/topology":  {"proto"},
 	"peering/gossip":    {"proto"},
 	"peering/routes":    nil,
+	"ipalloc/ring":      {"proto"},
+	"ipalloc/paxos":     {"proto"},
+	"ipalloc":           {"proto", "ipalloc/ring", "ipalloc/paxos"},
 }
 
 // bannedInPure gives a core I/O, time, concurrency or a process-global
@@ -45,6 +48,8 @@ var allowed = []struct {
 	{"tun", nil},
 	{"peering/conn", nil},
 	{"peering/topology/topotest", []string{"proto", "peering/topology"}},
+	{"ipalloc/ipalloctest", []string{"proto", "ipalloc", "ipalloc/ring"}},
+	{"ipalloc/allocsrv", []string{"proto", "ipalloc", "ipalloc/ring"}},
 	{"peering", []string{"proto", "tun", "peering/conn", "peering/gossip", "peering/handshake", "peering/link", "peering/routes", "peering/topology"}},
 	{"internal/netconf", nil},
 	{"internal/buildinfo", nil},

@@ -196,6 +196,7 @@ type spaceWant struct {
 	end    uint64
 	donor  proto.PeerName
 	sentAt int64
+	since  int64 // tick the allocation started waiting for space
 	denied map[proto.PeerName]bool
 }
 
@@ -875,13 +876,22 @@ func (n *Node) askForSpace() {
 	s, e := ring.Bounds(sub)
 	s, e = max(s, us), min(e, ue)
 	if n.want == nil || n.want.start != s || n.want.end != e {
-		n.want = &spaceWant{start: s, end: e, denied: map[proto.PeerName]bool{}}
+		n.want = &spaceWant{start: s, end: e, since: n.ticks, denied: map[proto.PeerName]bool{}}
 	}
 	if n.want.donor != 0 {
 		return
 	}
 	for _, d := range n.ring.Donors(n.cfg.Self, s, e) {
-		if n.reach[d] && !n.want.denied[d] {
+		if n.want.denied[d] {
+			continue
+		}
+		if !n.reach[d] && n.ticks-n.want.since < int64(n.cfg.RetryTicks) {
+			// The best donor may be reachable in a moment (a peer that
+			// just joined knows only its first neighbour): wait for it
+			// a little, so the choice stays the deterministic one.
+			return
+		}
+		if n.reach[d] {
 			n.want.donor, n.want.sentAt = d, n.ticks
 			n.send(d, proto.IPAMMsg{Kind: proto.IPAMSpaceRequest, Start: s, Last: uint32(e - 1)})
 			return

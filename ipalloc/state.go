@@ -66,7 +66,8 @@ func (n *Node) marshal() []byte {
 	b, err := MarshalState(&st)
 	if err != nil {
 		// Only an over-long ident could do this, and Submit refuses those.
-		panic(fmt.Sprintf("ipalloc: cannot encode own state: %v", err))
+		n.cfg.Warnf("ipalloc: cannot encode the state, so it is not saved: %v", err)
+		return nil
 	}
 	return b
 }

@@ -53,6 +53,7 @@ type control struct {
 
 	neighbours map[proto.PeerName]link.PeerPath // established, from the link Machine
 	local      []netip.Prefix                   // prefixes we serve
+	owners     []Owner                          // the allocator's ring: who owns which part of the range
 	msgID      uint32                           // of our last chunked gossip message
 	ticks      int64
 }
@@ -434,6 +435,13 @@ func (c *control) publish() {
 	local := &path{name: self, local: true}
 	for _, p := range c.local {
 		rs = append(rs, routes.Route[*path]{Prefix: p, Via: local})
+	}
+	for _, o := range c.owners {
+		if o.Peer == self {
+			rs = append(rs, routes.Route[*path]{Prefix: o.Prefix, Via: local})
+		} else if p := snap.byName[o.Peer]; p != nil {
+			rs = append(rs, routes.Route[*path]{Prefix: o.Prefix, Via: p})
+		}
 	}
 	for _, e := range c.topo.Peers() { // name order: the lower name wins a contested prefix
 		if e.Name == self {

@@ -257,6 +257,40 @@ func (r *Router) SetLocal(ctx context.Context, prefixes []netip.Prefix) error {
 	})
 }
 
+// Owner says which peer owns a part of the allocation range.
+type Owner struct {
+	Prefix netip.Prefix
+	Peer   proto.PeerName
+}
+
+// SetOwners replaces the allocator's view of who owns the range: packets
+// for an address go to its owner (a prefix a peer announces, such as an
+// exposed address, is more specific and wins).
+func (r *Router) SetOwners(ctx context.Context, owners []Owner) error {
+	own := slices.Clone(owners)
+	for _, o := range own {
+		if !o.Prefix.IsValid() || !o.Prefix.Addr().Is4() || o.Peer == 0 {
+			return fmt.Errorf("peering: bad owner %v of %v", o.Peer, o.Prefix)
+		}
+	}
+	return r.do(ctx, func(c *control) {
+		c.owners = own
+		c.publish()
+	})
+}
+
+// Reachable returns the peers the router can send to now, directly or
+// through others.
+func (r *Router) Reachable() []proto.PeerName {
+	snap := r.snap.Load()
+	out := make([]proto.PeerName, 0, len(snap.byName))
+	for name := range snap.byName {
+		out = append(out, name)
+	}
+	slices.Sort(out)
+	return out
+}
+
 // ParseTarget checks a peer address given as HOST, HOST:PORT, [IPv6] or
 // [IPv6]:PORT and returns its host and port.
 func ParseTarget(s string) (host string, port uint16, err error) { return link.ParseTarget(s) }

@@ -138,3 +138,30 @@ func writeTargets(w io.Writer, ts []string) {
 		fmt.Fprintln(w, t)
 	}
 }
+
+// writeIPAM prints `overlayctl status ipam` as `weave status ipam`: one
+// line per peer owning space, ourselves first with our active count,
+// unreachable peers marked. Nothing while the ring is empty.
+func writeIPAM(w io.Writer, st *api.IPAMStatus) {
+	for _, o := range st.Owners {
+		pct := 0.0
+		if st.RangeNumIPs > 0 {
+			pct = 100 * float64(o.Size) / float64(st.RangeNumIPs)
+		}
+		suffix := ""
+		switch {
+		case o.Self:
+			suffix = fmt.Sprintf("(%d active)", st.ActiveIPs)
+		case !o.Reachable:
+			suffix = "- unreachable!"
+		}
+		fmt.Fprintf(w, "%-37v %8d IPs (%04.1f%% of total) %s\n", fmt.Sprintf("%v(%s)", o.Peer, o.Nickname), o.Size, pct, suffix)
+	}
+}
+
+// writeRing prints the ring's tokens, one per line.
+func writeRing(w io.Writer, st *api.IPAMStatus) {
+	for _, e := range st.Entries {
+		fmt.Fprintf(w, "%-15v %10d  %v(%s) v%d free %d\n", e.Token, e.Size, e.Peer, e.Nickname, e.Version, e.Free)
+	}
+}

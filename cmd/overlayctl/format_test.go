@@ -87,7 +87,9 @@ func TestSummariesOmitZeroCounts(t *testing.T) {
 }
 
 func TestUsageErrorsNeedNoDaemon(t *testing.T) {
-	for _, args := range [][]string{{"bogus"}, {"status", "bogus"}, {"connect"}, {"expose"}, {"expose", "x"}, {"--bogus"}, {}} {
+	for _, args := range [][]string{{"bogus"}, {"status", "bogus"}, {"connect"}, {"expose", "x"}, {"expose", "a", "b"},
+		{"alloc"}, {"alloc", "id", "x"}, {"alloc", "a", "10.0.0.0/24", "c"}, {"claim", "id"}, {"claim", "id", "1.1.1.1"},
+		{"release"}, {"rmpeer"}, {"ring", "x"}, {"--bogus"}, {}} {
 		var out, errOut bytes.Buffer
 		if code := execute(append([]string{"--socket", "/nonexistent/sock"}, args...), &out, &errOut); code != 2 {
 			t.Errorf("%v: exit %d, stderr %q", args, code, errOut.String())

@@ -116,7 +116,7 @@ func execute(args []string, stdout, stderr io.Writer) int {
 	}
 	ipam := listing("ipam", "Show IP allocation by peer (empty while the ring is idle)",
 		func(st *api.Status) any { return st.IPAM },
-		func(io.Writer, *api.Status) {})
+		func(w io.Writer, st *api.Status) { writeIPAM(w, &st.IPAM) })
 
 	status := listing("status [targets|connections|peers|ipam]", "Show the daemon's status",
 		func(st *api.Status) any { return st },
@@ -161,9 +161,81 @@ func execute(args []string, stdout, stderr io.Writer) int {
 	forget := action("forget ADDR...", "Stop dialling peers and drop their connections",
 		minArgs(1, "forget needs at least one peer address"), anything,
 		func(cl *api.Client, ctx context.Context, args []string) error { return cl.Forget(ctx, args) })
-	expose := action("expose CIDR", "Give this host an address on the overlay and announce it to peers",
-		exactArgs(1, "expose needs the address to give this host, as a CIDR such as 10.32.0.1/12 (allocation from IPAM is not available yet)"),
-		cidr, func(cl *api.Client, ctx context.Context, args []string) error { return cl.Expose(ctx, args[0]) })
+	expose := action("expose [CIDR]", "Give this host an address on the overlay (from IPAM if no CIDR is given) and print it",
+		maxArgs(1, "expose takes at most one address, as a CIDR such as 10.32.0.1/12"),
+		cidr, func(cl *api.Client, ctx context.Context, args []string) error {
+			p, err := cl.Expose(ctx, strings.Join(args, ""))
+			if err == nil {
+				fmt.Fprintln(c.out, p)
+			}
+			return err
+		})
+	// The allocator's requests wait for consensus or space: no timeout
+	// but the user's (Ctrl-C), as Weave's.
+	alloc := &cobra.Command{
+		Use: "alloc ID [SUBNET]", Short: "Allocate an address for ID (the same one again for the same ID) and print it",
+		Args: rangeArgs(1, 2, "alloc needs an ID and optionally a SUBNET inside the range"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			sub := ""
+			if len(args) == 2 {
+				if err := cidr(args[1]); err != nil {
+					return err
+				}
+				sub = args[1]
+			}
+			p, err := c.client().Alloc(cmd.Context(), args[0], sub)
+			if err == nil {
+				fmt.Fprintln(c.out, p)
+			}
+			return err
+		},
+	}
+	claim := &cobra.Command{
+		Use: "claim ID ADDR/MASK", Short: "Take a given address for ID (outside the range: recorded as manual) and print it",
+		Args: exactArgs(2, "claim needs an ID and an address with its mask, such as 10.32.0.5/12"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := cidr(args[1]); err != nil {
+				return err
+			}
+			p, err := c.client().Claim(cmd.Context(), args[0], args[1])
+			if err == nil {
+				fmt.Fprintln(c.out, p)
+			}
+			return err
+		},
+	}
+	release := action("release ID [ADDR]", "Free the addresses of ID (or only ADDR)",
+		rangeArgs(1, 2, "release needs an ID and optionally one of its addresses"), anything,
+		func(cl *api.Client, ctx context.Context, args []string) error {
+			addr := ""
+			if len(args) == 2 {
+				addr = args[1]
+			}
+			return cl.Release(ctx, args[0], addr)
+		})
+	rmpeer := action("rmpeer PEER", "Take over the address space of a dead peer",
+		exactArgs(1, "rmpeer needs the name of a dead peer, such as 12:d2:fe:7a:c1:f2"), anything,
+		func(cl *api.Client, ctx context.Context, args []string) error {
+			r, err := cl.RmPeer(ctx, args[0])
+			if err == nil {
+				fmt.Fprintf(c.out, "%d IPs taken over from %v\n", r.Taken, r.Peer)
+			}
+			return err
+		})
+	ringCmd := jsonFlag(&cobra.Command{
+		Use: "ring", Short: "Show the allocation ring, starting consensus if it does not exist yet (Weave's prime)", Args: noArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			st, err := c.client().Ring(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if c.json {
+				return c.printJSON(st)
+			}
+			writeRing(c.out, &st)
+			return nil
+		},
+	})
 	hide := action("hide CIDR", "Remove an exposed address from this host",
 		exactArgs(1, "hide needs the exposed address, as a CIDR such as 10.32.0.1/12"),
 		cidr, func(cl *api.Client, ctx context.Context, args []string) error { return cl.Hide(ctx, args[0]) })
@@ -188,7 +260,7 @@ func execute(args []string, stdout, stderr io.Writer) int {
 		},
 	})
 	root.AddCommand(status, peers("peers"), connections("connections"), targets("targets"),
-		connect, forget, expose, hide, version)
+		connect, forget, expose, hide, alloc, claim, release, rmpeer, ringCmd, version)
 	root.CompletionOptions.DisableDefaultCmd = true
 	root.SetArgs(args)
 
@@ -225,6 +297,17 @@ func noArgs(cmd *cobra.Command, args []string) error {
 func minArgs(n int, msg string) cobra.PositionalArgs {
 	return func(_ *cobra.Command, args []string) error {
 		if len(args) < n {
+			return usageError{msg}
+		}
+		return nil
+	}
+}
+
+func maxArgs(n int, msg string) cobra.PositionalArgs { return rangeArgs(0, n, msg) }
+
+func rangeArgs(lo, hi int, msg string) cobra.PositionalArgs {
+	return func(_ *cobra.Command, args []string) error {
+		if len(args) < lo || len(args) > hi {
 			return usageError{msg}
 		}
 		return nil

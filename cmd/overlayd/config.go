@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/overlayd/overlayd/internal/api"
+	"github.com/overlayd/overlayd/ipalloc"
 	"github.com/overlayd/overlayd/peering"
 	"github.com/overlayd/overlayd/proto"
 	"github.com/overlayd/overlayd/tun"
@@ -40,6 +41,8 @@ type options struct {
 	metricsAddr   string
 	connLimit     int
 	noDiscovery   bool
+	initPeerCount int
+	ipallocInit   string
 }
 
 // config is the validated configuration of one daemon.
@@ -58,6 +61,9 @@ type config struct {
 	MetricsAddr   string // host:port for Prometheus; empty: off
 	ConnLimit     int    // 0: no limit
 	Discovery     bool
+	IPAMMode      ipalloc.Mode
+	Quorum        int              // IPAMMode Consensus
+	Seeds         []proto.PeerName // IPAMMode Seed
 }
 
 // usageError is a bad flag value: exit code 2.
@@ -150,6 +156,9 @@ func (o *options) validate(positional []string) (*config, error) {
 		return nil, badFlag("--conn-limit %d: want 0 (no limit) or more", o.connLimit)
 	}
 	c.ConnLimit, c.Discovery = o.connLimit, !o.noDiscovery
+	if err := o.ipam(c); err != nil {
+		return nil, err
+	}
 	if o.metricsAddr != "" {
 		host, port, err := net.SplitHostPort(o.metricsAddr)
 		n, perr := strconv.Atoi(port)
@@ -159,6 +168,58 @@ func (o *options) validate(positional []string) (*config, error) {
 		c.MetricsAddr = o.metricsAddr
 	}
 	return c, nil
+}
+
+// ipam sets how the allocator starts: --ipalloc-init (Weave's modes) and
+// --init-peer-count; the quorum is a majority of the initial peers, by
+// default the targets and us.
+func (o *options) ipam(c *config) error {
+	if o.initPeerCount < 0 {
+		return badFlag("--init-peer-count %d: want the number of initial peers", o.initPeerCount)
+	}
+	if (o.ipallocInit != "" || o.initPeerCount != 0) && !c.Range.IsValid() {
+		return badFlag("--ipalloc-init specified without --ipalloc-range.")
+	}
+	size := len(c.Targets) + 1
+	if o.initPeerCount > 0 {
+		size = o.initPeerCount
+	}
+	mode, arg, hasArg := strings.Cut(o.ipallocInit, "=")
+	switch mode {
+	case "", "consensus":
+		c.IPAMMode = ipalloc.Consensus
+		if hasArg {
+			n, err := strconv.Atoi(arg)
+			if err != nil || n < 1 {
+				return badFlag("Unable to parse --ipalloc-init: bad consensus parameter: %q", arg)
+			}
+			if o.initPeerCount > 0 && n != o.initPeerCount {
+				return badFlag("--ipalloc-init=consensus=%d and --init-peer-count %d disagree", n, o.initPeerCount)
+			}
+			size = n
+		}
+	case "seed":
+		c.IPAMMode = ipalloc.Seed
+		if !hasArg || arg == "" {
+			return badFlag("Unable to parse --ipalloc-init: seed mode requires peer name list")
+		}
+		for _, s := range strings.Split(arg, ",") {
+			n, err := proto.ParsePeerName(strings.TrimSpace(s))
+			if err != nil {
+				return badFlag("Unable to parse --ipalloc-init: %v", err)
+			}
+			c.Seeds = append(c.Seeds, n)
+		}
+	case "observer":
+		if hasArg {
+			return badFlag("Unable to parse --ipalloc-init: observer mode takes no parameter")
+		}
+		c.IPAMMode = ipalloc.Observer
+	default:
+		return badFlag("Unable to parse --ipalloc-init: unknown mode %q (want consensus[=N], seed=NAME,... or observer)", mode)
+	}
+	c.Quorum = size/2 + 1
+	return nil
 }
 
 // parseSubnet parses a CIDR that must be an IPv4 subnet of at least 4

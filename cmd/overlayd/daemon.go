@@ -18,6 +18,8 @@ import (
 	"github.com/overlayd/overlayd/internal/buildinfo"
 	"github.com/overlayd/overlayd/internal/metrics"
 	"github.com/overlayd/overlayd/internal/netconf"
+	"github.com/overlayd/overlayd/ipalloc"
+	"github.com/overlayd/overlayd/ipalloc/allocsrv"
 	"github.com/overlayd/overlayd/peering"
 	"github.com/overlayd/overlayd/peering/conn"
 	"github.com/overlayd/overlayd/proto"
@@ -38,8 +40,13 @@ type daemon struct {
 	router *peering.Router
 	api    *api.Server
 
-	mu      sync.Mutex     // serialises Expose and Hide
-	exposed []netip.Prefix // guarded by mu: addresses on the TUN device
+	alloc *allocsrv.Server // nil when IPAM is off
+
+	mu      sync.Mutex     // serialises Expose and Hide; held before lmu
+	exposed []netip.Prefix // guarded by mu and lmu: addresses on the TUN device
+
+	lmu    sync.Mutex     // serialises announcing what we serve
+	manual []netip.Prefix // guarded by lmu: addresses outside the range held here
 }
 
 var _ api.Backend = (*daemon)(nil)
@@ -109,16 +116,36 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 
 	var seed [16]byte
 	crand.Read(seed[:])
+	d := &daemon{cfg: cfg, log: log}
 	router, err := peering.New(peering.Config{
 		Name: name, Nickname: cfg.Nickname, Range: cfg.Range, MTU: mtu,
 		Discovery: cfg.Discovery, ConnLimit: cfg.ConnLimit,
-		Rand: rand.New(rand.NewPCG(binary.LittleEndian.Uint64(seed[:8]), binary.LittleEndian.Uint64(seed[8:]))),
-		Log:  log.Named("router"),
+		Rand:     rand.New(rand.NewPCG(binary.LittleEndian.Uint64(seed[:8]), binary.LittleEndian.Uint64(seed[8:]))),
+		Log:      log.Named("router"),
+		Channels: map[string]func(proto.PeerName, []byte){proto.ChannelIPAM: d.deliverIPAM},
 	}, dev, pc)
 	if err != nil {
 		return startError{err}
 	}
-	d := &daemon{cfg: cfg, log: log, router: router}
+	d.router = router
+	if cfg.Range.IsValid() {
+		d.alloc, err = allocsrv.New(allocsrv.Config{
+			Node: ipalloc.Config{Self: name, UID: router.UID(), Universe: cfg.Range, DefaultSubnet: cfg.DefaultSubnet,
+				Mode: cfg.IPAMMode, Quorum: cfg.Quorum, Seeds: cfg.Seeds},
+			StateDir: cfg.StateDir,
+			Router:   router,
+			Publish:  d.publishOwnership,
+			Rand:     rand.New(rand.NewPCG(binary.LittleEndian.Uint64(seed[8:]), binary.LittleEndian.Uint64(seed[:8]))),
+			Log:      log.Named("ipam"),
+		})
+		if err != nil {
+			return startError{err}
+		}
+		switch cfg.IPAMMode {
+		case ipalloc.Consensus:
+			log.Info(fmt.Sprintf("Assuming quorum size of %d", cfg.Quorum))
+		}
+	}
 	srv, err := api.Listen(cfg.Socket, d, buildinfo.Version, log.Named("api"))
 	if err != nil {
 		return startError{err}
@@ -146,6 +173,9 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return router.Run(gctx) })
 	g.Go(func() error { return srv.Run(gctx) })
+	if d.alloc != nil {
+		g.Go(func() error { return d.alloc.Run(gctx) })
+	}
 	if ms != nil {
 		g.Go(func() error { return ms.Run(gctx) })
 	}
@@ -174,8 +204,13 @@ func (d *daemon) Status(ctx context.Context) (api.Status, error) {
 		return api.Status{}, err
 	}
 	st := api.Status{Version: buildinfo.Version, Router: rs}
-	if d.cfg.Range.IsValid() {
-		st.IPAM = api.IPAMStatus{Enabled: true, Status: "idle", Range: d.cfg.Range, DefaultSubnet: d.cfg.DefaultSubnet}
+	if d.alloc != nil {
+		is, err := d.alloc.Status(ctx)
+		if err != nil {
+			return api.Status{}, err
+		}
+		st.IPAM = ipamStatus(is, rs)
+		st.IPAM.Rejected, st.IPAM.Dropped = d.alloc.Rejected.Load(), d.alloc.Dropped.Load()
 	}
 	return st, nil
 }
@@ -206,36 +241,75 @@ func (d *daemon) Forget(ctx context.Context, peers []string) error {
 }
 
 // Expose implements api.Backend: the address goes on the TUN device and is
-// announced to peers as a /32.
-func (d *daemon) Expose(ctx context.Context, p netip.Prefix) error {
-	a := p.Addr()
-	if a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
-		return fmt.Errorf("%w: cannot expose %v", api.ErrBadRequest, p)
-	}
+// announced to peers as a /32. Without a CIDR the address comes from IPAM
+// (the default subnet); a CIDR inside the range is claimed from IPAM, so
+// that it is never given to anyone else.
+func (d *daemon) Expose(ctx context.Context, p netip.Prefix) (netip.Prefix, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	fromIPAM := d.alloc != nil && (!p.IsValid() || d.cfg.Range.Contains(p.Addr()))
+	var err error
+	switch {
+	case !p.IsValid() && d.alloc == nil:
+		return p, fmt.Errorf("%w: give the address to expose (IPAM is off)", api.ErrBadRequest)
+	case !p.IsValid():
+		if i := slices.IndexFunc(d.exposed, func(e netip.Prefix) bool { return d.cfg.DefaultSubnet.Contains(e.Addr()) }); i >= 0 {
+			return d.exposed[i], nil // already exposed: weave expose is idempotent
+		}
+		p, err = d.Alloc(ctx, exposeID, netip.Prefix{})
+	case fromIPAM:
+		p, err = d.Claim(ctx, exposeID, p)
+	}
+	if err != nil {
+		return p, err
+	}
+	a := p.Addr()
+	if a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
+		return p, fmt.Errorf("%w: cannot expose %v", api.ErrBadRequest, p)
+	}
 	if slices.Contains(d.exposed, p) {
-		return nil
+		return p, nil
 	}
 	for _, e := range d.exposed {
 		if e.Addr() == a {
-			return fmt.Errorf("%w: %v is already exposed as %v (hide it first)", api.ErrBadRequest, a, e)
+			return p, fmt.Errorf("%w: %v is already exposed as %v (hide it first)", api.ErrBadRequest, a, e)
+		}
+	}
+	undo := func() {
+		if fromIPAM {
+			if err := d.Release(context.WithoutCancel(ctx), exposeID, a); err != nil {
+				d.log.Warn("releasing an address not exposed after all", zap.Stringer("addr", a), zap.Error(err))
+			}
 		}
 	}
 	if err := netconf.AddAddr(d.cfg.Iface, p); err != nil {
-		return err
+		undo()
+		return p, err
 	}
-	next := append(slices.Clone(d.exposed), p)
-	if err := d.router.SetLocal(ctx, hostRoutes(next)); err != nil {
+	if err := d.setExposed(ctx, append(slices.Clone(d.exposed), p)); err != nil {
 		netconf.DelAddr(d.cfg.Iface, p)
+		undo()
+		return p, err
+	}
+	d.log.Info("exposed", zap.Stringer("addr", p))
+	return p, nil
+}
+
+// setExposed replaces the exposed addresses and announces them. mu must
+// be held.
+func (d *daemon) setExposed(ctx context.Context, next []netip.Prefix) error {
+	d.lmu.Lock()
+	defer d.lmu.Unlock()
+	old := d.exposed
+	d.exposed = next
+	if err := d.announceLocked(ctx); err != nil {
+		d.exposed = old
 		return err
 	}
-	d.exposed = next
-	d.log.Info("exposed", zap.Stringer("addr", p))
 	return nil
 }
 
-// Hide implements api.Backend.
+// Hide implements api.Backend; an address from the range goes back to IPAM.
 func (d *daemon) Hide(ctx context.Context, p netip.Prefix) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -243,16 +317,21 @@ func (d *daemon) Hide(ctx context.Context, p netip.Prefix) error {
 	if i < 0 {
 		return fmt.Errorf("%w: %v is not exposed", api.ErrBadRequest, p.Addr())
 	}
+	gone := d.exposed[i]
 	next := slices.Delete(slices.Clone(d.exposed), i, i+1)
-	if err := netconf.DelAddr(d.cfg.Iface, d.exposed[i]); err != nil {
+	if err := netconf.DelAddr(d.cfg.Iface, gone); err != nil {
 		return err
 	}
-	if err := d.router.SetLocal(ctx, hostRoutes(next)); err != nil {
-		netconf.AddAddr(d.cfg.Iface, d.exposed[i]) // as it was: still announced
+	if err := d.setExposed(ctx, next); err != nil {
+		netconf.AddAddr(d.cfg.Iface, gone) // as it was: still announced
 		return err
 	}
-	d.log.Info("hidden", zap.Stringer("addr", d.exposed[i]))
-	d.exposed = next
+	if d.alloc != nil && d.cfg.Range.Contains(gone.Addr()) {
+		if err := d.Release(ctx, exposeID, gone.Addr()); err != nil {
+			d.log.Warn("releasing a hidden address", zap.Stringer("addr", gone), zap.Error(err))
+		}
+	}
+	d.log.Info("hidden", zap.Stringer("addr", gone))
 	return nil
 }
 

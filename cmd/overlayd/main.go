@@ -74,6 +74,8 @@ for --range and --default-subnet.`,
 	f.SortFlags = false
 	f.StringVar(&o.rangeCIDR, "range", defaultRange, "IP allocation range shared by all peers (CIDR; \"\" turns IPAM off); alias --ipalloc-range")
 	f.StringVar(&o.defaultSubnet, "default-subnet", "", "subnet of the range addresses come from by default (default: the whole range); alias --ipalloc-default-subnet")
+	f.IntVar(&o.initPeerCount, "init-peer-count", 0, "number of peers that first divide the range; the quorum is a majority of them (default: the --peer targets + 1)")
+	f.StringVar(&o.ipallocInit, "ipalloc-init", "", "how the range is first divided: consensus[=N] (default), seed=NAME,... or observer")
 	f.StringArrayVar(&o.peers, "peer", nil, "peer to connect to, HOST[:PORT] (repeatable; positional arguments work too)")
 	f.StringVar(&o.name, "name", "", "peer name, like 12:d2:fe:7a:c1:f2 (default: generated once and kept in --state-dir)")
 	f.StringVar(&o.nickname, "nickname", "", "nickname shown next to the peer name (default: the host name)")

@@ -8,8 +8,13 @@
 //	GET  /v1/version  VersionInfo
 //	POST /v1/connect  PeersRequest: add targets
 //	POST /v1/forget   PeersRequest: remove targets
-//	POST /v1/expose   CIDRRequest: give this host an overlay address
+//	POST /v1/expose   CIDRRequest: give this host an overlay address (from IPAM if CIDR is empty)
 //	POST /v1/hide     CIDRRequest: take it away
+//	POST /v1/ipam/alloc    AllocRequest → AllocResponse: an address for an ID
+//	POST /v1/ipam/claim    ClaimRequest → AllocResponse: a given address for an ID
+//	POST /v1/ipam/release  ReleaseRequest: free an ID's addresses
+//	POST /v1/ipam/rmpeer   RmPeerRequest → RmPeerResponse: take over a dead peer's space
+//	GET  /v1/ipam/ring     IPAMStatus, once the ring exists (starts consensus if needed)
 //
 // Errors come back with a 4xx or 5xx status and ErrorResponse.
 package api
@@ -20,6 +25,7 @@ import (
 	"net/netip"
 
 	"github.com/overlayd/overlayd/peering"
+	"github.com/overlayd/overlayd/proto"
 )
 
 // DefaultSocket is where overlayd listens unless told otherwise.
@@ -34,9 +40,17 @@ type Backend interface {
 	Status(ctx context.Context) (Status, error)
 	Connect(ctx context.Context, peers []string) error
 	Forget(ctx context.Context, peers []string) error
-	Expose(ctx context.Context, cidr netip.Prefix) error
+	Expose(ctx context.Context, cidr netip.Prefix) (netip.Prefix, error) // invalid cidr: take one from IPAM
 	Hide(ctx context.Context, cidr netip.Prefix) error
+	Alloc(ctx context.Context, id string, subnet netip.Prefix) (netip.Prefix, error)
+	Claim(ctx context.Context, id string, cidr netip.Prefix) (netip.Prefix, error)
+	Release(ctx context.Context, id string, addr netip.Addr) error
+	RmPeer(ctx context.Context, peer string) (RmPeerResponse, error)
+	Ring(ctx context.Context) (IPAMStatus, error)
 }
+
+// ErrIPAMOff is returned by the IPAM calls of a daemon without --range.
+var ErrIPAMOff = errors.New("IPAM is off: overlayd was started without --range")
 
 // ErrBadRequest marks errors caused by the request.
 var ErrBadRequest = errors.New("bad request")
@@ -50,10 +64,87 @@ type Status struct {
 
 // IPAMStatus is the allocator's section of Status.
 type IPAMStatus struct {
-	Enabled       bool         `json:"enabled"`
-	Status        string       `json:"status"`
-	Range         netip.Prefix `json:"range"`
-	DefaultSubnet netip.Prefix `json:"defaultSubnet"`
+	Enabled       bool             `json:"enabled"`
+	Status        string           `json:"status"`
+	Range         netip.Prefix     `json:"range"`
+	RangeNumIPs   uint64           `json:"rangeNumIPs"`
+	DefaultSubnet netip.Prefix     `json:"defaultSubnet"`
+	Mode          string           `json:"mode"` // consensus, seed or observer
+	Quorum        int              `json:"quorum,omitempty"`
+	KnownVoters   int              `json:"knownVoters,omitempty"`
+	Seeds         []proto.PeerName `json:"seeds"`
+	ActiveIPs     int              `json:"activeIPs"` // allocated here, inside the range
+	PendingAllocs int              `json:"pendingAllocates"`
+	PendingClaims int              `json:"pendingClaims"`
+	Owners        []IPAMOwner      `json:"owners"` // ourselves first
+	Entries       []IPAMEntry      `json:"entries"`
+	Owned         []IPAMAllocation `json:"owned"`
+	Conflicts     uint64           `json:"conflicts"`  // our addresses a merge gave to another peer
+	Duplicates    uint64           `json:"duplicates"` // of those, ones the other peer used too
+	Donations     uint64           `json:"donations"`
+	Rejected      uint64           `json:"rejectedMessages"`
+	Dropped       uint64           `json:"droppedMessages"`
+}
+
+// IPAMOwner is one peer's share of the range.
+type IPAMOwner struct {
+	Peer      proto.PeerName `json:"peer"`
+	Nickname  string         `json:"nickname"`
+	Size      uint64         `json:"size"`
+	Reachable bool           `json:"reachable"`
+	Self      bool           `json:"self"`
+}
+
+// IPAMEntry is one token of the ring.
+type IPAMEntry struct {
+	Token    netip.Addr     `json:"token"`
+	Size     uint64         `json:"size"`
+	Peer     proto.PeerName `json:"peer"`
+	Nickname string         `json:"nickname"`
+	Version  uint32         `json:"version"`
+	Free     uint32         `json:"free"`
+}
+
+// IPAMAllocation is an address held here.
+type IPAMAllocation struct {
+	ID      string       `json:"id"`
+	Address netip.Prefix `json:"address"`
+	InRange bool         `json:"inRange"`
+}
+
+// AllocRequest asks for an address for ID, in Subnet (empty: the default
+// subnet).
+type AllocRequest struct {
+	ID     string `json:"id"`
+	Subnet string `json:"subnet,omitempty"`
+}
+
+// ClaimRequest asks for the address CIDR for ID.
+type ClaimRequest struct {
+	ID   string `json:"id"`
+	CIDR string `json:"cidr"`
+}
+
+// AllocResponse is the address given, with its prefix length.
+type AllocResponse struct {
+	Address netip.Prefix `json:"address"`
+}
+
+// ReleaseRequest frees ID's addresses, or only Address.
+type ReleaseRequest struct {
+	ID      string `json:"id"`
+	Address string `json:"address,omitempty"`
+}
+
+// RmPeerRequest names a dead peer.
+type RmPeerRequest struct {
+	Peer string `json:"peer"`
+}
+
+// RmPeerResponse says how much space was taken over.
+type RmPeerResponse struct {
+	Peer  proto.PeerName `json:"peer"`
+	Taken uint64         `json:"taken"`
 }
 
 // VersionInfo identifies the daemon.

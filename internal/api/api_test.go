@@ -33,9 +33,30 @@ func (f *fakeBackend) Connect(_ context.Context, peers []string) error {
 func (f *fakeBackend) Forget(context.Context, []string) error {
 	return fmt.Errorf("%w: not a target", ErrBadRequest)
 }
-func (f *fakeBackend) Expose(_ context.Context, p netip.Prefix) error {
+func (f *fakeBackend) Expose(_ context.Context, p netip.Prefix) (netip.Prefix, error) {
+	if !p.IsValid() {
+		p = netip.MustParsePrefix("10.0.0.9/24") // "from IPAM"
+	}
 	f.exposed = append(f.exposed, p)
-	return nil
+	return p, nil
+}
+func (f *fakeBackend) Alloc(_ context.Context, id string, subnet netip.Prefix) (netip.Prefix, error) {
+	if !subnet.IsValid() {
+		return netip.MustParsePrefix("10.0.0.1/24"), nil
+	}
+	return netip.PrefixFrom(subnet.Addr().Next(), subnet.Bits()), nil
+}
+func (f *fakeBackend) Claim(_ context.Context, id string, p netip.Prefix) (netip.Prefix, error) {
+	return p, nil
+}
+func (f *fakeBackend) Release(_ context.Context, id string, a netip.Addr) error {
+	return fmt.Errorf("%w: Delete: no addresses for %s", ErrBadRequest, id)
+}
+func (f *fakeBackend) RmPeer(context.Context, string) (RmPeerResponse, error) {
+	return RmPeerResponse{}, ErrIPAMOff
+}
+func (f *fakeBackend) Ring(context.Context) (IPAMStatus, error) {
+	return IPAMStatus{Status: "ready"}, nil
 }
 func (f *fakeBackend) Hide(context.Context, netip.Prefix) error {
 	return errors.New("netlink exploded")
@@ -82,13 +103,39 @@ func TestServerAndClient(t *testing.T) {
 	if err := c.Forget(ctx, []string{"x"}); err == nil || err.Error() != "not a target" {
 		t.Errorf("forget: %v", err)
 	}
-	if err := c.Expose(ctx, "10.0.0.1/24"); err != nil || len(b.exposed) != 1 {
+	if _, err := c.Expose(ctx, "10.0.0.1/24"); err != nil || len(b.exposed) != 1 {
 		t.Errorf("expose: %v %v", b.exposed, err)
 	}
-	for _, bad := range []string{"", "10.0.0.1", "fd00::1/64", "nonsense"} {
-		if err := c.Expose(ctx, bad); err == nil {
+	if p, err := c.Expose(ctx, ""); err != nil || p.String() != "10.0.0.9/24" {
+		t.Errorf("expose from IPAM: %v %v", p, err)
+	}
+	for _, bad := range []string{"10.0.0.1", "fd00::1/64", "nonsense"} {
+		if _, err := c.Expose(ctx, bad); err == nil {
 			t.Errorf("expose %q accepted", bad)
 		}
+	}
+	if p, err := c.Alloc(ctx, "c1", "10.0.1.0/24"); err != nil || p.String() != "10.0.1.1/24" {
+		t.Errorf("alloc in subnet: %v %v", p, err)
+	}
+	for _, bad := range [][2]string{{"", ""}, {"has space", ""}, {"c1", "10.0.1.1/24"}, {"c1", "x"}} {
+		if _, err := c.Alloc(ctx, bad[0], bad[1]); err == nil {
+			t.Errorf("alloc %q accepted", bad)
+		}
+	}
+	if p, err := c.Claim(ctx, "c1", "1.1.1.1/24"); err != nil || p.String() != "1.1.1.1/24" {
+		t.Errorf("claim: %v %v", p, err)
+	}
+	if err := c.Release(ctx, "c9", ""); err == nil || err.Error() != "Delete: no addresses for c9" {
+		t.Errorf("release: %v", err)
+	}
+	if err := c.Release(ctx, "c9", "nonsense"); err == nil || !strings.Contains(err.Error(), "not an IPv4 address") {
+		t.Errorf("release of a bad address: %v", err)
+	}
+	if _, err := c.RmPeer(ctx, "x"); err == nil || !strings.Contains(err.Error(), "IPAM is off") {
+		t.Errorf("rmpeer: %v", err)
+	}
+	if st, err := c.Ring(ctx); err != nil || st.Status != "ready" {
+		t.Errorf("ring: %v %v", st, err)
 	}
 	if err := c.Hide(ctx, "10.0.0.1/24"); err == nil || err.Error() != "netlink exploded" {
 		t.Errorf("hide: %v", err)

@@ -9,8 +9,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"syscall"
-	"time"
 )
 
 // Client talks to overlayd's control socket.
@@ -28,7 +28,7 @@ func NewClient(path string) *Client {
 		},
 		DisableKeepAlives: true,
 	}
-	return &Client{path: path, http: &http.Client{Transport: tr, Timeout: 30 * time.Second}}
+	return &Client{path: path, http: &http.Client{Transport: tr}} // callers bound calls with their context
 }
 
 // Status fetches the daemon's state.
@@ -53,9 +53,41 @@ func (c *Client) Forget(ctx context.Context, peers []string) error {
 	return c.call(ctx, http.MethodPost, "/v1/forget", PeersRequest{Peers: peers}, nil)
 }
 
-// Expose gives this host an overlay address.
-func (c *Client) Expose(ctx context.Context, cidr string) error {
-	return c.call(ctx, http.MethodPost, "/v1/expose", CIDRRequest{CIDR: cidr}, nil)
+// Expose gives this host an overlay address (one from IPAM if cidr is
+// empty) and returns it.
+func (c *Client) Expose(ctx context.Context, cidr string) (netip.Prefix, error) {
+	var r AllocResponse
+	return r.Address, c.call(ctx, http.MethodPost, "/v1/expose", CIDRRequest{CIDR: cidr}, &r)
+}
+
+// Alloc asks for an address for id, in subnet ("": the default subnet).
+func (c *Client) Alloc(ctx context.Context, id, subnet string) (netip.Prefix, error) {
+	var r AllocResponse
+	return r.Address, c.call(ctx, http.MethodPost, "/v1/ipam/alloc", AllocRequest{ID: id, Subnet: subnet}, &r)
+}
+
+// Claim asks for the address cidr for id.
+func (c *Client) Claim(ctx context.Context, id, cidr string) (netip.Prefix, error) {
+	var r AllocResponse
+	return r.Address, c.call(ctx, http.MethodPost, "/v1/ipam/claim", ClaimRequest{ID: id, CIDR: cidr}, &r)
+}
+
+// Release frees id's addresses, or only addr if it is not empty.
+func (c *Client) Release(ctx context.Context, id, addr string) error {
+	return c.call(ctx, http.MethodPost, "/v1/ipam/release", ReleaseRequest{ID: id, Address: addr}, nil)
+}
+
+// RmPeer takes over a dead peer's space.
+func (c *Client) RmPeer(ctx context.Context, peer string) (RmPeerResponse, error) {
+	var r RmPeerResponse
+	return r, c.call(ctx, http.MethodPost, "/v1/ipam/rmpeer", RmPeerRequest{Peer: peer}, &r)
+}
+
+// Ring waits for the ring to exist (starting consensus if needed) and
+// returns the allocator's state.
+func (c *Client) Ring(ctx context.Context) (IPAMStatus, error) {
+	var st IPAMStatus
+	return st, c.call(ctx, http.MethodGet, "/v1/ipam/ring", nil, &st)
 }
 
 // Hide removes an overlay address from this host.

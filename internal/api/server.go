@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"go.uber.org/zap"
 
@@ -97,11 +98,118 @@ func Listen(path string, b Backend, version string, log *zap.Logger) (*Server, e
 			s.reply(w, nil, do(r.Context(), p))
 		}
 	}
-	mux.HandleFunc("POST /v1/expose", cidr(b.Expose))
+	mux.HandleFunc("POST /v1/expose", func(w http.ResponseWriter, r *http.Request) {
+		var req CIDRRequest
+		if err := decode(r, &req); err != nil {
+			s.reply(w, nil, err)
+			return
+		}
+		var p netip.Prefix
+		if req.CIDR != "" {
+			var err error
+			if p, err = ParseCIDR(req.CIDR); err != nil {
+				s.reply(w, nil, err)
+				return
+			}
+		}
+		got, err := b.Expose(r.Context(), p)
+		s.reply(w, AllocResponse{Address: got}, err)
+	})
 	mux.HandleFunc("POST /v1/hide", cidr(b.Hide))
+	mux.HandleFunc("POST /v1/ipam/alloc", func(w http.ResponseWriter, r *http.Request) {
+		var req AllocRequest
+		if err := decode(r, &req); err != nil {
+			s.reply(w, nil, err)
+			return
+		}
+		var sub netip.Prefix
+		if req.Subnet != "" {
+			var err error
+			if sub, err = ParseCIDR(req.Subnet); err != nil {
+				s.reply(w, nil, err)
+				return
+			}
+			if sub.Masked() != sub {
+				s.reply(w, nil, fmt.Errorf("%w: invalid subnet - bits after network prefix are not all zero: %v", ErrBadRequest, sub))
+				return
+			}
+		}
+		if err := checkID(req.ID); err != nil {
+			s.reply(w, nil, err)
+			return
+		}
+		got, err := b.Alloc(r.Context(), req.ID, sub)
+		s.reply(w, AllocResponse{Address: got}, err)
+	})
+	mux.HandleFunc("POST /v1/ipam/claim", func(w http.ResponseWriter, r *http.Request) {
+		var req ClaimRequest
+		if err := decode(r, &req); err != nil {
+			s.reply(w, nil, err)
+			return
+		}
+		p, err := ParseCIDR(req.CIDR)
+		if err == nil {
+			err = checkID(req.ID)
+		}
+		if err != nil {
+			s.reply(w, nil, err)
+			return
+		}
+		got, err := b.Claim(r.Context(), req.ID, p)
+		s.reply(w, AllocResponse{Address: got}, err)
+	})
+	mux.HandleFunc("POST /v1/ipam/release", func(w http.ResponseWriter, r *http.Request) {
+		var req ReleaseRequest
+		if err := decode(r, &req); err != nil {
+			s.reply(w, nil, err)
+			return
+		}
+		if err := checkID(req.ID); err != nil {
+			s.reply(w, nil, err)
+			return
+		}
+		var a netip.Addr
+		if req.Address != "" {
+			var err error
+			if a, err = netip.ParseAddr(strings.Split(req.Address, "/")[0]); err != nil || !a.Is4() {
+				s.reply(w, nil, fmt.Errorf("%w: %q is not an IPv4 address", ErrBadRequest, req.Address))
+				return
+			}
+		}
+		s.reply(w, nil, b.Release(r.Context(), req.ID, a))
+	})
+	mux.HandleFunc("POST /v1/ipam/rmpeer", func(w http.ResponseWriter, r *http.Request) {
+		var req RmPeerRequest
+		if err := decode(r, &req); err != nil {
+			s.reply(w, nil, err)
+			return
+		}
+		got, err := b.RmPeer(r.Context(), req.Peer)
+		s.reply(w, got, err)
+	})
+	mux.HandleFunc("GET /v1/ipam/ring", func(w http.ResponseWriter, r *http.Request) {
+		st, err := b.Ring(r.Context())
+		s.reply(w, st, err)
+	})
 	s.http = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
 		ErrorLog: zap.NewStdLog(log.WithOptions(zap.IncreaseLevel(zap.WarnLevel)))}
 	return s, nil
+}
+
+// MaxIDLen bounds an allocation ID (a container ID is 64 bytes).
+const MaxIDLen = 255
+
+// checkID refuses an empty, over-long or unprintable allocation ID.
+func checkID(id string) error {
+	if id == "" || len(id) > MaxIDLen {
+		return fmt.Errorf("%w: an ID of 1 to %d bytes is required", ErrBadRequest, MaxIDLen)
+	}
+	for _, r := range id {
+		if r < 0x21 || r == 0x7f || r == utf8.RuneError {
+			return fmt.Errorf("%w: ID %q has a space or a control character", ErrBadRequest, id)
+		}
+	}
+	return nil
 }
 
 // ParseCIDR parses an IPv4 address with prefix length, like 10.32.0.1/24.
@@ -146,7 +254,7 @@ func (s *Server) reply(w http.ResponseWriter, v any, err error) {
 	if err != nil {
 		code := http.StatusInternalServerError
 		switch {
-		case errors.Is(err, ErrBadRequest):
+		case errors.Is(err, ErrBadRequest), errors.Is(err, ErrIPAMOff):
 			code = http.StatusBadRequest
 		case errors.Is(err, context.Canceled):
 			code = http.StatusServiceUnavailable

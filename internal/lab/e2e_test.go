@@ -118,7 +118,7 @@ func TestTwoHosts(t *testing.T) {
 	for _, want := range []string{
 		"Service: router", "Protocol: overlayd 1", fmt.Sprintf("Name: %v(h2)", mustStatus(t, d2).Router.Name),
 		"Encryption: disabled", "Targets: 1", "Connections: 1 (1 established)",
-		"Peers: 2 (with 2 established connections)", "Service: ipam", "Status: idle",
+		"Peers: 2 (with 2 established connections)", "Service: ipam", "Status: ready",
 		"Range: 10.40.0.0/16", "DefaultSubnet: 10.40.0.0/16",
 	} {
 		if !strings.Contains(out, want) {
@@ -539,11 +539,17 @@ func TestOverlayctlErrors(t *testing.T) {
 		{[]string{"--socket", d.Socket, "connect"}, 2, "at least one peer address"},
 		{[]string{"--socket", d.Socket, "connect", "a b"}, 1, "bad host"},
 		{[]string{"--socket", d.Socket, "connect", "1.2.3.4:0"}, 1, "port 0"},
-		{[]string{"--socket", d.Socket, "expose"}, 2, "needs the address"},
+		{[]string{"--socket", d.Socket, "expose", "10.40.0.1/16", "10.40.0.2/16"}, 2, "at most one address"},
 		{[]string{"--socket", d.Socket, "expose", "10.40.0.1"}, 2, "not an address with a prefix length"},
 		{[]string{"--socket", d.Socket, "expose", "fd00::1/64"}, 2, "not IPv4"},
 		{[]string{"--socket", d.Socket, "expose", "0.0.0.0/8"}, 1, "cannot expose"},
 		{[]string{"--socket", d.Socket, "hide", "10.40.0.9/16"}, 1, "is not exposed"},
+		{[]string{"--socket", d.Socket, "alloc", "x", "10.99.0.0/24"}, 1, "range 10.99.0.0/24 out of bounds: 10.40.0.0/16"},
+		{[]string{"--socket", d.Socket, "alloc", "x", "10.40.0.1/24"}, 1, "bits after network prefix are not all zero"},
+		{[]string{"--socket", d.Socket, "alloc", "has\ttab"}, 1, "control character"},
+		{[]string{"--socket", d.Socket, "release", "nobody"}, 1, "Delete: no addresses for nobody"},
+		{[]string{"--socket", d.Socket, "rmpeer", "nonsense"}, 1, "is not a peer name"},
+		{[]string{"--socket", d.Socket, "claim", "id", "10.40.0.1/33"}, 2, "not an address with a prefix length"},
 		{[]string{"--socket", d.Socket, "peers", "extra"}, 2, "takes no arguments"},
 		{[]string{"--socket", d.Socket, "--bogus"}, 2, "unknown flag"},
 	} {

@@ -571,3 +571,26 @@ func (r *Ring) Peers() []proto.PeerName {
 	slices.Sort(out)
 	return slices.Compact(out)
 }
+
+// Prefixes returns s as the fewest CIDR blocks that cover it exactly.
+func (s Span) Prefixes() []netip.Prefix {
+	var out []netip.Prefix
+	for cur := uint64(s.Start); cur < s.End; {
+		size := uint64(1)
+		for size < 1<<32 && cur%(size*2) == 0 && cur+size*2 <= s.End {
+			size *= 2
+		}
+		out = append(out, netip.PrefixFrom(Addr(uint32(cur)), 32-bitsOf(size)))
+		cur += size
+	}
+	return out
+}
+
+func bitsOf(size uint64) int {
+	n := 0
+	for size > 1 {
+		size >>= 1
+		n++
+	}
+	return n
+}

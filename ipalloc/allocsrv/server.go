@@ -1,0 +1,303 @@
+// Package allocsrv runs the allocator core (package ipalloc) for overlayd:
+// one goroutine owns the Node, feeds it ticks, peer messages, local
+// requests and the set of reachable peers, and carries out its Ready in
+// order: save the state (temporary file, fsync, rename), send the
+// messages, answer the requests, publish ownership. It decides nothing.
+package allocsrv
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/overlayd/overlayd/ipalloc"
+	"github.com/overlayd/overlayd/ipalloc/ring"
+	"github.com/overlayd/overlayd/proto"
+)
+
+// StateFile is the name of the allocator's state in the state directory.
+const StateFile = "ipam.state"
+
+// Router is what the server needs of the router.
+type Router interface {
+	// Unicast sends a message on the IPAM channel (loss is tolerated).
+	Unicast(ctx context.Context, channel string, dst proto.PeerName, payload []byte) error
+	// Reachable lists the peers we can send to now.
+	Reachable() []proto.PeerName
+}
+
+// Config configures a Server.
+type Config struct {
+	Node      ipalloc.Config // Rand, Infof and Warnf are filled in
+	StateDir  string
+	TickEvery time.Duration // 100 ms
+	Router    Router
+	// Publish is told, on the server's goroutine, who owns the range and
+	// which addresses outside it are held here, whenever either changes.
+	Publish func(ctx context.Context, owners []ring.Span, manual []netip.Prefix)
+	Rand    *rand.Rand
+	Log     *zap.Logger
+}
+
+// inboundLen bounds the peer messages waiting for the server.
+const inboundLen = 1024
+
+type inbound struct {
+	from    proto.PeerName
+	payload []byte
+}
+
+type call struct {
+	req  ipalloc.Request
+	done chan ipalloc.Done // room for one
+}
+
+// Server owns an ipalloc.Node. Make one with New, then call Run.
+type Server struct {
+	cfg   Config
+	path  string
+	node  *ipalloc.Node
+	log   *zap.Logger
+	in    chan inbound
+	calls chan call
+	quit  chan uint64 // IDs of calls whose caller went away
+	stat  chan chan ipalloc.Status
+	// stopped is closed when Run returns.
+	stopped chan struct{}
+
+	// Only Run's goroutine touches these.
+	waiting map[uint64]chan ipalloc.Done
+	reach   []proto.PeerName
+	manual  []netip.Prefix
+	owners  []ring.Span
+
+	ids      atomic.Uint64 // of calls
+	Dropped  atomic.Uint64 // peer messages dropped: the server lagged
+	Rejected atomic.Uint64 // peer messages refused: undecodable or against the rules
+}
+
+// ErrStopped is returned by calls once Run has ended.
+var ErrStopped = errors.New("allocsrv: the allocator has stopped")
+
+// New reads the saved state, if any, and makes the Node. A state file that
+// is corrupt is an error naming it: it is never replaced silently.
+func New(cfg Config) (*Server, error) {
+	if cfg.TickEvery == 0 {
+		cfg.TickEvery = 100 * time.Millisecond
+	}
+	path := filepath.Join(cfg.StateDir, StateFile)
+	state, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		state = nil
+	case err != nil:
+		return nil, fmt.Errorf("reading %s: %w", path, err)
+	case len(state) == 0:
+		return nil, fmt.Errorf("state file %s is empty (truncated?): restore it, or remove it to start without the addresses it held", path)
+	}
+	log := cfg.Log
+	nc := cfg.Node
+	nc.Rand = cfg.Rand
+	nc.Infof = func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...)) }
+	nc.Warnf = func(f string, a ...any) { log.Warn(fmt.Sprintf(f, a...)) }
+	n, err := ipalloc.New(nc, state)
+	if err != nil {
+		if errors.Is(err, ipalloc.ErrCorruptState) || state != nil {
+			return nil, fmt.Errorf("state file %s: %w: restore it, or remove it to start without the addresses it held", path, err)
+		}
+		return nil, err
+	}
+	return &Server{cfg: cfg, path: path, node: n, log: log,
+		in: make(chan inbound, inboundLen), calls: make(chan call), quit: make(chan uint64, 16),
+		stat: make(chan chan ipalloc.Status), stopped: make(chan struct{}),
+		waiting: map[uint64]chan ipalloc.Done{}}, nil
+}
+
+// Deliver hands the server a message from a peer. It never blocks: when
+// the server lags, the message is dropped and counted (gossip tolerates
+// loss).
+func (s *Server) Deliver(from proto.PeerName, payload []byte) {
+	select {
+	case s.in <- inbound{from, payload}:
+	default:
+		s.Dropped.Add(1)
+	}
+}
+
+// Do submits a request and waits for its answer. If ctx ends first, the
+// request is cancelled.
+func (s *Server) Do(ctx context.Context, req ipalloc.Request) (ipalloc.Done, error) {
+	req.ID = s.ids.Add(1)
+	c := call{req: req, done: make(chan ipalloc.Done, 1)}
+	select {
+	case s.calls <- c:
+	case <-ctx.Done():
+		return ipalloc.Done{}, ctx.Err()
+	case <-s.stopped:
+		return ipalloc.Done{}, ErrStopped
+	}
+	select {
+	case d := <-c.done:
+		return d, nil
+	case <-ctx.Done():
+		select {
+		case s.quit <- req.ID:
+		case <-s.stopped:
+		}
+		return ipalloc.Done{}, ctx.Err()
+	case <-s.stopped:
+		return ipalloc.Done{}, ErrStopped
+	}
+}
+
+// Status reports the allocator's state.
+func (s *Server) Status(ctx context.Context) (ipalloc.Status, error) {
+	ch := make(chan ipalloc.Status, 1)
+	select {
+	case s.stat <- ch:
+	case <-ctx.Done():
+		return ipalloc.Status{}, ctx.Err()
+	case <-s.stopped:
+		return ipalloc.Status{}, ErrStopped
+	}
+	select {
+	case st := <-ch:
+		return st, nil
+	case <-s.stopped:
+		return ipalloc.Status{}, ErrStopped
+	}
+}
+
+// Run owns the Node until ctx ends or its state cannot be saved. It is the
+// only goroutine that touches the Node and the waiting calls.
+func (s *Server) Run(ctx context.Context) error {
+	defer close(s.stopped)
+	tick := time.NewTicker(s.cfg.TickEvery)
+	defer tick.Stop()
+	s.refreshReach()
+	for {
+		if err := s.apply(ctx); err != nil {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+			s.refreshReach()
+			s.node.Tick()
+		case m := <-s.in:
+			msg, err := proto.ParseIPAMMsg(m.payload)
+			if err == nil {
+				err = s.node.Step(m.from, &msg)
+			}
+			if err != nil {
+				s.Rejected.Add(1)
+				s.log.Warn("IPAM message refused", zap.Stringer("peer", m.from), zap.Error(err))
+			}
+		case c := <-s.calls:
+			s.waiting[c.req.ID] = c.done
+			s.node.Submit(c.req)
+		case id := <-s.quit:
+			delete(s.waiting, id)
+			s.node.Cancel(id)
+		case ch := <-s.stat:
+			ch <- s.node.Status()
+		}
+	}
+}
+
+func (s *Server) refreshReach() {
+	r := s.cfg.Router.Reachable()
+	if !slices.Equal(r, s.reach) {
+		s.reach = r
+		s.node.SetReachable(r)
+	}
+}
+
+// apply carries out the Node's Ready: state first, then messages, then
+// answers, then ownership.
+func (s *Server) apply(ctx context.Context) error {
+	for range 64 {
+		rd := s.node.Ready()
+		if rd.Empty() {
+			return nil
+		}
+		if rd.State != nil {
+			if err := writeFileAtomic(s.path, rd.State); err != nil {
+				return fmt.Errorf("saving the allocator's state: %w", err)
+			}
+		}
+		for _, m := range rd.Msgs {
+			if m.To != 0 {
+				s.send(ctx, m.To, m.Payload)
+				continue
+			}
+			for _, p := range s.reach {
+				s.send(ctx, p, m.Payload)
+			}
+		}
+		for _, d := range rd.Done {
+			if ch, ok := s.waiting[d.ID]; ok {
+				delete(s.waiting, d.ID)
+				ch <- d
+			}
+		}
+		if rd.Owners != nil {
+			s.owners = rd.Owners
+		}
+		if rd.ManualChanged {
+			s.manual = rd.Manual
+		}
+		if (rd.Owners != nil || rd.ManualChanged) && s.cfg.Publish != nil {
+			s.cfg.Publish(ctx, s.owners, s.manual)
+		}
+		s.node.Advance()
+	}
+	return nil
+}
+
+func (s *Server) send(ctx context.Context, to proto.PeerName, payload []byte) {
+	if err := s.cfg.Router.Unicast(ctx, proto.ChannelIPAM, to, payload); err != nil {
+		s.log.Debug("IPAM message not sent", zap.Stringer("peer", to), zap.Error(err))
+	}
+}
+
+// writeFileAtomic writes data to path through a synced temporary file and
+// a rename, then syncs the directory: a crash leaves the old or the new
+// content, never a mix.
+func writeFileAtomic(path string, data []byte) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	d, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
