@@ -11,6 +11,7 @@ import (
 	"slices"
 	"sync"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
 
@@ -154,7 +155,11 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 	undo = append(undo, srv.Close)
 	var ms *metrics.Server
 	if cfg.MetricsAddr != "" {
-		reg, err := metrics.NewRegistry(router.Collector())
+		cs := []prometheus.Collector{router.Collector()}
+		if d.alloc != nil {
+			cs = append(cs, d.alloc.Collector())
+		}
+		reg, err := metrics.NewRegistry(cs...)
 		if err != nil {
 			return startError{err}
 		}

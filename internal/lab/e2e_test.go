@@ -730,6 +730,11 @@ func TestMetrics(t *testing.T) {
 		`overlayd_gossip_bytes_total{channel="topology",direction="sent"}`,
 		`overlayd_decode_errors_total{type="header"} 0`,
 		"overlayd_peers 2",
+		"overlayd_ipam_active_ips 1",
+		"overlayd_ipam_max_ips 65536",
+		`overlayd_ipam_pending{op="allocate"} 0`,
+		"overlayd_ipam_conflicts_total 0",
+		`overlayd_ipam_messages_total{result="rejected"} 0`,
 		"go_goroutines ",
 		"process_resident_memory_bytes ",
 	} {

@@ -1,0 +1,91 @@
+package allocsrv
+
+import (
+	"context"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/overlayd/overlayd/ipalloc/ring"
+)
+
+// Collector exposes the allocator's state to Prometheus (Weave's
+// weave_ips, weave_max_ips, weave_ipam_* and more).
+type Collector struct {
+	s *Server
+
+	active, max, owned, unreachable, pending, conflicts, duplicates, donations, messages *prometheus.Desc
+}
+
+var _ prometheus.Collector = (*Collector)(nil)
+
+// Collector returns a Prometheus collector for s.
+func (s *Server) Collector() *Collector {
+	return &Collector{
+		s: s,
+		active: prometheus.NewDesc("overlayd_ipam_active_ips",
+			"Addresses of the range allocated on this peer.", nil, nil),
+		max: prometheus.NewDesc("overlayd_ipam_max_ips",
+			"Addresses in the allocation range.", nil, nil),
+		owned: prometheus.NewDesc("overlayd_ipam_owned_ips",
+			"Addresses of the range this peer owns (allocated or free).", nil, nil),
+		unreachable: prometheus.NewDesc("overlayd_ipam_unreachable_ips",
+			"Addresses of the range owned by peers the router does not reach (rmpeer them if they are dead).", nil, nil),
+		pending: prometheus.NewDesc("overlayd_ipam_pending",
+			"Requests waiting for the ring or for space, by operation.", []string{"op"}, nil),
+		conflicts: prometheus.NewDesc("overlayd_ipam_conflicts_total",
+			"Addresses allocated here in space a merge gave to another peer (each is asked back).", nil, nil),
+		duplicates: prometheus.NewDesc("overlayd_ipam_duplicates_total",
+			"Of the conflicts, addresses the other peer had allocated too (in use twice).", nil, nil),
+		donations: prometheus.NewDesc("overlayd_ipam_donations_total",
+			"Space given to peers that asked for it.", nil, nil),
+		messages: prometheus.NewDesc("overlayd_ipam_messages_total",
+			"IPAM messages from peers that were dropped (the allocator lagged) or rejected.", []string{"result"}, nil),
+	}
+}
+
+// Describe implements prometheus.Collector.
+func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.active, c.max, c.owned, c.unreachable, c.pending, c.conflicts, c.duplicates, c.donations, c.messages} {
+		ch <- d
+	}
+}
+
+// Collect implements prometheus.Collector. The state comes from the
+// allocator's goroutine; if it does not answer within a second, only the
+// message counters are reported.
+func (c *Collector) Collect(ch chan<- prometheus.Metric) {
+	ch <- prometheus.MustNewConstMetric(c.messages, prometheus.CounterValue, float64(c.s.Dropped.Load()), "dropped")
+	ch <- prometheus.MustNewConstMetric(c.messages, prometheus.CounterValue, float64(c.s.Rejected.Load()), "rejected")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	st, err := c.s.Status(ctx)
+	if err != nil {
+		return
+	}
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	start, end := ring.Bounds(st.Range)
+	var owned, unreachable uint64
+	for _, o := range st.Owners {
+		switch {
+		case o.Peer == c.s.cfg.Node.Self:
+			owned += o.Size
+		case !o.Reachable:
+			unreachable += o.Size
+		}
+	}
+	gauge(c.active, float64(st.Active))
+	gauge(c.max, float64(end-uint64(start)))
+	gauge(c.owned, float64(owned))
+	gauge(c.unreachable, float64(unreachable))
+	gauge(c.pending, float64(st.PendingAllocs), "allocate")
+	gauge(c.pending, float64(st.PendingClaims), "claim")
+	counter := func(d *prometheus.Desc, v uint64) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v))
+	}
+	counter(c.conflicts, st.Stats.Conflicts)
+	counter(c.duplicates, st.Stats.Duplicates)
+	counter(c.donations, st.Stats.Donations)
+}
