@@ -125,6 +125,30 @@
 //	   sorted by peer name, distinct, never the entry's own name
 //	2  prefixes p, then p × IPv4 prefix (5)
 //
+// # Channel "ipam"
+//
+// The allocator's messages, unicast to one peer (a broadcast is one
+// unicast per reachable peer). Addresses are IPv4 addresses as big-endian
+// 32-bit integers. The first payload byte is the kind:
+//
+//	1 ring          flags (1): 0x01 reply (answer with your ring if it holds
+//	                what this one lacks), 0x02 partial (only changed
+//	                entries) | range (5) | seeds n (2) | n × peer name |
+//	                entries k (4) | k × (token 4 | owner 6 | version 4 | free 4)
+//	2 paxos         voters n (2) | n × (name 6 | UID 8 | promise | accepted |
+//	                origin | value m (2) | m × name), each proposal being
+//	                round (4) | proposer name (6) | proposer UID (8)
+//	3 ring request  nothing: an observer (or a peer without a ring) asks
+//	4 space request first (4) | last (4): give me free space in there
+//	5 space denied  first (4) | last (4): nothing free there
+//	6 digest        ring hash (8) | echo (1): if your ring hashes otherwise,
+//	                send it (flag reply); with echo, answer an equal hash too
+//
+// A whole ring's tokens are ascending, the first at the start of the range,
+// owners non-zero, versions at most 2^31. In a partial ring an entry with
+// owner 0 is a bound: a token the receiver must hold already, where the
+// range of the entry before it ends.
+//
 // Golden vectors for every message live in testdata/golden.txt and are
 // checked by TestGolden.
 package proto

@@ -44,7 +44,28 @@ func goldenMessages(t *testing.T) map[string][]byte {
 		t.Fatal(err)
 	}
 	hash, _ := AppendTopoMsg(nil, &TopoMsg{Kind: TopoHash, Count: 2, Hash: 0x1122334455667788})
+	ipam := func(m IPAMMsg) []byte {
+		b, err := AppendIPAMMsg(nil, &m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	other := PeerName(0xe6b190cdda76)
+	ringMsg := ipam(IPAMMsg{Kind: IPAMRing, Reply: true, Ring: Ring{Range: rng, Seeds: []PeerName{name, other},
+		Entries: []RingEntry{{Token: 0xac101000, Peer: name, Version: 1, Free: 127}, {Token: 0xac101080, Peer: other, Version: 3, Free: 96}}}})
+	paxos := ipam(IPAMMsg{Kind: IPAMPaxos, Paxos: []PaxosClaims{{Node: PaxosNode{Name: name, UID: 9},
+		Promise:  ProposalID{Round: 2, Proposer: PaxosNode{Name: other, UID: 7}},
+		Accepted: ProposalID{Round: 2, Proposer: PaxosNode{Name: other, UID: 7}},
+		Origin:   ProposalID{Round: 2, Proposer: PaxosNode{Name: other, UID: 7}},
+		Value:    []PeerName{name, other}}}})
 	return map[string][]byte{
+		"ipam-ring":          ringMsg,
+		"ipam-paxos":         paxos,
+		"ipam-ring-request":  ipam(IPAMMsg{Kind: IPAMRingRequest}),
+		"ipam-space-request": ipam(IPAMMsg{Kind: IPAMSpaceRequest, Start: 0xac101000, Last: 0xac1010ff}),
+		"ipam-space-denied":  ipam(IPAMMsg{Kind: IPAMSpaceDenied, Start: 0xac1010e0, Last: 0xac1010e0}),
+		"ipam-digest":        ipam(IPAMMsg{Kind: IPAMDigest, Hash: 0x1122334455667788, Echo: true}),
 		"gossip-chunk":    chunked,
 		"topo-entries":    topo,
 		"topo-digest":     digest,
