@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"hash/crc32"
 	"net/netip"
-	"slices"
 
 	"github.com/overlayd/overlayd/ipalloc/ring"
 	"github.com/overlayd/overlayd/proto"
@@ -50,15 +49,17 @@ type State struct {
 
 func (n *Node) marshal() []byte {
 	st := State{Self: n.cfg.Self, Ring: n.ring.Proto()}
-	idents := make([]string, 0, len(n.owned))
-	for id := range n.owned {
-		idents = append(idents, id)
-	}
-	slices.Sort(idents)
-	for _, id := range idents {
+	// In address order, without sorting: the allocations are kept sorted.
+	for _, v := range n.used {
+		id := n.holder[v]
 		for _, a := range n.owned[id] {
-			st.Owned = append(st.Owned, Owned{Ident: id, Addr: a})
+			if a.Addr() == ring.Addr(v) {
+				st.Owned = append(st.Owned, Owned{Ident: id, Addr: a})
+			}
 		}
+	}
+	for _, m := range n.manualList() {
+		st.Owned = append(st.Owned, Owned{Ident: n.manual[m.Addr()], Addr: m})
 	}
 	for _, h := range n.holds {
 		st.Holds = append(st.Holds, ring.Span{Start: h.Start, End: h.End})
@@ -116,7 +117,7 @@ func ParseState(b []byte) (*State, error) {
 	}
 	st := &State{}
 	p := b[12:]
-	st.Self = proto.PeerNameFromBytes([6]byte(p[:6]))
+	st.Self = proto.PeerName(binary.BigEndian.Uint64(append([]byte{0, 0}, p[:proto.PeerNameLen]...)))
 	p = p[6:]
 	n := binary.BigEndian.Uint32(p)
 	p = p[4:]

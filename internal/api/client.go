@@ -26,10 +26,13 @@ func NewClient(path string) *Client {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", path)
 		},
-		DisableKeepAlives: true,
+		MaxIdleConnsPerHost: 4,
 	}
 	return &Client{path: path, http: &http.Client{Transport: tr}} // callers bound calls with their context
 }
+
+// Close drops the idle connection kept for the next call.
+func (c *Client) Close() { c.http.CloseIdleConnections() }
 
 // Status fetches the daemon's state.
 func (c *Client) Status(ctx context.Context) (Status, error) {

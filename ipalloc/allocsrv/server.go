@@ -11,8 +11,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"slices"
 	"sync/atomic"
 	"time"
@@ -64,7 +62,7 @@ type call struct {
 // Server owns an ipalloc.Node. Make one with New, then call Run.
 type Server struct {
 	cfg   Config
-	path  string
+	store *store
 	node  *ipalloc.Node
 	log   *zap.Logger
 	in    chan inbound
@@ -94,29 +92,25 @@ func New(cfg Config) (*Server, error) {
 	if cfg.TickEvery == 0 {
 		cfg.TickEvery = 100 * time.Millisecond
 	}
-	path := filepath.Join(cfg.StateDir, StateFile)
-	state, err := os.ReadFile(path)
-	switch {
-	case errors.Is(err, os.ErrNotExist):
-		state = nil
-	case err != nil:
-		return nil, fmt.Errorf("reading %s: %w", path, err)
-	case len(state) == 0:
-		return nil, fmt.Errorf("state file %s is empty (truncated?): restore it, or remove it to start without the addresses it held", path)
-	}
 	log := cfg.Log
+	st, state, err := openStore(cfg.StateDir, func(msg string) { log.Warn(msg) })
+	if err != nil {
+		return nil, err
+	}
+	path := st.snapshot
 	nc := cfg.Node
 	nc.Rand = cfg.Rand
 	nc.Infof = func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...)) }
 	nc.Warnf = func(f string, a ...any) { log.Warn(fmt.Sprintf(f, a...)) }
 	n, err := ipalloc.New(nc, state)
 	if err != nil {
-		if errors.Is(err, ipalloc.ErrCorruptState) || state != nil {
-			return nil, fmt.Errorf("state file %s: %w: restore it, or remove it to start without the addresses it held", path, err)
+		st.close()
+		if state != nil {
+			return nil, fmt.Errorf("state in %s: %w: restore it, or remove it and %s to start without the addresses it held", path, err, JournalFile)
 		}
 		return nil, err
 	}
-	return &Server{cfg: cfg, path: path, node: n, log: log,
+	return &Server{cfg: cfg, store: st, node: n, log: log,
 		in: make(chan inbound, inboundLen), calls: make(chan call), quit: make(chan uint64, 16),
 		stat: make(chan chan ipalloc.Status), stopped: make(chan struct{}),
 		waiting: map[uint64]chan ipalloc.Done{}}, nil
@@ -181,6 +175,13 @@ func (s *Server) Status(ctx context.Context) (ipalloc.Status, error) {
 // only goroutine that touches the Node and the waiting calls.
 func (s *Server) Run(ctx context.Context) error {
 	defer close(s.stopped)
+	defer func() {
+		// A clean stop leaves the whole state in the snapshot.
+		if err := s.store.compact(); err != nil {
+			s.log.Error("saving the allocator's state at exit", zap.Error(err))
+		}
+		s.store.close()
+	}()
 	tick := time.NewTicker(s.cfg.TickEvery)
 	defer tick.Stop()
 	s.refreshReach()
@@ -232,7 +233,7 @@ func (s *Server) apply(ctx context.Context) error {
 			return nil
 		}
 		if rd.State != nil {
-			if err := writeFileAtomic(s.path, rd.State); err != nil {
+			if err := s.store.save(rd.State); err != nil {
 				return fmt.Errorf("saving the allocator's state: %w", err)
 			}
 		}
@@ -269,35 +270,4 @@ func (s *Server) send(ctx context.Context, to proto.PeerName, payload []byte) {
 	if err := s.cfg.Router.Unicast(ctx, proto.ChannelIPAM, to, payload); err != nil {
 		s.log.Debug("IPAM message not sent", zap.Stringer("peer", to), zap.Error(err))
 	}
-}
-
-// writeFileAtomic writes data to path through a synced temporary file and
-// a rename, then syncs the directory: a crash leaves the old or the new
-// content, never a mix.
-func writeFileAtomic(path string, data []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
