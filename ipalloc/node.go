@@ -58,6 +58,7 @@ type Config struct {
 	WarnTicks    int // 300: waiting for consensus this long is logged, and again every WarnTicks
 	SettleTicks  int // 20: space taken over by rmpeer is not used before this
 	ClaimTries   int // 5: space requests for a claimed address before it fails
+	TickMillis   int // 100: the length of a tick, for log messages only
 
 	Infof func(format string, a ...any) // optional; must not block
 	Warnf func(format string, a ...any) // optional; must not block
@@ -75,6 +76,7 @@ func (c *Config) setDefaults() {
 	def(&c.WarnTicks, 300)
 	def(&c.SettleTicks, 20)
 	def(&c.ClaimTries, 5)
+	def(&c.TickMillis, 100)
 	def(&c.Quorum, 1)
 	if !c.DefaultSubnet.IsValid() {
 		c.DefaultSubnet = c.Universe
@@ -451,12 +453,12 @@ func (n *Node) Tick() {
 }
 
 func (n *Node) warnWaiting() {
-	waited := n.ticks - n.awaitingFrom
+	waited := (n.ticks - n.awaitingFrom) * int64(n.cfg.TickMillis) / 1000
 	if n.paxos == nil {
-		n.cfg.Warnf("IPAM has waited %d ticks for a ring as an observer: no voting peer has answered; start a peer without --ipalloc-init=observer, or check that the peers are connected", waited)
+		n.cfg.Warnf("IPAM has waited %ds for a ring as an observer: no voting peer has answered; start a peer without --ipalloc-init=observer, or check that the peers are connected", waited)
 		return
 	}
-	n.cfg.Warnf("IPAM has waited %d ticks for consensus (quorum: %d, known: %d): start the other initial peers and connect them (--peer), or set --init-peer-count to the number of initial peers", waited, n.paxos.Quorum(), n.paxos.Known())
+	n.cfg.Warnf("IPAM has waited %ds for consensus (quorum: %d, known: %d): start the other initial peers and connect them (--peer), or set --init-peer-count to the number of initial peers", waited, n.paxos.Quorum(), n.paxos.Known())
 }
 
 // gossipDigest sends the hash of our ring to a few random reachable

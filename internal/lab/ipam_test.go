@@ -413,3 +413,49 @@ func TestIPAMExpose(t *testing.T) {
 		t.Errorf("after hide h1 still holds %v", got)
 	}
 }
+
+// TestIPAMWaiting: an allocation on a peer that cannot reach its quorum
+// waits, and status says for what (`awaiting consensus (quorum: 2, known:
+// 1)`, `priming` for an observer); once the other initial peer comes, the
+// allocation completes.
+func TestIPAMWaiting(t *testing.T) {
+	l := lab.New(t, bin, 3)
+	h1, h2, h3 := l.Host(1), l.Host(2), l.Host(3)
+	d1 := h1.Start("--range", seedRange, "--peer", h2.Addr.String()) // h2 is not there yet
+	d3 := h3.Start("--range", seedRange, "--ipalloc-init", "observer", "--peer", h1.Addr.String())
+	answers := make(chan string, 2)
+	for _, d := range []*lab.Daemon{d1, d3} {
+		go func() {
+			out, errOut, _ := d.Ctl("alloc", "c-"+d.Host.NS)
+			answers <- strings.TrimSpace(out + errOut)
+		}()
+	}
+	lab.Eventually(t, 5*time.Second, "waiting statuses", func() error {
+		if st := ipam(t, d1).Status; st != "awaiting consensus (quorum: 2, known: 1)" {
+			return fmt.Errorf("h1: %q", st)
+		}
+		if st := ipam(t, d3).Status; st != "priming" {
+			return fmt.Errorf("h3 (observer): %q", st)
+		}
+		return nil
+	})
+	select {
+	case a := <-answers:
+		t.Fatalf("an allocation finished without a quorum: %q", a)
+	case <-time.After(500 * time.Millisecond):
+	}
+	h2.Start("--range", seedRange, "--peer", h1.Addr.String())
+	for range 2 {
+		select {
+		case a := <-answers:
+			if !strings.HasPrefix(a, "172.16.16.") {
+				t.Errorf("allocation after the quorum came: %q", a)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("allocations still waiting 10 s after the second voter came")
+		}
+	}
+	if st := ipam(t, d3); len(st.Seeds) != 2 {
+		t.Errorf("the observer voted: seeds %v", st.Seeds)
+	}
+}

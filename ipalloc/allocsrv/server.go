@@ -100,6 +100,7 @@ func New(cfg Config) (*Server, error) {
 	path := st.snapshot
 	nc := cfg.Node
 	nc.Rand = cfg.Rand
+	nc.TickMillis = int(cfg.TickEvery / time.Millisecond)
 	nc.Infof = func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...)) }
 	nc.Warnf = func(f string, a ...any) { log.Warn(fmt.Sprintf(f, a...)) }
 	n, err := ipalloc.New(nc, state)
