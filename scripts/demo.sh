@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # demo.sh: three hosts in network namespaces on one machine, overlayd in
-# each, every host with an address on the overlay, pings across it.
+# each; the hosts split the range among themselves (IPAM), each takes its
+# own address from it, pings cross the overlay.
 #
 #   ovdemo-h1 192.168.201.1 ─┐
 #   ovdemo-h2 192.168.201.2 ─┼─ bridge (in namespace ovdemo-sw)
 #   ovdemo-h3 192.168.201.3 ─┘
-#   overlay: 172.16.16.0/24, host N exposes 172.16.16.N
+#   overlay: 172.16.16.0/24, divided among the three by consensus
 #
 # Run as root from the repository (make demo builds bin/ first). Everything
 # is removed at the end, also on failure or Ctrl-C.
@@ -56,17 +57,28 @@ start() {
   for _ in $(seq 100); do [ -S "$WORK/h$i.sock" ] && return; sleep 0.05; done
   echo "overlayd on host$i did not start:"; cat "$WORK/h$i.log"; exit 1
 }
-start 1
-start 2 --peer 192.168.201.1
-start 3 --peer 192.168.201.2
-for i in "${HOSTS[@]}"; do
-  echo "+ overlayctl expose 172.16.16.$i/24   (on host$i)"
-  ctl "$i" expose "172.16.16.$i/24"
-done
-
+start 1 --init-peer-count 3
+start 2 --init-peer-count 3 --peer 192.168.201.1
+start 3 --init-peer-count 3 --peer 192.168.201.2
 for _ in $(seq 50); do
   ctl 3 status | grep -q 'Connections: 2 (2 established)' && break; sleep 0.1
 done
+
+step "IPAM: idle until the first request; then a quorum of the peers agrees how to split the range (a peer left out gets space by donation)"
+ctl 1 status | grep -A1 'Service: ipam'
+echo "+ overlayctl ring   (on host1: needs the ring, so consensus runs)"
+ctl 1 ring
+declare -A ADDR
+for i in "${HOSTS[@]}"; do
+  ADDR[$i]=$(ctl "$i" expose)
+  echo "+ overlayctl expose   (on host$i, an address from IPAM)  ->  ${ADDR[$i]}"
+done
+echo "+ overlayctl alloc web1   (on host1)  ->  $(ctl 1 alloc web1)"
+echo "+ overlayctl alloc web1   (again: the same ID gets the same address)  ->  $(ctl 1 alloc web1)"
+echo "+ overlayctl claim ext 1.1.1.1/24   (outside the range: a manual address)  ->  $(ctl 1 claim ext 1.1.1.1/24)"
+sleep 1.5 # free counts spread by anti-entropy (a round a second)
+step "overlayctl status ipam (host3)"
+ctl 3 status ipam
 
 step "overlayctl status (host3)"
 ctl 3 status
@@ -75,21 +87,23 @@ ctl 3 status connections
 step "overlayctl peers (host1)"
 ctl 1 peers
 
-step "ping across the overlay"
+step "ping across the overlay (each host's address from IPAM)"
 for pair in "1 2" "2 3" "3 1"; do
   set -- $pair
-  echo "+ host$1: ping -c 3 172.16.16.$2"
-  ip netns exec "$P-h$1" ping -c 3 -i 0.2 -W 1 "172.16.16.$2" | sed -n '2,4p;$p'
+  a=${ADDR[$2]%/*}
+  echo "+ host$1: ping -c 3 $a"
+  ip netns exec "$P-h$1" ping -c 3 -i 0.2 -W 1 "$a" | sed -n '2,4p;$p'
 done
 
 step "host2 stops; host1 sees its connection go within 3 s"
 kill "$(ip netns pids "$P-h2" | head -1)"
 sleep 3
 ctl 1 status connections
-step "host2 starts again with the same state directory: same peer name, traffic resumes"
-start 2 --peer 192.168.201.1
-ctl 2 expose 172.16.16.2/24
-for _ in $(seq 100); do ip netns exec "$P-h1" ping -c1 -W1 172.16.16.2 >/dev/null 2>&1 && break; sleep 0.1; done
-ip netns exec "$P-h1" ping -c 3 -i 0.2 -W 1 172.16.16.2 | sed -n '2,4p;$p'
+step "host2 starts again with the same state directory: same peer name, same address, traffic resumes"
+start 2 --init-peer-count 3 --peer 192.168.201.1
+echo "+ overlayctl expose   (on host2)  ->  $(ctl 2 expose)   (was ${ADDR[2]})"
+a=${ADDR[2]%/*}
+for _ in $(seq 100); do ip netns exec "$P-h1" ping -c1 -W1 "$a" >/dev/null 2>&1 && break; sleep 0.1; done
+ip netns exec "$P-h1" ping -c 3 -i 0.2 -W 1 "$a" | sed -n '2,4p;$p'
 
 step "done: removing the namespaces"
