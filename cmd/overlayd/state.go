@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/overlayd/overlayd/internal/atomicfile"
 	"github.com/overlayd/overlayd/proto"
 )
 
@@ -54,37 +55,8 @@ func loadOrCreatePeerName(dir string) (proto.PeerName, bool, error) {
 		return 0, false, err
 	}
 	n := proto.PeerNameFromBytes(raw)
-	if err := writeFileAtomic(path, []byte(n.String()+"\n")); err != nil {
+	if err := atomicfile.Write(path, []byte(n.String()+"\n")); err != nil {
 		return 0, false, err
 	}
 	return n, true, nil
-}
-
-// writeFileAtomic writes data to path through a synced temporary file and a
-// rename, so that a crash leaves either the old or the new content.
-func writeFileAtomic(path string, data []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	tmp := f.Name()
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	if d, err := os.Open(filepath.Dir(path)); err == nil {
-		d.Sync()
-		d.Close()
-	}
-	return nil
 }

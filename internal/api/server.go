@@ -72,121 +72,72 @@ func Listen(path string, b Backend, version string, log *zap.Logger) (*Server, e
 			ProtocolMaxVersion: proto.MaxVersion}, nil)
 	})
 	peers := func(do func(context.Context, []string) error) http.HandlerFunc {
-		return func(w http.ResponseWriter, r *http.Request) {
-			var req PeersRequest
-			if err := decode(r, &req); err != nil {
-				s.reply(w, nil, err)
-				return
-			}
-			s.reply(w, nil, do(r.Context(), req.Peers))
-		}
+		return handle(s, func(ctx context.Context, req *PeersRequest) (any, error) { return nil, do(ctx, req.Peers) })
 	}
 	mux.HandleFunc("POST /v1/connect", peers(b.Connect))
 	mux.HandleFunc("POST /v1/forget", peers(b.Forget))
-	cidr := func(do func(context.Context, netip.Prefix) error) http.HandlerFunc {
-		return func(w http.ResponseWriter, r *http.Request) {
-			var req CIDRRequest
-			if err := decode(r, &req); err != nil {
-				s.reply(w, nil, err)
-				return
-			}
-			p, err := ParseCIDR(req.CIDR)
-			if err != nil {
-				s.reply(w, nil, err)
-				return
-			}
-			s.reply(w, nil, do(r.Context(), p))
-		}
-	}
-	mux.HandleFunc("POST /v1/expose", func(w http.ResponseWriter, r *http.Request) {
-		var req CIDRRequest
-		if err := decode(r, &req); err != nil {
-			s.reply(w, nil, err)
-			return
-		}
+	mux.HandleFunc("POST /v1/expose", handle(s, func(ctx context.Context, req *CIDRRequest) (any, error) {
 		var p netip.Prefix
 		if req.CIDR != "" {
 			var err error
 			if p, err = ParseCIDR(req.CIDR); err != nil {
-				s.reply(w, nil, err)
-				return
+				return nil, err
 			}
 		}
-		got, err := b.Expose(r.Context(), p)
-		s.reply(w, AllocResponse{Address: got}, err)
-	})
-	mux.HandleFunc("POST /v1/hide", cidr(b.Hide))
-	mux.HandleFunc("POST /v1/ipam/alloc", func(w http.ResponseWriter, r *http.Request) {
-		var req AllocRequest
-		if err := decode(r, &req); err != nil {
-			s.reply(w, nil, err)
-			return
+		got, err := b.Expose(ctx, p)
+		return AllocResponse{Address: got}, err
+	}))
+	mux.HandleFunc("POST /v1/hide", handle(s, func(ctx context.Context, req *CIDRRequest) (any, error) {
+		p, err := ParseCIDR(req.CIDR)
+		if err != nil {
+			return nil, err
 		}
+		return nil, b.Hide(ctx, p)
+	}))
+	mux.HandleFunc("POST /v1/ipam/alloc", handle(s, func(ctx context.Context, req *AllocRequest) (any, error) {
 		var sub netip.Prefix
 		if req.Subnet != "" {
 			var err error
 			if sub, err = ParseCIDR(req.Subnet); err != nil {
-				s.reply(w, nil, err)
-				return
+				return nil, err
 			}
 			if sub.Masked() != sub {
-				s.reply(w, nil, fmt.Errorf("%w: invalid subnet - bits after network prefix are not all zero: %v", ErrBadRequest, sub))
-				return
+				return nil, fmt.Errorf("%w: invalid subnet - bits after network prefix are not all zero: %v", ErrBadRequest, sub)
 			}
 		}
 		if err := checkID(req.ID); err != nil {
-			s.reply(w, nil, err)
-			return
+			return nil, err
 		}
-		got, err := b.Alloc(r.Context(), req.ID, sub)
-		s.reply(w, AllocResponse{Address: got}, err)
-	})
-	mux.HandleFunc("POST /v1/ipam/claim", func(w http.ResponseWriter, r *http.Request) {
-		var req ClaimRequest
-		if err := decode(r, &req); err != nil {
-			s.reply(w, nil, err)
-			return
-		}
+		got, err := b.Alloc(ctx, req.ID, sub)
+		return AllocResponse{Address: got}, err
+	}))
+	mux.HandleFunc("POST /v1/ipam/claim", handle(s, func(ctx context.Context, req *ClaimRequest) (any, error) {
 		p, err := ParseCIDR(req.CIDR)
 		if err == nil {
 			err = checkID(req.ID)
 		}
 		if err != nil {
-			s.reply(w, nil, err)
-			return
+			return nil, err
 		}
-		got, err := b.Claim(r.Context(), req.ID, p)
-		s.reply(w, AllocResponse{Address: got}, err)
-	})
-	mux.HandleFunc("POST /v1/ipam/release", func(w http.ResponseWriter, r *http.Request) {
-		var req ReleaseRequest
-		if err := decode(r, &req); err != nil {
-			s.reply(w, nil, err)
-			return
-		}
+		got, err := b.Claim(ctx, req.ID, p)
+		return AllocResponse{Address: got}, err
+	}))
+	mux.HandleFunc("POST /v1/ipam/release", handle(s, func(ctx context.Context, req *ReleaseRequest) (any, error) {
 		if err := checkID(req.ID); err != nil {
-			s.reply(w, nil, err)
-			return
+			return nil, err
 		}
 		var a netip.Addr
 		if req.Address != "" {
 			var err error
 			if a, err = netip.ParseAddr(strings.Split(req.Address, "/")[0]); err != nil || !a.Is4() {
-				s.reply(w, nil, fmt.Errorf("%w: %q is not an IPv4 address", ErrBadRequest, req.Address))
-				return
+				return nil, fmt.Errorf("%w: %q is not an IPv4 address", ErrBadRequest, req.Address)
 			}
 		}
-		s.reply(w, nil, b.Release(r.Context(), req.ID, a))
-	})
-	mux.HandleFunc("POST /v1/ipam/rmpeer", func(w http.ResponseWriter, r *http.Request) {
-		var req RmPeerRequest
-		if err := decode(r, &req); err != nil {
-			s.reply(w, nil, err)
-			return
-		}
-		got, err := b.RmPeer(r.Context(), req.Peer)
-		s.reply(w, got, err)
-	})
+		return nil, b.Release(ctx, req.ID, a)
+	}))
+	mux.HandleFunc("POST /v1/ipam/rmpeer", handle(s, func(ctx context.Context, req *RmPeerRequest) (any, error) {
+		return b.RmPeer(ctx, req.Peer)
+	}))
 	mux.HandleFunc("GET /v1/ipam/ring", func(w http.ResponseWriter, r *http.Request) {
 		st, err := b.Ring(r.Context())
 		s.reply(w, st, err)
@@ -238,6 +189,20 @@ func (s *Server) Run(ctx context.Context) error {
 func (s *Server) Close() {
 	s.ln.Close()
 	os.Remove(s.path)
+}
+
+// handle decodes a JSON body into a Req, calls do, and replies with what
+// it returns (nothing: 204).
+func handle[Req any](s *Server, do func(context.Context, *Req) (any, error)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		var req Req
+		if err := decode(r, &req); err != nil {
+			s.reply(w, nil, err)
+			return
+		}
+		v, err := do(r.Context(), &req)
+		s.reply(w, v, err)
+	}
 }
 
 func decode(r *http.Request, v any) error {

@@ -9,6 +9,8 @@ import (
 	"os"
 	"path/filepath"
 	"syscall"
+
+	"github.com/overlayd/overlayd/internal/atomicfile"
 )
 
 // The allocator's state lives in two files of the state directory:
@@ -182,8 +184,8 @@ func (s *store) compact() error {
 	if s.last == nil || s.size == 0 {
 		return nil // the snapshot is up to date
 	}
-	if err := writeFileAtomic(s.snapshot, s.last); err != nil {
-		return fmt.Errorf("writing %s: %w", s.snapshot, err)
+	if err := atomicfile.Write(s.snapshot, s.last); err != nil {
+		return err
 	}
 	if err := s.journal.Truncate(0); err != nil {
 		return fmt.Errorf("truncating %s: %w", s.journal.Name(), err)
@@ -196,34 +198,3 @@ func (s *store) compact() error {
 }
 
 func (s *store) close() error { return s.journal.Close() }
-
-// writeFileAtomic writes data to path through a synced temporary file and
-// a rename, then syncs the directory: a crash leaves the old or the new
-// content, never a mix.
-func writeFileAtomic(path string, data []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
