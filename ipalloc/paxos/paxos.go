@@ -144,8 +144,11 @@ func (n *Node) voters() []proto.PeerName {
 	return slices.Compact(out)
 }
 
-// Consensus returns the decided value, sorted and de-duplicated, once a
-// quorum of voters accepted values of one origin.
+// Consensus returns the decided value, sorted and de-duplicated, once
+// voters of a quorum of distinct names accepted one ballot. (Weave counts
+// acceptances by the value's origin instead; acceptances of different
+// ballots that carry values of one origin can then add up to a decision
+// that a later ballot overturns.)
 func (n *Node) Consensus() ([]proto.PeerName, bool) {
 	voters := map[proto.ProposalID]map[proto.PeerName]bool{}
 	for _, id := range n.sorted() {
@@ -153,11 +156,11 @@ func (n *Node) Consensus() ([]proto.PeerName, bool) {
 		if !valid(c.Accepted) || len(c.Value) == 0 {
 			continue
 		}
-		if voters[c.Origin] == nil {
-			voters[c.Origin] = map[proto.PeerName]bool{}
+		if voters[c.Accepted] == nil {
+			voters[c.Accepted] = map[proto.PeerName]bool{}
 		}
-		voters[c.Origin][c.Node.Name] = true
-		if len(voters[c.Origin]) >= n.quorum {
+		voters[c.Accepted][c.Node.Name] = true
+		if len(voters[c.Accepted]) >= n.quorum {
 			v := slices.Clone(c.Value)
 			slices.Sort(v)
 			return slices.Compact(v), true

@@ -218,7 +218,7 @@ func check(m *proto.Ring, universe netip.Prefix, partial bool) error {
 			return fmt.Errorf("ring: first token %v is not the start of the range", Addr(e.Token))
 		case i > 0 && e.Token <= m.Entries[i-1].Token:
 			return fmt.Errorf("ring: token %v out of order", Addr(e.Token))
-		case uint64(e.Token) >= end:
+		case e.Token < start || uint64(e.Token) >= end:
 			return fmt.Errorf("ring: token %v outside the range %v", Addr(e.Token), universe)
 		case e.Peer == 0 && !partial:
 			return fmt.Errorf("ring: token %v has no owner", Addr(e.Token))
