@@ -30,6 +30,8 @@ const (
 	IPAMSpaceRequest IPAMKind = 4 // give me space in [Start, Last]
 	IPAMSpaceDenied  IPAMKind = 5 // nothing free in [Start, Last]
 	IPAMDigest       IPAMKind = 6 // the hash of the sender's ring: reply with yours if it differs
+	IPAMHoldCheck    IPAMKind = 7 // the hash of who owns [Start, Last]: confirm if yours is the same
+	IPAMHoldAck      IPAMKind = 8 // it is the same
 )
 
 // RingEntry is one token of the ring: Peer owns the addresses from Token up
@@ -76,9 +78,9 @@ type IPAMMsg struct {
 	Kind  IPAMKind
 	Ring  Ring          // IPAMRing
 	Paxos []PaxosClaims // IPAMPaxos, sorted by node, distinct
-	Start uint32        // IPAMSpaceRequest, IPAMSpaceDenied
+	Start uint32        // IPAMSpaceRequest, IPAMSpaceDenied, IPAMHoldCheck, IPAMHoldAck
 	Last  uint32        // inclusive, so that the range may end at 2^32
-	Hash  uint64        // IPAMDigest
+	Hash  uint64        // IPAMDigest, IPAMHoldCheck, IPAMHoldAck
 	Echo  bool          // IPAMDigest: answer with your digest even if it is equal
 	Reply bool          // IPAMRing: answer with your ring if it holds what this one lacks
 	// Partial (IPAMRing): only the entries that changed, to be merged
@@ -160,6 +162,13 @@ func AppendIPAMMsg(b []byte, m *IPAMMsg) ([]byte, error) {
 	case IPAMDigest:
 		b = binary.BigEndian.AppendUint64(b, m.Hash)
 		return append(b, boolByte(m.Echo)), nil
+	case IPAMHoldCheck, IPAMHoldAck:
+		if m.Last < m.Start {
+			return b, fmt.Errorf("%w: span %d-%d", ErrMalform, m.Start, m.Last)
+		}
+		b = binary.BigEndian.AppendUint32(b, m.Start)
+		b = binary.BigEndian.AppendUint32(b, m.Last)
+		return binary.BigEndian.AppendUint64(b, m.Hash), nil
 	}
 	return b, fmt.Errorf("%w: IPAM message kind %d", ErrMalform, m.Kind)
 }
@@ -289,6 +298,15 @@ func ParseIPAMMsg(b []byte) (IPAMMsg, error) {
 			return m, fmt.Errorf("%w: digest of %d bytes", ErrMalform, len(b))
 		}
 		m.Hash, m.Echo = binary.BigEndian.Uint64(b), b[8] == 1
+		return m, nil
+	case IPAMHoldCheck, IPAMHoldAck:
+		if len(b) != 16 {
+			return m, fmt.Errorf("%w: hold message of %d bytes", ErrMalform, len(b))
+		}
+		m.Start, m.Last, m.Hash = binary.BigEndian.Uint32(b), binary.BigEndian.Uint32(b[4:]), binary.BigEndian.Uint64(b[8:])
+		if m.Last < m.Start {
+			return m, fmt.Errorf("%w: span %d-%d", ErrMalform, m.Start, m.Last)
+		}
 		return m, nil
 	}
 	return m, fmt.Errorf("%w: IPAM message kind %d", ErrMalform, m.Kind)

@@ -92,8 +92,10 @@ func (o *options) validate(positional []string) (*config, error) {
 		if err != nil {
 			return nil, err
 		}
-		if !(c.Range.Contains(s.Addr()) && s.Bits() >= c.Range.Bits()) {
-			return nil, badFlag("--default-subnet %v is not inside --range %v", s, c.Range)
+		if !s.Overlaps(c.Range) {
+			// A subnet larger than the range is allowed: the rest of it
+			// is for manual addresses (WEAVE.md §1.8).
+			return nil, badFlag("IP address allocation default subnet %v does not overlap with allocation range %v", s, c.Range)
 		}
 		c.DefaultSubnet = s
 	} else {

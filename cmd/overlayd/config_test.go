@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/overlayd/overlayd/ipalloc"
 )
 
 func defaults() options {
@@ -34,9 +36,16 @@ func TestValidate(t *testing.T) {
 		{func(o *options) { o.rangeCIDR = "10.0.0.0/31" }, "smaller than minimum size 4"},
 		{func(o *options) { o.rangeCIDR = "fd00::/64" }, "only IPv4"},
 		{func(o *options) { o.rangeCIDR = ""; o.defaultSubnet = "10.0.0.0/24" }, "--default-subnet specified without --range"},
-		{func(o *options) { o.defaultSubnet = "10.48.0.0/16" }, "not inside --range"},
-		{func(o *options) { o.defaultSubnet = "10.0.0.0/8" }, "not inside --range"},
+		{func(o *options) { o.defaultSubnet = "10.48.0.0/16" }, "does not overlap with allocation range 10.32.0.0/12"},
 		{func(o *options) { o.port = 0 }, "out of range"},
+		{func(o *options) { o.ipallocInit = "bogus" }, "Unable to parse --ipalloc-init: unknown mode"},
+		{func(o *options) { o.ipallocInit = "seed=" }, "Unable to parse --ipalloc-init: seed mode requires peer name list"},
+		{func(o *options) { o.ipallocInit = "seed=xx" }, "Unable to parse --ipalloc-init"},
+		{func(o *options) { o.ipallocInit = "observer=1" }, "observer mode takes no parameter"},
+		{func(o *options) { o.ipallocInit = "consensus=x" }, "bad consensus parameter"},
+		{func(o *options) { o.initPeerCount = -1 }, "--init-peer-count"},
+		{func(o *options) { o.ipallocInit = "consensus=3"; o.initPeerCount = 5 }, "disagree"},
+		{func(o *options) { o.rangeCIDR = ""; o.ipallocInit = "observer" }, "--ipalloc-init specified without --ipalloc-range."},
 		{func(o *options) { o.iface = "" }, "1 to 15 bytes"},
 		{func(o *options) { o.iface = "a/b" }, "not a valid interface name"},
 		{func(o *options) { o.name = "::" }, "invalid --name"},
@@ -89,5 +98,34 @@ func TestExitCodes(t *testing.T) {
 	}
 	if code := execute([]string{"--version"}); code != 0 {
 		t.Errorf("--version: exit %d", code)
+	}
+}
+
+func TestQuorum(t *testing.T) {
+	for _, tc := range []struct {
+		peers     []string
+		count     int
+		init      string
+		mode      ipalloc.Mode
+		quorum    int
+		seedCount int
+	}{
+		{nil, 0, "", ipalloc.Consensus, 1, 0},
+		{[]string{"10.0.0.1"}, 0, "", ipalloc.Consensus, 2, 0},
+		{[]string{"10.0.0.1", "10.0.0.2", "10.0.0.3"}, 0, "", ipalloc.Consensus, 3, 0},
+		{[]string{"10.0.0.1"}, 5, "", ipalloc.Consensus, 3, 0},
+		{nil, 0, "consensus=4", ipalloc.Consensus, 3, 0},
+		{nil, 0, "seed=::1,12:d2:fe:7a:c1:f2", ipalloc.Seed, 1, 2},
+		{nil, 0, "observer", ipalloc.Observer, 1, 0},
+	} {
+		o := defaults()
+		o.peers, o.initPeerCount, o.ipallocInit = tc.peers, tc.count, tc.init
+		c, err := o.validate(nil)
+		if err != nil {
+			t.Fatalf("%+v: %v", tc, err)
+		}
+		if c.IPAMMode != tc.mode || (tc.mode == ipalloc.Consensus && c.Quorum != tc.quorum) || len(c.Seeds) != tc.seedCount {
+			t.Errorf("%+v: mode %v quorum %d seeds %v", tc, c.IPAMMode, c.Quorum, c.Seeds)
+		}
 	}
 }

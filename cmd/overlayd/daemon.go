@@ -250,17 +250,15 @@ func (d *daemon) Forget(ctx context.Context, peers []string) error {
 // (the default subnet); a CIDR inside the range is claimed from IPAM, so
 // that it is never given to anyone else.
 func (d *daemon) Expose(ctx context.Context, p netip.Prefix) (netip.Prefix, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	// The allocator may wait (for consensus, for space): not under mu, so
+	// that other exposes and hides go on meanwhile. Allocations for
+	// weave:expose are idempotent, so two at once get one address.
 	fromIPAM := d.alloc != nil && (!p.IsValid() || d.cfg.Range.Contains(p.Addr()))
 	var err error
 	switch {
 	case !p.IsValid() && d.alloc == nil:
 		return p, fmt.Errorf("%w: give the address to expose (IPAM is off)", api.ErrBadRequest)
 	case !p.IsValid():
-		if i := slices.IndexFunc(d.exposed, func(e netip.Prefix) bool { return d.cfg.DefaultSubnet.Contains(e.Addr()) }); i >= 0 {
-			return d.exposed[i], nil // already exposed: weave expose is idempotent
-		}
 		p, err = d.Alloc(ctx, exposeID, netip.Prefix{})
 	case fromIPAM:
 		p, err = d.Claim(ctx, exposeID, p)
@@ -268,6 +266,8 @@ func (d *daemon) Expose(ctx context.Context, p netip.Prefix) (netip.Prefix, erro
 	if err != nil {
 		return p, err
 	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	a := p.Addr()
 	if a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
 		return p, fmt.Errorf("%w: cannot expose %v", api.ErrBadRequest, p)

@@ -478,7 +478,7 @@ func TestOverlaydBadFlags(t *testing.T) {
 		{[]string{"--range", "10.40.0.1/16"}, "bits after network prefix are not all zero"},
 		{[]string{"--range", "banana"}, "invalid --range"},
 		{[]string{"--range", "10.40.0.0/31"}, "smaller than minimum size 4"},
-		{[]string{"--default-subnet", "10.99.0.0/24"}, "not inside --range"},
+		{[]string{"--default-subnet", "10.99.0.0/24"}, "does not overlap with allocation range"},
 		{[]string{"--port", "70000"}, "out of range"},
 		{[]string{"--iface", "this-name-is-far-too-long"}, "1 to 15 bytes"},
 		{[]string{"--name", "zz:zz"}, "invalid --name"},

@@ -145,6 +145,11 @@ func (s *Server) Do(ctx context.Context, req ipalloc.Request) (ipalloc.Done, err
 		return d, nil
 	case <-ctx.Done():
 		select {
+		case d := <-c.done: // answered just as the caller gave up: the answer stands
+			return d, nil
+		default:
+		}
+		select {
 		case s.quit <- req.ID:
 		case <-s.stopped:
 		}

@@ -22,18 +22,22 @@ import (
 //     only once its state is durable.
 //
 // Both hold records: magic "OVJ1" (4) | sequence number (8) | length (4) |
-// CRC-32C of the payload (4) | payload (the allocator's encoded state).
+// CRC-32C of the payload (4) | CRC-32C of the 20 bytes before (4) |
+// payload (the allocator's encoded state).
 // The state with the highest sequence number wins. When the journal grows
 // past journalMax (and eight states), a snapshot of the latest state
 // replaces it.
 //
 // A journal that ends in a cut record is what a crash during a write
 // leaves: that state was never acknowledged, and it is dropped with a log
-// line. Anything else that does not check (a bad snapshot, a bad record
-// followed by good ones) is corruption: the store refuses to open.
+// line. Only a record whose header checks and whose payload runs past the
+// end of the file, or a tail too short for a header or all zeros, counts
+// as cut. Anything else that does not check (a bad snapshot, a damaged
+// header, a bad record followed by others) is corruption: the store
+// refuses to open, and changes nothing.
 const (
 	JournalFile = "ipam.journal"
-	recordHead  = 20
+	recordHead  = 24
 	journalMax  = 4 << 20
 )
 
@@ -53,6 +57,7 @@ func appendRecord(b []byte, seq uint64, payload []byte) []byte {
 	b = binary.BigEndian.AppendUint64(b, seq)
 	b = binary.BigEndian.AppendUint32(b, uint32(len(payload)))
 	b = binary.BigEndian.AppendUint32(b, crc32.Checksum(payload, castagnoli))
+	b = binary.BigEndian.AppendUint32(b, crc32.Checksum(b[len(b)-20:], castagnoli))
 	return append(b, payload...)
 }
 
@@ -62,12 +67,17 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 var errCut = errors.New("record cut short")
 
 // readRecord decodes the record at the start of b and returns its length.
+// errCut means the header checks but the payload runs past the end of b,
+// or b is shorter than a header.
 func readRecord(b []byte) (seq uint64, payload []byte, n int, err error) {
 	if len(b) < recordHead {
 		return 0, nil, 0, errCut
 	}
 	if [4]byte(b[:4]) != recordMagic {
 		return 0, nil, 0, errors.New("not a state record (bad magic)")
+	}
+	if crc32.Checksum(b[:20], castagnoli) != binary.BigEndian.Uint32(b[20:]) {
+		return 0, nil, 0, errors.New("record header checksum mismatch")
 	}
 	seq = binary.BigEndian.Uint64(b[4:])
 	l := int(binary.BigEndian.Uint32(b[12:]))
@@ -112,7 +122,7 @@ func openStore(dir string, warn func(string)) (*store, []byte, error) {
 		if err != nil {
 			// Cut at the very end: a crash during the last write, never
 			// acknowledged. Anything else is corruption.
-			if isTail(j[off:]) {
+			if errors.Is(err, errCut) || allZero(j[off:]) {
 				warn(fmt.Sprintf("journal %s ends in an incomplete record (%d bytes), left by a crash while saving: it is dropped", jpath, len(j)-off))
 				break
 			}
@@ -124,9 +134,16 @@ func openStore(dir string, warn func(string)) (*store, []byte, error) {
 		off += n
 		good = off
 	}
+	_, statErr := os.Stat(jpath)
 	f, err := os.OpenFile(jpath, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, nil, fmt.Errorf("opening %s: %w", jpath, err)
+	}
+	if errors.Is(statErr, os.ErrNotExist) { // a new file: make its name durable
+		if err := syncDir(dir); err != nil {
+			f.Close()
+			return nil, nil, err
+		}
 	}
 	if err := f.Truncate(int64(good)); err != nil { // drop a cut record
 		f.Close()
@@ -140,16 +157,9 @@ func openStore(dir string, warn func(string)) (*store, []byte, error) {
 	return s, state, nil
 }
 
-// isTail reports whether a record that does not check is the last thing
-// in the journal: cut short, claiming to run to the end or past it, or
-// followed only by zeros (a file extended but not yet written).
-func isTail(b []byte) bool {
-	if len(b) < recordHead {
-		return true
-	}
-	if recordHead+int(binary.BigEndian.Uint32(b[12:])) >= len(b) {
-		return true
-	}
+// allZero reports whether b holds only zeros (a file extended by a write
+// that a crash cut before its data reached the disk).
+func allZero(b []byte) bool {
 	for _, c := range b {
 		if c != 0 {
 			return false
@@ -198,3 +208,15 @@ func (s *store) compact() error {
 }
 
 func (s *store) close() error { return s.journal.Close() }
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("syncing %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("syncing %s: %w", dir, err)
+	}
+	return nil
+}

@@ -126,6 +126,28 @@ func (r *Ring) Hash() uint64 {
 	return r.hash
 }
 
+// HashSpan summarises who owns [start, end): the tokens, owners and
+// versions of the entries whose ranges meet it (free counts left out, so
+// allocations elsewhere do not change it). Two rings that hash equal here
+// agree on the owners of every address in the span.
+func (r *Ring) HashSpan(start uint32, end uint64) uint64 {
+	h := uint64(14695981039346656037)
+	mix := func(v uint64) { h = (h ^ v) * 1099511628211 }
+	mix(uint64(start)<<32 ^ end)
+	for i, e := range r.entries {
+		if uint64(e.Token) >= end || r.next(i) <= uint64(start) {
+			continue
+		}
+		mix(uint64(e.Token)<<32 | uint64(e.Version))
+		mix(uint64(e.Peer))
+		mix(r.next(i))
+	}
+	h ^= h >> 33
+	h *= 0xff51afd7ed558ccd
+	h ^= h >> 33
+	return h
+}
+
 // HashProto is Hash of a ring as received.
 func HashProto(m *proto.Ring) uint64 { return hash(m.Range, m.Seeds, m.Entries) }
 
@@ -362,6 +384,9 @@ func (r *Ring) Grant(start uint32, end uint64, from, to proto.PeerName) error {
 	if r.Empty() || start < r.start || end > r.end || uint64(start) >= end {
 		return fmt.Errorf("ring: cannot grant %v-%v in %v", Addr(start), end, r.universe)
 	}
+	if len(r.entries)+2 > proto.MaxRingEntries {
+		return fmt.Errorf("ring: %d tokens, at the limit: no more grants", len(r.entries))
+	}
 	for _, s := range r.Spans() {
 		if uint64(s.Start) < end && s.End > uint64(start) && s.Peer != from {
 			return ErrNotOwner
@@ -378,7 +403,7 @@ func (r *Ring) Grant(start uint32, end uint64, from, to proto.PeerName) error {
 		e := &r.entries[i]
 		if e.Peer != to {
 			e.Peer = to
-			e.Version++
+			e.Version = min(e.Version+1, proto.MaxRingVersion)
 		}
 		e.Free = uint32(min(r.next(i)-uint64(e.Token), 1<<32-1))
 	}
@@ -420,16 +445,6 @@ func (r *Ring) ReportFree(self proto.PeerName, free func(start uint32, end uint6
 		}
 	}
 	return changed
-}
-
-// Assert raises the version of self's entry at token to above v, so that
-// ours wins where a peer holds a stale one.
-func (r *Ring) Assert(self proto.PeerName, token uint32, v uint32) {
-	i := r.find(token)
-	if i >= 0 && r.entries[i].Token == token && r.entries[i].Peer == self && r.entries[i].Version <= v && v < proto.MaxRingVersion {
-		r.entries[i].Version = v + 1
-		r.hashed = false
-	}
 }
 
 // less orders two entries at the same token: the greater one wins a merge.
@@ -506,6 +521,9 @@ func (r *Ring) Merge(m *proto.Ring, partial bool) (bool, error) {
 			i++
 			j++
 		}
+	}
+	if len(out) > proto.MaxRingEntries {
+		return false, fmt.Errorf("ring: merging would make %d tokens, over the limit of %d", len(out), proto.MaxRingEntries)
 	}
 	r.entries = out
 	return changed, nil

@@ -840,7 +840,6 @@ func TestHash(t *testing.T) {
 		func(r *Ring) { _ = r.Grant(addr24(200), uint64(addr24(210)), pc, pd) },
 		func(r *Ring) { r.ReportFree(pa, func(uint32, uint64) uint64 { return 3 }) },
 		func(r *Ring) { r.Transfer(pb, pa) },
-		func(r *Ring) { r.Assert(pa, addr24(0), 50) },
 		func(r *Ring) {
 			m := proto.Ring{Range: slash24, Seeds: r.Seeds(), Entries: []proto.RingEntry{{Token: addr24(100), Peer: pd, Version: 1}}}
 			if _, err := r.Merge(&m, true); err != nil {
@@ -865,21 +864,6 @@ func TestHash(t *testing.T) {
 	r4 := fromProto(t, slash24, []proto.PeerName{pa, pb, pc}, r3.Proto().Entries...)
 	if r3.Hash() == r4.Hash() {
 		t.Error("rings with different seeds hash equal")
-	}
-}
-
-func TestAssert(t *testing.T) {
-	r := newRing(t, slash24, pa, pb)
-	r.Assert(pa, addr24(0), 7)
-	if es, _ := r.Entries(); es[0].Version != 8 {
-		t.Fatalf("Assert: %s", layout(r))
-	}
-	r.Assert(pa, addr24(0), 3) // already above
-	r.Assert(pa, addr24(128), 20)
-	r.Assert(pa, addr24(5), 20) // no token there
-	r.Assert(pa, addr24(0), proto.MaxRingVersion)
-	if got, want := layout(r), "0=1/128 v8 f128 128=2/128 v0 f128"; got != want {
-		t.Fatalf("ring %s, want %s", got, want)
 	}
 }
 
