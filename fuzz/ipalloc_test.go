@@ -89,6 +89,8 @@ func ipamSeeds(f *testing.F) {
 		{Kind: proto.IPAMSpaceDenied, Start: 7, Last: 7},
 		{Kind: proto.IPAMDigest, Hash: 0x0123456789abcdef, Echo: true},
 		{Kind: proto.IPAMDigest, Hash: 1},
+		{Kind: proto.IPAMHoldCheck, Start: 0xac1010e0, Last: 0xac1010ff, Hash: 7},
+		{Kind: proto.IPAMHoldAck, Start: 1, Last: 1, Hash: 8},
 	} {
 		f.Add(encodeIPAM(&m))
 	}

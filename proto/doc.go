@@ -143,6 +143,10 @@
 //	5 space denied  first (4) | last (4): nothing free there
 //	6 digest        ring hash (8) | echo (1): if your ring hashes otherwise,
 //	                send it (flag reply); with echo, answer an equal hash too
+//	7 hold check    first (4) | last (4) | hash of who owns that span (8):
+//	                answer 8 if yours is the same (space taken over by
+//	                rmpeer is used once every reachable peer agrees)
+//	8 hold ack      first (4) | last (4) | hash (8): it is the same
 //
 // A whole ring's tokens are ascending, the first at the start of the range,
 // owners non-zero, versions at most 2^31. In a partial ring an entry with

@@ -66,6 +66,8 @@ func goldenMessages(t *testing.T) map[string][]byte {
 		"ipam-space-request": ipam(IPAMMsg{Kind: IPAMSpaceRequest, Start: 0xac101000, Last: 0xac1010ff}),
 		"ipam-space-denied":  ipam(IPAMMsg{Kind: IPAMSpaceDenied, Start: 0xac1010e0, Last: 0xac1010e0}),
 		"ipam-digest":        ipam(IPAMMsg{Kind: IPAMDigest, Hash: 0x1122334455667788, Echo: true}),
+		"ipam-hold-check":    ipam(IPAMMsg{Kind: IPAMHoldCheck, Start: 0xac1010e0, Last: 0xac1010ff, Hash: 0x1122334455667788}),
+		"ipam-hold-ack":      ipam(IPAMMsg{Kind: IPAMHoldAck, Start: 0xac1010e0, Last: 0xac1010ff, Hash: 0x1122334455667788}),
 		"gossip-chunk":       chunked,
 		"topo-entries":       topo,
 		"topo-digest":        digest,
