@@ -74,8 +74,8 @@ func TestSchedules(t *testing.T) {
 // totals sum up what the schedules did, so that a change that makes them
 // do nothing shows.
 type totals struct {
-	Schedules, Peers, MaxPeers, Allocated, Claimed, Released, Refused int
-	RmPeers, Partitions, Restarts                                     int
+	Schedules, Peers, MaxPeers, Allocated, Claimed, Released, Refused int // RmPeers: answered without error
+	RmPeers, TakenOver, Partitions, Restarts                          int
 	Conflicts, Donations                                              uint64
 	Messages                                                          [8]int // by kind
 }
@@ -89,6 +89,7 @@ func (t *totals) add(o totals) {
 	t.Released += o.Released
 	t.Refused += o.Refused
 	t.RmPeers += o.RmPeers
+	t.TakenOver += o.TakenOver
 	t.Partitions += o.Partitions
 	t.Restarts += o.Restarts
 	t.Conflicts += o.Conflicts
@@ -132,6 +133,7 @@ func runSchedule(seed uint64) (tot totals, err error) {
 		claim bool
 	}
 	var reqs []req
+	var rmpeers []uint64
 	dead := map[proto.PeerName]bool{}
 	stopped := map[proto.PeerName]int64{}
 	idents := 0
@@ -177,10 +179,12 @@ func runSchedule(seed uint64) (tot totals, err error) {
 			// A peer dies for good; one or two survivors take it over at once.
 			s.Stop(pick)
 			dead[pick] = true
+			if err := s.Step(); err != nil { // the survivors learn it is gone
+				return tot, err
+			}
 			live = s.Live()
 			for range 1 + r.IntN(2) {
-				s.Submit(live[r.IntN(len(live))].Name, ipalloc.Request{Op: ipalloc.OpRmPeer, Peer: pick})
-				tot.RmPeers++
+				rmpeers = append(rmpeers, s.Submit(live[r.IntN(len(live))].Name, ipalloc.Request{Op: ipalloc.OpRmPeer, Peer: pick}))
 			}
 		}
 		if partitionUntil >= 0 && s.Ticks() >= partitionUntil {
@@ -236,6 +240,14 @@ func runSchedule(seed uint64) (tot totals, err error) {
 		st := p.Node.Stats()
 		tot.Conflicts += st.Conflicts
 		tot.Donations += st.Donations
+	}
+	for _, id := range rmpeers {
+		if d, ok := s.Answer(id); ok && d.Err == nil {
+			tot.RmPeers++
+			if d.Taken > 0 {
+				tot.TakenOver++
+			}
+		}
 	}
 	for _, q := range reqs {
 		if d, ok := s.Answer(q.id); ok {
