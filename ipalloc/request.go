@@ -349,7 +349,7 @@ func (n *Node) settleHolds() {
 			return false
 		}
 		var missing []proto.PeerName
-		for _, p := range n.reachable() {
+		for _, p := range n.confirmers() {
 			if !h.acked[p] {
 				missing = append(missing, p)
 			}
@@ -358,7 +358,7 @@ func (n *Node) settleHolds() {
 			return true
 		}
 		if n.ticks-h.Until >= int64(n.cfg.MaxHoldTicks) {
-			n.cfg.Warnf("space %v-%v taken over by rmpeer is used although %v have not confirmed who owns it (a different ring, or too busy): if one of them ran rmpeer for the same peer, a conflict may follow and is resolved then",
+			n.cfg.Warnf("space %v-%v taken over by rmpeer is used although %v have not confirmed who owns it (unreachable, a different ring, or too busy): if one of them ran rmpeer for the same peer, a conflict may follow and is resolved then",
 				ring.Addr(h.Start), ring.Addr(uint32(h.End-1)), missing)
 			return true
 		}
@@ -380,6 +380,19 @@ func (n *Node) settleHolds() {
 			}
 		}
 	}
+}
+
+// confirmers are the peers that must confirm who owns held space: those
+// we reach, and those that own space (one behind a partition may have run
+// rmpeer for the same peer; it is waited for, up to MaxHoldTicks).
+func (n *Node) confirmers() []proto.PeerName {
+	ps := n.reachable()
+	for _, p := range n.ring.Peers() {
+		if p != n.cfg.Self && !n.reach[p] {
+			ps = append(ps, p)
+		}
+	}
+	return ps
 }
 
 func (n *Node) inHold(v uint32) bool {
