@@ -18,6 +18,7 @@ package ipalloc
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"slices"
@@ -463,11 +464,4 @@ func (n *Node) Tick() {
 }
 
 // reachable returns the reachable peers, sorted.
-func (n *Node) reachable() []proto.PeerName {
-	out := make([]proto.PeerName, 0, len(n.reach))
-	for p := range n.reach {
-		out = append(out, p)
-	}
-	slices.Sort(out)
-	return out
-}
+func (n *Node) reachable() []proto.PeerName { return slices.Sorted(maps.Keys(n.reach)) }

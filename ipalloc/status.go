@@ -1,7 +1,9 @@
 package ipalloc
 
 import (
+	"cmp"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 
@@ -87,14 +89,9 @@ func (n *Node) Status() Status {
 		case b.Peer == n.cfg.Self:
 			return 1
 		}
-		return int(int64(a.Peer) - int64(b.Peer))
+		return cmp.Compare(a.Peer, b.Peer)
 	})
-	idents := make([]string, 0, len(n.owned))
-	for id := range n.owned {
-		idents = append(idents, id)
-	}
-	slices.Sort(idents)
-	for _, id := range idents {
+	for _, id := range slices.Sorted(maps.Keys(n.owned)) {
 		for _, a := range n.owned[id] {
 			st.Owned = append(st.Owned, Owned{Ident: id, Addr: a})
 		}

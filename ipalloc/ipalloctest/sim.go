@@ -6,6 +6,7 @@
 package ipalloctest
 
 import (
+	"cmp"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
@@ -135,7 +136,7 @@ func (s *Sim) Live() []*Peer {
 			out = append(out, p)
 		}
 	}
-	slices.SortFunc(out, func(a, b *Peer) int { return int(int64(a.Name) - int64(b.Name)) })
+	slices.SortFunc(out, func(a, b *Peer) int { return cmp.Compare(a.Name, b.Name) })
 	s.live = out
 	return out
 }
@@ -313,7 +314,7 @@ func (s *Sim) Check() error {
 		}
 		owned = append(owned, p.Node.Usable()...)
 	}
-	slices.SortFunc(owned, func(a, b ring.Span) int { return int(int64(a.Start) - int64(b.Start)) })
+	slices.SortFunc(owned, func(a, b ring.Span) int { return cmp.Compare(a.Start, b.Start) })
 	for i := 1; i < len(owned); i++ {
 		if uint64(owned[i].Start) < owned[i-1].End {
 			return fmt.Errorf("%v and %v both own %v", owned[i-1].Peer, owned[i].Peer, ring.Addr(owned[i].Start))

@@ -33,6 +33,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"maps"
 	"math/bits"
 	"math/rand/v2"
 	"net/netip"
@@ -298,14 +299,7 @@ func (n *Node) sendEntries(to proto.PeerName, es []proto.TopoPeer) {
 	}
 }
 
-func (n *Node) names() []proto.PeerName {
-	ns := make([]proto.PeerName, 0, len(n.peers))
-	for name := range n.peers {
-		ns = append(ns, name)
-	}
-	slices.Sort(ns)
-	return ns
-}
+func (n *Node) names() []proto.PeerName { return slices.Sorted(maps.Keys(n.peers)) }
 
 func (n *Node) digest() []proto.TopoDigestItem {
 	d := make([]proto.TopoDigestItem, 0, len(n.peers))
