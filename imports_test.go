@@ -33,6 +33,7 @@ var pure = map[string][]string{
 	"ipalloc/ring":      {"proto"},
 	"ipalloc/paxos":     {"proto"},
 	"ipalloc":           {"proto", "ipalloc/ring", "ipalloc/paxos"},
+	"names":             {"proto"},
 }
 
 // bannedInPure gives a core I/O, time, concurrency or a process-global
@@ -50,6 +51,9 @@ var allowed = []struct {
 	{"peering/topology/topotest", []string{"proto", "peering/topology"}},
 	{"ipalloc/ipalloctest", []string{"proto", "ipalloc", "ipalloc/ring"}},
 	{"ipalloc/allocsrv", []string{"proto", "ipalloc", "ipalloc/ring", "internal/atomicfile"}},
+	{"names/namestest", []string{"proto", "names"}},
+	{"names/namesrv", []string{"proto", "names", "internal/atomicfile"}},
+	{"names/resolver", []string{"names"}},
 	{"internal/atomicfile", nil},
 	{"peering", []string{"proto", "tun", "peering/conn", "peering/gossip", "peering/handshake", "peering/link", "peering/routes", "peering/topology"}},
 	{"internal/netconf", nil},

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # deps.sh: install what building, testing and the demo need on a fresh
-# Debian machine (run as root): iproute2, ping, nftables, setpriv, Go modules.
+# Debian machine (run as root): iproute2, ping, nftables, setpriv, dig,
+# dnsperf, Go modules.
 # Go itself must be 1.21 or newer; it fetches the toolchain go.mod names.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,8 @@ command -v tc >/dev/null || need+=(iproute2)
 command -v ping >/dev/null || need+=(iputils-ping)
 command -v nft >/dev/null || need+=(nftables)
 command -v setpriv >/dev/null || need+=(util-linux)
+command -v dig >/dev/null || need+=(dnsutils)
+command -v dnsperf >/dev/null || need+=(dnsperf)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "deps.sh: missing ${need[*]}; run as root to install them" >&2

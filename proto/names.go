@@ -1,0 +1,224 @@
+package proto
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+)
+
+// ChannelNames is the gossip channel of the name store (Weave's
+// "nameserver").
+const ChannelNames = "nameserver"
+
+// Limits of name messages.
+const (
+	MaxHostnameLen  = 254     // an FQDN in text form, with its trailing dot
+	MaxContainerLen = 255     // a container ID
+	MaxNameVersion  = 1 << 31 // an entry's version; bumping past one never wraps
+	// MaxNameAgeSeconds bounds a tombstone's age: one older than a day has
+	// long expired everywhere.
+	MaxNameAgeSeconds = 86400
+	// MaxNameEntries bounds one message; a sender splits larger sets.
+	MaxNameEntries = 4096
+	// MaxNameDigests bounds the origins in one digest.
+	MaxNameDigests = 8192
+)
+
+// NamesKind is the first byte of a name-store gossip payload.
+type NamesKind uint8
+
+// Name message kinds.
+const (
+	NamesEntries NamesKind = 1 // entries to merge
+	NamesDigest  NamesKind = 2 // a hash per origin: send back the origins whose hashes differ
+)
+
+// NameEntry is one registration: Hostname has Addr, for ContainerID, as
+// registered at the peer Origin. Only the origin changes its entries; a
+// change bumps Version.
+type NameEntry struct {
+	Hostname    string // FQDN with its trailing dot, case preserved
+	Addr        netip.Addr
+	ContainerID string
+	Origin      PeerName
+	Version     uint32
+	Tombstone   bool
+	// AgeSeconds is how long ago a tombstone was made, as far as the
+	// sender knows; the receiver expires it that much sooner. It is a
+	// duration, never a clock reading, so clocks need not agree.
+	AgeSeconds uint32
+}
+
+// NameDigest summarises the entries of one origin.
+type NameDigest struct {
+	Origin PeerName
+	Hash   uint64
+}
+
+// NamesMsg is one name-store gossip payload.
+type NamesMsg struct {
+	Kind    NamesKind
+	Entries []NameEntry  // NamesEntries
+	Digests []NameDigest // NamesDigest, sorted by origin, distinct
+	// Echo (NamesDigest) asks the receiver to answer with its own digest
+	// when the two differ, so that each side sends what the other lacks.
+	Echo bool
+}
+
+const (
+	nameEntryFixedLen = 1 + 4 + 1 + PeerNameLen + 4 + 1 + 4
+	nameDigestLen     = PeerNameLen + 8
+	nameTombstone     = 0x01
+)
+
+// AppendNamesMsg appends the encoded payload of m to b.
+func AppendNamesMsg(b []byte, m *NamesMsg) ([]byte, error) {
+	b = append(b, byte(m.Kind))
+	switch m.Kind {
+	case NamesEntries:
+		if len(m.Entries) > MaxNameEntries {
+			return b, fmt.Errorf("%w: %d name entries", ErrTooLarge, len(m.Entries))
+		}
+		b = binary.BigEndian.AppendUint16(b, uint16(len(m.Entries)))
+		for i := range m.Entries {
+			e := &m.Entries[i]
+			if err := checkNameEntry(e); err != nil {
+				return b, err
+			}
+			b = append(b, byte(len(e.Hostname)))
+			b = append(b, e.Hostname...)
+			a := e.Addr.As4()
+			b = append(b, a[:]...)
+			b = append(b, byte(len(e.ContainerID)))
+			b = append(b, e.ContainerID...)
+			b = appendName(b, e.Origin)
+			b = binary.BigEndian.AppendUint32(b, e.Version)
+			var flags byte
+			if e.Tombstone {
+				flags |= nameTombstone
+			}
+			b = append(b, flags)
+			b = binary.BigEndian.AppendUint32(b, e.AgeSeconds)
+		}
+		return b, nil
+	case NamesDigest:
+		if len(m.Digests) > MaxNameDigests {
+			return b, fmt.Errorf("%w: digest of %d origins", ErrTooLarge, len(m.Digests))
+		}
+		b = append(b, boolByte(m.Echo))
+		b = binary.BigEndian.AppendUint16(b, uint16(len(m.Digests)))
+		for i, d := range m.Digests {
+			if i > 0 && d.Origin <= m.Digests[i-1].Origin {
+				return b, fmt.Errorf("%w: digest origins out of order", ErrMalform)
+			}
+			b = appendName(b, d.Origin)
+			b = binary.BigEndian.AppendUint64(b, d.Hash)
+		}
+		return b, nil
+	}
+	return b, fmt.Errorf("%w: name message kind %d", ErrMalform, m.Kind)
+}
+
+// checkNameEntry checks what the encoding can carry; what the name means
+// (its domain, its labels) is checked by the store.
+func checkNameEntry(e *NameEntry) error {
+	switch {
+	case len(e.Hostname) == 0 || len(e.Hostname) > MaxHostnameLen:
+		return fmt.Errorf("%w: hostname of %d bytes", ErrMalform, len(e.Hostname))
+	case !e.Addr.Is4():
+		return fmt.Errorf("%w: name address %v is not IPv4", ErrMalform, e.Addr)
+	case len(e.ContainerID) > MaxContainerLen:
+		return fmt.Errorf("%w: container ID of %d bytes", ErrMalform, len(e.ContainerID))
+	case e.Origin == 0:
+		return fmt.Errorf("%w: name entry without origin", ErrMalform)
+	case e.Version > MaxNameVersion:
+		return fmt.Errorf("%w: name entry version %d", ErrMalform, e.Version)
+	case e.AgeSeconds > MaxNameAgeSeconds || (!e.Tombstone && e.AgeSeconds != 0):
+		return fmt.Errorf("%w: name entry age %d", ErrMalform, e.AgeSeconds)
+	}
+	return nil
+}
+
+// ParseNamesMsg decodes a name-store gossip payload. Strings are copied,
+// so the result does not alias b.
+func ParseNamesMsg(b []byte) (NamesMsg, error) {
+	var m NamesMsg
+	if len(b) < 1 {
+		return m, fmt.Errorf("%w: empty name message", ErrShort)
+	}
+	m.Kind, b = NamesKind(b[0]), b[1:]
+	switch m.Kind {
+	case NamesEntries:
+		if len(b) < 2 {
+			return m, fmt.Errorf("%w: name entries of %d bytes", ErrShort, len(b))
+		}
+		n := int(binary.BigEndian.Uint16(b))
+		b = b[2:]
+		if n > MaxNameEntries || len(b) < n*(nameEntryFixedLen+1) {
+			return m, fmt.Errorf("%w: %d name entries in %d bytes", ErrShort, n, len(b))
+		}
+		m.Entries = make([]NameEntry, n)
+		for i := range m.Entries {
+			e := &m.Entries[i]
+			var err error
+			if e.Hostname, b, err = getString(b); err != nil {
+				return m, err
+			}
+			if len(b) < 4+1 {
+				return m, fmt.Errorf("%w: name entry cut short", ErrShort)
+			}
+			e.Addr = netip.AddrFrom4([4]byte(b[:4]))
+			if e.ContainerID, b, err = getString(b[4:]); err != nil {
+				return m, err
+			}
+			if len(b) < PeerNameLen+4+1+4 {
+				return m, fmt.Errorf("%w: name entry cut short", ErrShort)
+			}
+			e.Origin = getName(b)
+			e.Version = binary.BigEndian.Uint32(b[PeerNameLen:])
+			flags := b[PeerNameLen+4]
+			if flags&^nameTombstone != 0 {
+				return m, fmt.Errorf("%w: name entry flags %#x", ErrMalform, flags)
+			}
+			e.Tombstone = flags&nameTombstone != 0
+			e.AgeSeconds = binary.BigEndian.Uint32(b[PeerNameLen+5:])
+			b = b[PeerNameLen+9:]
+			if err := checkNameEntry(e); err != nil {
+				return m, err
+			}
+		}
+		if len(b) != 0 {
+			return m, fmt.Errorf("%w: %d bytes after the name entries", ErrMalform, len(b))
+		}
+		return m, nil
+	case NamesDigest:
+		if len(b) < 3 || b[0] > 1 {
+			return m, fmt.Errorf("%w: name digest of %d bytes", ErrMalform, len(b))
+		}
+		m.Echo = b[0] == 1
+		n := int(binary.BigEndian.Uint16(b[1:]))
+		b = b[3:]
+		if n > MaxNameDigests || len(b) != n*nameDigestLen {
+			return m, fmt.Errorf("%w: name digest of %d origins in %d bytes", ErrMalform, n, len(b))
+		}
+		m.Digests = make([]NameDigest, n)
+		for i := range m.Digests {
+			q := b[i*nameDigestLen:]
+			m.Digests[i] = NameDigest{Origin: getName(q), Hash: binary.BigEndian.Uint64(q[PeerNameLen:])}
+			if i > 0 && m.Digests[i].Origin <= m.Digests[i-1].Origin {
+				return m, fmt.Errorf("%w: name digest origins out of order", ErrMalform)
+			}
+		}
+		return m, nil
+	}
+	return m, fmt.Errorf("%w: name message kind %d", ErrMalform, m.Kind)
+}
+
+// getString reads a string prefixed by its length in one byte.
+func getString(b []byte) (string, []byte, error) {
+	if len(b) < 1 || len(b) < 1+int(b[0]) {
+		return "", b, fmt.Errorf("%w: string cut short", ErrShort)
+	}
+	n := int(b[0])
+	return string(b[1 : 1+n]), b[1+n:], nil
+}
