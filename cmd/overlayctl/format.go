@@ -47,7 +47,47 @@ func writeStatus(w io.Writer, st *api.Status) {
 		label(w, "Range", st.IPAM.Range)
 		label(w, "DefaultSubnet", st.IPAM.DefaultSubnet)
 	}
+	if st.DNS.Enabled {
+		fmt.Fprintln(w)
+		label(w, "Service", "dns")
+		label(w, "Domain", st.DNS.Domain)
+		up := strings.Join(st.DNS.Upstream, ", ")
+		if up == "" {
+			up = "none"
+		}
+		label(w, "Upstream", up)
+		label(w, "TTL", st.DNS.TTL)
+		label(w, "Entries", st.DNS.Live)
+	}
 	fmt.Fprintln(w)
+}
+
+// writeDNS prints one line per live entry, as `weave status dns`: the
+// hostname without the domain, the address, the container ID cut to 12
+// and the origin peer.
+func writeDNS(w io.Writer, st *api.DNSStatus) {
+	for _, e := range st.Entries {
+		if e.Tombstone {
+			continue
+		}
+		name := strings.TrimSuffix(e.Hostname, ".")
+		if d := "." + strings.TrimSuffix(st.Domain, "."); len(name) > len(d) && strings.EqualFold(name[len(name)-len(d):], d) {
+			name = name[:len(name)-len(d)]
+		}
+		fmt.Fprintf(w, "%-12v %-15v %12.12v %v\n", name, e.Address, e.ContainerID, e.Origin)
+	}
+}
+
+// dnsArgs is Weave's dns-args: the docker flags that point a container at
+// our DNS server, without a trailing newline; nothing when DNS is off.
+func dnsArgs(st *api.DNSStatus) (string, error) {
+	if !st.Enabled {
+		return "", nil
+	}
+	if st.Address == "" {
+		return "", fmt.Errorf("the DNS server listens on %s and this host has no address to give containers: set --dns-listen or expose an address", st.Listen)
+	}
+	return fmt.Sprintf("--dns=%s --dns-search=%s", st.Address, st.Domain), nil
 }
 
 // connectionSummary is "N (a established, b failed)": counts in Weave's fixed

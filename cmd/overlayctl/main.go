@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"strings"
 	"time"
@@ -118,15 +119,33 @@ func execute(args []string, stdout, stderr io.Writer) int {
 		func(st *api.Status) any { return st.IPAM },
 		func(w io.Writer, st *api.Status) { writeIPAM(w, &st.IPAM) })
 
-	status := listing("status [targets|connections|peers|ipam]", "Show the daemon's status",
+	dnsList := func(use string) *cobra.Command {
+		return jsonFlag(&cobra.Command{
+			Use: use, Short: "List the live DNS entries of every peer (--json: all entries, tombstones too, with every field)", Args: noArgs,
+			RunE: func(cmd *cobra.Command, args []string) error {
+				ctx, cancel := c.ctx()
+				defer cancel()
+				st, err := c.client().DNS(ctx)
+				if err != nil {
+					return err
+				}
+				if c.json {
+					return c.printJSON(st)
+				}
+				writeDNS(c.out, &st)
+				return nil
+			},
+		})
+	}
+	status := listing("status [targets|connections|peers|ipam|dns]", "Show the daemon's status",
 		func(st *api.Status) any { return st },
 		func(w io.Writer, st *api.Status) { writeStatus(w, st) })
 	status.Args = cobra.ArbitraryArgs
-	status.AddCommand(targets("targets"), connections("connections"), peers("peers"), ipam)
+	status.AddCommand(targets("targets"), connections("connections"), peers("peers"), ipam, dnsList("dns"))
 	plain := status.RunE
 	status.RunE = func(cmd *cobra.Command, args []string) error {
 		if len(args) > 0 {
-			return usagef("Invalid 'overlayctl status' sub-command: %s (want targets, connections, peers or ipam)", args[0])
+			return usagef("Invalid 'overlayctl status' sub-command: %s (want targets, connections, peers, ipam or dns)", args[0])
 		}
 		return plain(cmd, args)
 	}
@@ -239,6 +258,70 @@ func execute(args []string, stdout, stderr io.Writer) int {
 	hide := action("hide CIDR", "Remove an exposed address from this host",
 		exactArgs(1, "hide needs the exposed address, as a CIDR such as 10.32.0.1/12"),
 		cidr, func(cl *api.Client, ctx context.Context, args []string) error { return cl.Hide(ctx, args[0]) })
+	var container string
+	dnsAdd := &cobra.Command{
+		Use: "dns-add IP... NAME [--container ID]", Short: "Register NAME (a single label gets the domain) for the addresses",
+		Args: minArgs(2, "dns-add needs at least one address and a name, such as: dns-add 10.32.0.5 web1"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ips, name := args[:len(args)-1], args[len(args)-1]
+			for _, a := range ips {
+				if !isIPv4(a) {
+					return usagef("dns-add: %q is not an IPv4 address (addresses come first, the name last)", a)
+				}
+			}
+			ctx, cancel := c.ctx()
+			defer cancel()
+			_, err := c.client().DNSAdd(ctx, api.DNSRequest{Addresses: ips, Name: name, ContainerID: container})
+			return err
+		},
+	}
+	dnsAdd.Flags().StringVar(&container, "container", "", "container ID the name belongs to (default: weave:extern)")
+	dnsRemove := &cobra.Command{
+		Use: "dns-remove IP... [NAME] [--container ID]", Short: "Remove names registered here: for the addresses, of NAME, of the container",
+		Args: cobra.ArbitraryArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var ips []string
+			name := ""
+			for i, a := range args {
+				switch {
+				case isIPv4(a):
+					ips = append(ips, a)
+				case i == len(args)-1:
+					name = a
+				default:
+					return usagef("dns-remove: %q is not an IPv4 address (addresses come first, the name last)", a)
+				}
+			}
+			if len(ips) == 0 && name == "" && container == "" {
+				return usagef("dns-remove needs addresses, a name or --container")
+			}
+			ctx, cancel := c.ctx()
+			defer cancel()
+			_, err := c.client().DNSRemove(ctx, api.DNSRequest{Addresses: ips, Name: name, ContainerID: container})
+			return err
+		},
+	}
+	dnsRemove.Flags().StringVar(&container, "container", "", "only the names of this container ID")
+	dnsLookup := action("dns-lookup NAME", "Print the addresses of a name (a single label gets the domain)",
+		exactArgs(1, "dns-lookup needs a name, such as web1"), anything,
+		func(cl *api.Client, ctx context.Context, args []string) error {
+			r, err := cl.DNSLookup(ctx, args[0])
+			for _, a := range r.Addresses {
+				fmt.Fprintln(c.out, a)
+			}
+			return err
+		})
+	dnsArgsCmd := action("dns-args", "Print the docker run flags that give a container our DNS server (nothing when DNS is off)",
+		noArgs, anything,
+		func(cl *api.Client, ctx context.Context, args []string) error {
+			st, err := cl.DNS(ctx)
+			if err != nil {
+				return err
+			}
+			a, err := dnsArgs(&st)
+			fmt.Fprint(c.out, a)
+			return err
+		})
 	version := jsonFlag(&cobra.Command{
 		Use: "version", Short: "Print the versions of overlayctl and the daemon", Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -260,7 +343,8 @@ func execute(args []string, stdout, stderr io.Writer) int {
 		},
 	})
 	root.AddCommand(status, peers("peers"), connections("connections"), targets("targets"),
-		connect, forget, expose, hide, alloc, claim, release, rmpeer, ringCmd, version)
+		connect, forget, expose, hide, alloc, claim, release, rmpeer, ringCmd,
+		dnsList("dns"), dnsAdd, dnsRemove, dnsLookup, dnsArgsCmd, version)
 	root.CompletionOptions.DisableDefaultCmd = true
 	root.SetArgs(args)
 
@@ -282,6 +366,11 @@ func execute(args []string, stdout, stderr io.Writer) int {
 func isCobraUsage(msg string) bool {
 	return strings.HasPrefix(msg, "unknown command") || strings.HasPrefix(msg, "unknown flag") ||
 		strings.HasPrefix(msg, "unknown shorthand flag")
+}
+
+func isIPv4(s string) bool {
+	a, err := netip.ParseAddr(s)
+	return err == nil && a.Is4()
 }
 
 func noArgs(cmd *cobra.Command, args []string) error {

@@ -13,6 +13,7 @@ import (
 
 	"github.com/overlayd/overlayd/internal/api"
 	"github.com/overlayd/overlayd/ipalloc"
+	"github.com/overlayd/overlayd/names"
 	"github.com/overlayd/overlayd/peering"
 	"github.com/overlayd/overlayd/proto"
 	"github.com/overlayd/overlayd/tun"
@@ -43,6 +44,11 @@ type options struct {
 	noDiscovery   bool
 	initPeerCount int
 	ipallocInit   string
+	dnsListen     string
+	dnsDomain     string
+	dnsTTL        int
+	noDNS         bool
+	resolvConf    string
 }
 
 // config is the validated configuration of one daemon.
@@ -64,6 +70,11 @@ type config struct {
 	IPAMMode      ipalloc.Mode
 	Quorum        int              // IPAMMode Consensus
 	Seeds         []proto.PeerName // IPAMMode Seed
+	DNS           bool
+	DNSListen     netip.AddrPort // invalid: docker0's address, port 53, if it exists; else 0.0.0.0:53
+	DNSDomain     string         // lower case, with its trailing dot
+	DNSTTL        uint32
+	ResolvConf    string
 }
 
 // usageError is a bad flag value: exit code 2.
@@ -161,6 +172,9 @@ func (o *options) validate(positional []string) (*config, error) {
 	if err := o.ipam(c); err != nil {
 		return nil, err
 	}
+	if err := o.dns(c); err != nil {
+		return nil, err
+	}
 	if o.metricsAddr != "" {
 		host, port, err := net.SplitHostPort(o.metricsAddr)
 		n, perr := strconv.Atoi(port)
@@ -222,6 +236,48 @@ func (o *options) ipam(c *config) error {
 	}
 	c.Quorum = size/2 + 1
 	return nil
+}
+
+// dns checks the name server's flags.
+func (o *options) dns(c *config) error {
+	c.DNS = !o.noDNS
+	d, err := names.CheckDomain(o.dnsDomain)
+	if err != nil {
+		return badFlag("invalid --dns-domain %q: %v", o.dnsDomain, strings.TrimPrefix(err.Error(), "names: "))
+	}
+	c.DNSDomain = d
+	if o.dnsTTL < 0 || o.dnsTTL > 1<<31-1 {
+		return badFlag("--dns-ttl %d: want 0 to %d seconds", o.dnsTTL, 1<<31-1)
+	}
+	c.DNSTTL = uint32(o.dnsTTL)
+	if o.resolvConf == "" {
+		return badFlag("--resolv-conf must not be empty")
+	}
+	c.ResolvConf = o.resolvConf
+	if o.dnsListen != "" {
+		ap, err := parseListen(o.dnsListen)
+		if err != nil {
+			return badFlag("invalid --dns-listen %q: want IP:PORT, IP or :PORT, such as 172.17.0.1:53", o.dnsListen)
+		}
+		c.DNSListen = ap
+	}
+	return nil
+}
+
+// parseListen reads IP:PORT, IP (port 53) or :PORT (every address).
+func parseListen(s string) (netip.AddrPort, error) {
+	if ap, err := netip.ParseAddrPort(s); err == nil && ap.Addr().Is4() {
+		return ap, nil
+	}
+	if a, err := netip.ParseAddr(s); err == nil && a.Is4() {
+		return netip.AddrPortFrom(a, 53), nil
+	}
+	if p, ok := strings.CutPrefix(s, ":"); ok {
+		if n, err := strconv.ParseUint(p, 10, 16); err == nil {
+			return netip.AddrPortFrom(netip.IPv4Unspecified(), uint16(n)), nil
+		}
+	}
+	return netip.AddrPort{}, errors.New("bad address")
 }
 
 // parseSubnet parses a CIDR that must be an IPv4 subnet of at least 4

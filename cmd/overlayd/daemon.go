@@ -42,6 +42,7 @@ type daemon struct {
 	api    *api.Server
 
 	alloc *allocsrv.Server // nil when IPAM is off
+	names *nameService     // nil when DNS is off
 
 	mu      sync.Mutex     // serialises Expose and Hide; held before lmu
 	exposed []netip.Prefix // guarded by mu and lmu: addresses on the TUN device
@@ -123,7 +124,7 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 		Discovery: cfg.Discovery, ConnLimit: cfg.ConnLimit,
 		Rand:     rand.New(rand.NewPCG(binary.LittleEndian.Uint64(seed[:8]), binary.LittleEndian.Uint64(seed[8:]))),
 		Log:      log.Named("router"),
-		Channels: map[string]func(proto.PeerName, []byte){proto.ChannelIPAM: d.deliverIPAM},
+		Channels: map[string]func(proto.PeerName, []byte){proto.ChannelIPAM: d.deliverIPAM, proto.ChannelNames: d.deliverNames},
 	}, dev, pc)
 	if err != nil {
 		return startError{err}
@@ -147,6 +148,13 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 			log.Info(fmt.Sprintf("Assuming quorum size of %d", cfg.Quorum))
 		}
 	}
+	if cfg.DNS {
+		d.names, err = startNames(cfg, name, router, rand.New(rand.NewPCG(binary.LittleEndian.Uint64(seed[4:12]), 1)), log.Named("dns"))
+		if err != nil {
+			return startError{err}
+		}
+		undo = append(undo, d.names.server.Close)
+	}
 	srv, err := api.Listen(cfg.Socket, d, buildinfo.Version, log.Named("api"))
 	if err != nil {
 		return startError{err}
@@ -158,6 +166,9 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 		cs := []prometheus.Collector{router.Collector()}
 		if d.alloc != nil {
 			cs = append(cs, d.alloc.Collector())
+		}
+		if d.names != nil {
+			cs = append(cs, d.names.collector())
 		}
 		reg, err := metrics.NewRegistry(cs...)
 		if err != nil {
@@ -173,13 +184,21 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 		zap.String("version", buildinfo.Version), zap.Stringer("peer", name), zap.String("nick", cfg.Nickname),
 		zap.Stringer("range", cfg.Range), zap.String("iface", cfg.Iface), zap.Int("mtu", mtu),
 		zap.Int("underlay_mtu", underlay), zap.Uint16("port", pc.LocalPort()), zap.String("socket", cfg.Socket),
-		zap.Strings("targets", cfg.Targets), zap.String("metrics", cfg.MetricsAddr))
+		zap.Strings("targets", cfg.Targets), zap.String("metrics", cfg.MetricsAddr), zap.Bool("dns", cfg.DNS))
+	if d.names != nil {
+		log.Info("DNS server started", zap.String("endpoint", d.names.listen.String()), zap.String("name", cfg.DNSDomain),
+			zap.Uint32("ttl", cfg.DNSTTL), zap.String("resolv_conf", cfg.ResolvConf))
+	}
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return router.Run(gctx) })
 	g.Go(func() error { return srv.Run(gctx) })
 	if d.alloc != nil {
 		g.Go(func() error { return d.alloc.Run(gctx) })
+	}
+	if d.names != nil {
+		g.Go(func() error { return d.names.store.Run(gctx) })
+		g.Go(func() error { return d.names.server.Run(gctx) })
 	}
 	if ms != nil {
 		g.Go(func() error { return ms.Run(gctx) })
@@ -216,6 +235,9 @@ func (d *daemon) Status(ctx context.Context) (api.Status, error) {
 		}
 		st.IPAM = ipamStatus(is, rs)
 		st.IPAM.Rejected, st.IPAM.Dropped = d.alloc.Rejected.Load(), d.alloc.Dropped.Load()
+	}
+	if st.DNS, err = d.DNS(ctx); err != nil {
+		return api.Status{}, err
 	}
 	return st, nil
 }

@@ -89,8 +89,11 @@ func (d *daemon) Release(ctx context.Context, id string, addr netip.Addr) error 
 	if addr.IsValid() {
 		req.Addr = netip.PrefixFrom(addr, 32)
 	}
-	_, err := d.do(ctx, req)
-	return err
+	if _, err := d.do(ctx, req); err != nil {
+		return err
+	}
+	d.forgetNames(ctx, id, addr)
+	return nil
 }
 
 // RmPeer implements api.Backend.

@@ -24,6 +24,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/overlayd/overlayd/internal/buildinfo"
+	"github.com/overlayd/overlayd/names"
 	"github.com/overlayd/overlayd/peering"
 	"github.com/overlayd/overlayd/proto"
 )
@@ -36,6 +37,7 @@ func main() {
 var flagAliases = map[string]string{
 	"ipalloc-range":          "range",
 	"ipalloc-default-subnet": "default-subnet",
+	"dns-listen-address":     "dns-listen",
 }
 
 func execute(args []string) int {
@@ -82,6 +84,11 @@ for --range and --default-subnet.`,
 	f.IntVar(&o.port, "port", peering.DefaultPort, "UDP port for control and data")
 	f.IntVar(&o.connLimit, "conn-limit", 200, "connections to other peers at most (0: no limit)")
 	f.BoolVar(&o.noDiscovery, "no-discovery", false, "do not dial the peers other peers tell of (only --peer and connect)")
+	f.BoolVar(&o.noDNS, "no-dns", false, "do not run the DNS server nor gossip names")
+	f.StringVar(&o.dnsListen, "dns-listen", "", "DNS server address, IP:PORT (default: the docker0 bridge's address, port 53, if it exists; else 0.0.0.0:53); alias --dns-listen-address")
+	f.StringVar(&o.dnsDomain, "dns-domain", names.DefaultDomain, "domain of the container names (a trailing dot is added)")
+	f.IntVar(&o.dnsTTL, "dns-ttl", 1, "TTL of DNS answers for container names, in seconds")
+	f.StringVar(&o.resolvConf, "resolv-conf", "/etc/resolv.conf", "file listing the upstream DNS servers for other names (read again when it changes)")
 	f.StringVar(&o.iface, "iface", defaultIface, "name of the TUN device to create")
 	f.IntVar(&o.mtu, "mtu", 0, "MTU of the TUN device (default: smallest underlay MTU minus 44 bytes of overhead)")
 	f.StringVar(&o.socket, "socket", socketDefault(), "control API unix socket (also $OVERLAY_SOCKET)")

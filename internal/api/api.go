@@ -15,6 +15,10 @@
 //	POST /v1/ipam/release  ReleaseRequest: free an ID's addresses
 //	POST /v1/ipam/rmpeer   RmPeerRequest → RmPeerResponse: take over a dead peer's space
 //	GET  /v1/ipam/ring     IPAMStatus, once the ring exists (starts consensus if needed)
+//	GET  /v1/dns           DNSStatus: domain, addresses, upstream servers, entries
+//	POST /v1/dns/add       DNSRequest → DNSResponse: register a name for addresses
+//	POST /v1/dns/remove    DNSRequest → DNSResponse: remove names of this peer
+//	POST /v1/dns/lookup    LookupRequest → LookupResponse: the addresses of a name
 //
 // Errors come back with a 4xx or 5xx status and ErrorResponse.
 package api
@@ -47,7 +51,14 @@ type Backend interface {
 	Release(ctx context.Context, id string, addr netip.Addr) error
 	RmPeer(ctx context.Context, peer string) (RmPeerResponse, error)
 	Ring(ctx context.Context) (IPAMStatus, error)
+	DNS(ctx context.Context) (DNSStatus, error)
+	DNSAdd(ctx context.Context, req DNSRequest) (DNSResponse, error)
+	DNSRemove(ctx context.Context, req DNSRequest) (DNSResponse, error)
+	DNSLookup(ctx context.Context, name string) (LookupResponse, error)
 }
+
+// ErrDNSOff is returned by the DNS calls of a daemon started with --no-dns.
+var ErrDNSOff = errors.New("DNS is off: overlayd was started with --no-dns")
 
 // ErrIPAMOff is returned by the IPAM calls of a daemon without --range.
 var ErrIPAMOff = errors.New("IPAM is off: overlayd was started without --range")
@@ -60,6 +71,63 @@ type Status struct {
 	Version string         `json:"version"`
 	Router  peering.Status `json:"router"`
 	IPAM    IPAMStatus     `json:"ipam"`
+	DNS     DNSStatus      `json:"dns"`
+}
+
+// DNSStatus is the name server's section of Status.
+type DNSStatus struct {
+	Enabled bool   `json:"enabled"`
+	Domain  string `json:"domain"`
+	Listen  string `json:"listen"` // host:port of the DNS server
+	// Address is what containers are given as their DNS server (dns-args);
+	// empty when the server listens on every address and none stands out.
+	Address     string     `json:"address"`
+	ResolvConf  string     `json:"resolvConf"`
+	Upstream    []string   `json:"upstream"`
+	TTL         uint32     `json:"ttl"`
+	Live        int        `json:"live"`  // live entries, of every origin
+	Local       int        `json:"local"` // of those, registered here
+	Entries     []DNSEntry `json:"entries"`
+	Rejected    uint64     `json:"rejectedMessages"`
+	Dropped     uint64     `json:"droppedMessages"`
+	Queries     uint64     `json:"queries"` // answered here, forwarded or failed
+	Forwarded   uint64     `json:"forwarded"`
+	ServerFails uint64     `json:"serverFailures"`
+}
+
+// DNSEntry is one registration, as Weave's report shows it.
+type DNSEntry struct {
+	Hostname    string         `json:"hostname"`
+	Address     netip.Addr     `json:"address"`
+	ContainerID string         `json:"containerID"`
+	Origin      proto.PeerName `json:"origin"`
+	Version     uint32         `json:"version"`
+	Tombstone   bool           `json:"tombstone"`
+}
+
+// DNSRequest adds or removes names. Add needs Name and at least one
+// address; remove needs at least one of them or ContainerID, and removes
+// what matches all that are given.
+type DNSRequest struct {
+	Addresses   []string `json:"addresses,omitempty"`
+	Name        string   `json:"name,omitempty"`
+	ContainerID string   `json:"containerID,omitempty"`
+}
+
+// DNSResponse lists the entries added or removed.
+type DNSResponse struct {
+	Entries []DNSEntry `json:"entries"`
+}
+
+// LookupRequest asks for the addresses of a name.
+type LookupRequest struct {
+	Name string `json:"name"`
+}
+
+// LookupResponse is the addresses of a name (its FQDN), sorted.
+type LookupResponse struct {
+	Name      string       `json:"name"`
+	Addresses []netip.Addr `json:"addresses"`
 }
 
 // IPAMStatus is the allocator's section of Status.

@@ -61,6 +61,18 @@ func (f *fakeBackend) Ring(context.Context) (IPAMStatus, error) {
 func (f *fakeBackend) Hide(context.Context, netip.Prefix) error {
 	return errors.New("netlink exploded")
 }
+func (f *fakeBackend) DNS(context.Context) (DNSStatus, error) {
+	return DNSStatus{Enabled: true, Domain: "weave.local."}, nil
+}
+func (f *fakeBackend) DNSAdd(_ context.Context, req DNSRequest) (DNSResponse, error) {
+	return DNSResponse{Entries: []DNSEntry{{Hostname: req.Name, Address: netip.MustParseAddr(req.Addresses[0])}}}, nil
+}
+func (f *fakeBackend) DNSRemove(context.Context, DNSRequest) (DNSResponse, error) {
+	return DNSResponse{}, ErrDNSOff
+}
+func (f *fakeBackend) DNSLookup(_ context.Context, name string) (LookupResponse, error) {
+	return LookupResponse{Name: name}, nil
+}
 
 func startServer(t *testing.T, path string, b Backend) {
 	t.Helper()

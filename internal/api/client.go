@@ -98,6 +98,34 @@ func (c *Client) Hide(ctx context.Context, cidr string) error {
 	return c.call(ctx, http.MethodPost, "/v1/hide", CIDRRequest{CIDR: cidr}, nil)
 }
 
+// DNS returns the name server's state.
+func (c *Client) DNS(ctx context.Context) (DNSStatus, error) {
+	var st DNSStatus
+	err := c.call(ctx, http.MethodGet, "/v1/dns", nil, &st)
+	return st, err
+}
+
+// DNSAdd registers a name.
+func (c *Client) DNSAdd(ctx context.Context, req DNSRequest) (DNSResponse, error) {
+	var out DNSResponse
+	err := c.call(ctx, http.MethodPost, "/v1/dns/add", req, &out)
+	return out, err
+}
+
+// DNSRemove removes names.
+func (c *Client) DNSRemove(ctx context.Context, req DNSRequest) (DNSResponse, error) {
+	var out DNSResponse
+	err := c.call(ctx, http.MethodPost, "/v1/dns/remove", req, &out)
+	return out, err
+}
+
+// DNSLookup returns the addresses of a name.
+func (c *Client) DNSLookup(ctx context.Context, name string) (LookupResponse, error) {
+	var out LookupResponse
+	err := c.call(ctx, http.MethodPost, "/v1/dns/lookup", LookupRequest{Name: name}, &out)
+	return out, err
+}
+
 func (c *Client) call(ctx context.Context, method, path string, in, out any) error {
 	var body io.Reader
 	if in != nil {

@@ -142,6 +142,34 @@ func Listen(path string, b Backend, version string, log *zap.Logger) (*Server, e
 		st, err := b.Ring(r.Context())
 		s.reply(w, st, err)
 	})
+	mux.HandleFunc("GET /v1/dns", func(w http.ResponseWriter, r *http.Request) {
+		st, err := b.DNS(r.Context())
+		s.reply(w, st, err)
+	})
+	mux.HandleFunc("POST /v1/dns/add", handle(s, func(ctx context.Context, req *DNSRequest) (any, error) {
+		if req.Name == "" || len(req.Addresses) == 0 {
+			return nil, fmt.Errorf("%w: a name and at least one address are required", ErrBadRequest)
+		}
+		if err := checkDNSRequest(req); err != nil {
+			return nil, err
+		}
+		return b.DNSAdd(ctx, *req)
+	}))
+	mux.HandleFunc("POST /v1/dns/remove", handle(s, func(ctx context.Context, req *DNSRequest) (any, error) {
+		if req.Name == "" && len(req.Addresses) == 0 && req.ContainerID == "" {
+			return nil, fmt.Errorf("%w: say what to remove: addresses, a name or a container ID", ErrBadRequest)
+		}
+		if err := checkDNSRequest(req); err != nil {
+			return nil, err
+		}
+		return b.DNSRemove(ctx, *req)
+	}))
+	mux.HandleFunc("POST /v1/dns/lookup", handle(s, func(ctx context.Context, req *LookupRequest) (any, error) {
+		if req.Name == "" {
+			return nil, fmt.Errorf("%w: a name is required", ErrBadRequest)
+		}
+		return b.DNSLookup(ctx, req.Name)
+	}))
 	s.http = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
 		ErrorLog: zap.NewStdLog(log.WithOptions(zap.IncreaseLevel(zap.WarnLevel)))}
 	return s, nil
@@ -159,6 +187,23 @@ func checkID(id string) error {
 		if r < 0x21 || r == 0x7f || r == utf8.RuneError {
 			return fmt.Errorf("%w: ID %q has a space or a control character", ErrBadRequest, id)
 		}
+	}
+	return nil
+}
+
+// checkDNSRequest checks the addresses and the container ID.
+func checkDNSRequest(req *DNSRequest) error {
+	if len(req.Addresses) > 1024 {
+		return fmt.Errorf("%w: %d addresses in one request (at most 1024)", ErrBadRequest, len(req.Addresses))
+	}
+	for _, a := range req.Addresses {
+		ip, err := netip.ParseAddr(strings.Split(a, "/")[0])
+		if err != nil || !ip.Is4() {
+			return fmt.Errorf("%w: %q is not an IPv4 address", ErrBadRequest, a)
+		}
+	}
+	if req.ContainerID != "" {
+		return checkID(req.ContainerID)
 	}
 	return nil
 }
@@ -219,7 +264,7 @@ func (s *Server) reply(w http.ResponseWriter, v any, err error) {
 	if err != nil {
 		code := http.StatusInternalServerError
 		switch {
-		case errors.Is(err, ErrBadRequest), errors.Is(err, ErrIPAMOff):
+		case errors.Is(err, ErrBadRequest), errors.Is(err, ErrIPAMOff), errors.Is(err, ErrDNSOff):
 			code = http.StatusBadRequest
 		case errors.Is(err, context.Canceled):
 			code = http.StatusServiceUnavailable

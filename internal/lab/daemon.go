@@ -43,7 +43,8 @@ func (h *Host) Socket() string {
 }
 
 // Start runs overlayd in the host with args plus the lab's socket, state
-// directory, nickname and debug logging (each unless args set it), and
+// directory, nickname, an empty resolv.conf and debug logging (each unless
+// args set it), and
 // waits until its control socket answers. The test fails if it does not
 // come up within 10 s; the process is killed at cleanup.
 func (h *Host) Start(args ...string) *Daemon {
@@ -77,6 +78,15 @@ func (h *Host) Spawn(args ...string) *Daemon {
 	}
 	if !has("--nickname") {
 		full = append(full, "--nickname", fmt.Sprintf("h%d", h.Index))
+	}
+	if !has("--resolv-conf") {
+		// Queries the overlay does not answer go nowhere, unless a test
+		// says where: never out of the lab.
+		none := filepath.Join(l.dir, "resolv-none.conf")
+		if err := os.WriteFile(none, nil, 0o644); err != nil {
+			l.t.Fatal(err)
+		}
+		full = append(full, "--resolv-conf", none)
 	}
 	if !has("--log-level") {
 		full = append(full, "--log-level", "debug")

@@ -142,3 +142,18 @@ func ipnet(p netip.Prefix) *net.IPNet {
 	}
 	return &net.IPNet{IP: net.IP(a.AsSlice()), Mask: net.CIDRMask(p.Bits(), bits)}
 }
+
+// LinkAddr4 returns the first IPv4 address of interface name, if it exists
+// and has one (the docker0 bridge's, for the DNS server).
+func LinkAddr4(name string) (netip.Addr, bool) {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		return netip.Addr{}, false
+	}
+	addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
+	if err != nil || len(addrs) == 0 {
+		return netip.Addr{}, false
+	}
+	a, ok := netip.AddrFromSlice(addrs[0].IP.To4())
+	return a, ok
+}

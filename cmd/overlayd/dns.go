@@ -1,0 +1,251 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/overlayd/overlayd/internal/api"
+	"github.com/overlayd/overlayd/internal/netconf"
+	"github.com/overlayd/overlayd/names"
+	"github.com/overlayd/overlayd/names/namesrv"
+	"github.com/overlayd/overlayd/names/resolver"
+	"github.com/overlayd/overlayd/proto"
+)
+
+// nameService is WeaveDNS: the name store's server, the resolver over its
+// views, and the DNS sockets.
+type nameService struct {
+	store    *namesrv.Server
+	resolver *resolver.Resolver
+	upstream *resolver.Upstream
+	server   *resolver.Server
+	listen   netip.AddrPort
+	ttl      uint32
+}
+
+// startNames makes the name service and opens its sockets; nothing runs
+// until run.
+func startNames(cfg *config, self proto.PeerName, router namesrv.Router, rnd *rand.Rand, log *zap.Logger) (*nameService, error) {
+	listen := cfg.DNSListen
+	if !listen.IsValid() {
+		listen = netip.AddrPortFrom(netip.IPv4Unspecified(), 53)
+		if a, ok := netconf.LinkAddr4("docker0"); ok {
+			listen = netip.AddrPortFrom(a, 53)
+		}
+	}
+	st, err := namesrv.New(namesrv.Config{
+		Store:    names.Config{Self: self, Domain: cfg.DNSDomain},
+		StateDir: cfg.StateDir,
+		Router:   router,
+		Rand:     rnd,
+		Log:      log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	up := resolver.NewUpstream(cfg.ResolvConf, listen, log)
+	res := resolver.New(resolver.Config{View: st.View, TTL: cfg.DNSTTL, Upstream: up, Log: log})
+	srv, err := resolver.Listen(listen.String(), res)
+	if err != nil {
+		return nil, fmt.Errorf("DNS server: %w (choose another address with --dns-listen, or turn DNS off with --no-dns)",
+			errors.Unwrap(err))
+	}
+	return &nameService{store: st, resolver: res, upstream: up, server: srv, listen: listen, ttl: cfg.DNSTTL}, nil
+}
+
+// deliverNames is the router's handler of the names channel.
+func (d *daemon) deliverNames(from proto.PeerName, payload []byte) {
+	if d.names != nil {
+		d.names.store.Deliver(from, payload)
+	}
+}
+
+// dnsAddress is the address containers are given as their DNS server: the
+// listening address, or on a wildcard, docker0's, or the first exposed.
+func (d *daemon) dnsAddress() string {
+	a := d.names.listen.Addr()
+	if a.IsUnspecified() {
+		if b, ok := netconf.LinkAddr4("docker0"); ok {
+			a = b
+		} else {
+			d.mu.Lock()
+			if len(d.exposed) > 0 {
+				a = d.exposed[0].Addr()
+			}
+			d.mu.Unlock()
+		}
+	}
+	if a.IsUnspecified() {
+		return ""
+	}
+	return a.String()
+}
+
+// DNS implements api.Backend.
+func (d *daemon) DNS(ctx context.Context) (api.DNSStatus, error) {
+	if d.names == nil {
+		return api.DNSStatus{Enabled: false, Entries: []api.DNSEntry{}, Upstream: []string{}}, nil
+	}
+	n := d.names
+	v := n.store.View()
+	live, local := v.Live()
+	c := &n.resolver.Counts
+	st := api.DNSStatus{Enabled: true, Domain: v.Domain(), Listen: n.listen.String(), Address: d.dnsAddress(),
+		ResolvConf: n.upstream.Path(), Upstream: slices.Clone(n.upstream.Servers()), TTL: n.ttl,
+		Live: live, Local: local, Entries: apiEntries(v.Entries()),
+		Rejected: n.store.Rejected.Load(), Dropped: n.store.Dropped.Load(),
+		Forwarded: c.Forwarded.Load(), ServerFails: c.Failed.Load()}
+	st.Queries = c.Answered.Load() + c.NoData.Load() + c.NXDomain.Load() + st.Forwarded + st.ServerFails
+	if st.Upstream == nil {
+		st.Upstream = []string{}
+	}
+	return st, nil
+}
+
+func apiEntries(es []proto.NameEntry) []api.DNSEntry {
+	out := make([]api.DNSEntry, len(es))
+	for i, e := range es {
+		out[i] = api.DNSEntry{Hostname: e.Hostname, Address: e.Addr, ContainerID: e.ContainerID,
+			Origin: e.Origin, Version: e.Version, Tombstone: e.Tombstone}
+	}
+	return out
+}
+
+// dnsAddrs parses the request's addresses (checked by the API).
+func dnsAddrs(ss []string) []netip.Addr {
+	var out []netip.Addr
+	for _, s := range ss {
+		if a, err := netip.ParseAddr(strings.Split(s, "/")[0]); err == nil {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// DNSAdd implements api.Backend.
+func (d *daemon) DNSAdd(ctx context.Context, req api.DNSRequest) (api.DNSResponse, error) {
+	if d.names == nil {
+		return api.DNSResponse{}, api.ErrDNSOff
+	}
+	var added []proto.NameEntry
+	for _, a := range dnsAddrs(req.Addresses) {
+		e, err := d.names.store.Add(ctx, req.Name, a, req.ContainerID)
+		if err != nil {
+			var de *names.DomainError
+			if errors.As(err, &de) {
+				d.log.Warn(de.Error())
+			}
+			return api.DNSResponse{Entries: apiEntries(added)}, badRequest(err)
+		}
+		added = append(added, e)
+	}
+	return api.DNSResponse{Entries: apiEntries(added)}, nil
+}
+
+// DNSRemove implements api.Backend.
+func (d *daemon) DNSRemove(ctx context.Context, req api.DNSRequest) (api.DNSResponse, error) {
+	if d.names == nil {
+		return api.DNSResponse{}, api.ErrDNSOff
+	}
+	addrs := dnsAddrs(req.Addresses)
+	if len(addrs) == 0 {
+		addrs = []netip.Addr{{}} // any address
+	}
+	var gone []proto.NameEntry
+	for _, a := range addrs {
+		es, err := d.names.store.Delete(ctx, req.Name, a, req.ContainerID)
+		if err != nil {
+			return api.DNSResponse{Entries: apiEntries(gone)}, badRequest(err)
+		}
+		gone = append(gone, es...)
+	}
+	return api.DNSResponse{Entries: apiEntries(gone)}, nil
+}
+
+// DNSLookup implements api.Backend: a name of the domain, looked up in the
+// current view (what the DNS server answers, in a stable order).
+func (d *daemon) DNSLookup(ctx context.Context, name string) (api.LookupResponse, error) {
+	if d.names == nil {
+		return api.LookupResponse{}, api.ErrDNSOff
+	}
+	fqdn, err := d.names.store.FQDN(ctx, name)
+	if err != nil {
+		return api.LookupResponse{Name: fqdn}, badRequest(err)
+	}
+	addrs := slices.Clone(d.names.store.View().Lookup(fqdn))
+	if len(addrs) == 0 {
+		return api.LookupResponse{Name: fqdn}, fmt.Errorf("%w: %s: no such name", api.ErrBadRequest, fqdn)
+	}
+	slices.SortFunc(addrs, netip.Addr.Compare)
+	return api.LookupResponse{Name: fqdn, Addresses: addrs}, nil
+}
+
+// badRequest marks a store's refusal as the caller's fault.
+func badRequest(err error) error {
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, namesrv.ErrStopped) {
+		return err
+	}
+	msg := strings.TrimPrefix(err.Error(), "names: ")
+	if errors.Is(err, names.ErrOutside) {
+		msg = "not a subdomain of the domain"
+	}
+	return fmt.Errorf("%w: %s", api.ErrBadRequest, msg)
+}
+
+// forgetNames removes the names of addresses IPAM has released.
+func (d *daemon) forgetNames(ctx context.Context, id string, addr netip.Addr) {
+	if d.names == nil {
+		return
+	}
+	if _, err := d.names.store.Delete(ctx, "", addr, id); err != nil {
+		d.log.Warn("removing the names of a released address", zap.String("container", id), zap.Error(err))
+	}
+}
+
+// collector exposes the name service to Prometheus.
+func (n *nameService) collector() prometheus.Collector {
+	c := &n.resolver.Counts
+	return collectors{
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "overlayd_dns_entries", Help: "Live DNS entries, of every peer (scope all) and registered here (scope local).",
+			ConstLabels: prometheus.Labels{"scope": "all"}}, func() float64 { a, _ := n.store.View().Live(); return float64(a) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "overlayd_dns_entries", Help: "Live DNS entries, of every peer (scope all) and registered here (scope local).",
+			ConstLabels: prometheus.Labels{"scope": "local"}}, func() float64 { _, l := n.store.View().Live(); return float64(l) }),
+		queries("answered", &c.Answered), queries("nodata", &c.NoData), queries("nxdomain", &c.NXDomain),
+		queries("forwarded", &c.Forwarded), queries("servfail", &c.Failed),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "overlayd_dns_truncated_total", Help: "UDP answers cut to the client's size, with TC set."},
+			func() float64 { return float64(c.Truncated.Load()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "overlayd_dns_messages_total", Help: "Name messages from peers that were dropped (the store lagged) or rejected.",
+			ConstLabels: prometheus.Labels{"result": "dropped"}}, func() float64 { return float64(n.store.Dropped.Load()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "overlayd_dns_messages_total", Help: "Name messages from peers that were dropped (the store lagged) or rejected.",
+			ConstLabels: prometheus.Labels{"result": "rejected"}}, func() float64 { return float64(n.store.Rejected.Load()) }),
+	}
+}
+
+func queries(result string, v interface{ Load() uint64 }) prometheus.Collector {
+	return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "overlayd_dns_queries_total",
+		Help:        "DNS queries by outcome: answered here, known name of another type, unknown name, forwarded, failed upstream.",
+		ConstLabels: prometheus.Labels{"result": result}}, func() float64 { return float64(v.Load()) })
+}
+
+// collectors is several collectors as one.
+type collectors []prometheus.Collector
+
+func (cs collectors) Describe(ch chan<- *prometheus.Desc) {
+	for _, c := range cs {
+		c.Describe(ch)
+	}
+}
+
+func (cs collectors) Collect(ch chan<- prometheus.Metric) {
+	for _, c := range cs {
+		c.Collect(ch)
+	}
+}

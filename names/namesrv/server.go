@@ -1,0 +1,250 @@
+// Package namesrv runs the name store (package names) for overlayd: one
+// goroutine owns the Store, feeds it ticks, peer messages, local changes
+// and the set of reachable peers, and carries out its Ready in order: save
+// the local entries (temporary file, fsync, rename), send the messages,
+// publish the new View for the resolver. It decides nothing.
+package namesrv
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/overlayd/overlayd/internal/atomicfile"
+	"github.com/overlayd/overlayd/names"
+	"github.com/overlayd/overlayd/proto"
+)
+
+// StateFile is the name of the local entries in the state directory.
+const StateFile = "dns.state"
+
+// Router is what the server needs of the router.
+type Router interface {
+	// Unicast sends a message on a gossip channel (loss is tolerated).
+	Unicast(ctx context.Context, channel string, dst proto.PeerName, payload []byte) error
+	// Reachable lists the peers we can send to now.
+	Reachable() []proto.PeerName
+}
+
+// Config configures a Server.
+type Config struct {
+	Store     names.Config // Rand, TickMillis and Infof are filled in
+	StateDir  string
+	TickEvery time.Duration // 100 ms
+	Router    Router
+	Rand      *rand.Rand
+	Log       *zap.Logger
+}
+
+// inboundLen bounds the peer messages waiting for the server.
+const inboundLen = 1024
+
+type inbound struct {
+	from    proto.PeerName
+	payload []byte
+}
+
+// Server owns a names.Store. Make one with New, then call Run.
+type Server struct {
+	cfg   Config
+	path  string
+	store *names.Store
+	log   *zap.Logger
+	view  atomic.Pointer[names.View]
+	in    chan inbound
+	calls chan func(*names.Store)
+	// stopped is closed when Run returns.
+	stopped chan struct{}
+
+	reach []proto.PeerName // only Run's goroutine touches it
+
+	Dropped  atomic.Uint64 // peer messages dropped: the server lagged
+	Rejected atomic.Uint64 // peer messages refused: undecodable or against the rules
+}
+
+// ErrStopped is returned by calls once Run has ended.
+var ErrStopped = errors.New("namesrv: the name server has stopped")
+
+// New reads the saved entries, if any, and makes the Store. A saved state
+// that cannot be read is an error naming the file: it is never replaced
+// silently.
+func New(cfg Config) (*Server, error) {
+	if cfg.TickEvery == 0 {
+		cfg.TickEvery = 100 * time.Millisecond
+	}
+	log := cfg.Log
+	path := filepath.Join(cfg.StateDir, StateFile)
+	state, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		state = nil
+	case err != nil:
+		return nil, fmt.Errorf("reading %s: %w", path, err)
+	}
+	sc := cfg.Store
+	sc.Rand = cfg.Rand
+	sc.TickMillis = int(cfg.TickEvery / time.Millisecond)
+	sc.Infof = func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...)) }
+	st, err := names.New(sc, state)
+	if err != nil {
+		if state != nil {
+			return nil, fmt.Errorf("%s: %w: restore it, or remove it to start without the names it held", path, err)
+		}
+		return nil, err
+	}
+	s := &Server{cfg: cfg, path: path, store: st, log: log,
+		in: make(chan inbound, inboundLen), calls: make(chan func(*names.Store)), stopped: make(chan struct{})}
+	s.view.Store(st.View())
+	if all, _ := st.View().Live(); all > 0 {
+		log.Info(fmt.Sprintf("restored %d names from %s", all, path))
+	}
+	return s, nil
+}
+
+// View is the current lookup view; safe for concurrent use.
+func (s *Server) View() *names.View { return s.view.Load() }
+
+// Domain is the served domain.
+func (s *Server) Domain() string { return s.store.Domain() }
+
+// Deliver hands the server a message from a peer. It never blocks: when
+// the server lags, the message is dropped and counted (gossip tolerates
+// loss).
+func (s *Server) Deliver(from proto.PeerName, payload []byte) {
+	select {
+	case s.in <- inbound{from, payload}:
+	default:
+		s.Dropped.Add(1)
+	}
+}
+
+// do runs f on the server's goroutine and waits for it.
+func (s *Server) do(ctx context.Context, f func(*names.Store)) error {
+	done := make(chan struct{})
+	select {
+	case s.calls <- func(st *names.Store) { f(st); close(done) }:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-s.stopped:
+		return ErrStopped
+	}
+	select {
+	case <-done:
+		return nil
+	case <-s.stopped:
+		return ErrStopped
+	}
+}
+
+// Add registers a name at this peer (names.Store.Add).
+func (s *Server) Add(ctx context.Context, hostname string, addr netip.Addr, id string) (e proto.NameEntry, err error) {
+	if derr := s.do(ctx, func(st *names.Store) { e, err = st.Add(hostname, addr, id) }); derr != nil {
+		return e, derr
+	}
+	return e, err
+}
+
+// Delete removes names of this peer (names.Store.Delete).
+func (s *Server) Delete(ctx context.Context, hostname string, addr netip.Addr, id string) (es []proto.NameEntry, err error) {
+	if derr := s.do(ctx, func(st *names.Store) { es, err = st.Delete(hostname, addr, id) }); derr != nil {
+		return nil, derr
+	}
+	return es, err
+}
+
+// FQDN is the name that Add would register for hostname.
+func (s *Server) FQDN(ctx context.Context, hostname string) (fqdn string, err error) {
+	if derr := s.do(ctx, func(st *names.Store) { fqdn, err = st.FQDN(hostname) }); derr != nil {
+		return "", derr
+	}
+	return fqdn, err
+}
+
+// Stats returns the store's counters.
+func (s *Server) Stats(ctx context.Context) (stats names.Stats, err error) {
+	err = s.do(ctx, func(st *names.Store) { stats = st.Stats() })
+	return stats, err
+}
+
+// Run owns the Store until ctx ends or its state cannot be saved. It is
+// the only goroutine that touches the Store.
+func (s *Server) Run(ctx context.Context) error {
+	defer close(s.stopped)
+	tick := time.NewTicker(s.cfg.TickEvery)
+	defer tick.Stop()
+	s.refreshReach()
+	for {
+		if err := s.apply(ctx); err != nil {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+			s.refreshReach()
+			s.store.Tick()
+		case m := <-s.in:
+			msg, err := proto.ParseNamesMsg(m.payload)
+			if err == nil {
+				err = s.store.Step(m.from, &msg)
+			}
+			if err != nil {
+				s.Rejected.Add(1)
+				s.log.Warn("name message refused", zap.Stringer("peer", m.from), zap.Error(err))
+			}
+		case f := <-s.calls:
+			f(s.store)
+		}
+	}
+}
+
+func (s *Server) refreshReach() {
+	r := s.cfg.Router.Reachable()
+	if !slices.Equal(r, s.reach) {
+		s.reach = r
+		s.store.SetReachable(r)
+	}
+}
+
+// apply carries out the Store's Ready: state first, then messages, then
+// the view.
+func (s *Server) apply(ctx context.Context) error {
+	rd := s.store.Ready()
+	if rd.Empty() {
+		return nil
+	}
+	if rd.State != nil {
+		if err := atomicfile.Write(s.path, rd.State); err != nil {
+			return fmt.Errorf("saving names: %w", err)
+		}
+	}
+	for _, m := range rd.Msgs {
+		if m.To != 0 {
+			s.send(ctx, m.To, m.Payload)
+			continue
+		}
+		for _, p := range s.reach {
+			s.send(ctx, p, m.Payload)
+		}
+	}
+	if rd.View != nil {
+		s.view.Store(rd.View)
+	}
+	s.store.Advance()
+	return nil
+}
+
+func (s *Server) send(ctx context.Context, to proto.PeerName, payload []byte) {
+	if err := s.cfg.Router.Unicast(ctx, proto.ChannelNames, to, payload); err != nil {
+		s.log.Debug("name message not sent", zap.Stringer("peer", to), zap.Error(err))
+	}
+}

@@ -1,0 +1,226 @@
+// Package resolver answers DNS queries over a names.View, as WeaveDNS does
+// (WEAVE.md §2.4), with github.com/miekg/dns:
+//
+//  1. A query for a name below the domain, or for a single label (which
+//     gets the domain), is answered here: every live address of the name
+//     as A records in a random order per answer, NOERROR with no answer
+//     for another type of a known name, NXDOMAIN for an unknown name.
+//  2. A PTR query under in-addr.arpa. for an address held here is
+//     answered here; other types there are NXDOMAIN; PTR queries for other
+//     addresses go upstream.
+//  3. Everything else goes to the upstream servers of resolv.conf, in
+//     turn, each with a fresh ID; the first answer is relayed, SERVFAIL
+//     when none answers.
+//
+// Answers over UDP are cut to 512 bytes, or the EDNS0 size the query
+// offers, with TC set; over TCP they are never cut. Names compare without
+// regard to case. The resolver decides nothing about the entries: it
+// reads the View it is given, loading it once per query.
+package resolver
+
+import (
+	"context"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/miekg/dns"
+	"go.uber.org/zap"
+
+	"github.com/overlayd/overlayd/names"
+)
+
+// Config configures a Resolver.
+type Config struct {
+	View     func() *names.View // the current view; never nil
+	TTL      uint32             // of local answers, in seconds
+	Upstream *Upstream          // nil: nothing is forwarded (SERVFAIL)
+	Timeout  time.Duration      // per upstream server; 5 s
+	Log      *zap.Logger
+}
+
+// Counts are the resolver's counters, safe for concurrent use.
+type Counts struct {
+	Answered  atomic.Uint64 // local answers with records
+	NoData    atomic.Uint64 // NOERROR with no answer: a known name, another type
+	NXDomain  atomic.Uint64 // local names not found
+	Forwarded atomic.Uint64 // answered by an upstream server
+	Failed    atomic.Uint64 // SERVFAIL: no upstream server answered
+	Truncated atomic.Uint64 // UDP answers cut, with TC set
+}
+
+// Resolver is a dns.Handler. It is safe for concurrent use.
+type Resolver struct {
+	cfg    Config
+	udp    *dns.Client
+	tcp    *dns.Client
+	Counts Counts
+}
+
+var _ dns.Handler = (*Resolver)(nil)
+
+// New makes a Resolver.
+func New(cfg Config) *Resolver {
+	if cfg.Timeout == 0 {
+		cfg.Timeout = 5 * time.Second
+	}
+	if cfg.Log == nil {
+		cfg.Log = zap.NewNop()
+	}
+	return &Resolver{cfg: cfg,
+		udp: &dns.Client{Net: "udp", Timeout: cfg.Timeout, UDPSize: 4096},
+		tcp: &dns.Client{Net: "tcp", Timeout: cfg.Timeout}}
+}
+
+const reverseZone = "in-addr.arpa."
+
+// ServeDNS implements dns.Handler.
+func (r *Resolver) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
+	if len(req.Question) != 1 {
+		// miekg/dns refuses these before they get here; this is a second
+		// line.
+		r.reply(w, req, failure(req, dns.RcodeFormatError))
+		return
+	}
+	q := req.Question[0]
+	v := r.cfg.View()
+	domain := v.Domain()
+	switch {
+	case dns.IsSubDomain(reverseZone, strings.ToLower(q.Name)):
+		r.reverse(w, req, v)
+	case dns.IsSubDomain(domain, strings.ToLower(q.Name)):
+		r.local(w, req, v, q.Name)
+	case dns.CountLabel(q.Name) == 1:
+		r.local(w, req, v, q.Name+domain)
+	default:
+		r.forward(w, req)
+	}
+}
+
+// local answers a name of ours.
+func (r *Resolver) local(w dns.ResponseWriter, req *dns.Msg, v *names.View, fqdn string) {
+	q := req.Question[0]
+	addrs := v.Lookup(fqdn)
+	m := answer(req)
+	switch {
+	case len(addrs) == 0:
+		m.Rcode = dns.RcodeNameError
+		r.Counts.NXDomain.Add(1)
+	case q.Qtype != dns.TypeA && q.Qtype != dns.TypeANY:
+		r.Counts.NoData.Add(1)
+	default:
+		m.Answer = make([]dns.RR, len(addrs))
+		hdr := dns.RR_Header{Name: q.Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: r.cfg.TTL}
+		for i, a := range addrs {
+			m.Answer[i] = &dns.A{Hdr: hdr, A: net.IP(a.AsSlice())}
+		}
+		rand.Shuffle(len(m.Answer), func(i, j int) { m.Answer[i], m.Answer[j] = m.Answer[j], m.Answer[i] })
+		r.Counts.Answered.Add(1)
+	}
+	r.reply(w, req, m)
+}
+
+// reverse answers a PTR query for an address held here, and sends others
+// upstream.
+func (r *Resolver) reverse(w dns.ResponseWriter, req *dns.Msg, v *names.View) {
+	q := req.Question[0]
+	addr, ok := reverseAddr(q.Name)
+	if q.Qtype != dns.TypePTR {
+		m := answer(req)
+		m.Rcode = dns.RcodeNameError
+		r.Counts.NXDomain.Add(1)
+		r.reply(w, req, m)
+		return
+	}
+	host, found := v.Reverse(addr)
+	if !ok || !found {
+		r.forward(w, req)
+		return
+	}
+	m := answer(req)
+	m.Answer = []dns.RR{&dns.PTR{Hdr: dns.RR_Header{Name: q.Name, Rrtype: dns.TypePTR, Class: dns.ClassINET, Ttl: r.cfg.TTL}, Ptr: host}}
+	r.Counts.Answered.Add(1)
+	r.reply(w, req, m)
+}
+
+// reverseAddr reads the IPv4 address of a name like 4.3.2.1.in-addr.arpa.
+func reverseAddr(name string) (netip.Addr, bool) {
+	labels := dns.SplitDomainName(name)
+	if len(labels) != 6 {
+		return netip.Addr{}, false
+	}
+	a, err := netip.ParseAddr(labels[3] + "." + labels[2] + "." + labels[1] + "." + labels[0])
+	return a, err == nil && a.Is4()
+}
+
+// forward relays a query to the upstream servers in turn.
+func (r *Resolver) forward(w dns.ResponseWriter, req *dns.Msg) {
+	var servers []string
+	if r.cfg.Upstream != nil {
+		servers = r.cfg.Upstream.Servers()
+	}
+	c := r.udp
+	if isTCP(w) {
+		c = r.tcp
+	}
+	fq := req.Copy()
+	for _, s := range servers {
+		fq.Id = dns.Id()
+		ctx, cancel := context.WithTimeout(context.Background(), r.cfg.Timeout)
+		resp, _, err := c.ExchangeContext(ctx, fq, s)
+		cancel()
+		if err != nil || resp == nil {
+			r.cfg.Log.Debug("upstream server did not answer", zap.String("endpoint", s), zap.Error(err))
+			continue
+		}
+		resp.Id = req.Id
+		r.Counts.Forwarded.Add(1)
+		r.reply(w, req, resp)
+		return
+	}
+	r.Counts.Failed.Add(1)
+	r.reply(w, req, failure(req, dns.RcodeServerFailure))
+}
+
+// reply writes m, cut to the size the client can take over UDP.
+func (r *Resolver) reply(w dns.ResponseWriter, req *dns.Msg, m *dns.Msg) {
+	if !isTCP(w) {
+		size := dns.MinMsgSize
+		if opt := req.IsEdns0(); opt != nil {
+			size = max(size, int(opt.UDPSize()))
+		}
+		m.Truncate(size)
+		if m.Truncated {
+			r.Counts.Truncated.Add(1)
+		}
+	}
+	if err := w.WriteMsg(m); err != nil {
+		r.cfg.Log.Debug("writing an answer", zap.Error(err))
+	}
+}
+
+// answer starts an authoritative answer to req, with EDNS0 if req had it.
+func answer(req *dns.Msg) *dns.Msg {
+	m := new(dns.Msg)
+	m.SetReply(req)
+	m.Authoritative, m.RecursionAvailable = true, true
+	if opt := req.IsEdns0(); opt != nil {
+		m.SetEdns0(4096, false)
+	}
+	return m
+}
+
+func failure(req *dns.Msg, rcode int) *dns.Msg {
+	m := new(dns.Msg)
+	m.SetRcode(req, rcode)
+	m.RecursionAvailable = true
+	return m
+}
+
+func isTCP(w dns.ResponseWriter) bool {
+	_, ok := w.LocalAddr().(*net.TCPAddr)
+	return ok
+}
