@@ -4,7 +4,12 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
 	"slices"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -64,4 +69,80 @@ func BenchmarkAPIStatus(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// BenchmarkDNSPerf runs dnsperf (Debian's) against overlayd's DNS server
+// in a namespace: overlayd pinned to CPU 0 with GOMAXPROCS=1, dnsperf to
+// CPU 1, each query for one of 100 registered names, for 10 s. It reports
+// the answers per second, the p99 latency and the queries that got no
+// NOERROR answer (lost or failed). b.N is ignored: use -benchtime 1x.
+//
+//	go test ./internal/lab -run '^$' -bench DNSPerf -benchtime 1x
+func BenchmarkDNSPerf(b *testing.B) {
+	if err := exec.Command("taskset", "-V").Run(); err != nil {
+		b.Fatal("taskset (util-linux) is needed")
+	}
+	l := lab.New(b, bin, 1)
+	h := l.Host(1)
+	b.Setenv("GOMAXPROCS", "1")
+	d := h.Start("--log-level", "warn", "--no-discovery")
+	if out, err := exec.Command("taskset", "-a", "-p", "-c", "0", strconv.Itoa(d.Pid())).CombinedOutput(); err != nil {
+		b.Fatalf("taskset: %v\n%s", err, out)
+	}
+	var queries strings.Builder
+	for i := range 100 {
+		d.MustCtl("dns-add", fmt.Sprintf("10.32.%d.%d", i/200, i%200+1), fmt.Sprintf("web%d", i))
+		fmt.Fprintf(&queries, "web%d.weave.local A\n", i)
+	}
+	data := filepath.Join(l.Dir(), "queries.txt")
+	if err := os.WriteFile(data, []byte(queries.String()), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	b.ResetTimer()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	out, err := h.Exec(ctx, "taskset", "-c", "1", "dnsperf", "-s", "127.0.0.1", "-d", data, "-l", "10", "-c", "8", "-q", "64", "-v")
+	b.StopTimer()
+	if err != nil {
+		b.Fatalf("dnsperf: %v\n%s", err, tail(out, 2000))
+	}
+	var lat []float64
+	bad := 0
+	for _, line := range strings.Split(out, "\n") {
+		// "> NOERROR web7.weave.local A 0.000104"
+		f := strings.Fields(line)
+		if len(f) < 5 || f[0] != ">" {
+			continue
+		}
+		if f[1] != "NOERROR" {
+			bad++
+			continue
+		}
+		if v, err := strconv.ParseFloat(f[len(f)-1], 64); err == nil {
+			lat = append(lat, v)
+		}
+	}
+	if len(lat) == 0 {
+		b.Fatalf("no answers in dnsperf's output:\n%s", tail(out, 2000))
+	}
+	slices.Sort(lat)
+	qps := regexp.MustCompile(`Queries per second:\s+([0-9.]+)`).FindStringSubmatch(out)
+	if qps == nil {
+		b.Fatalf("no rate in dnsperf's output:\n%s", tail(out, 2000))
+	}
+	rate, _ := strconv.ParseFloat(qps[1], 64)
+	b.ReportMetric(rate, "answers/s")
+	b.ReportMetric(lat[len(lat)*99/100]*1000, "p99-ms")
+	b.ReportMetric(lat[len(lat)/2]*1000, "p50-ms")
+	b.ReportMetric(float64(bad), "not-noerror")
+	if i := strings.Index(out, "Statistics:"); i >= 0 {
+		b.Logf("dnsperf:\n%s", out[i:])
+	}
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
 }

@@ -243,3 +243,6 @@ func (h *Host) Ctl(args ...string) (stdout, stderr string, code int) {
 	}
 	return o.String(), e.String(), code
 }
+
+// Pid is the overlayd process's ID (ip netns exec execs it).
+func (d *Daemon) Pid() int { return d.cmd.Process.Pid }
