@@ -153,6 +153,27 @@
 // owner 0 is a bound: a token the receiver must hold already, where the
 // range of the entry before it ends.
 //
+// # Channel "nameserver"
+//
+// The name store's messages (WeaveDNS), unicast to one peer (a broadcast
+// is one unicast per reachable peer). The first payload byte is the kind:
+//
+//	1 entries  n (2) | n × entry, n <= 4096
+//	2 digest   echo (1) | n (2) | n × (origin 6 | hash of its entries 8),
+//	           origins ascending; the receiver sends back its entries of
+//	           every origin whose hash differs and, with echo, its own
+//	           digest if anything differs
+//
+// An entry:
+//
+//	1+k hostname (FQDN with its trailing dot, 1 <= k <= 254)
+//	4   IPv4 address
+//	1+k container ID (k <= 255)
+//	6   origin peer    4  version (<= 2^31)
+//	1   flags: 0x01 tombstone
+//	4   age of the tombstone in seconds (<= 86400; 0 on a live entry):
+//	    a duration, so that no two clocks are compared
+//
 // Golden vectors for every message live in testdata/golden.txt and are
 // checked by TestGolden.
 package proto
