@@ -484,6 +484,9 @@ func TestOverlaydBadFlags(t *testing.T) {
 		{[]string{"--name", "zz:zz"}, "invalid --name"},
 		{[]string{"--peer", "host:notaport"}, "invalid peer"},
 		{[]string{"--log-level", "chatty"}, "--log-level"},
+		{[]string{"--dns-listen", "banana"}, "invalid --dns-listen"},
+		{[]string{"--dns-domain", "a b"}, "invalid --dns-domain"},
+		{[]string{"--dns-ttl", "-1"}, "--dns-ttl"},
 		{[]string{"--no-such-flag"}, "unknown flag"},
 		{[]string{"--state-dir", ro}, "state directory"},
 		{[]string{"--state-dir", corrupt}, "is corrupt"},
@@ -516,6 +519,15 @@ func TestOverlaydBadFlags(t *testing.T) {
 	second := h.Spawn("--range", testRange, "--port", "6790")
 	if code, err := second.Wait(5 * time.Second); err != nil || code != 2 {
 		t.Errorf("second overlayd: exit %d, %v:\n%s", code, err, second.Log())
+	}
+	// One whose DNS port is taken stops, and removes its device.
+	third := h.Spawn("--range", "10.41.0.0/16", "--port", "6791", "--iface", "ovl3", "--socket", d.Socket+".3")
+	if code, err := third.Wait(5 * time.Second); err != nil || code != 2 ||
+		!strings.Contains(third.Log(), "DNS server: listen udp 0.0.0.0:53") || !strings.Contains(third.Log(), "--dns-listen") {
+		t.Errorf("overlayd on a busy DNS port: exit %d, %v:\n%s", code, err, third.Log())
+	}
+	if out, _ := h.Exec(t.Context(), "ip", "link", "show", "ovl3"); !strings.Contains(out, "does not exist") {
+		t.Errorf("device left behind: %s", out)
 	}
 	if !d.Running() {
 		t.Error("the first daemon died")
@@ -702,6 +714,21 @@ func TestMetrics(t *testing.T) {
 	if err := h1.Ping(overlayAddr(2), 5); err != nil {
 		t.Fatal(err)
 	}
+	d1.MustCtl("dns-add", overlayAddr(1).String(), "n1")
+	d2.MustCtl("dns-add", overlayAddr(2).String(), "n2")
+	lab.Eventually(t, 5*time.Second, "n2 known on h1", func() error {
+		_, errOut, code := d1.Ctl("dns-lookup", "n2")
+		if code != 0 {
+			return fmt.Errorf("%s", errOut)
+		}
+		return nil
+	})
+	if a := query(t, h1, "n2.weave.local"); a.status != "NOERROR" {
+		t.Fatalf("n2: %s", a.raw)
+	}
+	if a := query(t, h1, "n3.weave.local"); a.status != "NXDOMAIN" {
+		t.Fatalf("n3: %s", a.raw)
+	}
 	var body string
 	// The socket must be made on h1's namespace thread, so no http.Client
 	// (it dials from goroutines of its own).
@@ -735,6 +762,12 @@ func TestMetrics(t *testing.T) {
 		`overlayd_ipam_pending{op="allocate"} 0`,
 		"overlayd_ipam_conflicts_total 0",
 		`overlayd_ipam_messages_total{result="rejected"} 0`,
+		`overlayd_dns_entries{scope="all"} 2`,
+		`overlayd_dns_entries{scope="local"} 1`,
+		`overlayd_dns_queries_total{result="answered"} 1`,
+		`overlayd_dns_queries_total{result="nxdomain"} 1`,
+		`overlayd_dns_queries_total{result="servfail"} 0`,
+		`overlayd_dns_messages_total{result="rejected"} 0`,
 		"go_goroutines ",
 		"process_resident_memory_bytes ",
 	} {
@@ -755,7 +788,7 @@ func TestMetrics(t *testing.T) {
 		}
 	}
 	// A port in use stops the daemon at start, exit 2.
-	other := h1.Spawn("--range", "10.41.0.0/16", "--iface", "ovl9", "--port", "6799", "--socket", l.Dir()+"/other.sock",
+	other := h1.Spawn("--range", "10.41.0.0/16", "--no-dns", "--iface", "ovl9", "--port", "6799", "--socket", l.Dir()+"/other.sock",
 		"--metrics-addr", "127.0.0.1:9783")
 	if code, err := other.Wait(5 * time.Second); err != nil || code != 2 || !strings.Contains(other.Log(), "metrics") {
 		t.Errorf("second daemon on the same metrics port: exit %d, %v: %s", code, err, other.Log())
