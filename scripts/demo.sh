@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # demo.sh: three hosts in network namespaces on one machine, overlayd in
 # each; the hosts split the range among themselves (IPAM), each takes its
-# own address from it, pings cross the overlay.
+# own address from it and registers its name in DNS (WeaveDNS); pings
+# cross the overlay by address and by name.
 #
 #   ovdemo-h1 192.168.201.1 ─┐
 #   ovdemo-h2 192.168.201.2 ─┼─ bridge (in namespace ovdemo-sw)
@@ -26,7 +27,7 @@ cleanup() {
     for pid in $(ip netns pids "$P-h$i" 2>/dev/null); do kill "$pid" 2>/dev/null || true; done
   done
   sleep 0.3
-  for ns in "$P-h1" "$P-h2" "$P-h3" "$P-sw"; do ip netns del "$ns" 2>/dev/null || true; done
+  for ns in "$P-h1" "$P-h2" "$P-h3" "$P-sw"; do ip netns del "$ns" 2>/dev/null || true; rm -rf "/etc/netns/$ns"; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -46,6 +47,10 @@ for i in "${HOSTS[@]}"; do
   ip -n "$P-h$i" addr add "192.168.201.$i/24" dev eth0
   ip -n "$P-h$i" link set eth0 up
   ip -n "$P-h$i" link set lo up
+  # ip netns exec shows this file as the namespace's /etc/resolv.conf:
+  # names resolve through the overlayd of the namespace.
+  mkdir -p "/etc/netns/$P-h$i"
+  printf 'nameserver 127.0.0.1\nsearch weave.local\n' >"/etc/netns/$P-h$i/resolv.conf"
   echo "host$i: 192.168.201.$i"
 done
 
@@ -80,6 +85,21 @@ sleep 1.5 # free counts spread by anti-entropy (a round a second)
 step "overlayctl status ipam (host3)"
 ctl 3 status ipam
 
+step "DNS: each host registers its name for its address; every host resolves every name"
+for i in "${HOSTS[@]}"; do
+  echo "+ overlayctl dns-add ${ADDR[$i]%/*} host$i   (on host$i)"
+  ctl "$i" dns-add "${ADDR[$i]%/*}" "host$i"
+done
+sleep 0.3
+echo "+ overlayctl dns   (on host1: one line per name, as weave status dns)"
+ctl 1 dns
+echo "+ dig +short host3.weave.local   (on host1, the real dig against host1's overlayd)"
+ip netns exec "$P-h1" dig +short +time=2 +tries=1 host3.weave.local
+echo "+ dig +short -x ${ADDR[3]%/*}   (on host2)"
+ip netns exec "$P-h2" dig +short +time=2 +tries=1 -x "${ADDR[3]%/*}"
+echo "+ overlayctl dns-lookup host2   (on host3)  ->  $(ctl 3 dns-lookup host2)"
+echo "+ overlayctl dns-args   (on host1)  ->  $(ctl 1 dns-args 2>&1 || true)"
+
 step "overlayctl status (host3)"
 ctl 3 status
 step "overlayctl status connections (host3)"
@@ -95,9 +115,17 @@ for pair in "1 2" "2 3" "3 1"; do
   ip netns exec "$P-h$1" ping -c 3 -i 0.2 -W 1 "$a" | sed -n '2,4p;$p'
 done
 
-step "host2 stops; host1 sees its connection go within 3 s"
+step "ping across the overlay by name (host1's resolv.conf points at its overlayd, search weave.local)"
+for n in host2 host3; do
+  echo "+ host1: ping -c 3 $n"
+  ip netns exec "$P-h1" ping -c 3 -i 0.2 -W 1 "$n" | sed -n '1,4p;$p'
+done
+
+step "host2 stops; host1 sees its connection go, and host2's name with it, within about 3 s"
 kill "$(ip netns pids "$P-h2" | head -1)"
-sleep 3
+stopped=$(date +%s%N)
+for _ in $(seq 100); do [ -z "$(ip netns exec "$P-h1" dig +short +time=1 +tries=1 host2.weave.local)" ] && break; sleep 0.1; done
+echo "host2.weave.local is gone on host1 $(( ($(date +%s%N) - stopped) / 1000000 )) ms after the stop"
 ctl 1 status connections
 step "host2 starts again with the same state directory: same peer name, same address, traffic resumes"
 start 2 --init-peer-count 3 --peer 192.168.201.1
@@ -105,5 +133,8 @@ echo "+ overlayctl expose   (on host2)  ->  $(ctl 2 expose)   (was ${ADDR[2]})"
 a=${ADDR[2]%/*}
 for _ in $(seq 100); do ip netns exec "$P-h1" ping -c1 -W1 "$a" >/dev/null 2>&1 && break; sleep 0.1; done
 ip netns exec "$P-h1" ping -c 3 -i 0.2 -W 1 "$a" | sed -n '2,4p;$p'
+echo "+ dig +short host2.weave.local   (on host3: host2 kept its name in its state directory)"
+for _ in $(seq 50); do [ -n "$(ip netns exec "$P-h3" dig +short +time=1 +tries=1 host2.weave.local)" ] && break; sleep 0.1; done
+ip netns exec "$P-h3" dig +short +time=2 +tries=1 host2.weave.local
 
 step "done: removing the namespaces"
