@@ -29,7 +29,7 @@ func Listen(addr string, h dns.Handler) (*Server, error) {
 		return nil, fmt.Errorf("resolver: %w", err)
 	}
 	return &Server{
-		udp: &dns.Server{PacketConn: pc, Handler: h},
+		udp: &dns.Server{PacketConn: pc, Handler: h, UDPSize: dns.DefaultMsgSize},
 		tcp: &dns.Server{Listener: l, Handler: h, ReadTimeout: 5 * time.Second, WriteTimeout: 5 * time.Second},
 	}, nil
 }
