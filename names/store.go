@@ -372,9 +372,7 @@ func (s *Store) purge(name proto.PeerName) {
 	}
 	s.stats.Purged += uint64(len(o.entries))
 	delete(s.origins, name)
-	if live > 0 {
-		s.viewChanged = true
-	}
+	s.viewChanged = true
 	s.cfg.Infof("peer %v gone: %d names removed", name, live)
 }
 
@@ -427,13 +425,6 @@ func (s *Store) known(name proto.PeerName) bool {
 	return name == s.cfg.Self || s.reach[name]
 }
 
-// ErrVersion refuses an entry whose version no real history reaches.
-var ErrVersion = errors.New("names: implausible entry version")
-
-// maxPeerVersion bounds the versions accepted from peers, so that our
-// answer (one more) always fits.
-const maxPeerVersion = proto.MaxNameVersion / 2
-
 // Step handles a message from a peer. On error the message was refused and
 // the store is unchanged.
 func (s *Store) Step(from proto.PeerName, m *proto.NamesMsg) error {
@@ -441,10 +432,6 @@ func (s *Store) Step(from proto.PeerName, m *proto.NamesMsg) error {
 	case proto.NamesEntries:
 		for i := range m.Entries {
 			e := &m.Entries[i]
-			if e.Version > maxPeerVersion {
-				s.stats.Rejected++
-				return fmt.Errorf("%w: %d for %s", ErrVersion, e.Version, e.Hostname)
-			}
 			if err := checkName(e.Hostname); err != nil {
 				s.stats.Rejected++
 				return err
@@ -482,10 +469,18 @@ func (s *Store) merge(e *proto.NameEntry) (proto.NameEntry, bool) {
 		return proto.NameEntry{}, false
 	}
 	died := s.tick - int64(e.AgeSeconds)*1000/int64(s.cfg.TickMillis)
+	in := *e
+	in.AgeSeconds = 0 // held as died
+	e = &in
 	k := keyOf(e)
 	r := s.get(k)
 	if e.Origin == s.cfg.Self {
 		switch {
+		case e.Version >= proto.MaxNameVersion:
+			// No version of ours can answer it: a peer made it up.
+			s.stats.Rejected++
+			s.cfg.Infof("names: ignoring a copy of our entry %s at version %d", e.Hostname, e.Version)
+			return proto.NameEntry{}, false
 		case r == nil && e.Tombstone:
 			if s.tick-died < int64(s.cfg.TombstoneTicks) {
 				s.put(&record{NameEntry: *e, died: died})
@@ -498,14 +493,20 @@ func (s *Store) merge(e *proto.NameEntry) (proto.NameEntry, bool) {
 			n.Tombstone = true
 			s.put(n)
 			s.stats.Corrected++
-			return n.NameEntry, true
+			return s.outgoing(n), true
 		case e.Version > r.Version || (e.Version == r.Version && (e.Tombstone != r.Tombstone || e.Hostname != r.Hostname)):
 			n := *r
 			n.Version = e.Version + 1
 			s.put(&n)
 			s.stats.Corrected++
-			return n.NameEntry, true
+			return s.outgoing(&n), true
 		}
+		return proto.NameEntry{}, false
+	}
+	if r != nil && r.Tombstone && e.Tombstone && r.Version == e.Version && r.Hostname == e.Hostname {
+		// The same tombstone again: the oldest report of its death
+		// stands, so that every holder expires it at about the same time.
+		r.died = min(r.died, died)
 		return proto.NameEntry{}, false
 	}
 	if r != nil && !newer(e, &r.NameEntry) {
@@ -578,13 +579,9 @@ func (s *Store) outgoing(r *record) proto.NameEntry {
 	return e
 }
 
-// broadcast sends changed entries to every reachable peer.
+// broadcast sends changed entries, as outgoing made them, to every
+// reachable peer.
 func (s *Store) broadcast(es []proto.NameEntry) {
-	for i := range es {
-		if es[i].Tombstone {
-			es[i].AgeSeconds = 0
-		}
-	}
 	s.sendEntries(0, es)
 }
 
@@ -636,9 +633,7 @@ func (s *Store) put(r *record) {
 	}
 	o.entries[k] = r
 	o.hash += entryHash(&r.NameEntry)
-	if !r.Tombstone || (old != nil && !old.Tombstone) {
-		s.viewChanged = true
-	}
+	s.viewChanged = true
 	if k.origin == s.cfg.Self {
 		s.stateChanged = true
 	}
@@ -648,9 +643,7 @@ func (s *Store) remove(o *origin, k key) {
 	r := o.entries[k]
 	o.hash -= entryHash(&r.NameEntry)
 	delete(o.entries, k)
-	if !r.Tombstone {
-		s.viewChanged = true
-	}
+	s.viewChanged = true
 }
 
 // entryHash mixes everything a merge compares (FNV-1a, then a finaliser so

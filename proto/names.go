@@ -129,8 +129,8 @@ func checkNameEntry(e *NameEntry) error {
 		return fmt.Errorf("%w: name address %v is not IPv4", ErrMalform, e.Addr)
 	case len(e.ContainerID) > MaxContainerLen:
 		return fmt.Errorf("%w: container ID of %d bytes", ErrMalform, len(e.ContainerID))
-	case e.Origin == 0:
-		return fmt.Errorf("%w: name entry without origin", ErrMalform)
+	case e.Origin == 0 || e.Origin >= 1<<48:
+		return fmt.Errorf("%w: name entry origin %#x", ErrMalform, uint64(e.Origin))
 	case e.Version > MaxNameVersion:
 		return fmt.Errorf("%w: name entry version %d", ErrMalform, e.Version)
 	case e.AgeSeconds > MaxNameAgeSeconds || (!e.Tombstone && e.AgeSeconds != 0):
@@ -154,7 +154,10 @@ func ParseNamesMsg(b []byte) (NamesMsg, error) {
 		}
 		n := int(binary.BigEndian.Uint16(b))
 		b = b[2:]
-		if n > MaxNameEntries || len(b) < n*(nameEntryFixedLen+1) {
+		if n > MaxNameEntries {
+			return m, fmt.Errorf("%w: %d name entries", ErrMalform, n)
+		}
+		if len(b) < n*(nameEntryFixedLen+1) {
 			return m, fmt.Errorf("%w: %d name entries in %d bytes", ErrShort, n, len(b))
 		}
 		m.Entries = make([]NameEntry, n)
