@@ -85,6 +85,11 @@ func (r *Resolver) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
 		r.reply(w, req, failure(req, dns.RcodeFormatError))
 		return
 	}
+	if req.Opcode != dns.OpcodeQuery {
+		// miekg/dns lets NOTIFY through; we answer queries only.
+		r.reply(w, req, failure(req, dns.RcodeNotImplemented))
+		return
+	}
 	q := req.Question[0]
 	v := r.cfg.View()
 	domain := v.Domain()
@@ -185,9 +190,12 @@ func (r *Resolver) forward(w dns.ResponseWriter, req *dns.Msg) {
 	r.reply(w, req, failure(req, dns.RcodeServerFailure))
 }
 
-// reply writes m, cut to the size the client can take over UDP.
+// reply writes m, cut to the size the client can take over UDP; over TCP
+// it is compressed if it must be, and cut only if even that is too large.
 func (r *Resolver) reply(w dns.ResponseWriter, req *dns.Msg, m *dns.Msg) {
-	if !isTCP(w) {
+	if isTCP(w) {
+		m.Truncate(dns.MaxMsgSize)
+	} else {
 		size := dns.MinMsgSize
 		if opt := req.IsEdns0(); opt != nil {
 			size = max(size, int(opt.UDPSize()))
@@ -217,6 +225,9 @@ func failure(req *dns.Msg, rcode int) *dns.Msg {
 	m := new(dns.Msg)
 	m.SetRcode(req, rcode)
 	m.RecursionAvailable = true
+	if req.IsEdns0() != nil {
+		m.SetEdns0(4096, false)
+	}
 	return m
 }
 
