@@ -330,11 +330,13 @@ func (s *Store) SetReachable(peers []proto.PeerName) {
 	for _, p := range peers {
 		s.reach[p] = true
 	}
-	for name := range s.origins {
-		switch {
-		case name == s.cfg.Self || s.reach[name]:
+	for name := range s.gone {
+		if s.reach[name] {
 			delete(s.gone, name)
-		default:
+		}
+	}
+	for name := range s.origins {
+		if name != s.cfg.Self && !s.reach[name] {
 			if _, ok := s.gone[name]; !ok {
 				s.gone[name] = s.tick
 			}
@@ -390,6 +392,7 @@ func (s *Store) expire() {
 		}
 		if len(o.entries) == 0 {
 			delete(s.origins, name)
+			delete(s.gone, name)
 		}
 	}
 }
@@ -573,7 +576,11 @@ func (s *Store) outgoing(r *record) proto.NameEntry {
 	e := r.NameEntry
 	e.AgeSeconds = 0
 	if e.Tombstone {
-		age := (s.tick - r.died) * int64(s.cfg.TickMillis) / 1000
+		// Rounded up, so that a tombstone passed from peer to peer never
+		// grows younger: a peer that has expired it must not be given it
+		// back as new.
+		ms := (s.tick - r.died) * int64(s.cfg.TickMillis)
+		age := (ms + 999) / 1000
 		e.AgeSeconds = uint32(min(max(age, 0), proto.MaxNameAgeSeconds))
 	}
 	return e
