@@ -241,6 +241,9 @@ func (o *options) ipam(c *config) error {
 // dns checks the name server's flags.
 func (o *options) dns(c *config) error {
 	c.DNS = !o.noDNS
+	if !c.DNS {
+		return nil
+	}
 	d, err := names.CheckDomain(o.dnsDomain)
 	if err != nil {
 		return badFlag("invalid --dns-domain %q: %v", o.dnsDomain, strings.TrimPrefix(err.Error(), "names: "))
@@ -266,14 +269,14 @@ func (o *options) dns(c *config) error {
 
 // parseListen reads IP:PORT, IP (port 53) or :PORT (every address).
 func parseListen(s string) (netip.AddrPort, error) {
-	if ap, err := netip.ParseAddrPort(s); err == nil && ap.Addr().Is4() {
+	if ap, err := netip.ParseAddrPort(s); err == nil && ap.Addr().Is4() && ap.Port() != 0 {
 		return ap, nil
 	}
 	if a, err := netip.ParseAddr(s); err == nil && a.Is4() {
 		return netip.AddrPortFrom(a, 53), nil
 	}
 	if p, ok := strings.CutPrefix(s, ":"); ok {
-		if n, err := strconv.ParseUint(p, 10, 16); err == nil {
+		if n, err := strconv.ParseUint(p, 10, 16); err == nil && n != 0 {
 			return netip.AddrPortFrom(netip.IPv4Unspecified(), uint16(n)), nil
 		}
 	}

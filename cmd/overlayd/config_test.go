@@ -12,7 +12,45 @@ import (
 
 func defaults() options {
 	return options{rangeCIDR: defaultRange, port: 6783, connLimit: 200, iface: defaultIface, socket: "/tmp/x.sock",
-		stateDir: "/tmp/state", logLevel: "info", nickname: "me"}
+		stateDir: "/tmp/state", logLevel: "info", nickname: "me", dnsDomain: "weave.local.", dnsTTL: 1,
+		resolvConf: "/etc/resolv.conf"}
+}
+
+func TestDNSFlags(t *testing.T) {
+	for _, tc := range []struct {
+		mod  func(*options)
+		want string // the error; "" for none
+		chk  func(*config) bool
+	}{
+		{func(o *options) {}, "", func(c *config) bool {
+			return c.DNS && c.DNSDomain == "weave.local." && c.DNSTTL == 1 && !c.DNSListen.IsValid()
+		}},
+		{func(o *options) { o.dnsDomain = "Cluster.Example" }, "", func(c *config) bool { return c.DNSDomain == "cluster.example." }},
+		{func(o *options) { o.dnsListen = "172.17.0.1" }, "", func(c *config) bool { return c.DNSListen.String() == "172.17.0.1:53" }},
+		{func(o *options) { o.dnsListen = "10.0.0.1:5353" }, "", func(c *config) bool { return c.DNSListen.String() == "10.0.0.1:5353" }},
+		{func(o *options) { o.dnsListen = ":5353" }, "", func(c *config) bool { return c.DNSListen.String() == "0.0.0.0:5353" }},
+		{func(o *options) { o.dnsListen = ":0" }, "invalid --dns-listen", nil},
+		{func(o *options) { o.dnsListen = "host:53" }, "invalid --dns-listen", nil},
+		{func(o *options) { o.dnsListen = "[::1]:53" }, "invalid --dns-listen", nil},
+		{func(o *options) { o.dnsDomain = "" }, "invalid --dns-domain", nil},
+		{func(o *options) { o.dnsDomain = "we ave.local" }, "invalid --dns-domain", nil},
+		{func(o *options) { o.dnsTTL = -1 }, "--dns-ttl", nil},
+		{func(o *options) { o.resolvConf = "" }, "--resolv-conf", nil},
+		// With --no-dns the DNS flags are not looked at.
+		{func(o *options) { o.noDNS = true; o.dnsDomain = ""; o.dnsListen = "x" }, "", func(c *config) bool { return !c.DNS }},
+	} {
+		o := defaults()
+		tc.mod(&o)
+		c, err := o.validate(nil)
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("%+v: %v", o, err)
+		case tc.want == "" && !tc.chk(c):
+			t.Errorf("%+v: config %+v", o, c)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("%+v: got %v, want %q", o, err, tc.want)
+		}
+	}
 }
 
 func TestValidate(t *testing.T) {
