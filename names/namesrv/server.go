@@ -53,6 +53,14 @@ type inbound struct {
 	payload []byte
 }
 
+// call is a function to run on the server's goroutine; done is closed
+// once its changes are saved, sent and published, or err says why not.
+type call struct {
+	f    func(*names.Store)
+	done chan struct{}
+	err  error
+}
+
 // Server owns a names.Store. Make one with New, then call Run.
 type Server struct {
 	cfg   Config
@@ -61,7 +69,7 @@ type Server struct {
 	log   *zap.Logger
 	view  atomic.Pointer[names.View]
 	in    chan inbound
-	calls chan func(*names.Store)
+	calls chan *call
 	// stopped is closed when Run returns.
 	stopped chan struct{}
 
@@ -102,7 +110,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s := &Server{cfg: cfg, path: path, store: st, log: log,
-		in: make(chan inbound, inboundLen), calls: make(chan func(*names.Store)), stopped: make(chan struct{})}
+		in: make(chan inbound, inboundLen), calls: make(chan *call), stopped: make(chan struct{})}
 	s.view.Store(st.View())
 	if all, _ := st.View().Live(); all > 0 {
 		log.Info(fmt.Sprintf("restored %d names from %s", all, path))
@@ -127,20 +135,26 @@ func (s *Server) Deliver(from proto.PeerName, payload []byte) {
 	}
 }
 
-// do runs f on the server's goroutine and waits for it.
+// do runs f on the server's goroutine and waits until what it changed is
+// saved, sent and visible in View.
 func (s *Server) do(ctx context.Context, f func(*names.Store)) error {
-	done := make(chan struct{})
+	c := &call{f: f, done: make(chan struct{})}
 	select {
-	case s.calls <- func(st *names.Store) { f(st); close(done) }:
+	case s.calls <- c:
 	case <-ctx.Done():
 		return ctx.Err()
 	case <-s.stopped:
 		return ErrStopped
 	}
 	select {
-	case <-done:
-		return nil
+	case <-c.done:
+		return c.err
 	case <-s.stopped:
+		select {
+		case <-c.done:
+			return c.err
+		default:
+		}
 		return ErrStopped
 	}
 }
@@ -201,8 +215,13 @@ func (s *Server) Run(ctx context.Context) error {
 				s.Rejected.Add(1)
 				s.log.Warn("name message refused", zap.Stringer("peer", m.from), zap.Error(err))
 			}
-		case f := <-s.calls:
-			f(s.store)
+		case c := <-s.calls:
+			c.f(s.store)
+			c.err = s.apply(ctx)
+			close(c.done)
+			if c.err != nil {
+				return c.err
+			}
 		}
 	}
 }

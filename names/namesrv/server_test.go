@@ -65,7 +65,8 @@ func newServer(t *testing.T, dir string, r *fakeRouter) (*Server, error) {
 }
 
 // TestSavedBeforeSentAndRestored: every name is on disk before any peer
-// hears of it, and a new server on the same directory answers for it.
+// hears of it, visible as soon as Add returns, and a new server on the
+// same directory answers for it.
 func TestSavedBeforeSentAndRestored(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		dir := t.TempDir()
@@ -90,9 +91,9 @@ func TestSavedBeforeSentAndRestored(t *testing.T) {
 		if _, err := s.Add(ctx, "web.example.com", a, "c1"); err == nil || !strings.Contains(err.Error(), "not a subdomain of weave.local.") {
 			t.Errorf("outside the domain: %v", err)
 		}
-		time.Sleep(time.Second) // the view is published on the server's goroutine
+		// Add returns once the name is saved, sent and visible.
 		if got := s.View().Lookup("WEB1.weave.local."); len(got) != 1 || got[0] != a {
-			t.Errorf("lookup: %v", got)
+			t.Errorf("lookup right after Add: %v", got)
 		}
 		cancel()
 		if err := <-done; err != nil {
