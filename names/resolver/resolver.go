@@ -9,8 +9,11 @@
 //     answered here; other types there are NXDOMAIN; PTR queries for other
 //     addresses go upstream.
 //  3. Everything else goes to the upstream servers of resolv.conf, in
-//     turn, each with a fresh ID; the first answer is relayed, SERVFAIL
-//     when none answers.
+//     turn, each with a fresh ID; the first answer that is not SERVFAIL
+//     or REFUSED is relayed, SERVFAIL when none answers. At most
+//     MaxForwards queries wait upstream at once; more fail at once.
+//
+// Only QUERY is served: other opcodes get NOTIMP.
 //
 // Answers over UDP are cut to 512 bytes, or the EDNS0 size the query
 // offers, with TC set; over TCP they are never cut. Names compare without
@@ -39,7 +42,10 @@ type Config struct {
 	TTL      uint32             // of local answers, in seconds
 	Upstream *Upstream          // nil: nothing is forwarded (SERVFAIL)
 	Timeout  time.Duration      // per upstream server; 5 s
-	Log      *zap.Logger
+	// MaxForwards bounds the queries waiting for upstream servers at
+	// once; more get SERVFAIL at once. 256 when zero.
+	MaxForwards int
+	Log         *zap.Logger
 }
 
 // Counts are the resolver's counters, safe for concurrent use.
@@ -48,16 +54,17 @@ type Counts struct {
 	NoData    atomic.Uint64 // NOERROR with no answer: a known name, another type
 	NXDomain  atomic.Uint64 // local names not found
 	Forwarded atomic.Uint64 // answered by an upstream server
-	Failed    atomic.Uint64 // SERVFAIL: no upstream server answered
+	Failed    atomic.Uint64 // SERVFAIL: no upstream server answered, or too many waiting
 	Truncated atomic.Uint64 // UDP answers cut, with TC set
 }
 
 // Resolver is a dns.Handler. It is safe for concurrent use.
 type Resolver struct {
-	cfg    Config
-	udp    *dns.Client
-	tcp    *dns.Client
-	Counts Counts
+	cfg      Config
+	udp      *dns.Client
+	tcp      *dns.Client
+	forwards chan struct{} // a token per query waiting upstream
+	Counts   Counts
 }
 
 var _ dns.Handler = (*Resolver)(nil)
@@ -70,7 +77,10 @@ func New(cfg Config) *Resolver {
 	if cfg.Log == nil {
 		cfg.Log = zap.NewNop()
 	}
-	return &Resolver{cfg: cfg,
+	if cfg.MaxForwards <= 0 {
+		cfg.MaxForwards = 256
+	}
+	return &Resolver{cfg: cfg, forwards: make(chan struct{}, cfg.MaxForwards),
 		udp: &dns.Client{Net: "udp", Timeout: cfg.Timeout, UDPSize: 4096},
 		tcp: &dns.Client{Net: "tcp", Timeout: cfg.Timeout}}
 }
@@ -161,8 +171,20 @@ func reverseAddr(name string) (netip.Addr, bool) {
 	return a, err == nil && a.Is4()
 }
 
-// forward relays a query to the upstream servers in turn.
+// forward relays a query to the upstream servers in turn. An answer of
+// SERVFAIL or REFUSED moves on to the next server; if none does better,
+// the last such answer is relayed.
 func (r *Resolver) forward(w dns.ResponseWriter, req *dns.Msg) {
+	select {
+	case r.forwards <- struct{}{}:
+		defer func() { <-r.forwards }()
+	default:
+		// Too many queries wait upstream (a dead server, or a query
+		// that loops back to us): fail fast rather than pile up.
+		r.Counts.Failed.Add(1)
+		r.reply(w, req, failure(req, dns.RcodeServerFailure))
+		return
+	}
 	var servers []string
 	if r.cfg.Upstream != nil {
 		servers = r.cfg.Upstream.Servers()
@@ -172,6 +194,7 @@ func (r *Resolver) forward(w dns.ResponseWriter, req *dns.Msg) {
 		c = r.tcp
 	}
 	fq := req.Copy()
+	var last *dns.Msg
 	for _, s := range servers {
 		fq.Id = dns.Id()
 		ctx, cancel := context.WithTimeout(context.Background(), r.cfg.Timeout)
@@ -182,12 +205,19 @@ func (r *Resolver) forward(w dns.ResponseWriter, req *dns.Msg) {
 			continue
 		}
 		resp.Id = req.Id
+		if resp.Rcode == dns.RcodeServerFailure || resp.Rcode == dns.RcodeRefused {
+			last = resp
+			continue
+		}
 		r.Counts.Forwarded.Add(1)
 		r.reply(w, req, resp)
 		return
 	}
 	r.Counts.Failed.Add(1)
-	r.reply(w, req, failure(req, dns.RcodeServerFailure))
+	if last == nil {
+		last = failure(req, dns.RcodeServerFailure)
+	}
+	r.reply(w, req, last)
 }
 
 // reply writes m, cut to the size the client can take over UDP; over TCP

@@ -1277,3 +1277,61 @@ func TestRunStops(t *testing.T) {
 		})
 	}
 }
+
+// TestForwardPastFailures: an upstream answering SERVFAIL or REFUSED is
+// passed over for the next; if none does better, the last such answer is
+// relayed.
+func TestForwardPastFailures(t *testing.T) {
+	failing := func(rcode int) func(*dns.Msg) *dns.Msg {
+		return func(req *dns.Msg) *dns.Msg {
+			m := new(dns.Msg)
+			m.SetRcode(req, rcode)
+			return m
+		}
+	}
+	servfail := startUpstream(t, failing(dns.RcodeServerFailure))
+	refused := startUpstream(t, failing(dns.RcodeRefused))
+	good := startUpstream(t, upstreamAnswer)
+	s := startForwarding(t, time.Second, servfail.ip, refused.ip, good.ip)
+	r := exchange(t, "udp", s.addr("udp"), query("www.example.com.", dns.TypeA))
+	checkRRs(t, "past two failures", r.Answer, rrs(t, "www.example.com. 300 IN A 192.0.2.1"))
+
+	s = startForwarding(t, time.Second, servfail.ip, refused.ip)
+	r = exchange(t, "udp", s.addr("udp"), query("www.example.com.", dns.TypeA))
+	checkRcode(t, "only failures", r, dns.RcodeRefused)
+	checkCounts(t, s.r, counts{failed: 1})
+}
+
+// TestForwardLimit: with MaxForwards queries waiting upstream, the next
+// gets SERVFAIL at once instead of piling up (a dead server, or a query
+// that loops back to us).
+func TestForwardLimit(t *testing.T) {
+	release := make(chan struct{})
+	slow := startUpstream(t, func(req *dns.Msg) *dns.Msg {
+		<-release
+		return upstreamAnswer(req)
+	})
+	defer close(release)
+	path := writeResolvConf(t, filepath.Join(t.TempDir(), "resolv.conf"), "nameserver "+slow.ip)
+	s := start(t, "127.0.0.1:0", resolver.Config{MaxForwards: 1, Timeout: 3 * time.Second,
+		Upstream: resolver.NewUpstream(path, netip.MustParseAddrPort("127.0.0.1:53"), nil)}, newStore(t, "").View())
+	first := make(chan *dns.Msg)
+	go func() {
+		c := &dns.Client{Net: "udp", Timeout: 5 * time.Second}
+		r, _, _ := c.Exchange(query("one.example.com.", dns.TypeA), s.addr("udp"))
+		first <- r
+	}()
+	for len(slow.queries()) == 0 {
+		time.Sleep(10 * time.Millisecond)
+	}
+	t0 := time.Now()
+	r := exchange(t, "udp", s.addr("udp"), query("two.example.com.", dns.TypeA))
+	checkRcode(t, "over the limit", r, dns.RcodeServerFailure)
+	if d := time.Since(t0); d > time.Second {
+		t.Errorf("the query over the limit took %v", d)
+	}
+	release <- struct{}{}
+	if r := <-first; r == nil || len(r.Answer) != 1 {
+		t.Errorf("the first query: %v", r)
+	}
+}

@@ -78,6 +78,8 @@ func (s *Server) Run(ctx context.Context) error {
 		defer cancel()
 		s.udp.ShutdownContext(sctx)
 		s.tcp.ShutdownContext(sctx)
+		// A server that never started is not shut down: close its socket.
+		s.Close()
 		return nil
 	})
 	return g.Wait()
