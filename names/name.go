@@ -9,7 +9,7 @@ import (
 )
 
 // ErrOutside marks a name that is not below the served domain.
-var ErrOutside = errors.New("names: not a subdomain of the domain")
+var ErrOutside = errors.New("names: outside the domain")
 
 // CheckDomain checks a domain to serve and returns it in lower case with
 // its trailing dot added.
@@ -45,7 +45,7 @@ func (s *Store) FQDN(hostname string) (string, error) {
 		return h, fmt.Errorf("names: hostname %q: %w", hostname, err)
 	}
 	if !s.inDomain(h) {
-		return h, ErrOutside
+		return h, fmt.Errorf("%w: %s is not below %s", ErrOutside, h, s.cfg.Domain)
 	}
 	return h, nil
 }

@@ -60,6 +60,9 @@ type Config struct {
 	PurgeTicks     int // 10: an unreachable origin's entries go after this long
 	TombstoneTicks int // 18000 (30 min at 100 ms): a tombstone's lifetime
 	MaxMsgBytes    int // 16384: entries are sent in messages of at most this size
+	// MaxOriginEntries bounds the entries (tombstones too) held of one
+	// origin, ours included: 65536 when zero.
+	MaxOriginEntries int
 
 	Infof func(format string, a ...any) // optional; must not block
 }
@@ -76,6 +79,7 @@ func (c *Config) validate() error {
 	def(&c.PurgeTicks, 10)
 	def(&c.TombstoneTicks, 30*60*1000/c.TickMillis)
 	def(&c.MaxMsgBytes, 16384)
+	def(&c.MaxOriginEntries, 1<<16)
 	if c.Domain == "" {
 		c.Domain = DefaultDomain
 	}
@@ -161,7 +165,7 @@ type Stats struct {
 	Corrected uint64 // entries of ours that a peer held wrongly, answered
 	Purged    uint64 // entries deleted because their origin went away
 	Expired   uint64 // tombstones dropped
-	Foreign   uint64 // entries dropped because their name is outside our domain
+	Overflow  uint64 // new entries dropped because their origin holds MaxOriginEntries
 }
 
 // Store holds the entries. Make one with New.
@@ -272,7 +276,11 @@ func (s *Store) Add(hostname string, addr netip.Addr, id string) (proto.NameEntr
 	}
 	e := proto.NameEntry{Hostname: fqdn, Addr: addr, ContainerID: id, Origin: s.cfg.Self}
 	k := keyOf(&e)
-	if r := s.get(k); r != nil {
+	r := s.get(k)
+	if r == nil && s.full(s.cfg.Self) {
+		return proto.NameEntry{}, fmt.Errorf("names: this peer holds %d entries, the most it may", s.cfg.MaxOriginEntries)
+	}
+	if r != nil {
 		if !r.Tombstone && r.Hostname == fqdn {
 			return r.NameEntry, nil
 		}
@@ -444,12 +452,11 @@ func (s *Store) Step(from proto.PeerName, m *proto.NamesMsg) error {
 				return err
 			}
 		}
+		// Names outside our domain are kept like any other: a peer may
+		// serve another domain, and leaving them out would make our
+		// digests differ from its forever. They are never looked up.
 		var answer []proto.NameEntry
 		for i := range m.Entries {
-			if !s.inDomain(m.Entries[i].Hostname) {
-				s.stats.Foreign++
-				continue
-			}
 			if e, ok := s.merge(&m.Entries[i]); ok {
 				answer = append(answer, e)
 			}
@@ -479,7 +486,7 @@ func (s *Store) merge(e *proto.NameEntry) (proto.NameEntry, bool) {
 	r := s.get(k)
 	if e.Origin == s.cfg.Self {
 		switch {
-		case e.Version >= proto.MaxNameVersion:
+		case e.Version >= proto.MaxNameVersion-1:
 			// No version of ours can answer it: a peer made it up.
 			s.stats.Rejected++
 			s.cfg.Infof("names: ignoring a copy of our entry %s at version %d", e.Hostname, e.Version)
@@ -516,6 +523,10 @@ func (s *Store) merge(e *proto.NameEntry) (proto.NameEntry, bool) {
 		return proto.NameEntry{}, false
 	}
 	if r == nil && e.Tombstone && s.tick-died >= int64(s.cfg.TombstoneTicks) {
+		return proto.NameEntry{}, false
+	}
+	if r == nil && s.full(e.Origin) {
+		s.stats.Overflow++
 		return proto.NameEntry{}, false
 	}
 	s.put(&record{NameEntry: *e, died: died})
@@ -617,6 +628,12 @@ func (s *Store) send(to proto.PeerName, m *proto.NamesMsg) {
 		return
 	}
 	s.ready.Msgs = append(s.ready.Msgs, Msg{To: to, Payload: b})
+}
+
+// full reports whether origin holds MaxOriginEntries entries.
+func (s *Store) full(origin proto.PeerName) bool {
+	o := s.origins[origin]
+	return o != nil && len(o.entries) >= s.cfg.MaxOriginEntries
 }
 
 func (s *Store) get(k key) *record {

@@ -1582,25 +1582,26 @@ func TestStepRejects(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		msg     proto.NamesMsg
-		wantErr error // nil: accepted, only the good entry is kept
-		foreign uint64
+		wantErr error // nil: accepted, and every entry is kept
 	}{
 		{"space in a name", proto.NamesMsg{Kind: proto.NamesEntries, Entries: []proto.NameEntry{good,
-			entry("a b.weave.local.", "10.0.0.2", "c1", peerA, 0, false, 0)}}, errors.New("any"), 0},
+			entry("a b.weave.local.", "10.0.0.2", "c1", peerA, 0, false, 0)}}, errors.New("any")},
 		{"no trailing dot", proto.NamesMsg{Kind: proto.NamesEntries, Entries: []proto.NameEntry{good,
-			entry("x.weave.local", "10.0.0.2", "c1", peerA, 0, false, 0)}}, errors.New("any"), 0},
+			entry("x.weave.local", "10.0.0.2", "c1", peerA, 0, false, 0)}}, errors.New("any")},
 		{"empty label", proto.NamesMsg{Kind: proto.NamesEntries, Entries: []proto.NameEntry{good,
-			entry("x..weave.local.", "10.0.0.2", "c1", peerA, 0, false, 0)}}, errors.New("any"), 0},
+			entry("x..weave.local.", "10.0.0.2", "c1", peerA, 0, false, 0)}}, errors.New("any")},
 		{"empty container", proto.NamesMsg{Kind: proto.NamesEntries, Entries: []proto.NameEntry{good,
-			entry("x.weave.local.", "10.0.0.2", "", peerA, 0, false, 0)}}, errors.New("any"), 0},
+			entry("x.weave.local.", "10.0.0.2", "", peerA, 0, false, 0)}}, errors.New("any")},
 		{"container with a space", proto.NamesMsg{Kind: proto.NamesEntries, Entries: []proto.NameEntry{good,
-			entry("x.weave.local.", "10.0.0.2", "c 1", peerA, 0, false, 0)}}, errors.New("any"), 0},
-		{"unknown kind", proto.NamesMsg{Kind: 9, Entries: []proto.NameEntry{good}}, errors.New("any"), 0},
+			entry("x.weave.local.", "10.0.0.2", "c 1", peerA, 0, false, 0)}}, errors.New("any")},
+		{"unknown kind", proto.NamesMsg{Kind: 9, Entries: []proto.NameEntry{good}}, errors.New("any")},
+		// A peer may serve another domain: its names are kept (so that
+		// digests agree) but never looked up.
 		{"outside the domain", proto.NamesMsg{Kind: proto.NamesEntries, Entries: []proto.NameEntry{good,
-			entry("x.example.com.", "10.0.0.2", "c1", peerA, 0, false, 0)}}, nil, 1},
+			entry("x.example.com.", "10.0.0.2", "c1", peerA, 0, false, 0)}}, nil},
 		{"the domain itself", proto.NamesMsg{Kind: proto.NamesEntries, Entries: []proto.NameEntry{good,
-			entry("weave.local.", "10.0.0.2", "c1", peerA, 0, false, 0)}}, nil, 1},
-		{"a good entry", proto.NamesMsg{Kind: proto.NamesEntries, Entries: []proto.NameEntry{good}}, nil, 0},
+			entry("weave.local.", "10.0.0.2", "c1", peerA, 0, false, 0)}}, nil},
+		{"a good entry", proto.NamesMsg{Kind: proto.NamesEntries, Entries: []proto.NameEntry{good}}, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := newStore(t, self, nil)
@@ -1611,10 +1612,10 @@ func TestStepRejects(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				if st.Foreign != tc.foreign || st.Rejected != 0 {
+				if st.Rejected != 0 {
 					t.Fatalf("stats %+v", st)
 				}
-				checkEntries(t, "held", held(t, s), []proto.NameEntry{good})
+				checkEntries(t, "held", held(t, s), sortEntries(slices.Clone(tc.msg.Entries)))
 				return
 			}
 			if err == nil {
@@ -1736,5 +1737,35 @@ func TestViewListsEveryEntry(t *testing.T) {
 			}
 			checkEntries(t, "View().Entries() against the entries held", ves, hs)
 		})
+	}
+}
+
+// TestOriginCap: no origin, ours included, holds more than
+// MaxOriginEntries entries; changes to entries held still go through.
+func TestOriginCap(t *testing.T) {
+	capped := func(c *names.Config) { c.MaxOriginEntries = 3 }
+	s := newStore(t, self, nil, capped)
+	s.SetReachable([]proto.PeerName{peerA})
+	for i := range 3 {
+		mustAdd(t, s, fmt.Sprintf("w%d", i), fmt.Sprintf("10.0.0.%d", i+1), "c1")
+	}
+	if _, err := s.Add("w3", ip("10.0.0.4"), "c1"); err == nil || !strings.Contains(err.Error(), "the most it may") {
+		t.Errorf("a fourth name of ours: %v", err)
+	}
+	if _, err := s.Delete("w0", netip.Addr{}, ""); err != nil {
+		t.Fatal(err)
+	}
+	mustAdd(t, s, "w0", "10.0.0.1", "c1") // brought back: held already
+	var es []proto.NameEntry
+	for i := range 5 {
+		es = append(es, entry(fmt.Sprintf("a%d.weave.local.", i), fmt.Sprintf("10.1.0.%d", i+1), "c1", peerA, 0, false, 0))
+	}
+	mustStep(t, s, peerA, es...)
+	if got := s.Stats().Overflow; got != 2 {
+		t.Errorf("Overflow = %d, want 2", got)
+	}
+	mustStep(t, s, peerA, entry("a0.weave.local.", "10.1.0.1", "c1", peerA, 1, true, 0))
+	if got := s.View().Lookup("a0.weave.local."); got != nil {
+		t.Errorf("a held entry of a full origin was not deleted: %v", got)
 	}
 }

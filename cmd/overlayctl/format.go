@@ -87,6 +87,9 @@ func dnsArgs(st *api.DNSStatus) (string, error) {
 	if st.Address == "" {
 		return "", fmt.Errorf("the DNS server listens on %s and this host has no address to give containers: set --dns-listen or expose an address", st.Listen)
 	}
+	if !strings.HasSuffix(st.Listen, ":53") {
+		return "", fmt.Errorf("the DNS server listens on %s, but docker's --dns takes an address on port 53", st.Listen)
+	}
 	return fmt.Sprintf("--dns=%s --dns-search=%s", st.Address, st.Domain), nil
 }
 

@@ -239,6 +239,7 @@ func (d *daemon) Status(ctx context.Context) (api.Status, error) {
 	if st.DNS, err = d.DNS(ctx); err != nil {
 		return api.Status{}, err
 	}
+	st.DNS.Entries = nil // they can be many: GET /v1/dns has them
 	return st, nil
 }
 

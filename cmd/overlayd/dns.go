@@ -193,20 +193,19 @@ func badRequest(err error) error {
 	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, namesrv.ErrStopped) {
 		return err
 	}
-	msg := strings.TrimPrefix(err.Error(), "names: ")
-	if errors.Is(err, names.ErrOutside) {
-		msg = "not a subdomain of the domain"
-	}
+	msg := strings.ReplaceAll(err.Error(), "names: ", "")
 	return fmt.Errorf("%w: %s", api.ErrBadRequest, msg)
 }
 
-// forgetNames removes the names of addresses IPAM has released.
-func (d *daemon) forgetNames(ctx context.Context, id string, addr netip.Addr) {
-	if d.names == nil {
+// forgetNames removes the names registered here for an address that IPAM
+// has freed, whatever container they were registered for: the address may
+// go to another container next.
+func (d *daemon) forgetNames(ctx context.Context, addr netip.Addr) {
+	if d.names == nil || !addr.IsValid() {
 		return
 	}
-	if _, err := d.names.store.Delete(ctx, "", addr, id); err != nil {
-		d.log.Warn("removing the names of a released address", zap.String("container", id), zap.Error(err))
+	if _, err := d.names.store.Delete(ctx, "", addr, ""); err != nil {
+		d.log.Warn("removing the names of a released address", zap.Stringer("addr", addr), zap.Error(err))
 	}
 }
 

@@ -89,10 +89,25 @@ func (d *daemon) Release(ctx context.Context, id string, addr netip.Addr) error 
 	if addr.IsValid() {
 		req.Addr = netip.PrefixFrom(addr, 32)
 	}
+	// The names of the addresses freed go with them: which addresses,
+	// the allocator says before it frees them.
+	addrs := []netip.Addr{addr}
+	if !addr.IsValid() && d.alloc != nil && d.names != nil {
+		addrs = nil
+		if st, err := d.alloc.Status(ctx); err == nil {
+			for _, o := range st.Owned {
+				if o.Ident == id {
+					addrs = append(addrs, o.Addr.Addr())
+				}
+			}
+		}
+	}
 	if _, err := d.do(ctx, req); err != nil {
 		return err
 	}
-	d.forgetNames(ctx, id, addr)
+	for _, a := range addrs {
+		d.forgetNames(ctx, a)
+	}
 	return nil
 }
 

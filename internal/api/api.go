@@ -87,7 +87,7 @@ type DNSStatus struct {
 	TTL         uint32     `json:"ttl"`
 	Live        int        `json:"live"`  // live entries, of every origin
 	Local       int        `json:"local"` // of those, registered here
-	Entries     []DNSEntry `json:"entries"`
+	Entries     []DNSEntry `json:"entries,omitempty"` // in GET /v1/dns, not in Status
 	Rejected    uint64     `json:"rejectedMessages"`
 	Dropped     uint64     `json:"droppedMessages"`
 	Queries     uint64     `json:"queries"` // answered here, forwarded or failed

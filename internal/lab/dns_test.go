@@ -316,9 +316,12 @@ func TestDNS(t *testing.T) {
 		p := strings.TrimSpace(d1.MustCtl("alloc", "c9"))
 		a := strings.Split(p, "/")[0]
 		d1.MustCtl("dns-add", a, "web9", "--container", "c9")
+		d1.MustCtl("dns-add", a, "alias9") // another container ID: weave:extern
 		wait(h2, 2*time.Second, a, "web9.weave.local")
+		wait(h2, 2*time.Second, a, "alias9.weave.local")
 		d1.MustCtl("release", "c9")
 		wait(h2, 5*time.Second, "NXDOMAIN", "web9.weave.local")
+		wait(h2, 5*time.Second, "NXDOMAIN", "alias9.weave.local")
 	})
 
 	t.Run("a stopped peer's names go and come back with it", func(t *testing.T) {
@@ -336,6 +339,29 @@ func TestDNS(t *testing.T) {
 			t.Logf("h3 restarted, web3 back on %s after %v", h.NS, took.Round(time.Millisecond))
 		}
 	})
+}
+
+// TestDNSHide: hiding an address from IPAM removes its names.
+func TestDNSHide(t *testing.T) {
+	l := lab.New(t, bin, 1)
+	h := l.Host(1)
+	d := h.Start("--range", "10.32.0.0/12")
+	p := strings.TrimSpace(d.MustCtl("expose"))
+	a := strings.Split(p, "/")[0]
+	d.MustCtl("dns-add", a, "host1")
+	if got := d.MustCtl("dns-lookup", "host1"); got != a+"\n" {
+		t.Fatalf("dns-lookup host1 right after dns-add: %q", got)
+	}
+	if got := d.MustCtl("dns-args"); got != "--dns="+a+" --dns-search=weave.local." {
+		t.Errorf("dns-args with an exposed address: %q", got)
+	}
+	d.MustCtl("hide", p)
+	if _, errOut, code := d.Ctl("dns-lookup", "host1"); code != 1 || !strings.Contains(errOut, "no such name") {
+		t.Errorf("after hide: exit %d, %q", code, errOut)
+	}
+	if _, errOut, code := d.Ctl("dns-lookup", "x.example.com"); code != 1 || !strings.Contains(errOut, "x.example.com. is not below weave.local.") {
+		t.Errorf("dns-lookup outside the domain: exit %d, %q", code, errOut)
+	}
 }
 
 // TestDNSOff checks --no-dns: no server, dns-args prints nothing, the DNS

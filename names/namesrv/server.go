@@ -48,6 +48,11 @@ type Config struct {
 // inboundLen bounds the peer messages waiting for the server.
 const inboundLen = 1024
 
+// maxPayload is the largest name message: MaxNameEntries entries with the
+// longest hostname and container ID. Larger payloads are refused before
+// they are queued.
+const maxPayload = 3 + proto.MaxNameEntries*(21+proto.MaxHostnameLen+proto.MaxContainerLen)
+
 type inbound struct {
 	from    proto.PeerName
 	payload []byte
@@ -128,6 +133,10 @@ func (s *Server) Domain() string { return s.store.Domain() }
 // the server lags, the message is dropped and counted (gossip tolerates
 // loss).
 func (s *Server) Deliver(from proto.PeerName, payload []byte) {
+	if len(payload) > maxPayload {
+		s.Rejected.Add(1)
+		return
+	}
 	select {
 	case s.in <- inbound{from, payload}:
 	default:

@@ -220,7 +220,7 @@ func (s *Sim) retireStats(p *Peer) {
 	s.retire.Corrected += st.Corrected
 	s.retire.Purged += st.Purged
 	s.retire.Expired += st.Expired
-	s.retire.Foreign += st.Foreign
+	s.retire.Overflow += st.Overflow
 }
 
 // Restart starts a stopped peer again from its last saved state.
@@ -583,7 +583,7 @@ func (s *Sim) Stats() names.Stats {
 		t.Corrected += st.Corrected
 		t.Purged += st.Purged
 		t.Expired += st.Expired
-		t.Foreign += st.Foreign
+		t.Overflow += st.Overflow
 	}
 	return t
 }
