@@ -85,8 +85,8 @@ type DNSStatus struct {
 	ResolvConf  string     `json:"resolvConf"`
 	Upstream    []string   `json:"upstream"`
 	TTL         uint32     `json:"ttl"`
-	Live        int        `json:"live"`  // live entries, of every origin
-	Local       int        `json:"local"` // of those, registered here
+	Live        int        `json:"live"`              // live entries, of every origin
+	Local       int        `json:"local"`             // of those, registered here
 	Entries     []DNSEntry `json:"entries,omitempty"` // in GET /v1/dns, not in Status
 	Rejected    uint64     `json:"rejectedMessages"`
 	Dropped     uint64     `json:"droppedMessages"`
