@@ -31,7 +31,7 @@ var (
 
 func namesEntry(host, addr, id string, origin proto.PeerName, version uint32, tomb bool, age uint32) proto.NameEntry {
 	return proto.NameEntry{Hostname: host, Addr: netip.MustParseAddr(addr), ContainerID: id, Origin: origin,
-		Version: version, Tombstone: tomb, AgeSeconds: age}
+		Version: version, Tombstone: tomb, AgeMillis: age}
 }
 
 func encodeNames(m *proto.NamesMsg) []byte {
@@ -59,6 +59,7 @@ func namesMsgSeeds() [][]byte {
 		encodeNames(&proto.NamesMsg{Kind: proto.NamesDigest, Echo: true, Digests: []proto.NameDigest{
 			{Origin: namesSelf, Hash: 0x0123456789abcdef}, {Origin: a, Hash: 1}, {Origin: b, Hash: 2}}}),
 		encodeNames(&proto.NamesMsg{Kind: proto.NamesDigest}),
+		encodeNames(&proto.NamesMsg{Kind: proto.NamesSummary, Hash: 0x0123456789abcdef}),
 	}
 }
 

@@ -18,13 +18,14 @@
 //   - entries of a peer that the router cannot reach for PurgeTicks are
 //     deleted outright; when it comes back they return by gossip;
 //   - tombstones expire TombstoneTicks after they were made, as far as the
-//     holder knows: each message carries a tombstone's age, a duration,
-//     so no two hosts' clocks are ever compared.
+//     holder knows: each message carries a tombstone's age in
+//     milliseconds, a duration, so no two hosts' clocks are ever compared.
 //
-// Changes are sent at once to every reachable peer; every DigestTicks a
-// hash per origin goes to Fanout random peers, which send back the
-// origins whose hashes differ (anti-entropy), in messages of at most
-// MaxMsgBytes.
+// Changes are sent at once to every reachable peer. Every DigestTicks a
+// summary (one hash of every origin's hash) goes to Fanout random peers; a
+// peer whose summary differs answers with its digest (a hash per origin),
+// and each side then sends the entries of the origins whose hashes differ
+// (anti-entropy), in messages of at most MaxMsgBytes.
 package names
 
 import (
@@ -204,7 +205,7 @@ func New(cfg Config, state []byte) (*Store, error) {
 				s.cfg.Infof("Dropping saved entry %s %v %s: %v", e.Hostname, e.Addr, e.ContainerID, err)
 				continue
 			}
-			s.put(&record{NameEntry: e, died: -int64(e.AgeSeconds) * 1000 / int64(cfg.TickMillis)})
+			s.put(&record{NameEntry: e, died: -s.ageTicks(e.AgeMillis)})
 		}
 	}
 	s.view = s.buildView()
@@ -405,19 +406,33 @@ func (s *Store) expire() {
 	}
 }
 
-// gossip sends our digest to Fanout random reachable peers.
+// gossip sends our summary to Fanout random reachable peers: 9 bytes,
+// whatever the number of names; only a peer whose summary differs
+// answers, with its digest.
 func (s *Store) gossip() {
 	peers := slices.Sorted(maps.Keys(s.reach))
 	peers = slices.DeleteFunc(peers, func(p proto.PeerName) bool { return p == s.cfg.Self })
 	if len(peers) == 0 {
 		return
 	}
-	d := s.digest(true)
+	m := &proto.NamesMsg{Kind: proto.NamesSummary, Hash: s.summary()}
 	for range min(s.cfg.Fanout, len(peers)) {
 		i := s.cfg.Rand.IntN(len(peers))
-		s.send(peers[i], d)
+		s.send(peers[i], m)
 		peers = slices.Delete(peers, i, i+1)
 	}
+}
+
+// summary combines the hashes of the origins we may speak for (those of
+// digest): equal summaries mean, but for a 2^-64 chance, equal entries.
+func (s *Store) summary() uint64 {
+	var sum uint64
+	for name, o := range s.origins {
+		if s.known(name) {
+			sum += mix(uint64(name)*0x9e3779b97f4a7c15 ^ o.hash)
+		}
+	}
+	return sum
 }
 
 // digest is the hash of each origin we hold entries of (and may speak
@@ -466,6 +481,11 @@ func (s *Store) Step(from proto.PeerName, m *proto.NamesMsg) error {
 	case proto.NamesDigest:
 		s.stepDigest(from, m)
 		return nil
+	case proto.NamesSummary:
+		if m.Hash != s.summary() {
+			s.send(from, s.digest(true))
+		}
+		return nil
 	}
 	s.stats.Rejected++
 	return fmt.Errorf("names: message kind %d", m.Kind)
@@ -478,9 +498,9 @@ func (s *Store) merge(e *proto.NameEntry) (proto.NameEntry, bool) {
 		s.stats.Unknown++
 		return proto.NameEntry{}, false
 	}
-	died := s.tick - int64(e.AgeSeconds)*1000/int64(s.cfg.TickMillis)
+	died := s.tick - s.ageTicks(e.AgeMillis)
 	in := *e
-	in.AgeSeconds = 0 // held as died
+	in.AgeMillis = 0 // held as died
 	e = &in
 	k := keyOf(e)
 	r := s.get(k)
@@ -582,17 +602,22 @@ func (s *Store) stepDigest(from proto.PeerName, m *proto.NamesMsg) {
 	}
 }
 
+// ageTicks turns a tombstone's age into ticks, rounded up, so that a
+// tombstone passed from peer to peer never grows younger: a peer that has
+// expired it must not be given it back as new. Ages are whole ticks on the
+// wire, so with the same tick length nothing is rounded at all.
+func (s *Store) ageTicks(ms uint32) int64 {
+	t := int64(s.cfg.TickMillis)
+	return (int64(ms) + t - 1) / t
+}
+
 // outgoing is a record as sent: with the age of its tombstone.
 func (s *Store) outgoing(r *record) proto.NameEntry {
 	e := r.NameEntry
-	e.AgeSeconds = 0
+	e.AgeMillis = 0
 	if e.Tombstone {
-		// Rounded up, so that a tombstone passed from peer to peer never
-		// grows younger: a peer that has expired it must not be given it
-		// back as new.
 		ms := (s.tick - r.died) * int64(s.cfg.TickMillis)
-		age := (ms + 999) / 1000
-		e.AgeSeconds = uint32(min(max(age, 0), proto.MaxNameAgeSeconds))
+		e.AgeMillis = uint32(min(max(ms, 0), proto.MaxNameAgeMillis))
 	}
 	return e
 }
@@ -696,6 +721,12 @@ func entryHash(e *proto.NameEntry) uint64 {
 	if e.Tombstone {
 		add(1)
 	}
+	return mix(h)
+}
+
+// mix is MurmurHash3's finaliser, so that sums of hashes do not cancel
+// out easily.
+func mix(h uint64) uint64 {
 	h ^= h >> 33
 	h *= 0xff51afd7ed558ccd
 	h ^= h >> 33

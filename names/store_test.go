@@ -43,9 +43,10 @@ func newStore(t testing.TB, name proto.PeerName, state []byte, edit ...func(*nam
 
 func ip(s string) netip.Addr { return netip.MustParseAddr(s) }
 
+// entry makes an entry; age is in seconds.
 func entry(host, addr, id string, origin proto.PeerName, version uint32, tomb bool, age uint32) proto.NameEntry {
 	return proto.NameEntry{Hostname: host, Addr: ip(addr), ContainerID: id, Origin: origin,
-		Version: version, Tombstone: tomb, AgeSeconds: age}
+		Version: version, Tombstone: tomb, AgeMillis: age * 1000}
 }
 
 // sent is a message of a store, decoded.
@@ -137,7 +138,7 @@ func fmtEntries(es []proto.NameEntry) string {
 	for _, e := range es {
 		fmt.Fprintf(&b, "\n\t%s %v %s %v v%d", e.Hostname, e.Addr, e.ContainerID, e.Origin, e.Version)
 		if e.Tombstone {
-			fmt.Fprintf(&b, " tombstone age %d", e.AgeSeconds)
+			fmt.Fprintf(&b, " tombstone age %d ms", e.AgeMillis)
 		}
 	}
 	if len(es) == 0 {
@@ -615,7 +616,7 @@ func randomEntries(r *rand.Rand, origins []proto.PeerName, n int) []proto.NameEn
 			Tombstone:   r.IntN(3) == 0,
 		}
 		if e.Tombstone {
-			e.AgeSeconds = e.Version*7 + uint32(ci)
+			e.AgeMillis = (e.Version*7 + uint32(ci)) * 1000
 		}
 		es = append(es, e)
 	}
@@ -739,8 +740,23 @@ func TestEqualStoresAreQuiet(t *testing.T) {
 		deliver(t, r, y, es, r.Perm(len(es)))
 		drain(t, x)
 		drain(t, y)
+		// x's periodic summary goes to y, which has the same: quiet.
+		x.Tick()
+		for _, m := range drain(t, x) {
+			if m.To == peerD && m.Msg.Kind == proto.NamesSummary {
+				if err := y.Step(self, &m.Msg); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		if ms := drain(t, y); len(ms) != 0 {
+			t.Fatalf("seed %d: an equal store answered a summary with %+v", seed, ms)
+		}
+		// x's digest, as it answers a summary that differs.
 		digestTo := func(to proto.PeerName) *proto.NamesMsg {
-			x.Tick()
+			if err := x.Step(to, &proto.NamesMsg{Kind: proto.NamesSummary, Hash: 1}); err != nil {
+				t.Fatal(err)
+			}
 			for _, m := range drain(t, x) {
 				if m.To == to && m.Msg.Kind == proto.NamesDigest {
 					return &m.Msg
@@ -811,7 +827,7 @@ func TestEqualStoresAreQuiet(t *testing.T) {
 		}
 		ageless := func(es []proto.NameEntry) []proto.NameEntry {
 			for i := range es {
-				es[i].AgeSeconds = 0
+				es[i].AgeMillis = 0
 			}
 			return es
 		}
@@ -1010,7 +1026,7 @@ func TestPurgedEntriesReturn(t *testing.T) {
 	want = sortEntries(append(want, e4))
 	for i := range want {
 		if want[i].Tombstone {
-			want[i].AgeSeconds = 1 // 0.8 s, rounded up
+			want[i].AgeMillis = 800
 		}
 	}
 	checkEntries(t, "x after anti-entropy", held(t, x), want)
@@ -1031,7 +1047,7 @@ func TestTombstoneExpiry(t *testing.T) {
 		for range 49 {
 			s.Tick()
 		}
-		if hs := held(t, s); len(hs) != 2 || !hs[1].Tombstone || hs[1].AgeSeconds != 5 { // 4.9 s, rounded up
+		if hs := held(t, s); len(hs) != 2 || !hs[1].Tombstone || hs[1].AgeMillis != 4900 {
 			t.Fatalf("tick 49:%s", fmtEntries(hs))
 		}
 		s.Tick()
@@ -1072,7 +1088,7 @@ func TestTombstoneExpiry(t *testing.T) {
 				checkEntries(t, "held", hs, nil)
 				return
 			}
-			e.AgeSeconds = tc.ageSeen
+			e.AgeMillis = tc.ageSeen * 1000
 			checkEntries(t, "held at tick 0", hs, []proto.NameEntry{e})
 			for tick := 1; tick <= tc.goneBy; tick++ {
 				s.Tick()
@@ -1103,7 +1119,7 @@ func TestTombstoneExpiry(t *testing.T) {
 func TestTombstoneAgeOrder(t *testing.T) {
 	young := entry("web.weave.local.", "10.0.0.1", "c1", peerA, 1, true, 1)
 	old := young
-	old.AgeSeconds = 100
+	old.AgeMillis = 100_000
 	var ages []uint32
 	for _, order := range [][]proto.NameEntry{{young, old}, {old, young}} {
 		s := newStore(t, self, nil)
@@ -1115,7 +1131,7 @@ func TestTombstoneAgeOrder(t *testing.T) {
 		if len(hs) != 1 {
 			t.Fatalf("held%s", fmtEntries(hs))
 		}
-		ages = append(ages, hs[0].AgeSeconds)
+		ages = append(ages, hs[0].AgeMillis)
 	}
 	if ages[0] != ages[1] {
 		t.Logf("the age of a tombstone depends on delivery order: %v", ages)
@@ -1138,8 +1154,25 @@ func TestDigest(t *testing.T) {
 			s.Tick()
 		}
 		ms := drain(t, s)
-		if len(ms) != 2 {
-			t.Fatalf("tick 10 sent %+v, want 2 digests", ms)
+		if len(ms) != 2 || ms[0].Msg.Kind != proto.NamesSummary || !reflect.DeepEqual(ms[1].Msg, ms[0].Msg) {
+			t.Fatalf("tick 10 sent %+v, want 2 summaries", ms)
+		}
+		// The same summary is not answered; another one gets the digest.
+		same := ms[0].Msg
+		if err := s.Step(peerB, &same); err != nil {
+			t.Fatal(err)
+		}
+		if ms := drain(t, s); len(ms) != 0 {
+			t.Fatalf("an equal summary was answered with %+v", ms)
+		}
+		for _, to := range []proto.PeerName{peerA, peerB} {
+			if err := s.Step(to, &proto.NamesMsg{Kind: proto.NamesSummary, Hash: same.Hash + 1}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		ms = drain(t, s)
+		if len(ms) != 2 || ms[0].To != peerA || ms[1].To != peerB {
+			t.Fatalf("answers to summaries that differ: %+v", ms)
 		}
 		d := ms[0].Msg
 		if d.Kind != proto.NamesDigest || !d.Echo || len(d.Digests) != 2 || d.Digests[0].Origin != self || d.Digests[1].Origin != peerA ||
@@ -1156,7 +1189,7 @@ func TestDigest(t *testing.T) {
 	}
 	// Sent ten ticks after it was made, the tombstone is a second old.
 	aSent := slices.Clone(aE)
-	aSent[1].AgeSeconds = 1
+	aSent[1].AgeMillis = 1000
 	for _, tc := range []struct {
 		name    string
 		in      proto.NamesMsg
@@ -1236,13 +1269,13 @@ func TestGossipFanout(t *testing.T) {
 				}
 				seen := map[proto.PeerName]bool{}
 				for _, m := range ms {
-					if m.Msg.Kind != proto.NamesDigest || !m.Msg.Echo || m.To == self || !slices.Contains(tc.reach, m.To) || seen[m.To] {
+					if m.Msg.Kind != proto.NamesSummary || m.To == self || !slices.Contains(tc.reach, m.To) || seen[m.To] {
 						t.Fatalf("tick %d: %+v", tick, ms)
 					}
 					seen[m.To] = true
 				}
 				if len(seen) != tc.want {
-					t.Fatalf("tick %d: digests to %d peers, want %d", tick, len(seen), tc.want)
+					t.Fatalf("tick %d: summaries to %d peers, want %d", tick, len(seen), tc.want)
 				}
 			}
 		})
@@ -1357,7 +1390,7 @@ func TestStateRoundTrip(t *testing.T) {
 			want = append(want, e)
 		}
 	}
-	if len(want) != 5 || !want[1].Tombstone || want[1].AgeSeconds != 3 || !want[3].Tombstone || want[3].AgeSeconds != 1 {
+	if len(want) != 5 || !want[1].Tombstone || want[1].AgeMillis != 3000 || !want[3].Tombstone || want[3].AgeMillis != 500 {
 		t.Fatalf("unexpected entries:%s", fmtEntries(want))
 	}
 	saved, err := names.DecodeState(st)
@@ -1730,10 +1763,10 @@ func TestViewListsEveryEntry(t *testing.T) {
 			hs := held(t, s)
 			ves := slices.Clone(s.View().Entries())
 			for i := range ves {
-				ves[i].AgeSeconds = 0 // the view's ages are as of when it was made
+				ves[i].AgeMillis = 0 // the view's ages are as of when it was made
 			}
 			for i := range hs {
-				hs[i].AgeSeconds = 0
+				hs[i].AgeMillis = 0
 			}
 			checkEntries(t, "View().Entries() against the entries held", ves, hs)
 		})

@@ -163,6 +163,8 @@
 //	           origins ascending; the receiver sends back its entries of
 //	           every origin whose hash differs and, with echo, its own
 //	           digest if anything differs
+//	3 summary  hash of all the sender's origin hashes (8): a receiver
+//	           whose own differs answers with its digest (echo)
 //
 // An entry:
 //
@@ -171,8 +173,8 @@
 //	1+k container ID (k <= 255)
 //	6   origin peer    4  version (<= 2^31)
 //	1   flags: 0x01 tombstone
-//	4   age of the tombstone in seconds (<= 86400; 0 on a live entry):
-//	    a duration, so that no two clocks are compared
+//	4   age of the tombstone in milliseconds (<= 86,400,000; 0 on a live
+//	    entry): a duration, so that no two clocks are compared
 //
 // Golden vectors for every message live in testdata/golden.txt and are
 // checked by TestGolden.

@@ -15,9 +15,9 @@ const (
 	MaxHostnameLen  = 254     // an FQDN in text form, with its trailing dot
 	MaxContainerLen = 255     // a container ID
 	MaxNameVersion  = 1 << 31 // an entry's version; bumping past one never wraps
-	// MaxNameAgeSeconds bounds a tombstone's age: one older than a day has
+	// MaxNameAgeMillis bounds a tombstone's age: one older than a day has
 	// long expired everywhere.
-	MaxNameAgeSeconds = 86400
+	MaxNameAgeMillis = 86_400_000
 	// MaxNameEntries bounds one message; a sender splits larger sets.
 	MaxNameEntries = 4096
 	// MaxNameDigests bounds the origins in one digest.
@@ -31,6 +31,7 @@ type NamesKind uint8
 const (
 	NamesEntries NamesKind = 1 // entries to merge
 	NamesDigest  NamesKind = 2 // a hash per origin: send back the origins whose hashes differ
+	NamesSummary NamesKind = 3 // one hash of every origin's: answer with a digest if yours differs
 )
 
 // NameEntry is one registration: Hostname has Addr, for ContainerID, as
@@ -43,10 +44,10 @@ type NameEntry struct {
 	Origin      PeerName
 	Version     uint32
 	Tombstone   bool
-	// AgeSeconds is how long ago a tombstone was made, as far as the
+	// AgeMillis is how long ago a tombstone was made, as far as the
 	// sender knows; the receiver expires it that much sooner. It is a
 	// duration, never a clock reading, so clocks need not agree.
-	AgeSeconds uint32
+	AgeMillis uint32
 }
 
 // NameDigest summarises the entries of one origin.
@@ -63,6 +64,7 @@ type NamesMsg struct {
 	// Echo (NamesDigest) asks the receiver to answer with its own digest
 	// when the two differ, so that each side sends what the other lacks.
 	Echo bool
+	Hash uint64 // NamesSummary
 }
 
 const (
@@ -98,7 +100,7 @@ func AppendNamesMsg(b []byte, m *NamesMsg) ([]byte, error) {
 				flags |= nameTombstone
 			}
 			b = append(b, flags)
-			b = binary.BigEndian.AppendUint32(b, e.AgeSeconds)
+			b = binary.BigEndian.AppendUint32(b, e.AgeMillis)
 		}
 		return b, nil
 	case NamesDigest:
@@ -115,6 +117,8 @@ func AppendNamesMsg(b []byte, m *NamesMsg) ([]byte, error) {
 			b = binary.BigEndian.AppendUint64(b, d.Hash)
 		}
 		return b, nil
+	case NamesSummary:
+		return binary.BigEndian.AppendUint64(b, m.Hash), nil
 	}
 	return b, fmt.Errorf("%w: name message kind %d", ErrMalform, m.Kind)
 }
@@ -133,8 +137,8 @@ func checkNameEntry(e *NameEntry) error {
 		return fmt.Errorf("%w: name entry origin %#x", ErrMalform, uint64(e.Origin))
 	case e.Version > MaxNameVersion:
 		return fmt.Errorf("%w: name entry version %d", ErrMalform, e.Version)
-	case e.AgeSeconds > MaxNameAgeSeconds || (!e.Tombstone && e.AgeSeconds != 0):
-		return fmt.Errorf("%w: name entry age %d", ErrMalform, e.AgeSeconds)
+	case e.AgeMillis > MaxNameAgeMillis || (!e.Tombstone && e.AgeMillis != 0):
+		return fmt.Errorf("%w: name entry age %d", ErrMalform, e.AgeMillis)
 	}
 	return nil
 }
@@ -184,7 +188,7 @@ func ParseNamesMsg(b []byte) (NamesMsg, error) {
 				return m, fmt.Errorf("%w: name entry flags %#x", ErrMalform, flags)
 			}
 			e.Tombstone = flags&nameTombstone != 0
-			e.AgeSeconds = binary.BigEndian.Uint32(b[PeerNameLen+5:])
+			e.AgeMillis = binary.BigEndian.Uint32(b[PeerNameLen+5:])
 			b = b[PeerNameLen+9:]
 			if err := checkNameEntry(e); err != nil {
 				return m, err
@@ -212,6 +216,12 @@ func ParseNamesMsg(b []byte) (NamesMsg, error) {
 				return m, fmt.Errorf("%w: name digest origins out of order", ErrMalform)
 			}
 		}
+		return m, nil
+	case NamesSummary:
+		if len(b) != 8 {
+			return m, fmt.Errorf("%w: name summary of %d bytes", ErrMalform, len(b))
+		}
+		m.Hash = binary.BigEndian.Uint64(b)
 		return m, nil
 	}
 	return m, fmt.Errorf("%w: name message kind %d", ErrMalform, m.Kind)

@@ -24,7 +24,7 @@ func TestNamesGolden(t *testing.T) {
 	}{
 		{"entries", NamesMsg{Kind: NamesEntries, Entries: []NameEntry{
 			{Hostname: "web.weave.local.", Addr: netip.MustParseAddr("10.32.0.1"), ContainerID: "c1",
-				Origin: 0x12d2fe7ac1f2, Version: 3, Tombstone: true, AgeSeconds: 60},
+				Origin: 0x12d2fe7ac1f2, Version: 3, Tombstone: true, AgeMillis: 60},
 			{Hostname: "A.b.", Addr: netip.MustParseAddr("10.32.0.2"), ContainerID: "",
 				Origin: 0x7e214a702f45, Version: MaxNameVersion},
 		}}, "01 0002" +
@@ -80,15 +80,15 @@ func TestNamesRoundTrip(t *testing.T) {
 			{Hostname: "web.weave.local.", Addr: a, ContainerID: "c", Origin: 1, Version: 1, Tombstone: true}}}},
 		{"tombstone with age", NamesMsg{Kind: NamesEntries, Entries: []NameEntry{
 			{Hostname: "Web.Weave.Local.", Addr: a, ContainerID: "weave:extern", Origin: maxPeerName, Version: 9,
-				Tombstone: true, AgeSeconds: 1799}}}},
+				Tombstone: true, AgeMillis: 1799}}}},
 		{"largest fields", NamesMsg{Kind: NamesEntries, Entries: []NameEntry{
 			{Hostname: strings.Repeat("h", MaxHostnameLen), Addr: netip.MustParseAddr("255.255.255.255"),
 				ContainerID: strings.Repeat("c", MaxContainerLen), Origin: maxPeerName, Version: MaxNameVersion,
-				Tombstone: true, AgeSeconds: MaxNameAgeSeconds}}}},
+				Tombstone: true, AgeMillis: MaxNameAgeMillis}}}},
 		{"smallest fields", NamesMsg{Kind: NamesEntries, Entries: []NameEntry{
 			{Hostname: "x", Addr: netip.IPv4Unspecified(), Origin: 1}}}},
 		{"mixed", NamesMsg{Kind: NamesEntries, Entries: []NameEntry{
-			{Hostname: "a.", Addr: a, ContainerID: "1", Origin: 5, Version: 2, Tombstone: true, AgeSeconds: 3},
+			{Hostname: "a.", Addr: a, ContainerID: "1", Origin: 5, Version: 2, Tombstone: true, AgeMillis: 3},
 			{Hostname: "a.", Addr: a, ContainerID: "1", Origin: 5, Version: 2},
 			{Hostname: "b.", Addr: netip.MustParseAddr("10.32.0.2"), ContainerID: "2", Origin: 4, Version: 0},
 		}}},
@@ -194,7 +194,9 @@ func TestNamesRejectMalformed(t *testing.T) {
 	}{
 		{"empty", nil, ErrShort},
 		{"kind zero", []byte{0}, ErrMalform},
-		{"kind three", []byte{3, 0, 0}, ErrMalform},
+		{"kind four", []byte{4, 0, 0}, ErrMalform},
+		{"summary cut short", []byte{3, 0, 0}, ErrMalform},
+		{"summary too long", []byte{3, 0, 0, 0, 0, 0, 0, 0, 0, 0}, ErrMalform},
 		{"kind 255", append([]byte{255}, rawEntries(1, good)[1:]...), ErrMalform},
 		{"entries without a count", []byte{1}, ErrShort},
 		{"entries with half a count", []byte{1, 0}, ErrShort},
@@ -220,7 +222,7 @@ func TestNamesRejectMalformed(t *testing.T) {
 		{"version over MaxNameVersion", rawEntries(1, rawEntry("h.", ip, "c", 5, MaxNameVersion+1, 0, 0)), ErrMalform},
 		{"version all ones", rawEntries(1, rawEntry("h.", ip, "c", 5, ^uint32(0), 1, 0)), ErrMalform},
 		{"age on a live entry", rawEntries(1, rawEntry("h.", ip, "c", 5, 1, 0, 1)), ErrMalform},
-		{"age over a day", rawEntries(1, rawEntry("h.", ip, "c", 5, 1, 1, MaxNameAgeSeconds+1)), ErrMalform},
+		{"age over a day", rawEntries(1, rawEntry("h.", ip, "c", 5, 1, 1, MaxNameAgeMillis+1)), ErrMalform},
 		{"digest without echo byte", []byte{2}, ErrMalform},
 		{"digest without count", []byte{2, 1, 0}, ErrMalform},
 		{"digest echo 2", rawDigest(2, 0), ErrMalform},
@@ -260,7 +262,7 @@ func TestNamesRejectMalformed(t *testing.T) {
 	})
 	t.Run("limits accepted", func(t *testing.T) {
 		for _, b := range [][]byte{
-			rawEntries(1, rawEntry("h.", ip, "c", 5, MaxNameVersion, 1, MaxNameAgeSeconds)),
+			rawEntries(1, rawEntry("h.", ip, "c", 5, MaxNameVersion, 1, MaxNameAgeMillis)),
 			rawEntries(1, rawEntry(strings.Repeat("h", MaxHostnameLen), ip, strings.Repeat("c", 255), maxPeerName, 0, 0, 0)),
 		} {
 			if _, err := ParseNamesMsg(b); err != nil {
@@ -291,14 +293,14 @@ func TestNamesEncoderRefuses(t *testing.T) {
 		{"container ID of 256 bytes", with(func(e *NameEntry) { e.ContainerID = strings.Repeat("c", 256) }), ErrMalform},
 		{"zero origin", with(func(e *NameEntry) { e.Origin = 0 }), ErrMalform},
 		{"version over MaxNameVersion", with(func(e *NameEntry) { e.Version = MaxNameVersion + 1 }), ErrMalform},
-		{"age on a live entry", with(func(e *NameEntry) { e.AgeSeconds = 1 }), ErrMalform},
-		{"age over a day", with(func(e *NameEntry) { e.Tombstone, e.AgeSeconds = true, MaxNameAgeSeconds+1 }), ErrMalform},
+		{"age on a live entry", with(func(e *NameEntry) { e.AgeMillis = 1 }), ErrMalform},
+		{"age over a day", with(func(e *NameEntry) { e.Tombstone, e.AgeMillis = true, MaxNameAgeMillis+1 }), ErrMalform},
 		{"too many entries", NamesMsg{Kind: NamesEntries, Entries: make([]NameEntry, MaxNameEntries+1)}, ErrTooLarge},
 		{"too many digests", NamesMsg{Kind: NamesDigest, Digests: make([]NameDigest, MaxNameDigests+1)}, ErrTooLarge},
 		{"digests out of order", NamesMsg{Kind: NamesDigest, Digests: []NameDigest{{Origin: 2}, {Origin: 1}}}, ErrMalform},
 		{"digests repeated", NamesMsg{Kind: NamesDigest, Digests: []NameDigest{{Origin: 2}, {Origin: 2}}}, ErrMalform},
 		{"kind zero", NamesMsg{}, ErrMalform},
-		{"kind three", NamesMsg{Kind: 3, Entries: []NameEntry{ok}}, ErrMalform},
+		{"kind four", NamesMsg{Kind: 4, Entries: []NameEntry{ok}}, ErrMalform},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if b, err := AppendNamesMsg(nil, &tc.msg); !errors.Is(err, tc.want) {

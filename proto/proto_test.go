@@ -70,9 +70,10 @@ func goldenMessages(t *testing.T) map[string][]byte {
 		"names-entries": names(NamesMsg{Kind: NamesEntries, Entries: []NameEntry{
 			{Hostname: "web1.weave.local.", Addr: netip.MustParseAddr("172.16.16.1"), ContainerID: "c1", Origin: name, Version: 1},
 			{Hostname: "db.weave.local.", Addr: netip.MustParseAddr("172.16.16.2"), ContainerID: "weave:extern", Origin: other,
-				Version: 3, Tombstone: true, AgeSeconds: 60}}}),
+				Version: 3, Tombstone: true, AgeMillis: 60000}}}),
 		"names-digest": names(NamesMsg{Kind: NamesDigest, Echo: true, Digests: []NameDigest{
 			{Origin: name, Hash: 0x1122334455667788}, {Origin: other, Hash: 0x99aabbccddeeff00}}}),
+		"names-summary":      names(NamesMsg{Kind: NamesSummary, Hash: 0x1122334455667788}),
 		"ipam-ring":          ringMsg,
 		"ipam-paxos":         paxos,
 		"ipam-ring-request":  ipam(IPAMMsg{Kind: IPAMRingRequest}),

@@ -50,7 +50,7 @@ type Counts struct {
 	Messages                           int // queued, one per receiver
 	Delivered, Lost, Duplicated        int
 	Delayed, Cut                       int // Cut: lost because sender or receiver went away or a partition came between
-	Entries, Digests                   int // delivered, by kind
+	Entries, Digests, Summaries        int // delivered, by kind
 }
 
 // Key identifies an entry as the store does: Weave's (hostname, origin,
@@ -514,6 +514,8 @@ func (s *Sim) deliver(d delivery) error {
 		s.Counts.Entries++
 	case proto.NamesDigest:
 		s.Counts.Digests++
+	case proto.NamesSummary:
+		s.Counts.Summaries++
 	}
 	if s.Sniff != nil {
 		s.Sniff(d.from, d.to, &m)
@@ -729,13 +731,13 @@ func (s *Sim) checkView(p *Peer, v *names.View, sc *scratch) error {
 		if !strings.HasSuffix(k.Name, "."+v.Domain()) {
 			return fmt.Errorf("entry %v outside the domain", k)
 		}
-		if e.AgeSeconds != 0 && !e.Tombstone {
+		if e.AgeMillis != 0 && !e.Tombstone {
 			return fmt.Errorf("live entry %v with an age", k)
 		}
 		sc.held[k] = !e.Tombstone
 		if e.Origin == p.Name {
 			o := *e
-			o.AgeSeconds = 0
+			o.AgeMillis = 0
 			sc.ownAll[k] = o
 		}
 		r := sc.reverse[e.Addr]
@@ -807,7 +809,7 @@ func (s *Sim) checkView(p *Peer, v *names.View, sc *scratch) error {
 		if e.Origin != p.Name {
 			return fmt.Errorf("saved state holds %v of another peer", KeyOf(&e))
 		}
-		e.AgeSeconds = 0
+		e.AgeMillis = 0
 		if o, ok := sc.ownAll[KeyOf(&e)]; !ok || o != e {
 			return fmt.Errorf("saved state holds %+v, its view %+v", e, o)
 		}
