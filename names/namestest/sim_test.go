@@ -129,8 +129,8 @@ func TestConverge(t *testing.T) {
 		total.Peers, total.MaxPeers, total.Adds, total.Refused, total.Invalid, total.Deletes, total.Deleted)
 	t.Logf("partitions %d, heals %d, stops %d, restarts from state %d, restarts without state %d",
 		total.Partitions, total.Heals, total.Stops, total.Restarts, total.Fresh)
-	t.Logf("messages %d: delivered %d (entries %d, digests %d), dropped %d, duplicated %d, delayed %d, cut %d",
-		total.Messages, total.Delivered, total.Entries, total.Digests, total.Lost, total.Duplicated, total.Delayed, total.Cut)
+	t.Logf("messages %d: delivered %d (entries %d, digests %d, summaries %d), dropped %d, duplicated %d, delayed %d, cut %d",
+		total.Messages, total.Delivered, total.Entries, total.Digests, total.Summaries, total.Lost, total.Duplicated, total.Delayed, total.Cut)
 	t.Logf("stores: purged %d, corrected %d, expired %d, unknown-origin %d; settled in %d ticks at most (%.1f on average); %d live entries at the end; %d entry messages after convergence",
 		total.Purged, total.Corrected, total.Expired, total.Unknown, total.MaxSettle,
 		float64(total.SettleTicks)/float64(max(total.Converged, 1)), total.LiveAtEnd, total.Chatter)
