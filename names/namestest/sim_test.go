@@ -165,6 +165,7 @@ func (t *totals) add(o totals) {
 	c.Cut += d.Cut
 	c.Entries += d.Entries
 	c.Digests += d.Digests
+	c.Summaries += d.Summaries
 	t.Schedules += o.Schedules
 	t.Peers += o.Peers
 	t.MaxPeers = max(t.MaxPeers, o.MaxPeers)
