@@ -199,6 +199,11 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 	if d.names != nil {
 		g.Go(func() error { return d.names.store.Run(gctx) })
 		g.Go(func() error { return d.names.server.Run(gctx) })
+		g.Go(func() error {
+			<-gctx.Done()
+			d.names.resolver.Close() // forwards in flight end now, not after 5 s
+			return nil
+		})
 	}
 	if ms != nil {
 		g.Go(func() error { return ms.Run(gctx) })

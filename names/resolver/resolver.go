@@ -61,6 +61,8 @@ type Counts struct {
 // Resolver is a dns.Handler. It is safe for concurrent use.
 type Resolver struct {
 	cfg      Config
+	ctx      context.Context // ends with Close: forwards in flight give up
+	cancel   context.CancelFunc
 	udp      *dns.Client
 	tcp      *dns.Client
 	forwards chan struct{} // a token per query waiting upstream
@@ -80,12 +82,17 @@ func New(cfg Config) *Resolver {
 	if cfg.MaxForwards <= 0 {
 		cfg.MaxForwards = 256
 	}
-	return &Resolver{cfg: cfg, forwards: make(chan struct{}, cfg.MaxForwards),
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Resolver{cfg: cfg, ctx: ctx, cancel: cancel, forwards: make(chan struct{}, cfg.MaxForwards),
 		udp: &dns.Client{Net: "udp", Timeout: cfg.Timeout, UDPSize: 4096},
 		tcp: &dns.Client{Net: "tcp", Timeout: cfg.Timeout}}
 }
 
 const reverseZone = "in-addr.arpa."
+
+// Close makes queries waiting for upstream servers give up (SERVFAIL), so
+// that a server shutting down is not held up by a silent upstream.
+func (r *Resolver) Close() { r.cancel() }
 
 // ServeDNS implements dns.Handler.
 func (r *Resolver) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
@@ -197,9 +204,7 @@ func (r *Resolver) forward(w dns.ResponseWriter, req *dns.Msg) {
 	var last *dns.Msg
 	for _, s := range servers {
 		fq.Id = dns.Id()
-		ctx, cancel := context.WithTimeout(context.Background(), r.cfg.Timeout)
-		resp, _, err := c.ExchangeContext(ctx, fq, s)
-		cancel()
+		resp, err := r.exchange(c, fq, s)
 		if err != nil || resp == nil {
 			r.cfg.Log.Debug("upstream server did not answer", zap.String("endpoint", s), zap.Error(err))
 			continue
@@ -218,6 +223,23 @@ func (r *Resolver) forward(w dns.ResponseWriter, req *dns.Msg) {
 		last = failure(req, dns.RcodeServerFailure)
 	}
 	r.reply(w, req, last)
+}
+
+// exchange asks one upstream server, for at most Timeout, and gives up at
+// once when the resolver is closed (miekg/dns heeds only a context's
+// deadline, so the socket is closed under it).
+func (r *Resolver) exchange(c *dns.Client, m *dns.Msg, server string) (*dns.Msg, error) {
+	ctx, cancel := context.WithTimeout(r.ctx, r.cfg.Timeout)
+	defer cancel()
+	conn, err := c.DialContext(ctx, server)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	resp, _, err := c.ExchangeWithConnContext(ctx, m, conn)
+	return resp, err
 }
 
 // reply writes m, cut to the size the client can take over UDP; over TCP

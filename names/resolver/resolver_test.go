@@ -1335,3 +1335,22 @@ func TestForwardLimit(t *testing.T) {
 		t.Errorf("the first query: %v", r)
 	}
 }
+
+// TestCloseEndsForwards: Close makes a query waiting on a silent upstream
+// fail at once rather than after the timeout.
+func TestCloseEndsForwards(t *testing.T) {
+	silent := startUpstream(t, func(*dns.Msg) *dns.Msg { return nil })
+	s := startForwarding(t, 5*time.Second, silent.ip)
+	go func() {
+		for len(silent.queries()) == 0 {
+			time.Sleep(10 * time.Millisecond)
+		}
+		s.r.Close()
+	}()
+	t0 := time.Now()
+	r := exchange(t, "udp", s.addr("udp"), query("www.example.com.", dns.TypeA))
+	checkRcode(t, "after Close", r, dns.RcodeServerFailure)
+	if d := time.Since(t0); d > 2*time.Second {
+		t.Errorf("answered after %v, want at once after Close", d)
+	}
+}
