@@ -511,6 +511,9 @@ func (s *Store) merge(e *proto.NameEntry) (proto.NameEntry, bool) {
 			s.stats.Rejected++
 			s.cfg.Infof("names: ignoring a copy of our entry %s at version %d", e.Hostname, e.Version)
 			return proto.NameEntry{}, false
+		case r == nil && s.full(s.cfg.Self):
+			s.stats.Overflow++
+			return proto.NameEntry{}, false
 		case r == nil && e.Tombstone:
 			if s.tick-died < int64(s.cfg.TombstoneTicks) {
 				s.put(&record{NameEntry: *e, died: died})

@@ -1802,3 +1802,16 @@ func TestOriginCap(t *testing.T) {
 		t.Errorf("a held entry of a full origin was not deleted: %v", got)
 	}
 }
+
+// TestOriginCapOurs: copies of entries we never made are not tombstoned
+// past the cap either.
+func TestOriginCapOurs(t *testing.T) {
+	s := newStore(t, self, nil, func(c *names.Config) { c.MaxOriginEntries = 2 })
+	s.SetReachable([]proto.PeerName{peerA})
+	for i := range 4 {
+		mustStep(t, s, peerA, entry(fmt.Sprintf("f%d.weave.local.", i), "10.0.0.1", "c1", self, 0, false, 0))
+	}
+	if st := s.Stats(); st.Corrected != 2 || st.Overflow != 2 {
+		t.Errorf("stats %+v, want 2 corrected and 2 over the cap", st)
+	}
+}
