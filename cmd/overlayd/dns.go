@@ -188,9 +188,12 @@ func (d *daemon) DNSLookup(ctx context.Context, name string) (api.LookupResponse
 	return api.LookupResponse{Name: fqdn, Addresses: addrs}, nil
 }
 
-// badRequest marks a store's refusal as the caller's fault.
+// badRequest marks the store's refusals (errors of package names) as the
+// caller's fault; anything else (a state that could not be saved, a
+// stopped server, a cancelled request) stays the daemon's.
 func badRequest(err error) error {
-	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, namesrv.ErrStopped) {
+	var de *names.DomainError
+	if !errors.As(err, &de) && !strings.HasPrefix(err.Error(), "names: ") {
 		return err
 	}
 	msg := strings.ReplaceAll(err.Error(), "names: ", "")
