@@ -55,6 +55,7 @@ var allowed = []struct {
 	{"names/namesrv", []string{"proto", "names", "internal/atomicfile"}},
 	{"names/resolver", []string{"names"}},
 	{"internal/atomicfile", nil},
+	{"internal/attach", nil},
 	{"peering", []string{"proto", "tun", "peering/conn", "peering/gossip", "peering/handshake", "peering/link", "peering/routes", "peering/topology"}},
 	{"internal/netconf", nil},
 	{"internal/buildinfo", nil},

@@ -197,6 +197,9 @@ func New(cfg Config, dev tun.Device, pc conn.PacketConn) (*Router, error) {
 // UID is this process's random incarnation number.
 func (r *Router) UID() uint64 { return r.cfg.UID }
 
+// Name is our peer name.
+func (r *Router) Name() proto.PeerName { return r.cfg.Name }
+
 // Run forwards packets and keeps connections until ctx ends or the TUN
 // device or socket fails. It closes the device and the socket before it
 // returns, and returns nil after a clean shutdown.

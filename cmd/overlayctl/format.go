@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"io"
+	"net/netip"
 	"strings"
 
 	"github.com/overlayd/overlayd/internal/api"
@@ -206,5 +207,26 @@ func writeIPAM(w io.Writer, st *api.IPAMStatus) {
 func writeRing(w io.Writer, st *api.IPAMStatus) {
 	for _, e := range st.Entries {
 		fmt.Fprintf(w, "%-15v %10d  %v(%s) v%d free %d\n", e.Token, e.Size, e.Peer, e.Nickname, e.Version, e.Free)
+	}
+}
+
+// writePs prints `weave ps`: first weave:expose with the peer name and the
+// exposed CIDRs, then each container: its ID cut to 12, the MAC of ethwe0
+// and its addresses.
+func writePs(w io.Writer, ps *api.PsResponse) {
+	line := func(id, mac string, addrs []netip.Prefix) {
+		fmt.Fprintf(w, "%s %s", id, mac)
+		for _, a := range addrs {
+			fmt.Fprintf(w, " %v", a)
+		}
+		fmt.Fprintln(w)
+	}
+	line("weave:expose", ps.Peer.String(), ps.Exposed)
+	for _, c := range ps.Containers {
+		id := c.ID
+		if len(id) > 12 {
+			id = id[:12]
+		}
+		line(id, c.MAC, c.Addresses)
 	}
 }

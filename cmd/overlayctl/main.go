@@ -322,6 +322,51 @@ func execute(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprint(c.out, a)
 			return err
 		})
+	var attachName string
+	attachCmd := &cobra.Command{
+		Use:   "attach TARGET [CIDR...] [--name NAME]",
+		Short: "Plumb a container (a network namespace: its name or path) into the overlay: ethwe0 with an address from IPAM, or the CIDRs given",
+		Args:  minArgs(1, "attach needs a target: a network namespace name (as in ip netns) or path"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			for _, a := range args[1:] {
+				if err := cidr(a); err != nil {
+					return err
+				}
+			}
+			a, err := c.client().Attach(cmd.Context(), api.AttachRequest{Target: args[0], CIDRs: args[1:], Name: attachName})
+			for _, p := range a.Addresses {
+				fmt.Fprintln(c.out, p)
+			}
+			return err
+		},
+	}
+	attachCmd.Flags().StringVar(&attachName, "name", "", "register this name in DNS for the container's addresses (a single label gets the domain)")
+	detachCmd := action("detach TARGET [CIDR...]", "Take a container out of the overlay (or only the CIDRs given), releasing its addresses and names",
+		minArgs(1, "detach needs a target: a network namespace name or path"), anything,
+		func(cl *api.Client, ctx context.Context, args []string) error {
+			for _, a := range args[1:] {
+				if err := cidr(a); err != nil {
+					return err
+				}
+			}
+			return cl.Detach(ctx, api.AttachRequest{Target: args[0], CIDRs: args[1:]})
+		})
+	psCmd := jsonFlag(&cobra.Command{
+		Use: "ps", Short: "List this host's exposed addresses and attached containers, as weave ps", Args: noArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx, cancel := c.ctx()
+			defer cancel()
+			ps, err := c.client().Ps(ctx)
+			if err != nil {
+				return err
+			}
+			if c.json {
+				return c.printJSON(ps)
+			}
+			writePs(c.out, &ps)
+			return nil
+		},
+	})
 	version := jsonFlag(&cobra.Command{
 		Use: "version", Short: "Print the versions of overlayctl and the daemon", Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -344,7 +389,7 @@ func execute(args []string, stdout, stderr io.Writer) int {
 	})
 	root.AddCommand(status, peers("peers"), connections("connections"), targets("targets"),
 		connect, forget, expose, hide, alloc, claim, release, rmpeer, ringCmd,
-		dnsList("dns"), dnsAdd, dnsRemove, dnsLookup, dnsArgsCmd, version)
+		dnsList("dns"), dnsAdd, dnsRemove, dnsLookup, dnsArgsCmd, attachCmd, detachCmd, psCmd, version)
 	root.CompletionOptions.DisableDefaultCmd = true
 	root.SetArgs(args)
 

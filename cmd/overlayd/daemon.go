@@ -49,6 +49,10 @@ type daemon struct {
 
 	lmu    sync.Mutex     // serialises announcing what we serve
 	manual []netip.Prefix // guarded by lmu: addresses outside the range held here
+
+	mtu      int          // of the TUN device
+	amu      sync.Mutex   // serialises attach and detach; taken before mu
+	attached *attachments // guarded by amu
 }
 
 var _ api.Backend = (*daemon)(nil)
@@ -118,7 +122,11 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 
 	var seed [16]byte
 	crand.Read(seed[:])
-	d := &daemon{cfg: cfg, log: log}
+	attached, err := loadAttachments(cfg.StateDir)
+	if err != nil {
+		return startError{err}
+	}
+	d := &daemon{cfg: cfg, log: log, mtu: mtu, attached: attached}
 	router, err := peering.New(peering.Config{
 		Name: name, Nickname: cfg.Nickname, Range: cfg.Range, MTU: mtu,
 		Discovery: cfg.Discovery, ConnLimit: cfg.ConnLimit,

@@ -19,6 +19,9 @@
 //	POST /v1/dns/add       DNSRequest → DNSResponse: register a name for addresses
 //	POST /v1/dns/remove    DNSRequest → DNSResponse: remove names of this peer
 //	POST /v1/dns/lookup    LookupRequest → LookupResponse: the addresses of a name
+//	POST /v1/attach        AttachRequest → Attachment: plumb a container into the overlay
+//	POST /v1/detach        AttachRequest: take it out again (or only some addresses)
+//	GET  /v1/ps            PsResponse: this host's exposed addresses and containers
 //
 // Errors come back with a 4xx or 5xx status and ErrorResponse.
 package api
@@ -55,6 +58,36 @@ type Backend interface {
 	DNSAdd(ctx context.Context, req DNSRequest) (DNSResponse, error)
 	DNSRemove(ctx context.Context, req DNSRequest) (DNSResponse, error)
 	DNSLookup(ctx context.Context, name string) (LookupResponse, error)
+	Attach(ctx context.Context, req AttachRequest) (Attachment, error)
+	Detach(ctx context.Context, req AttachRequest) error
+	Ps(ctx context.Context) (PsResponse, error)
+}
+
+// AttachRequest names a container (a network namespace: its name under
+// /run/netns, or a path), the addresses it gets (none: one from IPAM) and
+// the name it is registered under in DNS.
+type AttachRequest struct {
+	Target string   `json:"target"`
+	CIDRs  []string `json:"cidrs,omitempty"`
+	Name   string   `json:"name,omitempty"`
+}
+
+// Attachment is a container plumbed into the overlay.
+type Attachment struct {
+	ID        string         `json:"id"` // the container ID used for IPAM and DNS
+	NetNS     string         `json:"netns"`
+	HostIface string         `json:"hostIface"`
+	MAC       string         `json:"mac"`
+	Addresses []netip.Prefix `json:"addresses"`
+	Name      string         `json:"name,omitempty"`
+}
+
+// PsResponse is `weave ps`: the host's exposed addresses, then each
+// attached container.
+type PsResponse struct {
+	Peer       proto.PeerName `json:"peer"`
+	Exposed    []netip.Prefix `json:"exposed"`
+	Containers []Attachment   `json:"containers"`
 }
 
 // ErrDNSOff is returned by the DNS calls of a daemon started with --no-dns.

@@ -70,6 +70,11 @@ func (f *fakeBackend) DNSAdd(_ context.Context, req DNSRequest) (DNSResponse, er
 func (f *fakeBackend) DNSRemove(context.Context, DNSRequest) (DNSResponse, error) {
 	return DNSResponse{}, ErrDNSOff
 }
+func (f *fakeBackend) Attach(_ context.Context, req AttachRequest) (Attachment, error) {
+	return Attachment{ID: req.Target}, nil
+}
+func (f *fakeBackend) Detach(context.Context, AttachRequest) error { return nil }
+func (f *fakeBackend) Ps(context.Context) (PsResponse, error)      { return PsResponse{}, nil }
 func (f *fakeBackend) DNSLookup(_ context.Context, name string) (LookupResponse, error) {
 	return LookupResponse{Name: name}, nil
 }

@@ -126,6 +126,25 @@ func (c *Client) DNSLookup(ctx context.Context, name string) (LookupResponse, er
 	return out, err
 }
 
+// Attach plumbs a container into the overlay.
+func (c *Client) Attach(ctx context.Context, req AttachRequest) (Attachment, error) {
+	var out Attachment
+	err := c.call(ctx, http.MethodPost, "/v1/attach", req, &out)
+	return out, err
+}
+
+// Detach takes a container out of the overlay.
+func (c *Client) Detach(ctx context.Context, req AttachRequest) error {
+	return c.call(ctx, http.MethodPost, "/v1/detach", req, nil)
+}
+
+// Ps lists the exposed addresses and attached containers.
+func (c *Client) Ps(ctx context.Context) (PsResponse, error) {
+	var out PsResponse
+	err := c.call(ctx, http.MethodGet, "/v1/ps", nil, &out)
+	return out, err
+}
+
 func (c *Client) call(ctx context.Context, method, path string, in, out any) error {
 	var body io.Reader
 	if in != nil {

@@ -170,6 +170,22 @@ func Listen(path string, b Backend, version string, log *zap.Logger) (*Server, e
 		}
 		return b.DNSLookup(ctx, req.Name)
 	}))
+	mux.HandleFunc("POST /v1/attach", handle(s, func(ctx context.Context, req *AttachRequest) (any, error) {
+		if err := checkAttach(req); err != nil {
+			return nil, err
+		}
+		return b.Attach(ctx, *req)
+	}))
+	mux.HandleFunc("POST /v1/detach", handle(s, func(ctx context.Context, req *AttachRequest) (any, error) {
+		if err := checkAttach(req); err != nil {
+			return nil, err
+		}
+		return nil, b.Detach(ctx, *req)
+	}))
+	mux.HandleFunc("GET /v1/ps", func(w http.ResponseWriter, r *http.Request) {
+		ps, err := b.Ps(r.Context())
+		s.reply(w, ps, err)
+	})
 	s.http = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
 		ErrorLog: zap.NewStdLog(log.WithOptions(zap.IncreaseLevel(zap.WarnLevel)))}
 	return s, nil
@@ -204,6 +220,22 @@ func checkDNSRequest(req *DNSRequest) error {
 	}
 	if req.ContainerID != "" {
 		return checkID(req.ContainerID)
+	}
+	return nil
+}
+
+// checkAttach checks the target and the CIDRs.
+func checkAttach(req *AttachRequest) error {
+	if req.Target == "" || len(req.Target) > 4096 || strings.ContainsRune(req.Target, 0) {
+		return fmt.Errorf("%w: a target is required: a network namespace name or path", ErrBadRequest)
+	}
+	if len(req.CIDRs) > 64 {
+		return fmt.Errorf("%w: %d addresses for one container (at most 64)", ErrBadRequest, len(req.CIDRs))
+	}
+	for _, c := range req.CIDRs {
+		if _, err := ParseCIDR(c); err != nil {
+			return err
+		}
 	}
 	return nil
 }

@@ -25,6 +25,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -70,12 +71,13 @@ func Require(t testing.TB) {
 
 // Lab is a set of hosts on one switch.
 type Lab struct {
-	t      testing.TB
-	id     string
-	Switch string
-	Hosts  []*Host
-	Bin    Binaries
-	dir    string
+	t          testing.TB
+	id         string
+	Switch     string
+	Hosts      []*Host
+	Containers []*Host // AddContainer's namespaces
+	Bin        Binaries
+	dir        string
 }
 
 // Host is one network namespace on the lab's switch.
@@ -124,6 +126,18 @@ func (l *Lab) AddHost() *Host {
 	return h
 }
 
+// AddContainer adds a network namespace that stands for a container: only
+// its loopback, up; overlayctl attach plumbs it in. It is removed with the
+// lab. Its Index is 100 and more; it has no underlay address.
+func (l *Lab) AddContainer() *Host {
+	i := 100 + len(l.Containers) + 1
+	c := &Host{lab: l, Index: i, NS: fmt.Sprintf("%s-c%d", l.id, i-100)}
+	l.must("ip", "netns", "add", c.NS)
+	l.must("ip", "-n", c.NS, "link", "set", "lo", "up")
+	l.Containers = append(l.Containers, c)
+	return c
+}
+
 // Host returns host i (1-based).
 func (l *Lab) Host(i int) *Host { return l.Hosts[i-1] }
 
@@ -136,7 +150,7 @@ func (l *Lab) must(name string, args ...string) {
 
 // destroy kills every process in the lab's namespaces and deletes them.
 func (l *Lab) destroy() {
-	for _, h := range l.Hosts {
+	for _, h := range append(slices.Clone(l.Containers), l.Hosts...) {
 		killAll(h.NS)
 		exec.Command("ip", "netns", "del", h.NS).Run()
 	}

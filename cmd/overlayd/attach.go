@@ -1,0 +1,218 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"github.com/overlayd/overlayd/internal/api"
+	"github.com/overlayd/overlayd/internal/atomicfile"
+	"github.com/overlayd/overlayd/internal/attach"
+)
+
+// attachFile keeps the attached containers across restarts.
+const attachFile = "attached.json"
+
+// attachments are the containers plumbed into the overlay, by ID.
+type attachments struct {
+	path string
+	byID map[string]*api.Attachment
+}
+
+func loadAttachments(dir string) (*attachments, error) {
+	a := &attachments{path: filepath.Join(dir, attachFile), byID: map[string]*api.Attachment{}}
+	b, err := os.ReadFile(a.path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return a, nil
+	case err != nil:
+		return nil, err
+	}
+	var list []*api.Attachment
+	if err := json.Unmarshal(b, &list); err != nil {
+		return nil, fmt.Errorf("%s is corrupt: %v: restore it, or remove it to forget the containers it lists", a.path, err)
+	}
+	for _, c := range list {
+		a.byID[c.ID] = c
+	}
+	return a, nil
+}
+
+func (a *attachments) save() error {
+	list := make([]*api.Attachment, 0, len(a.byID))
+	for _, id := range slices.Sorted(maps.Keys(a.byID)) {
+		list = append(list, a.byID[id])
+	}
+	b, err := json.MarshalIndent(list, "", "  ")
+	if err != nil {
+		return err
+	}
+	return atomicfile.Write(a.path, b)
+}
+
+// target resolves TARGET to a namespace path and a container ID: a name
+// under /run/netns (the ID is the name), or a path (the ID is the path).
+// The path must be a namespace file (on nsfs), so that nothing is
+// allocated for a target that cannot be attached.
+func target(t string) (path, id string, err error) {
+	switch {
+	case strings.Contains(t, "/"):
+		path, id = filepath.Clean(t), filepath.Clean(t)
+	default:
+		path, id = filepath.Join("/run/netns", t), t
+	}
+	var fs unix.Statfs_t
+	if err := unix.Statfs(path, &fs); err != nil || fs.Type != unix.NSFS_MAGIC {
+		return "", "", fmt.Errorf("%w: %s is not a network namespace (a name under /run/netns, or the path of one; PIDs and Docker containers are not supported yet)",
+			api.ErrBadRequest, t)
+	}
+	return path, id, nil
+}
+
+// containerMTU is the MTU of a container's veth: the overlay's, at most
+// Weave's 1410, which leaves room for encryption.
+func (d *daemon) containerMTU() int { return min(d.mtu, attach.MaxMTU) }
+
+// Attach implements api.Backend: addresses from IPAM (or the CIDRs,
+// claimed), the veth pair, and the name in DNS.
+func (d *daemon) Attach(ctx context.Context, req api.AttachRequest) (api.Attachment, error) {
+	path, id, err := target(req.Target)
+	if err != nil {
+		return api.Attachment{}, err
+	}
+	var addrs []netip.Prefix
+	if len(req.CIDRs) == 0 {
+		p, err := d.Alloc(ctx, id, netip.Prefix{})
+		if err != nil {
+			return api.Attachment{}, err
+		}
+		addrs = append(addrs, p)
+	}
+	for _, c := range req.CIDRs {
+		p, _ := api.ParseCIDR(c)
+		if d.alloc != nil {
+			if p, err = d.Claim(ctx, id, p); err != nil {
+				return api.Attachment{}, err
+			}
+		}
+		addrs = append(addrs, p)
+	}
+	d.amu.Lock()
+	defer d.amu.Unlock()
+	a := d.attached.byID[id]
+	if a == nil {
+		a = &api.Attachment{ID: id, NetNS: path, HostIface: attach.HostIface(id)}
+	}
+	for _, p := range addrs {
+		if !slices.Contains(a.Addresses, p) {
+			a.Addresses = append(a.Addresses, p)
+		}
+	}
+	var routes []netip.Prefix
+	for _, p := range a.Addresses {
+		if m := p.Masked(); !slices.Contains(routes, m) {
+			routes = append(routes, m)
+		}
+	}
+	mac, err := attach.Attach(attach.Spec{NetNS: path, Host: a.HostIface, MTU: d.containerMTU(), Addrs: a.Addresses, Routes: routes})
+	if err != nil {
+		if d.attached.byID[id] == nil {
+			for _, p := range addrs {
+				d.Release(context.WithoutCancel(ctx), id, p.Addr())
+			}
+		}
+		return api.Attachment{}, err
+	}
+	a.MAC = mac
+	if req.Name != "" {
+		a.Name = req.Name
+		for _, p := range addrs {
+			if _, err := d.DNSAdd(ctx, api.DNSRequest{Addresses: []string{p.Addr().String()}, Name: req.Name, ContainerID: id}); err != nil && !errors.Is(err, api.ErrDNSOff) {
+				return *a, err
+			}
+		}
+	}
+	d.attached.byID[id] = a
+	if err := d.attached.save(); err != nil {
+		return *a, err
+	}
+	d.log.Info("attached", zap.String("container", id), zap.Any("addr", a.Addresses), zap.String("name", a.Name))
+	return *a, nil
+}
+
+// Detach implements api.Backend: without CIDRs the veth pair goes and
+// every address is released (with its names); with CIDRs only those.
+func (d *daemon) Detach(ctx context.Context, req api.AttachRequest) error {
+	_, id, err := target(req.Target)
+	if err != nil {
+		// A namespace already gone can still be detached by name.
+		id = req.Target
+	}
+	d.amu.Lock()
+	defer d.amu.Unlock()
+	a := d.attached.byID[id]
+	if a == nil {
+		return fmt.Errorf("%w: %s is not attached", api.ErrBadRequest, req.Target)
+	}
+	var gone []netip.Prefix
+	for _, c := range req.CIDRs {
+		p, _ := api.ParseCIDR(c)
+		i := slices.IndexFunc(a.Addresses, func(q netip.Prefix) bool { return q.Addr() == p.Addr() })
+		if i < 0 {
+			return fmt.Errorf("%w: %s does not have %v", api.ErrBadRequest, req.Target, p.Addr())
+		}
+		gone = append(gone, a.Addresses[i])
+	}
+	if len(gone) == 0 || len(gone) == len(a.Addresses) {
+		if err := attach.Detach(a.HostIface); err != nil {
+			return err
+		}
+		gone = a.Addresses
+		delete(d.attached.byID, id)
+	} else {
+		if err := attach.RemoveAddrs(attach.Spec{NetNS: a.NetNS, Host: a.HostIface}, gone); err != nil {
+			return err
+		}
+		a.Addresses = slices.DeleteFunc(a.Addresses, func(p netip.Prefix) bool { return slices.Contains(gone, p) })
+	}
+	if err := d.attached.save(); err != nil {
+		return err
+	}
+	for _, p := range gone {
+		if d.alloc != nil {
+			if err := d.Release(ctx, id, p.Addr()); err != nil {
+				d.log.Warn("releasing a detached address", zap.String("container", id), zap.Stringer("addr", p), zap.Error(err))
+			}
+		} else {
+			d.forgetNames(ctx, p.Addr())
+		}
+	}
+	d.log.Info("detached", zap.String("container", id), zap.Any("addr", gone))
+	return nil
+}
+
+// Ps implements api.Backend.
+func (d *daemon) Ps(ctx context.Context) (api.PsResponse, error) {
+	d.mu.Lock()
+	ps := api.PsResponse{Peer: d.router.Name(), Exposed: slices.Clone(d.exposed), Containers: []api.Attachment{}}
+	d.mu.Unlock()
+	if ps.Exposed == nil {
+		ps.Exposed = []netip.Prefix{}
+	}
+	d.amu.Lock()
+	defer d.amu.Unlock()
+	for _, id := range slices.Sorted(maps.Keys(d.attached.byID)) {
+		ps.Containers = append(ps.Containers, *d.attached.byID[id])
+	}
+	return ps, nil
+}

@@ -1,0 +1,116 @@
+package lab_test
+
+import (
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/overlayd/overlayd/internal/lab"
+)
+
+// TestAttach plumbs containers (network namespaces) on two hosts into the
+// overlay: addresses from IPAM and given ones, ping and 1 MiB of TCP with
+// its content checked between every pair, names in DNS, ps, detach
+// freeing the address for the next attach, and bad targets.
+func TestAttach(t *testing.T) {
+	l := lab.New(t, bin, 2)
+	h1, h2 := l.Host(1), l.Host(2)
+	d1 := h1.Start("--range", "10.32.0.0/12")
+	d2 := h2.Start("--range", "10.32.0.0/12", "--peer", h1.Addr.String())
+	waitConnected(t, d1, 1, 5*time.Second)
+	c1, c2, c3 := l.AddContainer(), l.AddContainer(), l.AddContainer()
+
+	addrOf := func(out string) netip.Addr {
+		t.Helper()
+		p, err := netip.ParsePrefix(strings.TrimSpace(out))
+		if err != nil {
+			t.Fatalf("attach printed %q: %v", out, err)
+		}
+		return p.Addr()
+	}
+	a1 := addrOf(d1.MustCtl("attach", c1.NS, "--name", "web1"))
+	a2 := addrOf(d2.MustCtl("attach", c2.NS, "--name", "web2"))
+	a3 := addrOf(d2.MustCtl("attach", c3.NS, "10.32.200.3/12"))
+	if a3 != netip.MustParseAddr("10.32.200.3") {
+		t.Errorf("attach with a CIDR gave %v", a3)
+	}
+	if again := addrOf(d1.MustCtl("attach", c1.NS)); again != a1 {
+		t.Errorf("attaching c1 again gave %v, first %v", again, a1)
+	}
+	addrs := map[*lab.Host]netip.Addr{c1: a1, c2: a2, c3: a3}
+	for _, pair := range [][2]*lab.Host{{c1, c2}, {c2, c1}, {c1, c3}, {c3, c2}} {
+		from, to := pair[0], pair[1]
+		waitPing(t, from, addrs[to], 10*time.Second)
+		took, err := lab.TransferTCP(from, to, addrs[to], 7000, 1<<20, 20*time.Second)
+		if err != nil {
+			t.Fatalf("TCP %s -> %s: %v", from.NS, to.NS, err)
+		}
+		t.Logf("1 MiB %s -> %s in %v, content checked", from.NS, to.NS, took.Round(time.Millisecond))
+	}
+	// The container's end: MTU 1410, TX checksum offload off.
+	ctx := t.Context()
+	if out, err := c1.Exec(ctx, "ip", "-o", "link", "show", "ethwe0"); err != nil || !strings.Contains(out, "mtu 1410") {
+		t.Errorf("ethwe0 in c1: %v %s", err, out)
+	}
+	// Names registered with --name resolve on the other host.
+	lab.Eventually(t, 5*time.Second, "web1 known on h2", func() error {
+		out, errOut, code := d2.Ctl("dns-lookup", "web1")
+		if code != 0 || strings.TrimSpace(out) != a1.String() {
+			return fmt.Errorf("exit %d %q %q", code, out, errOut)
+		}
+		return nil
+	})
+
+	ps := d2.MustCtl("ps")
+	lines := strings.Split(strings.TrimSpace(ps), "\n")
+	if len(lines) != 3 || !strings.HasPrefix(lines[0], "weave:expose "+mustStatus(t, d2).Router.Name.String()) {
+		t.Fatalf("ps on h2:\n%s", ps)
+	}
+	for _, want := range []string{a2.String(), a3.String()} {
+		if !strings.Contains(ps, want+"/12") {
+			t.Errorf("ps lacks %s/12:\n%s", want, ps)
+		}
+	}
+
+	// Detach: the veth goes, the address and the name are released, and
+	// the next attach of the same container gets the address again.
+	d2.MustCtl("detach", c2.NS)
+	if out, _ := c2.Exec(ctx, "ip", "link", "show", "ethwe0"); !strings.Contains(out, "does not exist") {
+		t.Errorf("ethwe0 left in c2 after detach: %s", out)
+	}
+	lab.Eventually(t, 5*time.Second, "web2 gone on h1", func() error {
+		if _, _, code := d1.Ctl("dns-lookup", "web2"); code == 0 {
+			return fmt.Errorf("still there")
+		}
+		return nil
+	})
+	if again := addrOf(d2.MustCtl("attach", c2.NS)); again != a2 {
+		t.Errorf("re-attached after detach: %v, want the freed %v", again, a2)
+	}
+	waitPing(t, c1, a2, 10*time.Second)
+
+	// State: a restarted overlayd still lists its containers.
+	d2.Stop(5 * time.Second)
+	d2 = h2.Start("--range", "10.32.0.0/12", "--peer", h1.Addr.String())
+	if ps := d2.MustCtl("ps"); !strings.Contains(ps, a2.String()) || !strings.Contains(ps, a3.String()) {
+		t.Errorf("ps after a restart:\n%s", ps)
+	}
+
+	// Bad targets: a clear error, nothing left behind.
+	for _, bad := range []string{"no-such-netns", "/tmp/no/such/path", filepath.Join(l.Dir(), "h1.sock")} {
+		_, errOut, code := d1.Ctl("attach", bad)
+		if code != 1 || !strings.Contains(errOut, "is not a network namespace") {
+			t.Errorf("attach %s: exit %d, %q", bad, code, errOut)
+		}
+	}
+	if _, errOut, code := d1.Ctl("detach", c3.NS); code != 1 || !strings.Contains(errOut, "is not attached") {
+		t.Errorf("detach of a container attached elsewhere: exit %d, %q", code, errOut)
+	}
+	if st := mustStatus(t, d1); len(st.IPAM.Owned) != 1 {
+		t.Errorf("h1 holds %v after the bad attaches, want only c1's address", st.IPAM.Owned)
+	}
+
+}
