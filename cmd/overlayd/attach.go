@@ -146,6 +146,11 @@ func (d *daemon) Attach(ctx context.Context, req api.AttachRequest) (api.Attachm
 	if err := d.attached.save(); err != nil {
 		return *a, err
 	}
+	if path == filepath.Join("/run/netns", id) && d.names != nil {
+		if err := d.writeResolvConf(ctx, id); err != nil {
+			d.log.Warn("writing the container's resolv.conf", zap.String("container", id), zap.Error(err))
+		}
+	}
 	d.log.Info("attached", zap.String("container", id), zap.Any("addr", a.Addresses), zap.String("name", a.Name))
 	return *a, nil
 }
@@ -177,6 +182,7 @@ func (d *daemon) Detach(ctx context.Context, req api.AttachRequest) error {
 		if err := attach.Detach(a.HostIface); err != nil {
 			return err
 		}
+		removeResolvConf(id)
 		gone = a.Addresses
 		delete(d.attached.byID, id)
 	} else {
@@ -199,6 +205,47 @@ func (d *daemon) Detach(ctx context.Context, req api.AttachRequest) error {
 	}
 	d.log.Info("detached", zap.String("container", id), zap.Any("addr", gone))
 	return nil
+}
+
+// netnsEtc is where ip netns exec finds a namespace's own /etc files.
+const netnsEtc = "/etc/netns"
+
+// writeResolvConf points a named namespace's resolver at our DNS server,
+// with the domain to search, so that `ip netns exec NAME ping web2`
+// works. The server is reached at this host's overlay address: one is
+// exposed (from IPAM) if the host has none.
+func (d *daemon) writeResolvConf(ctx context.Context, name string) error {
+	addr := d.names.listen.Addr()
+	if addr.IsUnspecified() {
+		d.mu.Lock()
+		exposed := len(d.exposed) > 0
+		d.mu.Unlock()
+		if !exposed && d.alloc != nil {
+			if _, err := d.Expose(ctx, netip.Prefix{}); err != nil {
+				return fmt.Errorf("exposing an address for the DNS server: %w", err)
+			}
+		}
+		a, err := netip.ParseAddr(d.dnsAddress())
+		if err != nil {
+			return errors.New("this host has no overlay address for the DNS server: expose one")
+		}
+		addr = a
+	}
+	dir := filepath.Join(netnsEtc, name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	body := fmt.Sprintf("# written by overlayd attach\nnameserver %v\nsearch %s\n", addr, strings.TrimSuffix(d.cfg.DNSDomain, "."))
+	return atomicfile.Write(filepath.Join(dir, "resolv.conf"), []byte(body))
+}
+
+// removeResolvConf undoes writeResolvConf, if it wrote the file.
+func removeResolvConf(name string) {
+	p := filepath.Join(netnsEtc, name, "resolv.conf")
+	if b, err := os.ReadFile(p); err == nil && strings.HasPrefix(string(b), "# written by overlayd attach") {
+		os.Remove(p)
+		os.Remove(filepath.Dir(p)) // only if empty
+	}
 }
 
 // Ps implements api.Backend.

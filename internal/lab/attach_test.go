@@ -64,9 +64,26 @@ func TestAttach(t *testing.T) {
 		return nil
 	})
 
+	// In a named namespace attached with a name, the resolver is
+	// overlayd's: ping by name (glibc, through /etc/netns/NAME).
+	lab.Eventually(t, 5*time.Second, "web2 known on h1", func() error {
+		_, errOut, code := d1.Ctl("dns-lookup", "web2")
+		if code != 0 {
+			return fmt.Errorf("%s", errOut)
+		}
+		return nil
+	})
+	if out, err := c1.Exec(ctx, "ping", "-c", "2", "-W", "2", "web2"); err != nil || !strings.Contains(out, "web2.weave.local ("+a2.String()+")") {
+		t.Errorf("ping web2 in c1: %v\n%s", err, out)
+	}
+	if out, err := c1.Exec(ctx, "dig", "+short", "+time=2", "+tries=1", "web2.weave.local"); err != nil || strings.TrimSpace(out) != a2.String() {
+		t.Errorf("dig web2 in c1: %v %q", err, out)
+	}
+
 	ps := d2.MustCtl("ps")
 	lines := strings.Split(strings.TrimSpace(ps), "\n")
-	if len(lines) != 3 || !strings.HasPrefix(lines[0], "weave:expose "+mustStatus(t, d2).Router.Name.String()) {
+	// h2 exposed an address of its own for the containers' DNS server.
+	if len(lines) != 3 || !strings.HasPrefix(lines[0], "weave:expose "+mustStatus(t, d2).Router.Name.String()+" 10.") {
 		t.Fatalf("ps on h2:\n%s", ps)
 	}
 	for _, want := range []string{a2.String(), a3.String()} {
@@ -109,8 +126,8 @@ func TestAttach(t *testing.T) {
 	if _, errOut, code := d1.Ctl("detach", c3.NS); code != 1 || !strings.Contains(errOut, "is not attached") {
 		t.Errorf("detach of a container attached elsewhere: exit %d, %q", code, errOut)
 	}
-	if st := mustStatus(t, d1); len(st.IPAM.Owned) != 1 {
-		t.Errorf("h1 holds %v after the bad attaches, want only c1's address", st.IPAM.Owned)
+	if st := mustStatus(t, d1); len(st.IPAM.Owned) != 2 {
+		t.Errorf("h1 holds %v after the bad attaches, want only c1's address and the one it exposed", st.IPAM.Owned)
 	}
 
 }

@@ -153,6 +153,7 @@ func (l *Lab) destroy() {
 	for _, h := range append(slices.Clone(l.Containers), l.Hosts...) {
 		killAll(h.NS)
 		exec.Command("ip", "netns", "del", h.NS).Run()
+		os.RemoveAll("/etc/netns/" + h.NS) // written by overlayctl attach
 	}
 	killAll(l.Switch)
 	exec.Command("ip", "netns", "del", l.Switch).Run()
