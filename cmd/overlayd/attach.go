@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"time"
 
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
@@ -27,10 +28,11 @@ const attachFile = "attached.json"
 type attachments struct {
 	path string
 	byID map[string]*api.Attachment
+	gone map[string]time.Time // since when a container's veth is missing
 }
 
 func loadAttachments(dir string) (*attachments, error) {
-	a := &attachments{path: filepath.Join(dir, attachFile), byID: map[string]*api.Attachment{}}
+	a := &attachments{path: filepath.Join(dir, attachFile), byID: map[string]*api.Attachment{}, gone: map[string]time.Time{}}
 	b, err := os.ReadFile(a.path)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
@@ -134,6 +136,7 @@ func (d *daemon) Attach(ctx context.Context, req api.AttachRequest) (api.Attachm
 		return api.Attachment{}, err
 	}
 	a.MAC = mac
+	delete(d.attached.gone, id)
 	if req.Name != "" {
 		a.Name = req.Name
 		for _, p := range addrs {
@@ -245,6 +248,67 @@ func removeResolvConf(name string) {
 	if b, err := os.ReadFile(p); err == nil && strings.HasPrefix(string(b), "# written by overlayd attach") {
 		os.Remove(p)
 		os.Remove(filepath.Dir(p)) // only if empty
+	}
+}
+
+// watchContainers notices containers that went away (their namespace
+// was deleted, which takes the veth pair with it) and, after
+// --release-grace, releases their addresses and names. A container that
+// comes back in time and is attached again keeps them. It also finishes
+// what a restart interrupted: attachments whose pair is gone are released
+// the same way.
+func (d *daemon) watchContainers(ctx context.Context) error {
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case now := <-tick.C:
+			d.reapContainers(ctx, now)
+		}
+	}
+}
+
+func (d *daemon) reapContainers(ctx context.Context, now time.Time) {
+	d.amu.Lock()
+	defer d.amu.Unlock()
+	changed := false
+	for _, id := range slices.Sorted(maps.Keys(d.attached.byID)) {
+		a := d.attached.byID[id]
+		if attach.Exists(a.HostIface) {
+			delete(d.attached.gone, id)
+			continue
+		}
+		since, ok := d.attached.gone[id]
+		if !ok {
+			d.attached.gone[id] = now
+			d.log.Info("container gone; its addresses are kept for the grace period", zap.String("container", id),
+				zap.Duration("grace", d.cfg.ReleaseGrace))
+			since = now
+		}
+		if now.Sub(since) < d.cfg.ReleaseGrace {
+			continue
+		}
+		delete(d.attached.gone, id)
+		delete(d.attached.byID, id)
+		changed = true
+		removeResolvConf(id)
+		for _, p := range a.Addresses {
+			if d.alloc != nil {
+				if err := d.Release(ctx, id, p.Addr()); err != nil {
+					d.log.Warn("releasing the address of a container gone", zap.String("container", id), zap.Error(err))
+				}
+			} else {
+				d.forgetNames(ctx, p.Addr())
+			}
+		}
+		d.log.Info("released the addresses of a container gone", zap.String("container", id), zap.Any("addr", a.Addresses))
+	}
+	if changed {
+		if err := d.attached.save(); err != nil {
+			d.log.Error("saving the attached containers", zap.Error(err))
+		}
 	}
 }
 

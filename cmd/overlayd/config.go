@@ -8,6 +8,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"go.uber.org/zap/zapcore"
 
@@ -49,6 +50,7 @@ type options struct {
 	dnsTTL        int
 	noDNS         bool
 	resolvConf    string
+	releaseGrace  time.Duration
 }
 
 // config is the validated configuration of one daemon.
@@ -75,6 +77,7 @@ type config struct {
 	DNSDomain     string         // lower case, with its trailing dot
 	DNSTTL        uint32
 	ResolvConf    string
+	ReleaseGrace  time.Duration // a container gone this long loses its addresses
 }
 
 // usageError is a bad flag value: exit code 2.
@@ -175,6 +178,10 @@ func (o *options) validate(positional []string) (*config, error) {
 	if err := o.dns(c); err != nil {
 		return nil, err
 	}
+	if o.releaseGrace < 0 {
+		return nil, badFlag("--release-grace %v: want 0 or more", o.releaseGrace)
+	}
+	c.ReleaseGrace = o.releaseGrace
 	if o.metricsAddr != "" {
 		host, port, err := net.SplitHostPort(o.metricsAddr)
 		n, perr := strconv.Atoi(port)

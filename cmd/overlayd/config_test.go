@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/overlayd/overlayd/ipalloc"
 )
@@ -13,7 +14,7 @@ import (
 func defaults() options {
 	return options{rangeCIDR: defaultRange, port: 6783, connLimit: 200, iface: defaultIface, socket: "/tmp/x.sock",
 		stateDir: "/tmp/state", logLevel: "info", nickname: "me", dnsDomain: "weave.local.", dnsTTL: 1,
-		resolvConf: "/etc/resolv.conf"}
+		resolvConf: "/etc/resolv.conf", releaseGrace: 30 * time.Second}
 }
 
 func TestDNSFlags(t *testing.T) {

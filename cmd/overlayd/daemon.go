@@ -204,6 +204,7 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 	if d.alloc != nil {
 		g.Go(func() error { return d.alloc.Run(gctx) })
 	}
+	g.Go(func() error { return d.watchContainers(gctx) })
 	if d.names != nil {
 		g.Go(func() error { return d.names.store.Run(gctx) })
 		g.Go(func() error { return d.names.server.Run(gctx) })

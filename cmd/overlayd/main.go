@@ -17,6 +17,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -89,6 +90,7 @@ for --range and --default-subnet.`,
 	f.StringVar(&o.dnsDomain, "dns-domain", names.DefaultDomain, "domain of the container names (a trailing dot is added)")
 	f.IntVar(&o.dnsTTL, "dns-ttl", 1, "TTL of DNS answers for container names, in seconds")
 	f.StringVar(&o.resolvConf, "resolv-conf", "/etc/resolv.conf", "file listing the upstream DNS servers for other names (read again when it changes)")
+	f.DurationVar(&o.releaseGrace, "release-grace", 30*time.Second, "how long the addresses and names of an attached container that went away stay reserved for it")
 	f.StringVar(&o.iface, "iface", defaultIface, "name of the TUN device to create")
 	f.IntVar(&o.mtu, "mtu", 0, "MTU of the TUN device (default: smallest underlay MTU minus 44 bytes of overhead)")
 	f.StringVar(&o.socket, "socket", socketDefault(), "control API unix socket (also $OVERLAY_SOCKET)")

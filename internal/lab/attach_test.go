@@ -3,6 +3,7 @@ package lab_test
 import (
 	"fmt"
 	"net/netip"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -111,9 +112,32 @@ func TestAttach(t *testing.T) {
 
 	// State: a restarted overlayd still lists its containers.
 	d2.Stop(5 * time.Second)
-	d2 = h2.Start("--range", "10.32.0.0/12", "--peer", h1.Addr.String())
+	d2 = h2.Start("--range", "10.32.0.0/12", "--peer", h1.Addr.String(), "--release-grace", "1s")
 	if ps := d2.MustCtl("ps"); !strings.Contains(ps, a2.String()) || !strings.Contains(ps, a3.String()) {
 		t.Errorf("ps after a restart:\n%s", ps)
+	}
+
+	// A container that goes away (its namespace deleted) loses its
+	// address after the grace period.
+	if out, err := exec.Command("ip", "netns", "del", c3.NS).CombinedOutput(); err != nil {
+		t.Fatalf("deleting %s: %v %s", c3.NS, err, out)
+	}
+	gone := time.Now()
+	lab.Eventually(t, 10*time.Second, "c3's address released", func() error {
+		for _, o := range mustStatus(t, d2).IPAM.Owned {
+			if o.Address.Addr() == a3 {
+				return fmt.Errorf("%v still held", a3)
+			}
+		}
+		if ps := d2.MustCtl("ps"); strings.Contains(ps, a3.String()) {
+			return fmt.Errorf("ps still lists it:\n%s", ps)
+		}
+		return nil
+	})
+	if took := time.Since(gone); took < time.Second {
+		t.Errorf("released %v after the namespace went, before the 1 s grace", took)
+	} else {
+		t.Logf("c3's address released %v after its namespace was deleted (grace 1 s)", took.Round(100*time.Millisecond))
 	}
 
 	// Bad targets: a clear error, nothing left behind.
@@ -123,7 +147,7 @@ func TestAttach(t *testing.T) {
 			t.Errorf("attach %s: exit %d, %q", bad, code, errOut)
 		}
 	}
-	if _, errOut, code := d1.Ctl("detach", c3.NS); code != 1 || !strings.Contains(errOut, "is not attached") {
+	if _, errOut, code := d1.Ctl("detach", c2.NS); code != 1 || !strings.Contains(errOut, "is not attached") {
 		t.Errorf("detach of a container attached elsewhere: exit %d, %q", code, errOut)
 	}
 	if st := mustStatus(t, d1); len(st.IPAM.Owned) != 2 {
