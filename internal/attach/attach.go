@@ -103,10 +103,8 @@ func Attach(s Spec) (mac string, err error) {
 			return "", fmt.Errorf("attach: address %v on %s: %w", p, Iface, err)
 		}
 	}
-	for _, l := range []netlink.Link{inner} {
-		if err := in.LinkSetUp(l); err != nil {
-			return "", fmt.Errorf("attach: %w", err)
-		}
+	if err := in.LinkSetUp(inner); err != nil {
+		return "", fmt.Errorf("attach: %w", err)
 	}
 	if lo, err := in.LinkByName("lo"); err == nil {
 		in.LinkSetUp(lo)
@@ -124,17 +122,12 @@ func Attach(s Spec) (mac string, err error) {
 		return "", fmt.Errorf("attach: turning off TX checksum offload on %s: %w", Iface, err)
 	}
 
-	for _, f := range []string{"ipv4/ip_forward"} {
-		if err := sysctl(f, "1"); err != nil {
-			return "", err
-		}
-	}
-	for _, f := range []string{"ipv4/conf/" + s.Host + "/proxy_arp", "ipv4/neigh/" + s.Host + "/proxy_delay"} {
-		v := "1"
-		if f == "ipv4/neigh/"+s.Host+"/proxy_delay" {
-			v = "0" // answer ARP at once, not after up to 0.8 s
-		}
-		if err := sysctl(f, v); err != nil {
+	for _, kv := range [][2]string{
+		{"ipv4/ip_forward", "1"},
+		{"ipv4/conf/" + s.Host + "/proxy_arp", "1"},
+		{"ipv4/neigh/" + s.Host + "/proxy_delay", "0"}, // answer ARP at once, not after up to 0.8 s
+	} {
+		if err := sysctl(kv[0], kv[1]); err != nil {
 			return "", err
 		}
 	}
