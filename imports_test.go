@@ -56,6 +56,8 @@ var allowed = []struct {
 	{"names/resolver", []string{"names"}},
 	{"internal/atomicfile", nil},
 	{"internal/attach", nil},
+	{"internal/dockerplugin", nil},
+	{"internal/firewall", nil},
 	{"peering", []string{"proto", "tun", "peering/conn", "peering/gossip", "peering/handshake", "peering/link", "peering/routes", "peering/topology"}},
 	{"internal/netconf", nil},
 	{"internal/buildinfo", nil},

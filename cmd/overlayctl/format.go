@@ -60,6 +60,11 @@ func writeStatus(w io.Writer, st *api.Status) {
 		label(w, "TTL", st.DNS.TTL)
 		label(w, "Entries", st.DNS.Live)
 	}
+	if st.Plugin.Enabled {
+		fmt.Fprintln(w)
+		label(w, "Service", "plugin")
+		label(w, "DriverName", st.Plugin.DriverName)
+	}
 	fmt.Fprintln(w)
 }
 

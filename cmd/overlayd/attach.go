@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -62,23 +63,43 @@ func (a *attachments) save() error {
 	return atomicfile.Write(a.path, b)
 }
 
-// target resolves TARGET to a namespace path and a container ID: a name
-// under /run/netns (the ID is the name), or a path (the ID is the path).
+// target resolves TARGET to a namespace path, a container ID and, for a
+// Docker container, its name:
+//   - a path (the ID is the path);
+//   - a PID: its process's namespace (the ID is pid:PID);
+//   - a name under /run/netns (the ID is the name);
+//   - else a Docker container name or ID (the ID is Docker's full ID).
+//
 // The path must be a namespace file (on nsfs), so that nothing is
 // allocated for a target that cannot be attached.
-func target(t string) (path, id string, err error) {
+func (d *daemon) target(ctx context.Context, t string) (path, id, name string, err error) {
+	_, pidErr := strconv.ParseUint(t, 10, 31)
 	switch {
+	case t == "":
+		return "", "", "", fmt.Errorf("%w: no target given", api.ErrBadRequest)
 	case strings.Contains(t, "/"):
 		path, id = filepath.Clean(t), filepath.Clean(t)
-	default:
+	case pidErr == nil:
+		path, id = filepath.Join("/proc", t, "ns/net"), "pid:"+t
+		if _, err := os.Stat(filepath.Join("/proc", t)); err != nil {
+			return "", "", "", fmt.Errorf("%w: there is no process %s", api.ErrBadRequest, t)
+		}
+	case isNetns(filepath.Join("/run/netns", t)):
 		path, id = filepath.Join("/run/netns", t), t
+	default:
+		return d.dockerTarget(ctx, t)
 	}
-	var fs unix.Statfs_t
-	if err := unix.Statfs(path, &fs); err != nil || fs.Type != unix.NSFS_MAGIC {
-		return "", "", fmt.Errorf("%w: %s is not a network namespace (a name under /run/netns, or the path of one; PIDs and Docker containers are not supported yet)",
+	if !isNetns(path) {
+		return "", "", "", fmt.Errorf("%w: %s is not a network namespace (a name under /run/netns or the path of one, a PID, or a Docker container)",
 			api.ErrBadRequest, t)
 	}
-	return path, id, nil
+	return path, id, "", nil
+}
+
+// isNetns reports whether path is a namespace file.
+func isNetns(path string) bool {
+	var fs unix.Statfs_t
+	return unix.Statfs(path, &fs) == nil && fs.Type == unix.NSFS_MAGIC
 }
 
 // containerMTU is the MTU of a container's veth: the overlay's, at most
@@ -88,9 +109,12 @@ func (d *daemon) containerMTU() int { return min(d.mtu, attach.MaxMTU) }
 // Attach implements api.Backend: addresses from IPAM (or the CIDRs,
 // claimed), the veth pair, and the name in DNS.
 func (d *daemon) Attach(ctx context.Context, req api.AttachRequest) (api.Attachment, error) {
-	path, id, err := target(req.Target)
+	path, id, dockerName, err := d.target(ctx, req.Target)
 	if err != nil {
 		return api.Attachment{}, err
+	}
+	if req.Name == "" && dockerName != "" && d.names != nil {
+		req.Name = dockerName // a Docker container is known by its name
 	}
 	var addrs []netip.Prefix
 	if len(req.CIDRs) == 0 {
@@ -161,13 +185,19 @@ func (d *daemon) Attach(ctx context.Context, req api.AttachRequest) (api.Attachm
 // Detach implements api.Backend: without CIDRs the veth pair goes and
 // every address is released (with its names); with CIDRs only those.
 func (d *daemon) Detach(ctx context.Context, req api.AttachRequest) error {
-	_, id, err := target(req.Target)
-	if err != nil {
-		// A namespace already gone can still be detached by name.
-		id = req.Target
-	}
+	_, id, _, err := d.target(ctx, req.Target)
 	d.amu.Lock()
 	defer d.amu.Unlock()
+	if err != nil {
+		// A container already gone can still be detached: by the ID
+		// or name it was attached under, or a prefix of its Docker ID.
+		id = req.Target
+		for _, a := range d.attached.byID {
+			if a.Name == req.Target || len(req.Target) >= 12 && strings.HasPrefix(a.ID, req.Target) {
+				id = a.ID
+			}
+		}
+	}
 	a := d.attached.byID[id]
 	if a == nil {
 		return fmt.Errorf("%w: %s is not attached", api.ErrBadRequest, req.Target)
@@ -324,6 +354,9 @@ func (d *daemon) Ps(ctx context.Context) (api.PsResponse, error) {
 	defer d.amu.Unlock()
 	for _, id := range slices.Sorted(maps.Keys(d.attached.byID)) {
 		ps.Containers = append(ps.Containers, *d.attached.byID[id])
+	}
+	if d.plugin != nil {
+		ps.Containers = append(ps.Containers, d.plugin.attachments()...)
 	}
 	return ps, nil
 }

@@ -51,6 +51,12 @@ type options struct {
 	noDNS         bool
 	resolvConf    string
 	releaseGrace  time.Duration
+	dockerPlugin  bool
+	dockerAPI     string
+	pluginName    string
+	pluginDir     string
+	dockerNetwork string
+	noFirewall    bool
 }
 
 // config is the validated configuration of one daemon.
@@ -78,6 +84,12 @@ type config struct {
 	DNSTTL        uint32
 	ResolvConf    string
 	ReleaseGrace  time.Duration // a container gone this long loses its addresses
+	DockerPlugin  bool          // serve the network and IPAM drivers
+	DockerAPI     string        // the engine's API: unix:///var/run/docker.sock; "": none
+	PluginName    string        // driver name = socket name in PluginDir
+	PluginDir     string
+	DockerNetwork string // created at start with the drivers; "": none
+	Firewall      bool   // FORWARD rules for the containers' traffic
 }
 
 // usageError is a bad flag value: exit code 2.
@@ -182,6 +194,9 @@ func (o *options) validate(positional []string) (*config, error) {
 		return nil, badFlag("--release-grace %v: want 0 or more", o.releaseGrace)
 	}
 	c.ReleaseGrace = o.releaseGrace
+	if err := o.docker(c); err != nil {
+		return nil, err
+	}
 	if o.metricsAddr != "" {
 		host, port, err := net.SplitHostPort(o.metricsAddr)
 		n, perr := strconv.Atoi(port)
@@ -272,6 +287,45 @@ func (o *options) dns(c *config) error {
 		c.DNSListen = ap
 	}
 	return nil
+}
+
+// docker checks the Docker flags.
+func (o *options) docker(c *config) error {
+	c.DockerAPI, c.Firewall = o.dockerAPI, !o.noFirewall
+	if c.DockerAPI != "" && !strings.HasPrefix(c.DockerAPI, "unix:///") && !strings.HasPrefix(c.DockerAPI, "tcp://") {
+		return badFlag("invalid --docker-api %q: want unix:///PATH or tcp://HOST:PORT", c.DockerAPI)
+	}
+	if !o.dockerPlugin {
+		return nil
+	}
+	switch {
+	case !c.Range.IsValid():
+		return badFlag("--docker-plugin needs IPAM: give --range")
+	case c.DockerAPI == "":
+		return badFlag("--docker-plugin needs the Docker API: --docker-api must not be empty")
+	case !c.Firewall:
+		return badFlag("--docker-plugin needs the firewall rules: drop --no-firewall")
+	case !validPluginName(o.pluginName):
+		return badFlag("invalid --docker-plugin-name %q: want letters, digits, '-' and '_', such as weavemesh", o.pluginName)
+	case o.pluginDir == "":
+		return badFlag("--docker-plugin-dir must not be empty")
+	case o.dockerNetwork != "" && !validPluginName(o.dockerNetwork):
+		return badFlag("invalid --docker-network %q: want letters, digits, '-' and '_', such as weave", o.dockerNetwork)
+	}
+	c.DockerPlugin, c.PluginName, c.PluginDir, c.DockerNetwork = true, o.pluginName, o.pluginDir, o.dockerNetwork
+	return nil
+}
+
+func validPluginName(s string) bool {
+	if s == "" || len(s) > 64 {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_') {
+			return false
+		}
+	}
+	return true
 }
 
 // parseListen reads IP:PORT, IP (port 53) or :PORT (every address).

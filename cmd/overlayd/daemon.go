@@ -11,12 +11,15 @@ import (
 	"slices"
 	"sync"
 
+	"github.com/moby/moby/client"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/overlayd/overlayd/internal/api"
 	"github.com/overlayd/overlayd/internal/buildinfo"
+	"github.com/overlayd/overlayd/internal/dockerplugin"
+	"github.com/overlayd/overlayd/internal/firewall"
 	"github.com/overlayd/overlayd/internal/metrics"
 	"github.com/overlayd/overlayd/internal/netconf"
 	"github.com/overlayd/overlayd/ipalloc"
@@ -53,6 +56,9 @@ type daemon struct {
 	mtu      int          // of the TUN device
 	amu      sync.Mutex   // serialises attach and detach; taken before mu
 	attached *attachments // guarded by amu
+
+	docker *client.Client // nil without Docker
+	plugin *plugin        // nil without --docker-plugin
 }
 
 var _ api.Backend = (*daemon)(nil)
@@ -120,6 +126,22 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 		undo = append(undo, func() { netconf.DelRoute(cfg.Iface, cfg.Range) })
 	}
 
+	var fw *firewall.Rules
+	if cfg.Firewall {
+		if fw, err = firewall.New(cfg.Iface); err == nil {
+			err = fw.Install()
+		}
+		switch {
+		case err != nil && cfg.DockerPlugin:
+			return startError{err}
+		case err != nil:
+			log.Warn("no FORWARD rules for the containers' traffic: it passes only if the FORWARD policy lets it", zap.Error(err))
+			fw = nil
+		default:
+			undo = append(undo, func() { fw.Remove() })
+		}
+	}
+
 	var seed [16]byte
 	crand.Read(seed[:])
 	attached, err := loadAttachments(cfg.StateDir)
@@ -127,6 +149,12 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 		return startError{err}
 	}
 	d := &daemon{cfg: cfg, log: log, mtu: mtu, attached: attached}
+	if cfg.DockerAPI != "" && (cfg.DockerPlugin || dockerSocketExists(cfg.DockerAPI)) {
+		if d.docker, err = newDockerClient(cfg.DockerAPI); err != nil {
+			return startError{err}
+		}
+		undo = append(undo, func() { d.docker.Close() })
+	}
 	router, err := peering.New(peering.Config{
 		Name: name, Nickname: cfg.Nickname, Range: cfg.Range, MTU: mtu,
 		Discovery: cfg.Discovery, ConnLimit: cfg.ConnLimit,
@@ -162,6 +190,16 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 			return startError{err}
 		}
 		undo = append(undo, d.names.server.Close)
+	}
+	var plug *dockerplugin.Server
+	if cfg.DockerPlugin {
+		if d.plugin, err = loadPlugin(d); err != nil {
+			return startError{err}
+		}
+		if plug, err = dockerplugin.Listen(cfg.PluginDir, cfg.PluginName, d.plugin, log.Named("plugin")); err != nil {
+			return startError{err}
+		}
+		undo = append(undo, plug.Close)
 	}
 	srv, err := api.Listen(cfg.Socket, d, buildinfo.Version, log.Named("api"))
 	if err != nil {
@@ -205,6 +243,16 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 		g.Go(func() error { return d.alloc.Run(gctx) })
 	}
 	g.Go(func() error { return d.watchContainers(gctx) })
+	if plug != nil {
+		log.Info("Docker plugin started", zap.String("socket", plug.Path()), zap.String("driver", cfg.PluginName))
+		g.Go(func() error { return plug.Run(gctx) })
+		if cfg.DockerNetwork != "" {
+			g.Go(func() error { return d.ensureNetwork(gctx) })
+		}
+	}
+	if d.docker != nil {
+		g.Go(func() error { return d.watchDocker(gctx) })
+	}
 	if d.names != nil {
 		g.Go(func() error { return d.names.store.Run(gctx) })
 		g.Go(func() error { return d.names.server.Run(gctx) })
@@ -231,6 +279,14 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 			log.Warn("removing the range route", zap.Error(err))
 		}
 	}
+	if fw != nil {
+		if err := fw.Remove(); err != nil {
+			log.Warn("removing the FORWARD rules", zap.Error(err))
+		}
+	}
+	if d.docker != nil {
+		d.docker.Close()
+	}
 	log.Info("overlayd stopped")
 	return runErr
 }
@@ -254,6 +310,9 @@ func (d *daemon) Status(ctx context.Context) (api.Status, error) {
 		return api.Status{}, err
 	}
 	st.DNS.Entries = nil // they can be many: GET /v1/dns has them
+	if d.plugin != nil {
+		st.Plugin = d.plugin.status()
+	}
 	return st, nil
 }
 

@@ -25,6 +25,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/overlayd/overlayd/internal/buildinfo"
+	"github.com/overlayd/overlayd/internal/dockerplugin"
 	"github.com/overlayd/overlayd/names"
 	"github.com/overlayd/overlayd/peering"
 	"github.com/overlayd/overlayd/proto"
@@ -91,6 +92,12 @@ for --range and --default-subnet.`,
 	f.IntVar(&o.dnsTTL, "dns-ttl", 1, "TTL of DNS answers for container names, in seconds")
 	f.StringVar(&o.resolvConf, "resolv-conf", "/etc/resolv.conf", "file listing the upstream DNS servers for other names (read again when it changes)")
 	f.DurationVar(&o.releaseGrace, "release-grace", 30*time.Second, "how long the addresses and names of an attached container that went away stay reserved for it")
+	f.BoolVar(&o.dockerPlugin, "docker-plugin", false, "serve Docker's network and IPAM drivers (--docker-plugin-name) and create the network --docker-network")
+	f.StringVar(&o.pluginName, "docker-plugin-name", "weavemesh", "name of the Docker network and IPAM drivers: the socket is DIR/NAME.sock")
+	f.StringVar(&o.pluginDir, "docker-plugin-dir", dockerplugin.Dir, "directory where Docker finds plugin sockets")
+	f.StringVar(&o.dockerNetwork, "docker-network", "weave", "Docker network created at start with --docker-plugin (\"\": none)")
+	f.StringVar(&o.dockerAPI, "docker-api", dockerAPIDefault(), "Docker engine API, for container targets, names and liveness (\"\": none; default $DOCKER_HOST)")
+	f.BoolVar(&o.noFirewall, "no-firewall", false, "do not add the iptables FORWARD rules that let containers' traffic through (Docker sets FORWARD to DROP)")
 	f.StringVar(&o.iface, "iface", defaultIface, "name of the TUN device to create")
 	f.IntVar(&o.mtu, "mtu", 0, "MTU of the TUN device (default: smallest underlay MTU minus 44 bytes of overhead)")
 	f.StringVar(&o.socket, "socket", socketDefault(), "control API unix socket (also $OVERLAY_SOCKET)")

@@ -105,6 +105,17 @@ type Status struct {
 	Router  peering.Status `json:"router"`
 	IPAM    IPAMStatus     `json:"ipam"`
 	DNS     DNSStatus      `json:"dns"`
+	Plugin  PluginStatus   `json:"plugin"`
+}
+
+// PluginStatus is the Docker plugin's section of Status.
+type PluginStatus struct {
+	Enabled    bool   `json:"enabled"`
+	DriverName string `json:"driverName"` // of the network and the IPAM driver
+	Socket     string `json:"socket"`
+	Network    string `json:"network"` // created at start; "" for none
+	Networks   int    `json:"networks"`
+	Endpoints  int    `json:"endpoints"`
 }
 
 // DNSStatus is the name server's section of Status.

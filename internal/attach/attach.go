@@ -122,28 +122,78 @@ func Attach(s Spec) (mac string, err error) {
 		return "", fmt.Errorf("attach: turning off TX checksum offload on %s: %w", Iface, err)
 	}
 
-	for _, kv := range [][2]string{
-		{"ipv4/ip_forward", "1"},
-		{"ipv4/conf/" + s.Host + "/proxy_arp", "1"},
-		{"ipv4/neigh/" + s.Host + "/proxy_delay", "0"}, // answer ARP at once, not after up to 0.8 s
-	} {
-		if err := sysctl(kv[0], kv[1]); err != nil {
-			return "", err
-		}
-	}
-	if err := netlink.LinkSetMTU(host, s.MTU); err != nil {
-		return "", fmt.Errorf("attach: MTU of %s: %w", s.Host, err)
-	}
-	if err := netlink.LinkSetUp(host); err != nil {
-		return "", fmt.Errorf("attach: %w", err)
-	}
-	for _, p := range s.Addrs {
-		rt := &netlink.Route{LinkIndex: host.Attrs().Index, Dst: ipnet(netip.PrefixFrom(p.Addr(), 32)), Scope: netlink.SCOPE_LINK}
-		if err := netlink.RouteReplace(rt); err != nil {
-			return "", fmt.Errorf("attach: route to %v through %s: %w", p.Addr(), s.Host, err)
-		}
+	if err := plugHost(host, s.MTU, s.Addrs); err != nil {
+		return "", err
 	}
 	return inner.Attrs().HardwareAddr.String(), nil
+}
+
+// plugHost sets up the host end of a pair: proxy ARP answered at once,
+// forwarding on, the MTU, up, and a /32 route per address.
+func plugHost(host netlink.Link, mtu int, addrs []netip.Prefix) error {
+	name := host.Attrs().Name
+	for _, kv := range [][2]string{
+		{"ipv4/ip_forward", "1"},
+		{"ipv4/conf/" + name + "/proxy_arp", "1"},
+		{"ipv4/neigh/" + name + "/proxy_delay", "0"}, // answer ARP at once, not after up to 0.8 s
+	} {
+		if err := sysctl(kv[0], kv[1]); err != nil {
+			return err
+		}
+	}
+	if err := netlink.LinkSetMTU(host, mtu); err != nil {
+		return fmt.Errorf("attach: MTU of %s: %w", name, err)
+	}
+	if err := netlink.LinkSetUp(host); err != nil {
+		return fmt.Errorf("attach: %w", err)
+	}
+	for _, p := range addrs {
+		rt := &netlink.Route{LinkIndex: host.Attrs().Index, Dst: ipnet(netip.PrefixFrom(p.Addr(), 32)), Scope: netlink.SCOPE_LINK}
+		if err := netlink.RouteReplace(rt); err != nil {
+			return fmt.Errorf("attach: route to %v through %s: %w", p.Addr(), name, err)
+		}
+	}
+	return nil
+}
+
+// Pair makes the plumbing of a container that Docker starts (the network
+// plugin): a veth pair in our namespace whose end inner Docker moves into
+// the container, renamed ethwe0. inner gets the MTU, the MAC if one is
+// given and TX checksum offload off; the host end is set up as Attach
+// does. It is idempotent, and returns inner's MAC.
+func Pair(host, inner string, mtu int, mac net.HardwareAddr, addrs []netip.Prefix) (_ string, err error) {
+	h, err := netlink.LinkByName(host)
+	created := false
+	if err != nil {
+		la := netlink.NewLinkAttrs()
+		la.Name, la.MTU = host, mtu
+		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: la, PeerName: inner, PeerHardwareAddr: mac}); err != nil {
+			return "", fmt.Errorf("attach: creating the veth pair %s: %w", host, err)
+		}
+		created = true
+		if h, err = netlink.LinkByName(host); err != nil {
+			return "", fmt.Errorf("attach: %w", err)
+		}
+	}
+	defer func() {
+		if err != nil && created {
+			netlink.LinkDel(h)
+		}
+	}()
+	in, err := netlink.LinkByName(inner)
+	if err != nil {
+		return "", fmt.Errorf("attach: %s, the container end of %s: %w", inner, host, err)
+	}
+	if err := netlink.LinkSetMTU(in, mtu); err != nil {
+		return "", fmt.Errorf("attach: MTU of %s: %w", inner, err)
+	}
+	if err := txChecksumOff(inner); err != nil {
+		return "", fmt.Errorf("attach: turning off TX checksum offload on %s: %w", inner, err)
+	}
+	if err := plugHost(h, mtu, addrs); err != nil {
+		return "", err
+	}
+	return in.Attrs().HardwareAddr.String(), nil
 }
 
 // RemoveAddrs takes addresses off ethwe0, and their host routes.
