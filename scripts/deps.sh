@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # deps.sh: install what building, testing and the demo need on a fresh
-# Debian machine (run as root): iproute2, ping, nftables, setpriv, dig,
-# dnsperf, Go modules.
+# Debian machine (run as root): iproute2, ping, nftables, iptables,
+# setpriv, dig, dnsperf, ethtool, busybox-static, Go modules.
 # Go itself must be 1.21 or newer; it fetches the toolchain go.mod names.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,9 @@ command -v nft >/dev/null || need+=(nftables)
 command -v setpriv >/dev/null || need+=(util-linux)
 command -v dig >/dev/null || need+=(dnsutils)
 command -v dnsperf >/dev/null || need+=(dnsperf)
+command -v iptables >/dev/null || need+=(iptables)
+command -v ethtool >/dev/null || need+=(ethtool)
+[ -x /bin/busybox ] && /bin/busybox --list | grep -qx nslookup || need+=(busybox-static) # the Docker tests' image
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "deps.sh: missing ${need[*]}; run as root to install them" >&2

@@ -2,7 +2,9 @@
 # test.sh: every test of the project: unit, property, fuzz seed corpora,
 # meta tests, and the end-to-end tests that run the real binaries in network
 # namespaces (root needed; with CI=true they fail rather than skip without
-# it). The daemons under test are built with the race detector.
+# it), the Docker ones beside the machine's Docker engine, which
+# docker-up.sh starts if it is stopped. The daemons under test are built
+# with the race detector.
 #
 # The allocator's simulation (1,000 random schedules of 50-120 peers) runs
 # without the race detector: it is one goroutine per schedule, so the
@@ -11,6 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh
+./scripts/docker-up.sh
 go vet ./...
 OVERLAYD_RACE=1 go test -race -count=1 -timeout 15m $(go list ./... | grep -v /ipalloc/ipalloctest)
 go test -count=1 -timeout 15m -v ./ipalloc/ipalloctest | grep -E '^(---|ok|FAIL|panic)|schedules in|replay'

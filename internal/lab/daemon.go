@@ -114,6 +114,11 @@ func (h *Host) Spawn(args ...string) *Daemon {
 		close(d.done)
 	}()
 	l.t.Cleanup(func() {
+		if aliasNS(h.NS) {
+			// On the machine itself: a clean stop takes the
+			// daemon's firewall rules and plugin socket with it.
+			d.Stop(5 * time.Second)
+		}
 		d.Kill()
 		if l.t.Failed() {
 			l.t.Logf("---- overlayd log of %s (%s)\n%s", h.NS, strings.Join(full, " "), d.Log())

@@ -76,8 +76,10 @@ type Lab struct {
 	Switch     string
 	Hosts      []*Host
 	Containers []*Host // AddContainer's namespaces
+	Aliases    []*Host // AddRoot's and Adopt's: names of namespaces the lab did not make
 	Bin        Binaries
 	dir        string
+	rootLink   string // AddRoot's veth in the root namespace
 }
 
 // Host is one network namespace on the lab's switch.
@@ -87,6 +89,14 @@ type Host struct {
 	NS    string
 	Addr  netip.Addr // underlay address on eth0
 	port  string     // the host's port on the bridge, in the switch namespace
+}
+
+// aliasNS reports whether a lab namespace name is only a name for a
+// namespace the lab did not make (the machine's own, a Docker
+// container's): its processes are never killed.
+func aliasNS(name string) bool {
+	i := strings.LastIndex(name, "-")
+	return i >= 0 && (name[i+1:] == "root" || strings.HasPrefix(name[i+1:], "d"))
 }
 
 // New builds a lab of n hosts. bin must hold overlayd and overlayctl.
@@ -138,6 +148,34 @@ func (l *Lab) AddContainer() *Host {
 	return c
 }
 
+// AddRoot joins the machine's own network namespace to the switch as a
+// host with address .254, for daemons that need the machine's Docker
+// engine. The host's NS is a name for the test's own namespace (ip netns
+// attach), so what runs "in" it runs on the machine itself. The lab
+// removes the link and the name, and never kills processes there.
+func (l *Lab) AddRoot() *Host {
+	h := &Host{lab: l, Index: 254, NS: l.id + "-root", Addr: netip.AddrFrom4([4]byte{192, 168, 200, 254}), port: "root"}
+	l.rootLink = l.id + "r" // at most 15 bytes: ovt, a PID, -K, r
+	l.must("ip", "netns", "attach", h.NS, strconv.Itoa(os.Getpid()))
+	l.Aliases = append(l.Aliases, h)
+	l.must("ip", "link", "add", l.rootLink, "type", "veth", "peer", "name", h.port, "netns", l.Switch)
+	l.must("ip", "-n", l.Switch, "link", "set", h.port, "master", "br0", "up")
+	l.must("ip", "addr", "add", netip.PrefixFrom(h.Addr, Underlay.Bits()).String(), "dev", l.rootLink)
+	l.must("ip", "link", "set", l.rootLink, "up")
+	return h
+}
+
+// Adopt names the network namespace of process pid (a Docker container's)
+// so that tests can run in it like in a host; only the name is removed
+// with the lab.
+func (l *Lab) Adopt(pid int) *Host {
+	i := len(l.Aliases) + 1
+	h := &Host{lab: l, Index: 200 + i, NS: fmt.Sprintf("%s-d%d", l.id, i)}
+	l.must("ip", "netns", "attach", h.NS, strconv.Itoa(pid))
+	l.Aliases = append(l.Aliases, h)
+	return h
+}
+
 // Host returns host i (1-based).
 func (l *Lab) Host(i int) *Host { return l.Hosts[i-1] }
 
@@ -157,6 +195,12 @@ func (l *Lab) destroy() {
 	}
 	killAll(l.Switch)
 	exec.Command("ip", "netns", "del", l.Switch).Run()
+	if l.rootLink != "" {
+		exec.Command("ip", "link", "del", l.rootLink).Run()
+	}
+	for _, h := range l.Aliases {
+		exec.Command("ip", "netns", "del", h.NS).Run() // the name only
+	}
 }
 
 // killAll SIGKILLs every process in namespace ns.
@@ -185,8 +229,21 @@ func sweep() {
 		if syscall.Kill(pid, 0) == nil {
 			continue // its test is still running
 		}
-		killAll(name)
+		if !aliasNS(name) {
+			killAll(name)
+		}
 		exec.Command("ip", "netns", "del", name).Run()
+	}
+	// AddRoot's links in the root namespace: ovtPID-Kr.
+	links, _ := os.ReadDir("/sys/class/net")
+	for _, e := range links {
+		name := e.Name()
+		pidStr, _, ok := strings.Cut(strings.TrimPrefix(name, namePrefix), "-")
+		pid, err := strconv.Atoi(pidStr)
+		if !strings.HasPrefix(name, namePrefix) || !ok || err != nil || pid == os.Getpid() || syscall.Kill(pid, 0) == nil {
+			continue
+		}
+		exec.Command("ip", "link", "del", name).Run()
 	}
 }
 
