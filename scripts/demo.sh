@@ -27,7 +27,7 @@ cleanup() {
     for pid in $(ip netns pids "$P-h$i" 2>/dev/null); do kill "$pid" 2>/dev/null || true; done
   done
   sleep 0.3
-  for ns in "$P-h1" "$P-h2" "$P-h3" "$P-sw"; do ip netns del "$ns" 2>/dev/null || true; rm -rf "/etc/netns/$ns"; done
+  for ns in "$P-h1" "$P-h2" "$P-h3" "$P-c1" "$P-c2" "$P-c3" "$P-sw"; do ip netns del "$ns" 2>/dev/null || true; rm -rf "/etc/netns/$ns"; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -99,6 +99,32 @@ echo "+ dig +short -x ${ADDR[3]%/*}   (on host2)"
 ip netns exec "$P-h2" dig +short +time=2 +tries=1 -x "${ADDR[3]%/*}"
 echo "+ overlayctl dns-lookup host2   (on host3)  ->  $(ctl 3 dns-lookup host2)"
 echo "+ overlayctl dns-args   (on host1)  ->  $(ctl 1 dns-args 2>&1 || true)"
+
+step "containers: a network namespace on each host, attached with a name (overlayctl attach)"
+for i in "${HOSTS[@]}"; do
+  ip netns add "$P-c$i"
+  echo "+ overlayctl attach $P-c$i --name web$i   (on host$i)  ->  $(ctl "$i" attach "$P-c$i" --name "web$i")"
+done
+echo "+ overlayctl ps   (on host2: weave:expose, then each container: ID, MAC of ethwe0, address)"
+ctl 2 ps
+echo "+ ip netns exec $P-c1 ip -br addr show ethwe0   (MTU $(ip netns exec "$P-c1" cat /sys/class/net/ethwe0/mtu))"
+ip netns exec "$P-c1" ip -br addr show ethwe0
+echo "+ cat /etc/netns/$P-c1/resolv.conf   (written by attach: overlayd's DNS, the search domain)"
+cat "/etc/netns/$P-c1/resolv.conf"
+sleep 0.3
+for pair in "1 2" "2 3" "3 1"; do
+  set -- $pair
+  echo "+ container web$1 (on host$1): ping -c 2 web$2"
+  ip netns exec "$P-c$1" ping -c 2 -i 0.2 -W 1 "web$2" | sed -n '1,3p;$p'
+done
+echo "+ container web1 sends 1 MiB over TCP to web3:8000, by name (bash's /dev/tcp to busybox nc -l); the SHA-256 of both ends:"
+head -c 1048576 /dev/urandom >"$WORK/blob"
+ip netns exec "$P-c3" busybox nc -l -p 8000 >"$WORK/got" &
+sleep 0.3
+ip netns exec "$P-c1" bash -c "cat '$WORK/blob' >/dev/tcp/web3/8000"
+wait $!
+sha256sum "$WORK/blob" "$WORK/got" | sed "s|$WORK/||"
+cmp -s "$WORK/blob" "$WORK/got" && echo "same bytes" || { echo "the bytes differ"; exit 1; }
 
 step "overlayctl status (host3)"
 ctl 3 status
