@@ -288,6 +288,19 @@ func removeResolvConf(name string) {
 // what a restart interrupted: attachments whose pair is gone are released
 // the same way.
 func (d *daemon) watchContainers(ctx context.Context) error {
+	go func() {
+		// Link deletions start the grace period at once; the ticker
+		// below is the fallback, and what ends the grace periods.
+		for ctx.Err() == nil {
+			if err := attach.WatchGone(ctx, d.vethGone); err != nil {
+				d.log.Warn("following link deletions; the once-a-second check stands in", zap.Error(err))
+				select {
+				case <-ctx.Done():
+				case <-time.After(5 * time.Second):
+				}
+			}
+		}
+	}()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
@@ -296,6 +309,19 @@ func (d *daemon) watchContainers(ctx context.Context) error {
 			return nil
 		case now := <-tick.C:
 			d.reapContainers(ctx, now)
+		}
+	}
+}
+
+// vethGone starts the grace period of the container whose veth went.
+func (d *daemon) vethGone(host string) {
+	d.amu.Lock()
+	defer d.amu.Unlock()
+	for id, a := range d.attached.byID {
+		if _, ok := d.attached.gone[id]; !ok && a.HostIface == host {
+			d.attached.gone[id] = time.Now()
+			d.log.Info("container gone; its addresses are kept for the grace period", zap.String("container", id),
+				zap.Duration("grace", d.cfg.ReleaseGrace))
 		}
 	}
 }

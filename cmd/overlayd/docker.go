@@ -55,7 +55,7 @@ var containerID = regexp.MustCompile(`^[0-9a-f]{64}$`)
 // namespace (through its process) and its full ID and name.
 func (d *daemon) dockerTarget(ctx context.Context, t string) (path, id, name string, err error) {
 	if d.docker == nil {
-		return "", "", "", fmt.Errorf("%w: %s is neither a network namespace nor a PID, and Docker is off (--docker-api)", api.ErrBadRequest, t)
+		return "", "", "", fmt.Errorf("%w: %s is not a network namespace (a name under /run/netns, or a path) or a PID; Docker containers need --docker-api", api.ErrBadRequest, t)
 	}
 	r, err := d.docker.ContainerInspect(ctx, t, client.ContainerInspectOptions{})
 	switch {

@@ -7,6 +7,7 @@
 package attach
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -16,6 +17,7 @@ import (
 	"os"
 	"runtime"
 	"slices"
+	"strings"
 	"unsafe"
 
 	"github.com/vishvananda/netlink"
@@ -244,6 +246,40 @@ func Detach(host string) error {
 func Exists(host string) bool {
 	_, err := netlink.LinkByName(host)
 	return err == nil
+}
+
+// WatchGone calls fn with the name of the host end of each pair the
+// kernel deletes (the container's namespace went away, or someone removed
+// it), until ctx ends.
+func WatchGone(ctx context.Context, fn func(host string)) error {
+	ch := make(chan netlink.LinkUpdate, 64)
+	done := make(chan struct{})
+	defer close(done)
+	errc := make(chan error, 1)
+	opts := netlink.LinkSubscribeOptions{ErrorCallback: func(err error) {
+		select {
+		case errc <- err:
+		default:
+		}
+	}}
+	if err := netlink.LinkSubscribeWithOptions(ch, done, opts); err != nil {
+		return fmt.Errorf("attach: following link deletions: %w", err)
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-errc:
+			return fmt.Errorf("attach: following link deletions: %w", err)
+		case u, ok := <-ch:
+			if !ok {
+				return errors.New("attach: following link deletions: the subscription ended")
+			}
+			if u.Header.Type == unix.RTM_DELLINK && u.Attrs() != nil && strings.HasPrefix(u.Attrs().Name, "vethwe") {
+				fn(u.Attrs().Name)
+			}
+		}
+	}
 }
 
 // MAC returns the address of ethwe0 in a namespace.

@@ -12,17 +12,20 @@ import (
 	"github.com/overlayd/overlayd/internal/lab"
 )
 
-// TestAttach plumbs containers (network namespaces) on two hosts into the
-// overlay: addresses from IPAM and given ones, ping and 1 MiB of TCP with
-// its content checked between every pair, names in DNS, ps, detach
-// freeing the address for the next attach, and bad targets.
+// TestAttach plumbs containers (network namespaces) on three hosts into
+// the overlay: addresses from IPAM and given ones, with and without
+// names; ping and 1 MiB of TCP with its content checked between every
+// pair, names in DNS, ps, detach freeing the address for the next attach,
+// and bad targets.
 func TestAttach(t *testing.T) {
-	l := lab.New(t, bin, 2)
-	h1, h2 := l.Host(1), l.Host(2)
+	l := lab.New(t, bin, 3)
+	h1, h2, h3 := l.Host(1), l.Host(2), l.Host(3)
 	d1 := h1.Start("--range", "10.32.0.0/12")
 	d2 := h2.Start("--range", "10.32.0.0/12", "--peer", h1.Addr.String())
-	waitConnected(t, d1, 1, 5*time.Second)
-	c1, c2, c3 := l.AddContainer(), l.AddContainer(), l.AddContainer()
+	d3 := h3.Start("--range", "10.32.0.0/12", "--peer", h1.Addr.String())
+	waitConnected(t, d1, 2, 5*time.Second)
+	waitConnected(t, d3, 2, 5*time.Second)
+	c1, c2, c3, c4 := l.AddContainer(), l.AddContainer(), l.AddContainer(), l.AddContainer()
 
 	addrOf := func(out string) netip.Addr {
 		t.Helper()
@@ -41,15 +44,34 @@ func TestAttach(t *testing.T) {
 	if again := addrOf(d1.MustCtl("attach", c1.NS)); again != a1 {
 		t.Errorf("attaching c1 again gave %v, first %v", again, a1)
 	}
-	addrs := map[*lab.Host]netip.Addr{c1: a1, c2: a2, c3: a3}
-	for _, pair := range [][2]*lab.Host{{c1, c2}, {c2, c1}, {c1, c3}, {c3, c2}} {
-		from, to := pair[0], pair[1]
-		waitPing(t, from, addrs[to], 10*time.Second)
-		took, err := lab.TransferTCP(from, to, addrs[to], 7000, 1<<20, 20*time.Second)
-		if err != nil {
-			t.Fatalf("TCP %s -> %s: %v", from.NS, to.NS, err)
+	a4 := addrOf(d3.MustCtl("attach", c4.NS, "10.32.200.4/12", "--name", "web4"))
+	addrs := map[*lab.Host]netip.Addr{c1: a1, c2: a2, c3: a3, c4: a4}
+	var slowest time.Duration
+	for _, from := range []*lab.Host{c1, c2, c3, c4} {
+		for _, to := range []*lab.Host{c1, c2, c3, c4} {
+			if from == to {
+				continue
+			}
+			waitPing(t, from, addrs[to], 10*time.Second)
+			took, err := lab.TransferTCP(from, to, addrs[to], 7000, 1<<20, 20*time.Second)
+			if err != nil {
+				t.Fatalf("TCP %s -> %s: %v", from.NS, to.NS, err)
+			}
+			slowest = max(slowest, took)
 		}
-		t.Logf("1 MiB %s -> %s in %v, content checked", from.NS, to.NS, took.Round(time.Millisecond))
+	}
+	t.Logf("ping and 1 MiB of TCP, content checked, between all 12 ordered pairs of 4 containers on 3 hosts; slowest transfer %v",
+		slowest.Round(time.Millisecond))
+	// A name registered on h3 resolves in a container of h1, by dig
+	// and by ping.
+	lab.Eventually(t, 5*time.Second, "web4 known on h1", func() error {
+		if _, errOut, code := d1.Ctl("dns-lookup", "web4"); code != 0 {
+			return fmt.Errorf("%s", errOut)
+		}
+		return nil
+	})
+	if out, err := c1.Exec(t.Context(), "ping", "-c", "1", "-W", "2", "web4"); err != nil || !strings.Contains(out, "web4.weave.local ("+a4.String()+")") {
+		t.Errorf("ping web4 in c1: %v\n%s", err, out)
 	}
 	// The container's end: MTU 1410, TX checksum offload off.
 	ctx := t.Context()
