@@ -325,8 +325,8 @@ func execute(args []string, stdout, stderr io.Writer) int {
 	var attachName string
 	attachCmd := &cobra.Command{
 		Use:   "attach TARGET [CIDR...] [--name NAME]",
-		Short: "Plumb a container (a network namespace: its name or path) into the overlay: ethwe0 with an address from IPAM, or the CIDRs given",
-		Args:  minArgs(1, "attach needs a target: a network namespace name (as in ip netns) or path"),
+		Short: "Plumb a container (a network namespace's name or path, a PID, or a Docker container) into the overlay: ethwe0 with an address from IPAM, or the CIDRs given",
+		Args:  minArgs(1, "attach needs a target: a network namespace name (as in ip netns) or path, a PID, or a Docker container"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			for _, a := range args[1:] {
 				if err := cidr(a); err != nil {
@@ -342,7 +342,7 @@ func execute(args []string, stdout, stderr io.Writer) int {
 	}
 	attachCmd.Flags().StringVar(&attachName, "name", "", "register this name in DNS for the container's addresses (a single label gets the domain)")
 	detachCmd := action("detach TARGET [CIDR...]", "Take a container out of the overlay (or only the CIDRs given), releasing its addresses and names",
-		minArgs(1, "detach needs a target: a network namespace name or path"), anything,
+		minArgs(1, "detach needs a target: a network namespace name or path, a PID, or a Docker container"), anything,
 		func(cl *api.Client, ctx context.Context, args []string) error {
 			for _, a := range args[1:] {
 				if err := cidr(a); err != nil {
@@ -352,7 +352,7 @@ func execute(args []string, stdout, stderr io.Writer) int {
 			return cl.Detach(ctx, api.AttachRequest{Target: args[0], CIDRs: args[1:]})
 		})
 	psCmd := jsonFlag(&cobra.Command{
-		Use: "ps", Short: "List this host's exposed addresses and attached containers, as weave ps", Args: noArgs,
+		Use: "ps", Short: "List this host's exposed addresses and its containers (attached, or on the plugin's Docker networks), as weave ps", Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx, cancel := c.ctx()
 			defer cancel()

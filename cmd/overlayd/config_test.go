@@ -14,7 +14,41 @@ import (
 func defaults() options {
 	return options{rangeCIDR: defaultRange, port: 6783, connLimit: 200, iface: defaultIface, socket: "/tmp/x.sock",
 		stateDir: "/tmp/state", logLevel: "info", nickname: "me", dnsDomain: "weave.local.", dnsTTL: 1,
-		resolvConf: "/etc/resolv.conf", releaseGrace: 30 * time.Second}
+		resolvConf: "/etc/resolv.conf", releaseGrace: 30 * time.Second, dockerAPI: "unix:///var/run/docker.sock",
+		pluginName: "weavemesh", pluginDir: "/run/docker/plugins", dockerNetwork: "weave"}
+}
+
+func TestDockerFlags(t *testing.T) {
+	for _, tc := range []struct {
+		set  func(o *options)
+		want string // the error; "" for none
+	}{
+		{func(o *options) {}, ""},
+		{func(o *options) { o.dockerPlugin = true }, ""},
+		{func(o *options) { o.dockerPlugin, o.dockerNetwork = true, "" }, ""},
+		{func(o *options) { o.dockerAPI = "" }, ""},
+		{func(o *options) { o.dockerAPI = "tcp://127.0.0.1:2375" }, ""},
+		{func(o *options) { o.dockerAPI = "/var/run/docker.sock" }, "invalid --docker-api"},
+		{func(o *options) { o.dockerPlugin, o.rangeCIDR = true, "" }, "--docker-plugin needs IPAM: give --range"},
+		{func(o *options) { o.dockerPlugin, o.dockerAPI = true, "" }, "--docker-plugin needs the Docker API"},
+		{func(o *options) { o.dockerPlugin, o.noFirewall = true, true }, "drop --no-firewall"},
+		{func(o *options) { o.dockerPlugin, o.pluginName = true, "../x" }, "invalid --docker-plugin-name"},
+		{func(o *options) { o.dockerPlugin, o.pluginName = true, "" }, "invalid --docker-plugin-name"},
+		{func(o *options) { o.dockerPlugin, o.pluginDir = true, "" }, "--docker-plugin-dir must not be empty"},
+		{func(o *options) { o.dockerPlugin, o.dockerNetwork = true, "a b" }, "invalid --docker-network"},
+	} {
+		o := defaults()
+		tc.set(&o)
+		c, err := o.validate(nil)
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("%+v: %v", o, err)
+		case tc.want == "" && c.DockerPlugin != o.dockerPlugin:
+			t.Errorf("%+v: DockerPlugin %v", o, c.DockerPlugin)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("%+v: got %v, want %q", o, err, tc.want)
+		}
+	}
 }
 
 func TestDNSFlags(t *testing.T) {
