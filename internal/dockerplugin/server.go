@@ -73,13 +73,16 @@ func (s *Server) Run(ctx context.Context) error {
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	s.http.Shutdown(sctx)
+	<-errc // Serve closes the listener (and so unlinks the socket) as it returns
 	s.Close()
 	return nil
 }
 
-// Close stops serving and removes the socket.
+// Close stops serving and removes the socket; it also undoes a Listen
+// that was never Run.
 func (s *Server) Close() {
 	s.http.Close()
+	s.ln.Close()
 	os.Remove(s.path)
 }
 
@@ -267,12 +270,19 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, fn func(context.C
 	}
 	s.log.Debug("plugin call", zap.String("call", call), zap.ByteString("request", body),
 		zap.Duration("took", time.Since(start)))
+	b, err := json.Marshal(out)
+	if err != nil {
+		s.log.Error("plugin answer", zap.String("call", call), zap.Error(err))
+		writeErr(w, http.StatusInternalServerError, fmt.Sprintf("%s: encoding the answer: %v", call, err))
+		return
+	}
 	w.Header().Set("Content-Type", MediaType)
-	json.NewEncoder(w).Encode(out)
+	w.Write(append(b, '\n'))
 }
 
 // decode parses a request body. Docker sends an empty body (or {}) to
-// calls without arguments; a body that is not a JSON object is refused.
+// calls without arguments; null counts as {}; a body that is not a JSON
+// object of the request's shape is refused.
 func decode(body []byte, v any) error {
 	if len(strings.TrimSpace(string(body))) == 0 {
 		body = []byte("{}")
