@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"regexp"
 	"slices"
@@ -79,9 +80,13 @@ func (d *daemon) dockerTarget(ctx context.Context, t string) (path, id, name str
 func (d *daemon) watchDocker(ctx context.Context) error {
 	wait := time.Second
 	for {
+		began := time.Now()
 		err := d.followDocker(ctx)
 		if ctx.Err() != nil {
 			return nil
+		}
+		if time.Since(began) > time.Minute {
+			wait = time.Second // it was following: Docker restarted
 		}
 		d.log.Warn("following Docker's events; retrying", zap.Error(err), zap.Duration("in", wait))
 		select {
@@ -126,11 +131,18 @@ func (d *daemon) reconcileDocker(ctx context.Context) error {
 		return err
 	}
 	running := map[string]bool{}
+	if d.plugin != nil {
+		if err := d.plugin.reconcile(ctx, d.docker); err != nil {
+			return err
+		}
+	}
 	for _, c := range list.Items {
 		running[c.ID] = true
 		d.dockerStarted(ctx, c.ID)
 	}
-	if d.names != nil {
+	// The plugin's names: of containers that stopped while we did not
+	// follow. (Names registered otherwise are not the plugin's to judge.)
+	if d.names != nil && d.plugin != nil {
 		st, err := d.DNS(ctx)
 		if err != nil {
 			return err
@@ -142,9 +154,6 @@ func (d *daemon) reconcileDocker(ctx context.Context) error {
 			d.log.Info("removing the names of a container no longer running", zap.String("container", e.ContainerID), zap.String("name", e.Hostname))
 			d.DNSRemove(ctx, api.DNSRequest{ContainerID: e.ContainerID})
 		}
-	}
-	if d.plugin != nil {
-		d.plugin.reapEndpoints(ctx)
 	}
 	return nil
 }
@@ -267,21 +276,45 @@ func (d *daemon) ensureNetwork(ctx context.Context) error {
 	}
 }
 
-// reapEndpoints forgets endpoints whose container went away while
-// overlayd was down (Docker could not tell us): their veth is gone, or the
-// namespace they joined is. Their veth goes and their addresses come back.
-func (p *plugin) reapEndpoints(ctx context.Context) {
+// reconcile records the networks of our driver that Docker has, and
+// forgets endpoints whose container went away while overlayd was down
+// (Docker could not tell us): Docker does not list them as connected, and
+// their veth is gone, or Docker took them out of their container, or the
+// namespace they joined is gone. Their veth goes and their addresses come
+// back.
+func (p *plugin) reconcile(ctx context.Context, dc *client.Client) error {
+	nets, err := dc.NetworkList(ctx, client.NetworkListOptions{Filters: make(client.Filters).Add("driver", p.d.cfg.PluginName)})
+	if err != nil {
+		return err
+	}
+	connected := map[string]bool{}
+	for _, n := range nets.Items {
+		r, err := dc.NetworkInspect(ctx, n.ID, client.NetworkInspectOptions{})
+		if err != nil {
+			return err
+		}
+		var pool netip.Prefix
+		if len(r.Network.IPAM.Config) > 0 {
+			pool = r.Network.IPAM.Config[0].Subnet
+		}
+		p.adopt(n.ID, pool)
+		for _, c := range r.Network.Containers {
+			connected[c.EndpointID] = true
+		}
+	}
 	p.mu.Lock()
 	var gone []*pluginEndpoint
 	for id, e := range p.endpoints {
-		if !attach.Exists(e.HostIface) || e.Sandbox != "" && !isNetns(e.Sandbox) {
-			if err := attach.Detach(e.HostIface); err != nil {
-				p.d.log.Warn("removing the veth of a gone endpoint", zap.Error(err))
-				continue
-			}
-			gone = append(gone, e)
-			delete(p.endpoints, id)
+		dead := !attach.Exists(e.HostIface) || e.Left || e.Sandbox != "" && !isNetns(e.Sandbox)
+		if connected[id] || !dead {
+			continue
 		}
+		if err := attach.Detach(e.HostIface); err != nil {
+			p.d.log.Warn("removing the veth of a gone endpoint", zap.Error(err))
+			continue
+		}
+		gone = append(gone, e)
+		delete(p.endpoints, id)
 	}
 	if len(gone) > 0 {
 		if err := p.saveLocked(); err != nil {
@@ -290,11 +323,12 @@ func (p *plugin) reapEndpoints(ctx context.Context) {
 	}
 	p.mu.Unlock()
 	for _, e := range gone {
-		p.d.log.Info("forgetting a Docker endpoint whose veth is gone", zap.String("endpoint", e.ID), zap.Stringer("addr", e.Address))
+		p.d.log.Info("forgetting a Docker endpoint whose container is gone", zap.String("endpoint", e.ID), zap.Stringer("addr", e.Address))
 		if owner, ok := p.owner(ctx, e.Address.Addr()); ok && strings.HasPrefix(owner, dockerIPAMPrefix) {
 			if err := p.d.Release(ctx, owner, e.Address.Addr()); err != nil {
 				p.d.log.Warn("releasing the address of a gone endpoint", zap.Error(err))
 			}
 		}
 	}
+	return nil
 }

@@ -57,6 +57,7 @@ type pluginEndpoint struct {
 	Inner     string       `json:"inner"` // the container's end until Docker renames it
 	MAC       string       `json:"mac"`
 	Sandbox   string       `json:"sandbox,omitempty"`   // the container's namespace, once joined
+	Left      bool         `json:"left,omitempty"`      // Docker took it out of its container
 	Container string       `json:"container,omitempty"` // its ID, once Docker said
 }
 
@@ -91,9 +92,20 @@ func loadPlugin(d *daemon) (*plugin, error) {
 		return nil, fmt.Errorf("%s is corrupt: %v: restore it, or remove it to forget the Docker endpoints it lists", p.path, err)
 	}
 	for _, n := range st.Networks {
+		if n == nil || n.ID == "" || !n.Pool.IsValid() {
+			d.log.Warn("skipping a damaged network in "+pluginFile, zap.Any("network", n))
+			continue
+		}
 		p.networks[n.ID] = n
 	}
 	for _, e := range st.Endpoints {
+		if e == nil || e.ID == "" || !e.Address.IsValid() {
+			d.log.Warn("skipping a damaged endpoint in "+pluginFile, zap.Any("endpoint", e))
+			continue
+		}
+		// The interface names follow from the ID: a file never names
+		// an interface for overlayd to delete.
+		e.HostIface, e.Inner = pairNames(e.ID)
 		p.endpoints[e.ID] = e
 	}
 	return p, nil
@@ -260,7 +272,7 @@ func (p *plugin) Join(ctx context.Context, req dockerplugin.JoinRequest) (docker
 	if r := p.d.cfg.Range; e.Address.Masked() != r {
 		resp.StaticRoutes = []dockerplugin.StaticRoute{{Destination: r.String(), RouteType: dockerplugin.RouteConnected}}
 	}
-	e.Sandbox = req.SandboxKey
+	e.Sandbox, e.Left = req.SandboxKey, false
 	if err := p.saveLocked(); err != nil {
 		return dockerplugin.JoinResponse{}, err
 	}
@@ -271,8 +283,8 @@ func (p *plugin) Join(ctx context.Context, req dockerplugin.JoinRequest) (docker
 func (p *plugin) Leave(ctx context.Context, networkID, endpointID string) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if e, ok := p.endpoints[endpointID]; ok && e.Sandbox != "" {
-		e.Sandbox = ""
+	if e, ok := p.endpoints[endpointID]; ok && !e.Left {
+		e.Sandbox, e.Left = "", true
 		return p.saveLocked()
 	}
 	return nil
@@ -372,8 +384,14 @@ func (p *plugin) RequestAddress(ctx context.Context, req dockerplugin.RequestAdd
 		if sub.IsValid() {
 			from = sub
 		}
-		a, err := p.d.Alloc(ctx, dockerIPAMPrefix+nonce(), from)
+		id := dockerIPAMPrefix + nonce()
+		a, err := p.d.Alloc(ctx, id, from)
 		if err != nil {
+			if ctx.Err() != nil {
+				// Docker gave up waiting (for consensus, for space):
+				// an address allocated after all would be nobody's.
+				p.d.Release(context.WithoutCancel(ctx), id, netip.Addr{})
+			}
 			return dockerplugin.RequestAddressResponse{}, apiToPlugin(err)
 		}
 		return dockerplugin.RequestAddressResponse{Address: netip.PrefixFrom(a.Addr(), pool.Bits()).String()}, nil
@@ -382,15 +400,12 @@ func (p *plugin) RequestAddress(ctx context.Context, req dockerplugin.RequestAdd
 	if err != nil || !pool.Contains(a) {
 		return dockerplugin.RequestAddressResponse{}, badPlugin("address %q is not in subnet %v", req.Address, pool)
 	}
-	if a == pool.Addr() {
-		return dockerplugin.RequestAddressResponse{Address: pool.String()}, nil
+	if a == pool.Addr() || a == lastAddr(pool) {
+		return dockerplugin.RequestAddressResponse{}, badPlugin("address %v is the network or broadcast address of %v", a, pool)
 	}
-	if owner, ok := p.owner(ctx, a); ok && strings.HasPrefix(owner, dockerIPAMPrefix) {
-		// Docker asks again for an address it holds (restoring its
-		// endpoints after a restart).
-		return dockerplugin.RequestAddressResponse{Address: netip.PrefixFrom(a, pool.Bits()).String()}, nil
-	}
-	if _, err := p.d.Claim(ctx, dockerIPAMPrefix+a.String(), netip.PrefixFrom(a, pool.Bits())); err != nil {
+	// An ID of its own: a second request for the address, even at the
+	// same moment, finds it taken.
+	if _, err := p.d.Claim(ctx, dockerIPAMPrefix+nonce(), netip.PrefixFrom(a, pool.Bits())); err != nil {
 		return dockerplugin.RequestAddressResponse{}, apiToPlugin(err)
 	}
 	return dockerplugin.RequestAddressResponse{Address: netip.PrefixFrom(a, pool.Bits()).String()}, nil
@@ -448,6 +463,14 @@ func apiToPlugin(err error) error {
 	return err
 }
 
+// lastAddr is the highest address of p (its broadcast address).
+func lastAddr(p netip.Prefix) netip.Addr {
+	b := p.Masked().Addr().As4()
+	n := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
+	n |= 1<<(32-p.Bits()) - 1
+	return netip.AddrFrom4([4]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)})
+}
+
 func nonce() string {
 	var b [8]byte
 	crand.Read(b[:])
@@ -478,6 +501,21 @@ func (p *plugin) status() api.PluginStatus {
 	c := p.d.cfg
 	return api.PluginStatus{Enabled: true, DriverName: c.PluginName, Socket: filepath.Join(c.PluginDir, c.PluginName+".sock"),
 		Network: c.DockerNetwork, Networks: len(p.networks), Endpoints: len(p.endpoints)}
+}
+
+// adopt records a network of our driver that Docker has and we do not
+// know (our state was lost, or the network came from another run).
+func (p *plugin) adopt(id string, pool netip.Prefix) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if _, ok := p.networks[id]; ok || !pool.IsValid() {
+		return
+	}
+	p.networks[id] = &pluginNetwork{ID: id, Pool: pool}
+	p.d.log.Info("docker network of our driver recorded", zap.String("network", id), zap.Stringer("subnet", pool))
+	if err := p.saveLocked(); err != nil {
+		p.d.log.Warn("saving the plugin's state", zap.Error(err))
+	}
 }
 
 // ours reports whether Docker network id is one of the plugin's.

@@ -121,8 +121,20 @@ func TestDocker(t *testing.T) {
 		t.Errorf("routes in web1:\n%s", out)
 	}
 	pingIn(t, l, web1, a2.Addr().String(), a2.Addr())
-	pingIn(t, l, web1, web2, a2.Addr()) // by name: Docker's DNS forwards to overlayd
-	pingIn(t, l, web2, web1+".weave.local", a1.Addr())
+	pingIn(t, l, web1, web2, a2.Addr())                // Docker's own DNS knows the containers of its network
+	pingIn(t, l, web2, web1+".weave.local", a1.Addr()) // forwarded to overlayd
+	// docker run --ip claims an address; one in use is refused.
+	fixed := l.Name("fixed")
+	run(fixed, "--net=weave", "--ip", "10.47.16.100")
+	if fa := ethwe0(t, l, fixed); fa != netip.MustParsePrefix("10.47.16.100/24") {
+		t.Errorf("docker run --ip 10.47.16.100 gave %v", fa)
+	}
+	if out, err := l.TryDocker("run", "-d", "--name", l.Name("dup"), "--net=weave", "--ip", "10.47.16.100", image, "sleep", "600"); err == nil {
+		t.Errorf("a second container got the address in use: %s", out)
+	} else if !strings.Contains(err.Error(), "IpamDriver.RequestAddress: address 10.47.16.100/24 is already owned by docker:") {
+		t.Errorf("a second --ip 10.47.16.100: %v", err)
+	}
+	containers = append(containers, l.Name("dup")) // created, never started
 
 	step("two containers")
 	// The other host: a plain namespace there, and the Docker
@@ -250,9 +262,25 @@ func TestDocker(t *testing.T) {
 	step("released")
 	// kill -9 while containers run: the restarted overlayd knows its
 	// endpoints, traffic flows, and Docker can stop the container.
+	// A container stopped meanwhile: Docker cannot tell the plugin, so
+	// the restart finds out and frees its endpoint, address and name.
 	dr.Kill()
+	stopped := time.Now()
+	if out, err := l.TryDocker("stop", "-t", "1", fixed); err != nil {
+		t.Logf("docker stop with the plugin down: %v (%s)", err, out)
+	}
+	t.Logf("docker stop with the plugin down took %v", time.Since(stopped).Round(100*time.Millisecond))
 	dr = root.Start(rootArgs...)
 	t.Cleanup(removeAll)
+	lab.Eventually(t, 10*time.Second, "the endpoint of the container stopped meanwhile forgotten", func() error {
+		if held(t, dr, netip.MustParseAddr("10.47.16.100")) {
+			return fmt.Errorf("10.47.16.100 still allocated")
+		}
+		if out, _, code := dr.Ctl("dns-lookup", fixed); code == 0 {
+			return fmt.Errorf("its name is still there: %s", out)
+		}
+		return nil
+	})
 	waitConnected(t, dr, 1, 10*time.Second)
 	waitPing(t, far, a1.Addr(), 10*time.Second)
 	if ps := dr.MustCtl("ps"); !strings.Contains(ps, id1[:12]+" "+mac1+" "+a1.String()) {
