@@ -58,6 +58,7 @@ type pluginEndpoint struct {
 	MAC       string       `json:"mac"`
 	Sandbox   string       `json:"sandbox,omitempty"`   // the container's namespace, once joined
 	Left      bool         `json:"left,omitempty"`      // Docker took it out of its container
+	Claim     string       `json:"claim,omitempty"`     // IPAM ID of an address from Docker's IPAM, claimed in ours
 	Container string       `json:"container,omitempty"` // its ID, once Docker said
 }
 
@@ -145,12 +146,16 @@ func (p *plugin) CreateNetwork(ctx context.Context, req dockerplugin.CreateNetwo
 		return badPlugin("a %s network has exactly one IPv4 subnet, not %d", name, len(req.IPv4Data))
 	}
 	data := req.IPv4Data[0]
-	if data.AddressSpace != localSpace && data.AddressSpace != globalSpace {
-		return badPlugin("the network's addresses come from another IPAM driver (address space %q): create it with --ipam-driver %s, so that no address is given twice across hosts", data.AddressSpace, name)
-	}
 	pool, err := netip.ParsePrefix(data.Pool)
-	if err != nil {
-		return badPlugin("the network's subnet %q: %v", data.Pool, err)
+	if err != nil || !pool.Addr().Is4() {
+		return badPlugin("the network's subnet %q is not an IPv4 CIDR", data.Pool)
+	}
+	if data.AddressSpace != localSpace && data.AddressSpace != globalSpace {
+		// Docker's own IPAM (docker network create -d weavemesh
+		// --subnet ...): each address it gives is claimed in ours when
+		// its endpoint is made, so that no other host hands it out.
+		p.d.log.Info("the network's addresses come from another IPAM driver: each is claimed in overlayd's as its container joins",
+			zap.String("network", req.NetworkID), zap.String("space", data.AddressSpace), zap.Stringer("subnet", pool))
 	}
 	if generic, ok := req.Options["com.docker.network.generic"].(map[string]any); ok {
 		for k := range generic {
@@ -201,21 +206,44 @@ func (p *plugin) CreateEndpoint(ctx context.Context, req dockerplugin.CreateEndp
 			return dockerplugin.CreateEndpointResponse{}, badPlugin("the endpoint's MAC address %q: %v", req.Interface.MacAddress, err)
 		}
 	}
+	// An address our IPAM did not give Docker (Docker's own IPAM
+	// chose it) is claimed in ours, not under the plugin's lock: a
+	// claim may wait for the owner of the space.
+	var claim string
+	if owner, ok := p.owner(ctx, addr.Addr()); !ok || !strings.HasPrefix(owner, dockerIPAMPrefix) {
+		claim = dockerIPAMPrefix + "endpoint-" + req.EndpointID
+		if _, err := p.d.Claim(ctx, claim, addr); err != nil {
+			return dockerplugin.CreateEndpointResponse{}, apiToPlugin(fmt.Errorf("claiming %v, which Docker's IPAM chose: %w", addr, err))
+		}
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if e, ok := p.endpoints[req.EndpointID]; ok && e.Address != addr {
-		return dockerplugin.CreateEndpointResponse{}, badPlugin("endpoint %s exists with address %v", req.EndpointID, e.Address)
+	unclaim := func() {
+		if claim != "" {
+			p.d.Release(context.WithoutCancel(ctx), claim, addr.Addr())
+		}
+	}
+	if e, ok := p.endpoints[req.EndpointID]; ok {
+		if e.Address != addr {
+			unclaim()
+			return dockerplugin.CreateEndpointResponse{}, badPlugin("endpoint %s exists with address %v", req.EndpointID, e.Address)
+		}
+		if claim == "" {
+			claim = e.Claim
+		}
 	}
 	host, inner := pairNames(req.EndpointID)
 	got, err := attach.Pair(host, inner, p.d.containerMTU(), mac, []netip.Prefix{addr})
 	if err != nil {
+		unclaim()
 		return dockerplugin.CreateEndpointResponse{}, err
 	}
 	p.endpoints[req.EndpointID] = &pluginEndpoint{ID: req.EndpointID, NetworkID: req.NetworkID, Address: addr,
-		HostIface: host, Inner: inner, MAC: got}
+		HostIface: host, Inner: inner, MAC: got, Claim: claim}
 	if err := p.saveLocked(); err != nil {
 		attach.Detach(host)
 		delete(p.endpoints, req.EndpointID)
+		unclaim()
 		return dockerplugin.CreateEndpointResponse{}, err
 	}
 	p.d.log.Info("docker endpoint created", zap.String("endpoint", req.EndpointID), zap.Stringer("addr", addr), zap.String("veth", host))
@@ -230,21 +258,24 @@ func (p *plugin) CreateEndpoint(ctx context.Context, req dockerplugin.CreateEndp
 // releases it.
 func (p *plugin) DeleteEndpoint(ctx context.Context, networkID, endpointID string) error {
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	e, ok := p.endpoints[endpointID]
 	host, _ := pairNames(endpointID)
-	if ok {
-		host = e.HostIface
-	}
-	if err := attach.Detach(host); err != nil {
+	if err := attach.Detach(host); err != nil || !ok {
+		p.mu.Unlock()
 		return err
-	}
-	if !ok {
-		return nil
 	}
 	delete(p.endpoints, endpointID)
 	p.d.log.Info("docker endpoint deleted", zap.String("endpoint", endpointID), zap.Stringer("addr", e.Address))
-	return p.saveLocked()
+	err := p.saveLocked()
+	p.mu.Unlock()
+	if e.Claim != "" {
+		// An address of Docker's IPAM, claimed in ours: Docker
+		// releases it in its own, we in ours.
+		if rerr := p.d.Release(ctx, e.Claim, e.Address.Addr()); rerr != nil {
+			p.d.log.Warn("releasing the claim of a deleted endpoint", zap.String("endpoint", endpointID), zap.Error(rerr))
+		}
+	}
+	return err
 }
 
 // EndpointInfo is what `docker network inspect` shows of the driver.

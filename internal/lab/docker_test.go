@@ -216,11 +216,26 @@ func TestDocker(t *testing.T) {
 		t.Errorf("a container of %s has %v", net2, sa)
 	}
 	pingIn(t, l, sub, a1.Addr().String(), a1.Addr()) // the range's route through ethwe0
-	if out, err := l.TryDocker("network", "create", "-d", "weavemesh", "--subnet", "10.47.16.128/26", l.Name("net3")); err == nil {
-		t.Errorf("a weavemesh network with Docker's IPAM was created: %s", out)
-		l.Docker("network", "rm", l.Name("net3"))
-	} else if !strings.Contains(err.Error(), "create it with --ipam-driver weavemesh") {
-		t.Errorf("Docker's IPAM refused with %v", err)
+	// With Docker's own IPAM: the address Docker chose is claimed in
+	// overlayd's (so no other host gets it) and given back with the
+	// container.
+	net3 := l.Name("net3")
+	l.Docker("network", "create", "-d", "weavemesh", "--subnet", "10.47.16.128/26", net3)
+	networks = append(networks, net3)
+	d3 := l.Name("dockeripam")
+	run(d3, "--net="+net3)
+	da := ethwe0(t, l, d3)
+	if !netip.MustParsePrefix("10.47.16.128/26").Contains(da.Addr()) || da.Bits() != 26 {
+		t.Errorf("a container of %s (Docker's IPAM) has %v", net3, da)
+	}
+	if !held(t, dr, da.Addr()) {
+		t.Errorf("%v, from Docker's IPAM, is not claimed in overlayd's", da)
+	}
+	pingIn(t, l, d3, a1.Addr().String(), a1.Addr())
+	waitPing(t, far, da.Addr(), 10*time.Second) // from the other host
+	l.Docker("rm", "-f", d3)
+	if held(t, dr, da.Addr()) {
+		t.Errorf("%v is still claimed after its container went", da)
 	}
 	if _, err := l.TryDocker("network", "create", "-d", "weavemesh", "--ipam-driver", "weavemesh", "--subnet", "10.99.0.0/24", l.Name("net4")); err == nil ||
 		!strings.Contains(err.Error(), "subnet 10.99.0.0/24 is not inside overlayd's range "+rng) {
