@@ -213,7 +213,11 @@ func (p *plugin) CreateEndpoint(ctx context.Context, req dockerplugin.CreateEndp
 	if owner, ok := p.owner(ctx, addr.Addr()); !ok || !strings.HasPrefix(owner, dockerIPAMPrefix) {
 		claim = dockerIPAMPrefix + "endpoint-" + req.EndpointID
 		if _, err := p.d.Claim(ctx, claim, addr); err != nil {
-			return dockerplugin.CreateEndpointResponse{}, apiToPlugin(fmt.Errorf("claiming %v, which Docker's IPAM chose: %w", addr, err))
+			if errors.Is(err, api.ErrBadRequest) {
+				return dockerplugin.CreateEndpointResponse{}, badPlugin("claiming %v, which Docker's IPAM chose: %s",
+					addr, strings.TrimPrefix(err.Error(), api.ErrBadRequest.Error()+": "))
+			}
+			return dockerplugin.CreateEndpointResponse{}, fmt.Errorf("claiming %v, which Docker's IPAM chose: %w", addr, err)
 		}
 	}
 	p.mu.Lock()

@@ -237,6 +237,14 @@ func TestDocker(t *testing.T) {
 	if held(t, dr, da.Addr()) {
 		t.Errorf("%v is still claimed after its container went", da)
 	}
+	dr.MustCtl("claim", "other", "10.47.16.140/24")
+	taken := l.Name("taken")
+	containers = append(containers, taken)
+	if out, err := l.TryDocker("run", "-d", "--name", taken, "--net="+net3, "--ip", "10.47.16.140", image, "sleep", "600"); err == nil {
+		t.Errorf("Docker's IPAM gave an address overlayd's holds: %s", out)
+	} else if !strings.Contains(err.Error(), "claiming 10.47.16.140/26, which Docker's IPAM chose: address 10.47.16.140/26 is already owned by other") {
+		t.Errorf("an address of Docker's IPAM held in overlayd's: %v", err)
+	}
 	if _, err := l.TryDocker("network", "create", "-d", "weavemesh", "--ipam-driver", "weavemesh", "--subnet", "10.99.0.0/24", l.Name("net4")); err == nil ||
 		!strings.Contains(err.Error(), "subnet 10.99.0.0/24 is not inside overlayd's range "+rng) {
 		t.Errorf("a subnet outside the range: %v", err)
