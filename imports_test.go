@@ -58,6 +58,7 @@ var allowed = []struct {
 	{"internal/attach", nil},
 	{"internal/dockerplugin", nil},
 	{"internal/firewall", nil},
+	{"internal/pluginstate", nil},
 	{"peering", []string{"proto", "tun", "peering/conn", "peering/gossip", "peering/handshake", "peering/link", "peering/routes", "peering/topology"}},
 	{"internal/netconf", nil},
 	{"internal/buildinfo", nil},

@@ -19,6 +19,7 @@ import (
 
 	"github.com/overlayd/overlayd/internal/api"
 	"github.com/overlayd/overlayd/internal/attach"
+	"github.com/overlayd/overlayd/internal/pluginstate"
 )
 
 // dockerAPIDefault is $DOCKER_HOST, else Docker's own socket.
@@ -303,8 +304,8 @@ func (p *plugin) reconcile(ctx context.Context, dc *client.Client) error {
 		}
 	}
 	p.mu.Lock()
-	var gone []*pluginEndpoint
-	for id, e := range p.endpoints {
+	var gone []*pluginstate.Endpoint
+	for id, e := range p.st.Endpoints {
 		dead := !attach.Exists(e.HostIface) || e.Left || e.Sandbox != "" && !isNetns(e.Sandbox)
 		if connected[id] || !dead {
 			continue
@@ -314,7 +315,7 @@ func (p *plugin) reconcile(ctx context.Context, dc *client.Client) error {
 			continue
 		}
 		gone = append(gone, e)
-		delete(p.endpoints, id)
+		delete(p.st.Endpoints, id)
 	}
 	if len(gone) > 0 {
 		if err := p.saveLocked(); err != nil {

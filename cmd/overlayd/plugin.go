@@ -4,7 +4,6 @@ import (
 	"context"
 	crand "crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -22,10 +21,10 @@ import (
 	"github.com/overlayd/overlayd/internal/atomicfile"
 	"github.com/overlayd/overlayd/internal/attach"
 	"github.com/overlayd/overlayd/internal/dockerplugin"
+	"github.com/overlayd/overlayd/internal/pluginstate"
 )
 
-// pluginFile keeps the plugin's networks and endpoints across restarts:
-// Docker does not tell a restarted plugin what it was told before.
+// pluginFile keeps the plugin's networks and endpoints across restarts.
 const pluginFile = "docker-plugin.json"
 
 // Address spaces of the IPAM driver (Weave's names).
@@ -42,42 +41,20 @@ const dockerIPAMPrefix = "docker:"
 // (ethwe0).
 const containerPrefix = "ethwe"
 
-// pluginNetwork is a Docker network of our driver.
-type pluginNetwork struct {
-	ID   string       `json:"id"`
-	Pool netip.Prefix `json:"pool"`
-}
-
-// pluginEndpoint is one container's interface on such a network.
-type pluginEndpoint struct {
-	ID        string       `json:"id"`
-	NetworkID string       `json:"networkID"`
-	Address   netip.Prefix `json:"address"`
-	HostIface string       `json:"hostIface"`
-	Inner     string       `json:"inner"` // the container's end until Docker renames it
-	MAC       string       `json:"mac"`
-	Sandbox   string       `json:"sandbox,omitempty"`   // the container's namespace, once joined
-	Left      bool         `json:"left,omitempty"`      // Docker took it out of its container
-	Claim     string       `json:"claim,omitempty"`     // IPAM ID of an address from Docker's IPAM, claimed in ours
-	Container string       `json:"container,omitempty"` // its ID, once Docker said
-}
-
 // plugin is the Docker network and IPAM driver: the policy behind
 // dockerplugin's protocol.
 type plugin struct {
 	d    *daemon
 	path string
 
-	mu        sync.Mutex
-	networks  map[string]*pluginNetwork
-	endpoints map[string]*pluginEndpoint
+	mu sync.Mutex
+	st *pluginstate.State // guarded by mu
 }
 
 var _ dockerplugin.Backend = (*plugin)(nil)
 
 func loadPlugin(d *daemon) (*plugin, error) {
-	p := &plugin{d: d, path: filepath.Join(d.cfg.StateDir, pluginFile),
-		networks: map[string]*pluginNetwork{}, endpoints: map[string]*pluginEndpoint{}}
+	p := &plugin{d: d, path: filepath.Join(d.cfg.StateDir, pluginFile), st: pluginstate.New()}
 	b, err := os.ReadFile(p.path)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
@@ -85,46 +62,25 @@ func loadPlugin(d *daemon) (*plugin, error) {
 	case err != nil:
 		return nil, err
 	}
-	var st struct {
-		Networks  []*pluginNetwork  `json:"networks"`
-		Endpoints []*pluginEndpoint `json:"endpoints"`
-	}
-	if err := json.Unmarshal(b, &st); err != nil {
+	st, dropped, err := pluginstate.Decode(b)
+	if err != nil {
 		return nil, fmt.Errorf("%s is corrupt: %v: restore it, or remove it to forget the Docker endpoints it lists", p.path, err)
 	}
-	for _, n := range st.Networks {
-		if n == nil || n.ID == "" || !n.Pool.IsValid() {
-			d.log.Warn("skipping a damaged network in "+pluginFile, zap.Any("network", n))
-			continue
-		}
-		p.networks[n.ID] = n
+	if dropped > 0 {
+		d.log.Warn("skipped damaged entries of "+pluginFile, zap.Int("entries", dropped))
 	}
 	for _, e := range st.Endpoints {
-		if e == nil || e.ID == "" || !e.Address.IsValid() {
-			d.log.Warn("skipping a damaged endpoint in "+pluginFile, zap.Any("endpoint", e))
-			continue
-		}
 		// The interface names follow from the ID: a file never names
 		// an interface for overlayd to delete.
 		e.HostIface, e.Inner = pairNames(e.ID)
-		p.endpoints[e.ID] = e
 	}
+	p.st = st
 	return p, nil
 }
 
 // saveLocked writes the state; mu must be held.
 func (p *plugin) saveLocked() error {
-	st := struct {
-		Networks  []*pluginNetwork  `json:"networks"`
-		Endpoints []*pluginEndpoint `json:"endpoints"`
-	}{Networks: []*pluginNetwork{}, Endpoints: []*pluginEndpoint{}}
-	for _, id := range slices.Sorted(maps.Keys(p.networks)) {
-		st.Networks = append(st.Networks, p.networks[id])
-	}
-	for _, id := range slices.Sorted(maps.Keys(p.endpoints)) {
-		st.Endpoints = append(st.Endpoints, p.endpoints[id])
-	}
-	b, err := json.MarshalIndent(st, "", "  ")
+	b, err := p.st.Encode()
 	if err != nil {
 		return err
 	}
@@ -164,7 +120,7 @@ func (p *plugin) CreateNetwork(ctx context.Context, req dockerplugin.CreateNetwo
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.networks[req.NetworkID] = &pluginNetwork{ID: req.NetworkID, Pool: pool}
+	p.st.Networks[req.NetworkID] = &pluginstate.Network{ID: req.NetworkID, Pool: pool}
 	p.d.log.Info("docker network created", zap.String("network", req.NetworkID), zap.Stringer("subnet", pool))
 	return p.saveLocked()
 }
@@ -173,10 +129,10 @@ func (p *plugin) CreateNetwork(ctx context.Context, req dockerplugin.CreateNetwo
 func (p *plugin) DeleteNetwork(ctx context.Context, id string) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if _, ok := p.networks[id]; !ok {
+	if _, ok := p.st.Networks[id]; !ok {
 		return nil
 	}
-	delete(p.networks, id)
+	delete(p.st.Networks, id)
 	p.d.log.Info("docker network deleted", zap.String("network", id))
 	return p.saveLocked()
 }
@@ -227,7 +183,7 @@ func (p *plugin) CreateEndpoint(ctx context.Context, req dockerplugin.CreateEndp
 			p.d.Release(context.WithoutCancel(ctx), claim, addr.Addr())
 		}
 	}
-	if e, ok := p.endpoints[req.EndpointID]; ok {
+	if e, ok := p.st.Endpoints[req.EndpointID]; ok {
 		if e.Address != addr {
 			unclaim()
 			return dockerplugin.CreateEndpointResponse{}, badPlugin("endpoint %s exists with address %v", req.EndpointID, e.Address)
@@ -242,11 +198,11 @@ func (p *plugin) CreateEndpoint(ctx context.Context, req dockerplugin.CreateEndp
 		unclaim()
 		return dockerplugin.CreateEndpointResponse{}, err
 	}
-	p.endpoints[req.EndpointID] = &pluginEndpoint{ID: req.EndpointID, NetworkID: req.NetworkID, Address: addr,
+	p.st.Endpoints[req.EndpointID] = &pluginstate.Endpoint{ID: req.EndpointID, NetworkID: req.NetworkID, Address: addr,
 		HostIface: host, Inner: inner, MAC: got, Claim: claim}
 	if err := p.saveLocked(); err != nil {
 		attach.Detach(host)
-		delete(p.endpoints, req.EndpointID)
+		delete(p.st.Endpoints, req.EndpointID)
 		unclaim()
 		return dockerplugin.CreateEndpointResponse{}, err
 	}
@@ -262,13 +218,13 @@ func (p *plugin) CreateEndpoint(ctx context.Context, req dockerplugin.CreateEndp
 // releases it.
 func (p *plugin) DeleteEndpoint(ctx context.Context, networkID, endpointID string) error {
 	p.mu.Lock()
-	e, ok := p.endpoints[endpointID]
+	e, ok := p.st.Endpoints[endpointID]
 	host, _ := pairNames(endpointID)
 	if err := attach.Detach(host); err != nil || !ok {
 		p.mu.Unlock()
 		return err
 	}
-	delete(p.endpoints, endpointID)
+	delete(p.st.Endpoints, endpointID)
 	p.d.log.Info("docker endpoint deleted", zap.String("endpoint", endpointID), zap.Stringer("addr", e.Address))
 	err := p.saveLocked()
 	p.mu.Unlock()
@@ -286,7 +242,7 @@ func (p *plugin) DeleteEndpoint(ctx context.Context, networkID, endpointID strin
 func (p *plugin) EndpointInfo(ctx context.Context, networkID, endpointID string) (map[string]any, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	e, ok := p.endpoints[endpointID]
+	e, ok := p.st.Endpoints[endpointID]
 	if !ok {
 		return nil, fmt.Errorf("%w: endpoint %s", dockerplugin.ErrNotFound, endpointID)
 	}
@@ -299,7 +255,7 @@ func (p *plugin) EndpointInfo(ctx context.Context, networkID, endpointID string)
 func (p *plugin) Join(ctx context.Context, req dockerplugin.JoinRequest) (dockerplugin.JoinResponse, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	e, ok := p.endpoints[req.EndpointID]
+	e, ok := p.st.Endpoints[req.EndpointID]
 	if !ok {
 		return dockerplugin.JoinResponse{}, fmt.Errorf("%w: endpoint %s was never created here", dockerplugin.ErrNotFound, req.EndpointID)
 	}
@@ -318,7 +274,7 @@ func (p *plugin) Join(ctx context.Context, req dockerplugin.JoinRequest) (docker
 func (p *plugin) Leave(ctx context.Context, networkID, endpointID string) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if e, ok := p.endpoints[endpointID]; ok && !e.Left {
+	if e, ok := p.st.Endpoints[endpointID]; ok && !e.Left {
 		e.Sandbox, e.Left = "", true
 		return p.saveLocked()
 	}
@@ -517,8 +473,8 @@ func (p *plugin) attachments() []api.Attachment {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	var out []api.Attachment
-	for _, id := range slices.Sorted(maps.Keys(p.endpoints)) {
-		e := p.endpoints[id]
+	for _, id := range slices.Sorted(maps.Keys(p.st.Endpoints)) {
+		e := p.st.Endpoints[id]
 		cid := e.Container
 		if cid == "" {
 			cid = e.ID
@@ -535,7 +491,7 @@ func (p *plugin) status() api.PluginStatus {
 	defer p.mu.Unlock()
 	c := p.d.cfg
 	return api.PluginStatus{Enabled: true, DriverName: c.PluginName, Socket: filepath.Join(c.PluginDir, c.PluginName+".sock"),
-		Network: c.DockerNetwork, Networks: len(p.networks), Endpoints: len(p.endpoints)}
+		Network: c.DockerNetwork, Networks: len(p.st.Networks), Endpoints: len(p.st.Endpoints)}
 }
 
 // adopt records a network of our driver that Docker has and we do not
@@ -543,10 +499,10 @@ func (p *plugin) status() api.PluginStatus {
 func (p *plugin) adopt(id string, pool netip.Prefix) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if _, ok := p.networks[id]; ok || !pool.IsValid() {
+	if _, ok := p.st.Networks[id]; ok || !pool.IsValid() {
 		return
 	}
-	p.networks[id] = &pluginNetwork{ID: id, Pool: pool}
+	p.st.Networks[id] = &pluginstate.Network{ID: id, Pool: pool}
 	p.d.log.Info("docker network of our driver recorded", zap.String("network", id), zap.Stringer("subnet", pool))
 	if err := p.saveLocked(); err != nil {
 		p.d.log.Warn("saving the plugin's state", zap.Error(err))
@@ -557,7 +513,7 @@ func (p *plugin) adopt(id string, pool netip.Prefix) {
 func (p *plugin) ours(id string) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	_, ok := p.networks[id]
+	_, ok := p.st.Networks[id]
 	return ok
 }
 
@@ -565,7 +521,7 @@ func (p *plugin) ours(id string) bool {
 func (p *plugin) setContainer(endpointID, container string) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if e, ok := p.endpoints[endpointID]; ok && e.Container != container {
+	if e, ok := p.st.Endpoints[endpointID]; ok && e.Container != container {
 		e.Container = container
 		if err := p.saveLocked(); err != nil {
 			p.d.log.Warn("saving the plugin's state", zap.Error(err))
