@@ -16,7 +16,7 @@ command -v dig >/dev/null || need+=(dnsutils)
 command -v dnsperf >/dev/null || need+=(dnsperf)
 command -v iptables >/dev/null || need+=(iptables)
 command -v ethtool >/dev/null || need+=(ethtool)
-[ -x /bin/busybox ] && /bin/busybox --list | grep -qx nslookup || need+=(busybox-static) # the Docker tests' image
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static) # a static busybox: the Docker tests' image
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "deps.sh: missing ${need[*]}; run as root to install them" >&2

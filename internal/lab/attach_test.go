@@ -78,6 +78,9 @@ func TestAttach(t *testing.T) {
 	if out, err := c1.Exec(ctx, "ip", "-o", "link", "show", "ethwe0"); err != nil || !strings.Contains(out, "mtu 1410") {
 		t.Errorf("ethwe0 in c1: %v %s", err, out)
 	}
+	if out, err := c1.Exec(ctx, "ethtool", "-k", "ethwe0"); err != nil || !strings.Contains(out, "\ntx-checksumming: off\n") {
+		t.Errorf("TX checksum offload of ethwe0 in c1: %v\n%s", err, out)
+	}
 	// Names registered with --name resolve on the other host.
 	lab.Eventually(t, 5*time.Second, "web1 known on h2", func() error {
 		out, errOut, code := d2.Ctl("dns-lookup", "web1")

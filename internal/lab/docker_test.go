@@ -154,6 +154,9 @@ func TestDocker(t *testing.T) {
 		t.Errorf("ping %s by name from a namespace on h1: %v\n%s", web1, err, out)
 	}
 	w1 := l.Adopt(pid(t, l, web1))
+	if out, err := w1.Exec(t.Context(), "ethtool", "-k", "ethwe0"); err != nil || !strings.Contains(out, "\ntx-checksumming: off\n") {
+		t.Errorf("TX checksum offload of ethwe0 in web1: %v\n%s", err, out)
+	}
 	for _, pair := range [][2]*lab.Host{{far, w1}, {w1, far}} {
 		to := a1.Addr()
 		if pair[1] == far {
