@@ -30,10 +30,12 @@ type attachments struct {
 	path string
 	byID map[string]*api.Attachment
 	gone map[string]time.Time // since when a container's veth is missing
+	dead map[string]bool      // Docker said it died: gone even while its veth lingers
 }
 
 func loadAttachments(dir string) (*attachments, error) {
-	a := &attachments{path: filepath.Join(dir, attachFile), byID: map[string]*api.Attachment{}, gone: map[string]time.Time{}}
+	a := &attachments{path: filepath.Join(dir, attachFile), byID: map[string]*api.Attachment{}, gone: map[string]time.Time{},
+		dead: map[string]bool{}}
 	b, err := os.ReadFile(a.path)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
@@ -161,6 +163,7 @@ func (d *daemon) Attach(ctx context.Context, req api.AttachRequest) (api.Attachm
 	}
 	a.MAC = mac
 	delete(d.attached.gone, id)
+	delete(d.attached.dead, id)
 	if req.Name != "" {
 		a.Name = req.Name
 		for _, p := range addrs {
@@ -218,6 +221,7 @@ func (d *daemon) Detach(ctx context.Context, req api.AttachRequest) error {
 		removeResolvConf(id)
 		gone = a.Addresses
 		delete(d.attached.byID, id)
+		delete(d.attached.dead, id)
 	} else {
 		if err := attach.RemoveAddrs(attach.Spec{NetNS: a.NetNS, Host: a.HostIface}, gone); err != nil {
 			return err
@@ -332,7 +336,9 @@ func (d *daemon) reapContainers(ctx context.Context, now time.Time) {
 	changed := false
 	for _, id := range slices.Sorted(maps.Keys(d.attached.byID)) {
 		a := d.attached.byID[id]
-		if attach.Exists(a.HostIface) {
+		// A dead Docker container's namespace, and the veth in it, may
+		// outlive it a while (the kernel frees namespaces lazily).
+		if attach.Exists(a.HostIface) && !d.attached.dead[id] {
 			delete(d.attached.gone, id)
 			continue
 		}
@@ -347,9 +353,13 @@ func (d *daemon) reapContainers(ctx context.Context, now time.Time) {
 			continue
 		}
 		delete(d.attached.gone, id)
+		delete(d.attached.dead, id)
 		delete(d.attached.byID, id)
 		changed = true
 		removeResolvConf(id)
+		if err := attach.Detach(a.HostIface); err != nil {
+			d.log.Warn("removing the veth of a container gone", zap.String("container", id), zap.Error(err))
+		}
 		for _, p := range a.Addresses {
 			if d.alloc != nil {
 				if err := d.Release(ctx, id, p.Addr()); err != nil {

@@ -240,6 +240,7 @@ func (d *daemon) dockerDied(ctx context.Context, id string) {
 	d.amu.Lock()
 	defer d.amu.Unlock()
 	if _, ok := d.attached.byID[id]; ok {
+		d.attached.dead[id] = true
 		if _, gone := d.attached.gone[id]; !gone {
 			d.attached.gone[id] = time.Now()
 			d.log.Info("container died; its addresses are kept for the grace period", zap.String("container", id),
