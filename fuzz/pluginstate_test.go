@@ -16,8 +16,8 @@ func FuzzPluginState(f *testing.F) {
 			`"hostIface":"vethwe362aa86a7","inner":"vethwg362aa86a7","mac":"3a:d1:c7:9d:f6:4d","sandbox":"/var/run/docker/netns/6a6dab9c4246",` +
 			`"container":"7df37dbbbc2c"}]}`,
 		`{"networks":[null],"endpoints":[null,{"id":""},{"id":"x","address":"::1/128"}]}`,
-		`{"endpoints":[{"id":"e","address":"10.47.0.70/26","left":true,"claim":"docker:endpoint-e"}]}`,
-		`{"networks":[{"id":"n","pool":"10.47.0.0/33"}]}`,
+		`{"endpoints":[{"id":"e","address":"10.47.0.70/26","left":true,"claimed":true}]}`,
+		`{"networks":[{"id":"n","pool":"10.47.0.0/33"}]}`, `{"networks":[{"id":"n","pool":"10.47.0.0/26","dockerIPAM":true}]}`,
 		`{}`, `null`, `[]`, `{"networks":{}}`, ``,
 	} {
 		f.Add([]byte(s))

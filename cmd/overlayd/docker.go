@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -49,9 +48,6 @@ func newDockerClient(addr string) (*client.Client, error) {
 	}
 	return c, nil
 }
-
-// containerID matches Docker's full container IDs.
-var containerID = regexp.MustCompile(`^[0-9a-f]{64}$`)
 
 // dockerTarget resolves a Docker container name or ID to its network
 // namespace (through its process) and its full ID and name.
@@ -132,7 +128,9 @@ func (d *daemon) reconcileDocker(ctx context.Context) error {
 		return err
 	}
 	running := map[string]bool{}
+	var ours map[string]bool // the containers whose names the plugin registered
 	if d.plugin != nil {
+		ours = d.plugin.containers()
 		if err := d.plugin.reconcile(ctx, d.docker); err != nil {
 			return err
 		}
@@ -149,7 +147,7 @@ func (d *daemon) reconcileDocker(ctx context.Context) error {
 			return err
 		}
 		for _, e := range st.Entries {
-			if e.Tombstone || e.Origin != d.router.Name() || !containerID.MatchString(e.ContainerID) || running[e.ContainerID] {
+			if e.Tombstone || e.Origin != d.router.Name() || !ours[e.ContainerID] || running[e.ContainerID] {
 				continue
 			}
 			d.log.Info("removing the names of a container no longer running", zap.String("container", e.ContainerID), zap.String("name", e.Hostname))
@@ -292,6 +290,9 @@ func (p *plugin) reconcile(ctx context.Context, dc *client.Client) error {
 	connected := map[string]bool{}
 	for _, n := range nets.Items {
 		r, err := dc.NetworkInspect(ctx, n.ID, client.NetworkInspectOptions{})
+		if errdefs.IsNotFound(err) {
+			continue // deleted since the list
+		}
 		if err != nil {
 			return err
 		}
@@ -299,7 +300,7 @@ func (p *plugin) reconcile(ctx context.Context, dc *client.Client) error {
 		if len(r.Network.IPAM.Config) > 0 {
 			pool = r.Network.IPAM.Config[0].Subnet
 		}
-		p.adopt(n.ID, pool)
+		p.adopt(n.ID, pool, r.Network.IPAM.Driver != p.d.cfg.PluginName)
 		for _, c := range r.Network.Containers {
 			connected[c.EndpointID] = true
 		}
@@ -326,7 +327,12 @@ func (p *plugin) reconcile(ctx context.Context, dc *client.Client) error {
 	p.mu.Unlock()
 	for _, e := range gone {
 		p.d.log.Info("forgetting a Docker endpoint whose container is gone", zap.String("endpoint", e.ID), zap.Stringer("addr", e.Address))
-		if owner, ok := p.owner(ctx, e.Address.Addr()); ok && strings.HasPrefix(owner, dockerIPAMPrefix) {
+		if e.Claimed {
+			p.unclaim(e.ID, e.Address)
+			continue
+		}
+		// An address of our IPAM that Docker could not release.
+		if owner, ok := p.owner(ctx, e.Address.Addr()); ok && strings.HasPrefix(owner, dockerIPAMPrefix) && !strings.HasPrefix(owner, claimID("")) {
 			if err := p.d.Release(ctx, owner, e.Address.Addr()); err != nil {
 				p.d.log.Warn("releasing the address of a gone endpoint", zap.Error(err))
 			}

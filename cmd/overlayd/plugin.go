@@ -106,10 +106,14 @@ func (p *plugin) CreateNetwork(ctx context.Context, req dockerplugin.CreateNetwo
 	if err != nil || !pool.Addr().Is4() {
 		return badPlugin("the network's subnet %q is not an IPv4 CIDR", data.Pool)
 	}
-	if data.AddressSpace != localSpace && data.AddressSpace != globalSpace {
+	dockerIPAM := data.AddressSpace != localSpace && data.AddressSpace != globalSpace
+	if dockerIPAM {
 		// Docker's own IPAM (docker network create -d weavemesh
 		// --subnet ...): each address it gives is claimed in ours when
 		// its endpoint is made, so that no other host hands it out.
+		if !p.inRange(pool) {
+			return badPlugin("subnet %v is not inside overlayd's range %v", pool, p.d.cfg.Range)
+		}
 		p.d.log.Info("the network's addresses come from another IPAM driver: each is claimed in overlayd's as its container joins",
 			zap.String("network", req.NetworkID), zap.String("space", data.AddressSpace), zap.Stringer("subnet", pool))
 	}
@@ -120,7 +124,7 @@ func (p *plugin) CreateNetwork(ctx context.Context, req dockerplugin.CreateNetwo
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.st.Networks[req.NetworkID] = &pluginstate.Network{ID: req.NetworkID, Pool: pool}
+	p.st.Networks[req.NetworkID] = &pluginstate.Network{ID: req.NetworkID, Pool: pool, DockerIPAM: dockerIPAM}
 	p.d.log.Info("docker network created", zap.String("network", req.NetworkID), zap.Stringer("subnet", pool))
 	return p.saveLocked()
 }
@@ -162,13 +166,31 @@ func (p *plugin) CreateEndpoint(ctx context.Context, req dockerplugin.CreateEndp
 			return dockerplugin.CreateEndpointResponse{}, badPlugin("the endpoint's MAC address %q: %v", req.Interface.MacAddress, err)
 		}
 	}
-	// An address our IPAM did not give Docker (Docker's own IPAM
-	// chose it) is claimed in ours, not under the plugin's lock: a
-	// claim may wait for the owner of the space.
-	var claim string
-	if owner, ok := p.owner(ctx, addr.Addr()); !ok || !strings.HasPrefix(owner, dockerIPAMPrefix) {
-		claim = dockerIPAMPrefix + "endpoint-" + req.EndpointID
-		if _, err := p.d.Claim(ctx, claim, addr); err != nil {
+	p.mu.Lock()
+	if e, ok := p.st.Endpoints[req.EndpointID]; ok {
+		// Docker sent it again (its client retries): the endpoint
+		// stands as it was made.
+		p.mu.Unlock()
+		if e.Address != addr {
+			return dockerplugin.CreateEndpointResponse{}, badPlugin("endpoint %s exists with address %v", req.EndpointID, e.Address)
+		}
+		var resp dockerplugin.CreateEndpointResponse
+		if mac == nil {
+			resp.Interface = &dockerplugin.EndpointInterface{MacAddress: e.MAC}
+		}
+		return resp, nil
+	}
+	n := p.st.Networks[req.NetworkID]
+	claimed := n != nil && n.DockerIPAM
+	p.mu.Unlock()
+
+	// An address of Docker's own IPAM is claimed in ours, not under
+	// the plugin's lock: a claim may wait for the owner of the space.
+	if claimed {
+		if _, err := p.d.Claim(ctx, claimID(req.EndpointID), addr); err != nil {
+			if ctx.Err() != nil {
+				p.unclaim(req.EndpointID, addr) // the claim may yet complete
+			}
 			if errors.Is(err, api.ErrBadRequest) {
 				return dockerplugin.CreateEndpointResponse{}, badPlugin("claiming %v, which Docker's IPAM chose: %s",
 					addr, strings.TrimPrefix(err.Error(), api.ErrBadRequest.Error()+": "))
@@ -176,34 +198,31 @@ func (p *plugin) CreateEndpoint(ctx context.Context, req dockerplugin.CreateEndp
 			return dockerplugin.CreateEndpointResponse{}, fmt.Errorf("claiming %v, which Docker's IPAM chose: %w", addr, err)
 		}
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	unclaim := func() {
-		if claim != "" {
-			p.d.Release(context.WithoutCancel(ctx), claim, addr.Addr())
+	undo := func() {
+		if claimed {
+			p.unclaim(req.EndpointID, addr)
 		}
 	}
-	if e, ok := p.st.Endpoints[req.EndpointID]; ok {
-		if e.Address != addr {
-			unclaim()
-			return dockerplugin.CreateEndpointResponse{}, badPlugin("endpoint %s exists with address %v", req.EndpointID, e.Address)
-		}
-		if claim == "" {
-			claim = e.Claim
-		}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if ctx.Err() != nil {
+		// Docker gave up on this call and will not delete the
+		// endpoint: none is made.
+		undo()
+		return dockerplugin.CreateEndpointResponse{}, ctx.Err()
 	}
 	host, inner := pairNames(req.EndpointID)
 	got, err := attach.Pair(host, inner, p.d.containerMTU(), mac, []netip.Prefix{addr})
 	if err != nil {
-		unclaim()
+		undo()
 		return dockerplugin.CreateEndpointResponse{}, err
 	}
 	p.st.Endpoints[req.EndpointID] = &pluginstate.Endpoint{ID: req.EndpointID, NetworkID: req.NetworkID, Address: addr,
-		HostIface: host, Inner: inner, MAC: got, Claim: claim}
+		HostIface: host, Inner: inner, MAC: got, Claimed: claimed}
 	if err := p.saveLocked(); err != nil {
 		attach.Detach(host)
 		delete(p.st.Endpoints, req.EndpointID)
-		unclaim()
+		undo()
 		return dockerplugin.CreateEndpointResponse{}, err
 	}
 	p.d.log.Info("docker endpoint created", zap.String("endpoint", req.EndpointID), zap.Stringer("addr", addr), zap.String("veth", host))
@@ -214,26 +233,46 @@ func (p *plugin) CreateEndpoint(ctx context.Context, req dockerplugin.CreateEndp
 	return resp, nil
 }
 
+// claimID is the IPAM ID of an endpoint's address claimed from Docker's
+// IPAM: derived from the endpoint, so that a repeated claim is the same
+// claim, and never read from a file.
+func claimID(endpointID string) string { return dockerIPAMPrefix + "endpoint-" + endpointID }
+
+// unclaim gives an endpoint's claimed address back, whatever the caller's
+// context: the address must not stay held by an endpoint that is gone.
+func (p *plugin) unclaim(endpointID string, addr netip.Prefix) {
+	var a netip.Addr // none: every address of the claim
+	if addr.IsValid() {
+		a = addr.Addr()
+	}
+	if err := p.d.Release(context.Background(), claimID(endpointID), a); err != nil && !strings.Contains(err.Error(), "no addresses for") {
+		p.d.log.Warn("releasing the claim of an endpoint", zap.String("endpoint", endpointID), zap.Error(err))
+	}
+}
+
 // DeleteEndpoint removes the veth pair; its address goes back when Docker
-// releases it.
+// releases it, or here when it came from Docker's IPAM.
 func (p *plugin) DeleteEndpoint(ctx context.Context, networkID, endpointID string) error {
 	p.mu.Lock()
 	e, ok := p.st.Endpoints[endpointID]
 	host, _ := pairNames(endpointID)
-	if err := attach.Detach(host); err != nil || !ok {
+	if err := attach.Detach(host); err != nil {
 		p.mu.Unlock()
 		return err
+	}
+	if !ok {
+		p.mu.Unlock()
+		// A claim whose endpoint was never recorded (a create that
+		// failed after it) goes too.
+		p.unclaim(endpointID, netip.Prefix{})
+		return nil
 	}
 	delete(p.st.Endpoints, endpointID)
 	p.d.log.Info("docker endpoint deleted", zap.String("endpoint", endpointID), zap.Stringer("addr", e.Address))
 	err := p.saveLocked()
 	p.mu.Unlock()
-	if e.Claim != "" {
-		// An address of Docker's IPAM, claimed in ours: Docker
-		// releases it in its own, we in ours.
-		if rerr := p.d.Release(ctx, e.Claim, e.Address.Addr()); rerr != nil {
-			p.d.log.Warn("releasing the claim of a deleted endpoint", zap.String("endpoint", endpointID), zap.Error(rerr))
-		}
+	if e.Claimed {
+		p.unclaim(endpointID, e.Address)
 	}
 	return err
 }
@@ -377,12 +416,13 @@ func (p *plugin) RequestAddress(ctx context.Context, req dockerplugin.RequestAdd
 		}
 		id := dockerIPAMPrefix + nonce()
 		a, err := p.d.Alloc(ctx, id, from)
+		if ctx.Err() != nil {
+			// Docker gave up waiting (for consensus, for space): an
+			// address allocated after all would be nobody's.
+			p.d.Release(context.WithoutCancel(ctx), id, netip.Addr{})
+			return dockerplugin.RequestAddressResponse{}, ctx.Err()
+		}
 		if err != nil {
-			if ctx.Err() != nil {
-				// Docker gave up waiting (for consensus, for space):
-				// an address allocated after all would be nobody's.
-				p.d.Release(context.WithoutCancel(ctx), id, netip.Addr{})
-			}
 			return dockerplugin.RequestAddressResponse{}, apiToPlugin(err)
 		}
 		return dockerplugin.RequestAddressResponse{Address: netip.PrefixFrom(a.Addr(), pool.Bits()).String()}, nil
@@ -396,7 +436,13 @@ func (p *plugin) RequestAddress(ctx context.Context, req dockerplugin.RequestAdd
 	}
 	// An ID of its own: a second request for the address, even at the
 	// same moment, finds it taken.
-	if _, err := p.d.Claim(ctx, dockerIPAMPrefix+nonce(), netip.PrefixFrom(a, pool.Bits())); err != nil {
+	id := dockerIPAMPrefix + nonce()
+	_, err = p.d.Claim(ctx, id, netip.PrefixFrom(a, pool.Bits()))
+	if ctx.Err() != nil {
+		p.d.Release(context.WithoutCancel(ctx), id, netip.Addr{}) // as above
+		return dockerplugin.RequestAddressResponse{}, ctx.Err()
+	}
+	if err != nil {
 		return dockerplugin.RequestAddressResponse{}, apiToPlugin(err)
 	}
 	return dockerplugin.RequestAddressResponse{Address: netip.PrefixFrom(a, pool.Bits()).String()}, nil
@@ -496,13 +542,13 @@ func (p *plugin) status() api.PluginStatus {
 
 // adopt records a network of our driver that Docker has and we do not
 // know (our state was lost, or the network came from another run).
-func (p *plugin) adopt(id string, pool netip.Prefix) {
+func (p *plugin) adopt(id string, pool netip.Prefix, dockerIPAM bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if _, ok := p.st.Networks[id]; ok || !pool.IsValid() {
 		return
 	}
-	p.st.Networks[id] = &pluginstate.Network{ID: id, Pool: pool}
+	p.st.Networks[id] = &pluginstate.Network{ID: id, Pool: pool, DockerIPAM: dockerIPAM}
 	p.d.log.Info("docker network of our driver recorded", zap.String("network", id), zap.Stringer("subnet", pool))
 	if err := p.saveLocked(); err != nil {
 		p.d.log.Warn("saving the plugin's state", zap.Error(err))
@@ -515,6 +561,19 @@ func (p *plugin) ours(id string) bool {
 	defer p.mu.Unlock()
 	_, ok := p.st.Networks[id]
 	return ok
+}
+
+// containers are the Docker containers of the plugin's endpoints.
+func (p *plugin) containers() map[string]bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ids := map[string]bool{}
+	for _, e := range p.st.Endpoints {
+		if e.Container != "" {
+			ids[e.Container] = true
+		}
+	}
+	return ids
 }
 
 // setContainer records which container an endpoint belongs to.

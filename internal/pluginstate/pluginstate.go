@@ -14,6 +14,9 @@ import (
 type Network struct {
 	ID   string       `json:"id"`
 	Pool netip.Prefix `json:"pool"`
+	// DockerIPAM: Docker's own IPAM chooses the addresses, and each is
+	// claimed in overlayd's while its endpoint lives.
+	DockerIPAM bool `json:"dockerIPAM,omitempty"`
 }
 
 // Endpoint is one container's interface on such a network.
@@ -26,7 +29,7 @@ type Endpoint struct {
 	MAC       string       `json:"mac"`
 	Sandbox   string       `json:"sandbox,omitempty"`   // the container's namespace, once joined
 	Left      bool         `json:"left,omitempty"`      // Docker took it out of its container
-	Claim     string       `json:"claim,omitempty"`     // IPAM ID of an address from Docker's IPAM, claimed in ours
+	Claimed   bool         `json:"claimed,omitempty"`   // its address, from Docker's IPAM, is claimed in ours
 	Container string       `json:"container,omitempty"` // its ID, once Docker said
 }
 
