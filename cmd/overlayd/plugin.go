@@ -514,7 +514,7 @@ func nonce() string {
 	return hex.EncodeToString(b[:])
 }
 
-// endpointsFor lists the plugin's endpoints for ps; mu is taken.
+// attachments lists the plugin's endpoints for ps.
 func (p *plugin) attachments() []api.Attachment {
 	p.mu.Lock()
 	defer p.mu.Unlock()
