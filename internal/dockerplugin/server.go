@@ -138,27 +138,26 @@ func (s *Server) Handler() http.Handler {
 		}
 		return s.b.CreateEndpoint(ctx, req)
 	})
-	reply("/NetworkDriver.DeleteEndpoint", func(ctx context.Context, body []byte) (any, error) {
-		var req struct{ NetworkID, EndpointID string }
-		if err := decode(body, &req); err != nil {
-			return nil, err
+	// Calls that name only an endpoint: both IDs are required.
+	endpoint := func(fn func(ctx context.Context, network, endpoint string) (any, error)) func(context.Context, []byte) (any, error) {
+		return func(ctx context.Context, body []byte) (any, error) {
+			var req struct{ NetworkID, EndpointID string }
+			if err := decode(body, &req); err != nil {
+				return nil, err
+			}
+			if err := ids(req.NetworkID, req.EndpointID); err != nil {
+				return nil, err
+			}
+			return fn(ctx, req.NetworkID, req.EndpointID)
 		}
-		if err := ids(req.NetworkID, req.EndpointID); err != nil {
-			return nil, err
-		}
-		return struct{}{}, s.b.DeleteEndpoint(ctx, req.NetworkID, req.EndpointID)
-	})
-	reply("/NetworkDriver.EndpointOperInfo", func(ctx context.Context, body []byte) (any, error) {
-		var req struct{ NetworkID, EndpointID string }
-		if err := decode(body, &req); err != nil {
-			return nil, err
-		}
-		if err := ids(req.NetworkID, req.EndpointID); err != nil {
-			return nil, err
-		}
-		v, err := s.b.EndpointInfo(ctx, req.NetworkID, req.EndpointID)
+	}
+	reply("/NetworkDriver.DeleteEndpoint", endpoint(func(ctx context.Context, n, e string) (any, error) {
+		return struct{}{}, s.b.DeleteEndpoint(ctx, n, e)
+	}))
+	reply("/NetworkDriver.EndpointOperInfo", endpoint(func(ctx context.Context, n, e string) (any, error) {
+		v, err := s.b.EndpointInfo(ctx, n, e)
 		return map[string]any{"Value": v}, err
-	})
+	}))
 	reply("/NetworkDriver.Join", func(ctx context.Context, body []byte) (any, error) {
 		var req JoinRequest
 		if err := decode(body, &req); err != nil {
@@ -172,16 +171,9 @@ func (s *Server) Handler() http.Handler {
 		}
 		return s.b.Join(ctx, req)
 	})
-	reply("/NetworkDriver.Leave", func(ctx context.Context, body []byte) (any, error) {
-		var req struct{ NetworkID, EndpointID string }
-		if err := decode(body, &req); err != nil {
-			return nil, err
-		}
-		if err := ids(req.NetworkID, req.EndpointID); err != nil {
-			return nil, err
-		}
-		return struct{}{}, s.b.Leave(ctx, req.NetworkID, req.EndpointID)
-	})
+	reply("/NetworkDriver.Leave", endpoint(func(ctx context.Context, n, e string) (any, error) {
+		return struct{}{}, s.b.Leave(ctx, n, e)
+	}))
 	for _, p := range []string{"DiscoverNew", "DiscoverDelete", "ProgramExternalConnectivity", "RevokeExternalConnectivity"} {
 		reply("/NetworkDriver."+p, empty)
 	}
