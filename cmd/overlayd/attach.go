@@ -162,6 +162,7 @@ func (d *daemon) Attach(ctx context.Context, req api.AttachRequest) (api.Attachm
 		return api.Attachment{}, err
 	}
 	a.MAC = mac
+	d.keeper.SetHost(a.HostIface, addrsOf(a.Addresses))
 	delete(d.attached.gone, id)
 	delete(d.attached.dead, id)
 	if req.Name != "" {
@@ -215,7 +216,9 @@ func (d *daemon) Detach(ctx context.Context, req api.AttachRequest) error {
 		gone = append(gone, a.Addresses[i])
 	}
 	if len(gone) == 0 || len(gone) == len(a.Addresses) {
+		d.keeper.SetHost(a.HostIface, nil)
 		if err := attach.Detach(a.HostIface); err != nil {
+			d.keeper.SetHost(a.HostIface, addrsOf(a.Addresses))
 			return err
 		}
 		removeResolvConf(id)
@@ -223,10 +226,13 @@ func (d *daemon) Detach(ctx context.Context, req api.AttachRequest) error {
 		delete(d.attached.byID, id)
 		delete(d.attached.dead, id)
 	} else {
+		left := slices.DeleteFunc(slices.Clone(a.Addresses), func(p netip.Prefix) bool { return slices.Contains(gone, p) })
+		d.keeper.SetHost(a.HostIface, addrsOf(left))
 		if err := attach.RemoveAddrs(attach.Spec{NetNS: a.NetNS, Host: a.HostIface}, gone); err != nil {
+			d.keeper.SetHost(a.HostIface, addrsOf(a.Addresses))
 			return err
 		}
-		a.Addresses = slices.DeleteFunc(a.Addresses, func(p netip.Prefix) bool { return slices.Contains(gone, p) })
+		a.Addresses = left
 	}
 	if err := d.attached.save(); err != nil {
 		return err
@@ -357,6 +363,7 @@ func (d *daemon) reapContainers(ctx context.Context, now time.Time) {
 		delete(d.attached.byID, id)
 		changed = true
 		removeResolvConf(id)
+		d.keeper.SetHost(a.HostIface, nil)
 		if err := attach.Detach(a.HostIface); err != nil {
 			d.log.Warn("removing the veth of a container gone", zap.String("container", id), zap.Error(err))
 		}

@@ -20,6 +20,7 @@ import (
 	"github.com/overlayd/overlayd/internal/buildinfo"
 	"github.com/overlayd/overlayd/internal/dockerplugin"
 	"github.com/overlayd/overlayd/internal/firewall"
+	"github.com/overlayd/overlayd/internal/hostnet"
 	"github.com/overlayd/overlayd/internal/metrics"
 	"github.com/overlayd/overlayd/internal/netconf"
 	"github.com/overlayd/overlayd/ipalloc"
@@ -56,6 +57,14 @@ type daemon struct {
 	mtu      int          // of the TUN device
 	amu      sync.Mutex   // serialises attach and detach; taken before mu
 	attached *attachments // guarded by amu
+
+	// keeper puts back the device's state, the range route and the
+	// containers' routes when something removes them.
+	keeper *netconf.Keeper
+	// restoring lists the addresses exposed before a restart that are
+	// not exposed again yet; guarded by mu. They are saved with the
+	// exposed ones, so that a crash meanwhile loses none.
+	restoring []netip.Prefix
 
 	docker *client.Client // nil without Docker
 	plugin *plugin        // nil without --docker-plugin
@@ -119,6 +128,9 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 	if err := netconf.LinkUp(cfg.Iface); err != nil {
 		return startError{err}
 	}
+	if err := netconf.PromoteSecondaries(cfg.Iface); err != nil {
+		return startError{err}
+	}
 	if cfg.Range.IsValid() {
 		if err := netconf.AddRoute(cfg.Iface, cfg.Range); err != nil {
 			return startError{err}
@@ -148,7 +160,15 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 	if err != nil {
 		return startError{err}
 	}
-	d := &daemon{cfg: cfg, log: log, mtu: mtu, attached: attached}
+	exposed, err := loadExposed(cfg.StateDir)
+	if err != nil {
+		return startError{err}
+	}
+	keeper := netconf.NewKeeper(netconf.KeeperConfig{Iface: cfg.Iface, MTU: mtu, Range: cfg.Range, Log: log.Named("netconf")})
+	for _, a := range attached.byID {
+		keeper.SetHost(a.HostIface, addrsOf(a.Addresses))
+	}
+	d := &daemon{cfg: cfg, log: log, mtu: mtu, attached: attached, keeper: keeper, restoring: exposed}
 	if cfg.DockerAPI != "" && (cfg.DockerPlugin || dockerSocketExists(cfg.DockerAPI)) {
 		if d.docker, err = newDockerClient(cfg.DockerAPI); err != nil {
 			return startError{err}
@@ -209,7 +229,7 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 	undo = append(undo, srv.Close)
 	var ms *metrics.Server
 	if cfg.MetricsAddr != "" {
-		cs := []prometheus.Collector{router.Collector()}
+		cs := []prometheus.Collector{router.Collector(), keeperCollector(keeper)}
 		if d.alloc != nil {
 			cs = append(cs, d.alloc.Collector())
 		}
@@ -243,6 +263,10 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 		g.Go(func() error { return d.alloc.Run(gctx) })
 	}
 	g.Go(func() error { return d.watchContainers(gctx) })
+	g.Go(func() error { return keeper.Run(gctx) })
+	if len(exposed) > 0 {
+		g.Go(func() error { d.restoreExposed(gctx); return nil })
+	}
 	if plug != nil {
 		log.Info("Docker plugin started", zap.String("socket", plug.Path()), zap.String("driver", cfg.PluginName))
 		g.Go(func() error { return plug.Run(gctx) })
@@ -369,6 +393,7 @@ func (d *daemon) Expose(ctx context.Context, p netip.Prefix) (netip.Prefix, erro
 		return p, fmt.Errorf("%w: cannot expose %v", api.ErrBadRequest, p)
 	}
 	if slices.Contains(d.exposed, p) {
+		d.restoring = slices.DeleteFunc(d.restoring, func(r netip.Prefix) bool { return r == p })
 		return p, nil
 	}
 	for _, e := range d.exposed {
@@ -383,17 +408,19 @@ func (d *daemon) Expose(ctx context.Context, p netip.Prefix) (netip.Prefix, erro
 			}
 		}
 	}
-	if err := netconf.AddAddr(d.cfg.Iface, p); err != nil {
+	next := append(slices.Clone(d.exposed), p)
+	if err := d.keeper.SetAddrs(next); err != nil {
 		undo()
 		return p, err
 	}
-	if err := d.setExposed(ctx, append(slices.Clone(d.exposed), p)); err != nil {
-		netconf.DelAddr(d.cfg.Iface, p)
+	if err := d.setExposed(ctx, next); err != nil {
+		d.keeper.SetAddrs(d.exposed)
 		undo()
 		return p, err
 	}
+	d.restoring = slices.DeleteFunc(d.restoring, func(r netip.Prefix) bool { return r.Addr() == a })
 	d.log.Info("exposed", zap.Stringer("addr", p))
-	return p, nil
+	return p, d.saveExposedLocked()
 }
 
 // setExposed replaces the exposed addresses and announces them. mu must
@@ -415,17 +442,33 @@ func (d *daemon) Hide(ctx context.Context, p netip.Prefix) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	i := slices.IndexFunc(d.exposed, func(e netip.Prefix) bool { return e.Addr() == p.Addr() })
+	if i < 0 && slices.ContainsFunc(d.restoring, func(r netip.Prefix) bool { return r.Addr() == p.Addr() }) {
+		// Exposed before a restart and not yet again: it will not be.
+		d.restoring = slices.DeleteFunc(d.restoring, func(r netip.Prefix) bool { return r.Addr() == p.Addr() })
+		if err := d.saveExposedLocked(); err != nil {
+			return err
+		}
+		if d.alloc != nil && d.cfg.Range.Contains(p.Addr()) {
+			if err := d.Release(ctx, exposeID, p.Addr()); err != nil {
+				d.log.Warn("releasing a hidden address", zap.Stringer("addr", p.Addr()), zap.Error(err))
+			}
+		}
+		return nil
+	}
 	if i < 0 {
 		return fmt.Errorf("%w: %v is not exposed", api.ErrBadRequest, p.Addr())
 	}
 	gone := d.exposed[i]
 	next := slices.Delete(slices.Clone(d.exposed), i, i+1)
-	if err := netconf.DelAddr(d.cfg.Iface, gone); err != nil {
+	if err := d.keeper.SetAddrs(next); err != nil {
 		return err
 	}
 	if err := d.setExposed(ctx, next); err != nil {
-		netconf.AddAddr(d.cfg.Iface, gone) // as it was: still announced
+		d.keeper.SetAddrs(d.exposed) // as it was: still announced
 		return err
+	}
+	if err := d.saveExposedLocked(); err != nil {
+		d.log.Warn("saving the exposed addresses", zap.Error(err))
 	}
 	if d.alloc != nil && d.cfg.Range.Contains(gone.Addr()) {
 		if err := d.Release(ctx, exposeID, gone.Addr()); err != nil {
@@ -443,4 +486,24 @@ func hostRoutes(ps []netip.Prefix) []netip.Prefix {
 		out[i] = netip.PrefixFrom(p.Addr(), 32)
 	}
 	return out
+}
+
+// addrsOf lists the addresses of prefixes.
+func addrsOf(ps []netip.Prefix) []netip.Addr {
+	out := make([]netip.Addr, len(ps))
+	for i, p := range ps {
+		out[i] = p.Addr()
+	}
+	return out
+}
+
+// keeperCollector exposes what the keeper put back, by kind.
+func keeperCollector(k *netconf.Keeper) prometheus.Collector {
+	var cs collectors
+	for kind := range hostnet.NumKinds {
+		cs = append(cs, prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "overlayd_netconf_restored_total",
+			Help:        "Links, addresses and routes of overlayd's that something removed or changed and overlayd put back, by kind.",
+			ConstLabels: prometheus.Labels{"kind": kind.String()}}, func() float64 { return float64(k.Restored(kind)) }))
+	}
+	return cs
 }

@@ -312,6 +312,7 @@ func (p *plugin) reconcile(ctx context.Context, dc *client.Client) error {
 		if connected[id] || !dead {
 			continue
 		}
+		p.d.keeper.SetHost(e.HostIface, nil)
 		if err := attach.Detach(e.HostIface); err != nil {
 			p.d.log.Warn("removing the veth of a gone endpoint", zap.Error(err))
 			continue

@@ -73,6 +73,7 @@ func loadPlugin(d *daemon) (*plugin, error) {
 		// The interface names follow from the ID: a file never names
 		// an interface for overlayd to delete.
 		e.HostIface, e.Inner = pairNames(e.ID)
+		d.keeper.SetHost(e.HostIface, []netip.Addr{e.Address.Addr()})
 	}
 	p.st = st
 	return p, nil
@@ -219,7 +220,9 @@ func (p *plugin) CreateEndpoint(ctx context.Context, req dockerplugin.CreateEndp
 	}
 	p.st.Endpoints[req.EndpointID] = &pluginstate.Endpoint{ID: req.EndpointID, NetworkID: req.NetworkID, Address: addr,
 		HostIface: host, Inner: inner, MAC: got, Claimed: claimed}
+	p.d.keeper.SetHost(host, []netip.Addr{addr.Addr()})
 	if err := p.saveLocked(); err != nil {
+		p.d.keeper.SetHost(host, nil)
 		attach.Detach(host)
 		delete(p.st.Endpoints, req.EndpointID)
 		undo()
@@ -256,7 +259,11 @@ func (p *plugin) DeleteEndpoint(ctx context.Context, networkID, endpointID strin
 	p.mu.Lock()
 	e, ok := p.st.Endpoints[endpointID]
 	host, _ := pairNames(endpointID)
+	p.d.keeper.SetHost(host, nil)
 	if err := attach.Detach(host); err != nil {
+		if ok {
+			p.d.keeper.SetHost(host, []netip.Addr{e.Address.Addr()})
+		}
 		p.mu.Unlock()
 		return err
 	}

@@ -1,14 +1,10 @@
 package lab_test
 
 import (
-	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"math/rand/v2"
-	"net"
-	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -729,28 +725,10 @@ func TestMetrics(t *testing.T) {
 	if a := query(t, h1, "n3.weave.local"); a.status != "NXDOMAIN" {
 		t.Fatalf("n3: %s", a.raw)
 	}
-	var body string
-	// The socket must be made on h1's namespace thread, so no http.Client
-	// (it dials from goroutines of its own).
-	var c net.Conn
-	if err := h1.Do(func() (err error) {
-		c, err = net.Dial("tcp", "127.0.0.1:9783")
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	fmt.Fprintf(c, "GET /metrics HTTP/1.0\r\nHost: overlayd\r\n\r\n")
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	body, err := h1.Get("127.0.0.1:9783", "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := io.ReadAll(resp.Body)
-	if err != nil || resp.StatusCode != 200 {
-		t.Fatalf("GET /metrics: %v %v", resp.Status, err)
-	}
-	body = string(b)
 	for _, want := range []string{
 		`overlayd_connections{state="established"} 1`,
 		`overlayd_connections{state="failed"} 0`,

@@ -1,12 +1,14 @@
 package lab
 
 import (
+	"bufio"
 	"bytes"
 	"crypto/rand"
 	"crypto/sha256"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"time"
 )
@@ -101,4 +103,33 @@ func (h *Host) SendUDP(dst netip.AddrPort, payloads [][]byte) error {
 		}
 		return nil
 	})
+}
+
+// Get fetches http://addr/path from inside the host (a metrics endpoint,
+// say) and returns the body of a 200 answer. The socket is made on the
+// host's namespace thread, so no http.Client (it dials from goroutines of
+// its own).
+func (h *Host) Get(addr, path string) (string, error) {
+	var c net.Conn
+	if err := h.Do(func() (err error) {
+		c, err = net.Dial("tcp", addr)
+		return err
+	}); err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(c, "GET %s HTTP/1.0\r\nHost: overlayd\r\n\r\n", path)
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		return "", err
+	}
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return "", err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return string(b), fmt.Errorf("GET %s: %s", path, resp.Status)
+	}
+	return string(b), nil
 }

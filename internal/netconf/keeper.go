@@ -1,0 +1,368 @@
+package netconf
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"github.com/overlayd/overlayd/internal/hostnet"
+)
+
+// KeeperConfig configures a Keeper.
+type KeeperConfig struct {
+	Iface string       // the TUN device
+	MTU   int          // of the TUN device
+	Range netip.Prefix // routed to Iface; invalid for none
+	// CheckEvery is the fallback check's period, for changes no netlink
+	// event told of (default 2 s).
+	CheckEvery time.Duration
+	// Settle is how long a burst of netlink events may last before the
+	// check runs (default 20 ms).
+	Settle time.Duration
+	Log    *zap.Logger
+}
+
+// A Keeper keeps overlayd's links, addresses and routes in place: the TUN
+// device up with its MTU and exposed addresses, the route for the range
+// through it, and the containers' host veths up with their /32 routes.
+// When something removes or changes them (the kernel flushing the routes
+// of a device that lost its last address, `ip route del`, `ip link set
+// down`), the Keeper puts them back, promptly on the kernel's netlink
+// events and every CheckEvery as the fallback, logs it and counts it.
+// What to fix is hostnet.Plan's decision; the Keeper only reads the
+// kernel's state and applies the fixes.
+//
+// Its methods are safe for concurrent use. Changes to what is wanted and
+// the checks are serialised by mu, so a check never sees a half-made
+// change: callers tell the Keeper about a container's routes after they
+// made them, and that a container's routes go before they remove them.
+type Keeper struct {
+	cfg  KeeperConfig
+	log  *zap.Logger
+	kick chan struct{} // a check is due; room for one
+
+	mu   sync.Mutex   // serialises changes of want and the checks
+	want hostnet.Want // guarded by mu
+
+	restored [hostnet.NumKinds]atomic.Uint64
+	failed   atomic.Uint64
+}
+
+// NewKeeper makes a Keeper that wants the TUN device of cfg up with its
+// MTU and the range routed to it. It starts nothing.
+func NewKeeper(cfg KeeperConfig) *Keeper {
+	if cfg.CheckEvery <= 0 {
+		cfg.CheckEvery = 2 * time.Second
+	}
+	if cfg.Settle <= 0 {
+		cfg.Settle = 20 * time.Millisecond
+	}
+	if cfg.Log == nil {
+		cfg.Log = zap.NewNop()
+	}
+	return &Keeper{cfg: cfg, log: cfg.Log, kick: make(chan struct{}, 1),
+		want: hostnet.Want{Iface: cfg.Iface, MTU: cfg.MTU, Range: cfg.Range, Hosts: map[string][]netip.Addr{}}}
+}
+
+// Restored returns how many times each kind of thing was put back.
+func (k *Keeper) Restored(kind hostnet.Kind) uint64 { return k.restored[kind].Load() }
+
+// Failed returns how many fixes failed (each is tried again).
+func (k *Keeper) Failed() uint64 { return k.failed.Load() }
+
+// SetAddrs makes addrs the exposed addresses of the TUN device: those no
+// longer wanted are removed, new ones are added, and whatever the removal
+// took with it (the kernel flushes the routes of a device that loses its
+// last address) is put back at once. If an address cannot be added or
+// removed, nothing wanted changes and the error is returned.
+func (k *Keeper) SetAddrs(addrs []netip.Prefix) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	old := k.want.Addrs
+	for _, a := range old {
+		if !slices.Contains(addrs, a) {
+			if err := DelAddr(k.cfg.Iface, a); err != nil {
+				return err
+			}
+		}
+	}
+	for i, a := range addrs {
+		if !slices.Contains(old, a) {
+			if err := AddAddr(k.cfg.Iface, a); err != nil {
+				for _, b := range addrs[:i] {
+					if !slices.Contains(old, b) {
+						DelAddr(k.cfg.Iface, b)
+					}
+				}
+				return err
+			}
+		}
+	}
+	k.want.Addrs = slices.Clone(addrs)
+	k.checkLocked()
+	return nil
+}
+
+// SetHost records the addresses routed to a container's host veth, made
+// by the caller; nil or empty forgets the veth. Call it after making the
+// routes, and before removing them.
+func (k *Keeper) SetHost(iface string, addrs []netip.Addr) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if len(addrs) == 0 {
+		delete(k.want.Hosts, iface)
+		return
+	}
+	k.want.Hosts[iface] = slices.Clone(addrs)
+}
+
+// Check puts back at once what is missing.
+func (k *Keeper) Check() {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.checkLocked()
+}
+
+// Run follows the kernel's link, address and route events, checks after
+// each burst and every CheckEvery, until ctx ends. Without events (the
+// subscription failed) the periodic check stands in, and the subscription
+// is tried again.
+func (k *Keeper) Run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() {
+		for ctx.Err() == nil {
+			err := k.follow(ctx)
+			if ctx.Err() != nil {
+				return
+			}
+			k.log.Warn("following netlink events; the periodic check stands in", zap.Error(err))
+			k.due()
+			select {
+			case <-ctx.Done():
+			case <-time.After(k.cfg.CheckEvery):
+			}
+		}
+	})
+	tick := time.NewTicker(k.cfg.CheckEvery)
+	defer tick.Stop()
+	k.Check()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		case <-k.kick:
+			// Let the burst end (a deleted link sends many events).
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(k.cfg.Settle):
+			}
+			select {
+			case <-k.kick:
+			default:
+			}
+		}
+		k.Check()
+	}
+}
+
+// due asks for a check soon.
+func (k *Keeper) due() {
+	select {
+	case k.kick <- struct{}{}:
+	default:
+	}
+}
+
+// follow subscribes to the kernel's link, IPv4 address and route events
+// and asks for a check on each, until ctx ends or the subscription fails
+// (its socket's buffer overflowed, say: events were lost, so a check is
+// due then too).
+func (k *Keeper) follow(ctx context.Context) error {
+	done := make(chan struct{})
+	links := make(chan netlink.LinkUpdate, 64)
+	addrs := make(chan netlink.AddrUpdate, 64)
+	routes := make(chan netlink.RouteUpdate, 64)
+	errc := make(chan error, 3)
+	onErr := func(err error) {
+		select {
+		case errc <- err:
+		default:
+		}
+	}
+	// The subscriptions' goroutines block sending to their channels:
+	// once done is closed, each channel is drained until it is closed.
+	opened := []func(){}
+	defer func() {
+		close(done)
+		for _, drain := range opened {
+			drain()
+		}
+	}()
+	if err := netlink.LinkSubscribeWithOptions(links, done, netlink.LinkSubscribeOptions{ErrorCallback: onErr}); err != nil {
+		return fmt.Errorf("netconf: link events: %w", err)
+	}
+	opened = append(opened, func() {
+		for range links {
+		}
+	})
+	if err := netlink.AddrSubscribeWithOptions(addrs, done, netlink.AddrSubscribeOptions{ErrorCallback: onErr}); err != nil {
+		return fmt.Errorf("netconf: address events: %w", err)
+	}
+	opened = append(opened, func() {
+		for range addrs {
+		}
+	})
+	if err := netlink.RouteSubscribeWithOptions(routes, done, netlink.RouteSubscribeOptions{ErrorCallback: onErr}); err != nil {
+		return fmt.Errorf("netconf: route events: %w", err)
+	}
+	opened = append(opened, func() {
+		for range routes {
+		}
+	})
+	// Whatever changed before the subscriptions began is caught here.
+	k.due()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-errc:
+			return err
+		case _, ok := <-links:
+			if !ok {
+				return errors.New("netconf: link events ended")
+			}
+		case _, ok := <-addrs:
+			if !ok {
+				return errors.New("netconf: address events ended")
+			}
+		case _, ok := <-routes:
+			if !ok {
+				return errors.New("netconf: route events ended")
+			}
+		}
+		k.due()
+	}
+}
+
+// checkLocked reads the kernel's state, plans and applies the fixes,
+// logging and counting each. k.mu is held.
+func (k *Keeper) checkLocked() {
+	have, err := k.read()
+	if err != nil {
+		k.log.Debug("reading the network state", zap.Error(err))
+		k.due() // a dump interrupted by a change: try again soon
+		return
+	}
+	for _, f := range hostnet.Plan(k.want, have) {
+		if err := apply(f); err != nil {
+			k.failed.Add(1)
+			k.log.Warn("could not restore "+f.String(), zap.String("kind", f.Kind.String()), zap.Error(err))
+			continue
+		}
+		k.restored[f.Kind].Add(1)
+		k.log.Info("restored "+f.String()+", which was removed or changed", zap.String("kind", f.Kind.String()))
+	}
+}
+
+// read gathers what Plan compares: the links k wants, the TUN device's
+// IPv4 addresses and the main table's IPv4 routes.
+func (k *Keeper) read() (hostnet.Have, error) {
+	have := hostnet.Have{Links: map[string]hostnet.Link{}}
+	names := []string{k.want.Iface}
+	for h := range k.want.Hosts {
+		names = append(names, h)
+	}
+	for _, n := range names {
+		l, err := netlink.LinkByName(n)
+		if err != nil {
+			var nf netlink.LinkNotFoundError
+			if errors.As(err, &nf) {
+				continue
+			}
+			return have, err
+		}
+		a := l.Attrs()
+		have.Links[n] = hostnet.Link{Index: a.Index, Up: a.Flags&net.FlagUp != 0, MTU: a.MTU}
+		if n != k.want.Iface {
+			continue
+		}
+		as, err := netlink.AddrList(l, netlink.FAMILY_V4)
+		if err != nil {
+			return have, err
+		}
+		for _, x := range as {
+			if p, ok := prefixOf(x.IPNet); ok {
+				have.Addrs = append(have.Addrs, p)
+			}
+		}
+	}
+	rs, err := netlink.RouteList(nil, netlink.FAMILY_V4)
+	if err != nil {
+		return have, err
+	}
+	for _, r := range rs {
+		if r.Dst == nil || r.Type != unix.RTN_UNICAST {
+			continue
+		}
+		if p, ok := prefixOf(r.Dst); ok {
+			have.Routes = append(have.Routes, hostnet.Route{Dst: p.Masked(), Index: r.LinkIndex})
+		}
+	}
+	return have, nil
+}
+
+// apply carries out one fix.
+func apply(f hostnet.Fix) error {
+	l, err := netlink.LinkByName(f.Iface)
+	if err != nil {
+		return err
+	}
+	switch f.Kind {
+	case hostnet.LinkUp:
+		return netlink.LinkSetUp(l)
+	case hostnet.LinkMTU:
+		return netlink.LinkSetMTU(l, f.MTU)
+	case hostnet.Address:
+		return AddAddr(f.Iface, f.Prefix)
+	default: // a route: replaced, if one leads elsewhere
+		return netlink.RouteReplace(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: ipnet(f.Prefix), Scope: netlink.SCOPE_LINK})
+	}
+}
+
+func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
+	a, ok := netip.AddrFromSlice(n.IP.To4())
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	bits, size := n.Mask.Size()
+	if size != 32 {
+		return netip.Prefix{}, false
+	}
+	return netip.PrefixFrom(a, bits), true
+}
+
+// PromoteSecondaries makes the kernel keep the other addresses of a
+// subnet on iface when its primary address is removed (by default it
+// removes them all): hiding the first of two exposed addresses must not
+// take the second with it.
+func PromoteSecondaries(iface string) error {
+	p := "/proc/sys/net/ipv4/conf/" + iface + "/promote_secondaries"
+	if err := os.WriteFile(p, []byte("1"), 0o644); err != nil {
+		return fmt.Errorf("netconf: sysctl net.ipv4.conf.%s.promote_secondaries: %w", iface, err)
+	}
+	return nil
+}
