@@ -123,7 +123,7 @@ func FuzzProtoIPAM(f *testing.F) {
 }
 
 // ipamState is a valid saved state with addresses in and out of the range
-// and a hold.
+// a hold and nicknames.
 func ipamState() []byte {
 	r := ipamRing()
 	start, _ := ring.Bounds(ipamRange)
@@ -135,7 +135,8 @@ func ipamState() []byte {
 			{Ident: "weave:expose", Addr: netip.MustParsePrefix("172.16.16.98/24")},
 			{Ident: "m", Addr: netip.MustParsePrefix("1.1.1.1/24")},
 		},
-		Holds: []ring.Span{{Start: start + 192, End: uint64(start) + 256}},
+		Holds:     []ring.Span{{Start: start + 192, End: uint64(start) + 256}},
+		Nicknames: []ipalloc.Nickname{{Peer: ipamPeers[0], Nickname: "host1"}, {Peer: ipamPeers[1], Nickname: "h2"}},
 	})
 	if err != nil {
 		panic(err)
@@ -174,10 +175,12 @@ func FuzzIpallocState(f *testing.F) {
 		}
 		try(b)
 		if len(b) >= 12 {
-			c := bytes.Clone(b)
-			copy(c, "OVLIPAM\x01")
-			binary.BigEndian.PutUint32(c[8:], crc32.Checksum(c[12:], castagnoli))
-			try(c)
+			for _, magic := range []string{"OVLIPAM\x01", "OVLIPAM\x02"} { // formats 1 and 2
+				c := bytes.Clone(b)
+				copy(c, magic)
+				binary.BigEndian.PutUint32(c[8:], crc32.Checksum(c[12:], castagnoli))
+				try(c)
+			}
 		}
 	})
 }

@@ -236,6 +236,10 @@ type Node struct {
 	retryAgain bool                   // and must run again
 	wants      map[wantKey]*spaceWant // by the range asked for
 	reach      map[proto.PeerName]bool
+	// nicks are the last nicknames the router told of peers that own
+	// space or are reachable; saved with the ring, so that status still
+	// names a peer that is gone (Weave's NAME(nick) - unreachable!).
+	nicks map[proto.PeerName]string
 
 	enc struct { // the ring encoded, for its hash
 		hash         uint64
@@ -261,7 +265,7 @@ func New(cfg Config, state []byte) (*Node, error) {
 		return nil, err
 	}
 	n := &Node{cfg: cfg, ring: r, owned: map[string][]netip.Prefix{}, holder: map[uint32]string{}, wants: map[wantKey]*spaceWant{},
-		manual: map[netip.Addr]string{}, reach: map[proto.PeerName]bool{}}
+		manual: map[netip.Addr]string{}, reach: map[proto.PeerName]bool{}, nicks: map[proto.PeerName]string{}}
 	if cfg.Mode == Consensus {
 		n.paxos = paxos.New(proto.PaxosNode{Name: cfg.Self, UID: cfg.UID}, cfg.Quorum)
 	}
@@ -320,6 +324,9 @@ func (n *Node) restore(st *State) error {
 	}
 	for _, h := range st.Holds {
 		n.addHold(h.Start, h.End)
+	}
+	for _, k := range st.Nicknames {
+		n.nicks[k.Peer] = k.Nickname
 	}
 	// Allocations in space the ring says is not ours would be duplicates:
 	// ask for them back like after a merge conflict.
@@ -420,6 +427,14 @@ func (n *Node) SetReachable(peers []proto.PeerName) {
 		}
 	}
 	n.reach = next
+	if len(n.nicks) > 0 {
+		owners := n.spaceOwners()
+		for p := range n.nicks {
+			if !next[p] && !owners[p] {
+				delete(n.nicks, p)
+			}
+		}
+	}
 	// A few of the new peers hear from us at once; anti-entropy reaches
 	// the rest (after a partition heals, every peer is new to half the
 	// others: telling all would be a storm).
@@ -436,6 +451,29 @@ func (n *Node) SetReachable(peers []proto.PeerName) {
 		}
 	}
 	n.retry()
+}
+
+// SetNickname tells the Node the nickname of a peer the router reaches.
+// It is kept while the peer is reachable or owns space, and saved with the
+// ring. An empty or over-long nickname is ignored.
+func (n *Node) SetNickname(p proto.PeerName, nick string) {
+	if nick == "" || len(nick) > proto.MaxNicknameLen || n.nicks[p] == nick || p != n.cfg.Self && !n.reach[p] {
+		return
+	}
+	n.nicks[p] = nick
+	n.dirty = n.dirty || n.spaceOwners()[p]
+}
+
+// spaceOwners is the set of peers the ring gives space.
+func (n *Node) spaceOwners() map[proto.PeerName]bool {
+	entries, sizes := n.ring.Entries()
+	out := make(map[proto.PeerName]bool)
+	for i, e := range entries {
+		if sizes[i] > 0 {
+			out[e.Peer] = true
+		}
+	}
+	return out
 }
 
 // Tick advances time by one tick.

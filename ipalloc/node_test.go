@@ -1,8 +1,10 @@
 package ipalloc_test
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"math/rand/v2"
 	"net/netip"
 	"reflect"
@@ -612,7 +614,8 @@ func TestStateRoundTrip(t *testing.T) {
 			{Ident: strings.Repeat("i", ipalloc.MaxIdentLen), Addr: netip.MustParsePrefix("1.1.1.1/32")},
 			{Ident: "y", Addr: netip.MustParsePrefix("172.16.16.130/26")},
 		},
-		Holds: []ring.Span{{Start: ring.AddrValue(netip.MustParseAddr("172.16.16.192")), End: uint64(ring.AddrValue(netip.MustParseAddr("172.16.16.255"))) + 1}},
+		Holds:     []ring.Span{{Start: ring.AddrValue(netip.MustParseAddr("172.16.16.192")), End: uint64(ring.AddrValue(netip.MustParseAddr("172.16.16.255"))) + 1}},
+		Nicknames: []ipalloc.Nickname{{Peer: na, Nickname: "host1"}, {Peer: nc, Nickname: strings.Repeat("n", proto.MaxNicknameLen)}},
 	}
 	empty := &ipalloc.State{Self: na, Ring: proto.Ring{Range: slash24}}
 	for _, st := range []*ipalloc.State{full, empty} {
@@ -627,6 +630,11 @@ func TestStateRoundTrip(t *testing.T) {
 		must(t, err)
 		if !slices.Equal(b, b2) {
 			t.Fatal("re-encoding differs")
+		}
+	}
+	for _, bad := range []ipalloc.Nickname{{Peer: na}, {Peer: na, Nickname: strings.Repeat("n", proto.MaxNicknameLen+1)}} {
+		if _, err := ipalloc.MarshalState(&ipalloc.State{Self: na, Ring: proto.Ring{Range: slash24}, Nicknames: []ipalloc.Nickname{bad}}); err == nil {
+			t.Errorf("MarshalState stored %+v", bad)
 		}
 	}
 	for _, bad := range []ipalloc.Owned{
@@ -679,7 +687,106 @@ func normState(st *ipalloc.State) ipalloc.State {
 	if len(c.Holds) == 0 {
 		c.Holds = nil
 	}
+	if len(c.Nicknames) == 0 {
+		c.Nicknames = nil
+	}
 	return c
+}
+
+// TestStateFormat1: a state saved before nicknames were kept (format 1:
+// format 2 without the nickname list) still loads, and is saved again in
+// format 2.
+func TestStateFormat1(t *testing.T) {
+	state := savedState(t, na)
+	st, err := ipalloc.ParseState(state)
+	must(t, err)
+	// Format 1: the same bytes without the (empty) nickname count, with
+	// its magic and its own checksum.
+	v1 := slices.Clone(state[:len(state)-4])
+	v1[7] = 1
+	binary.BigEndian.PutUint32(v1[8:], crc32.Checksum(v1[12:], crc32.MakeTable(crc32.Castagnoli)))
+	got, err := ipalloc.ParseState(v1)
+	must(t, err)
+	if !reflect.DeepEqual(normState(got), normState(st)) {
+		t.Fatalf("format 1:\n got %+v\nwant %+v", got, st)
+	}
+	n, err := newNode(t, ipalloc.Config{Self: na, Universe: slash24, Quorum: 1}, v1)
+	must(t, err)
+	if st := n.Status(); st.Status != "ready" || st.Active != 1 {
+		t.Fatalf("restored from format 1: %+v", st)
+	}
+	// Format 1 with anything after its holds is corrupt.
+	bad := append(slices.Clone(v1), 0, 0, 0, 0)
+	binary.BigEndian.PutUint32(bad[8:], crc32.Checksum(bad[12:], crc32.MakeTable(crc32.Castagnoli)))
+	if _, err := ipalloc.ParseState(bad); !errors.Is(err, ipalloc.ErrCorruptState) {
+		t.Fatalf("format 1 with a nickname list: %v", err)
+	}
+}
+
+// TestNicknamesKept: the nickname of a peer that owns space is kept after
+// the peer becomes unreachable and across a restart; that of a peer that
+// owns nothing goes when it is unreachable; only reachable peers' are
+// taken.
+func TestNicknamesKept(t *testing.T) {
+	n, err := newNode(t, ipalloc.Config{Self: na, Universe: slash24, Mode: ipalloc.Seed, Seeds: []proto.PeerName{na, nb}}, nil)
+	must(t, err)
+	n.SetNickname(nc, "stranger") // not reachable: not taken
+	n.SetReachable([]proto.PeerName{nb, nc})
+	n.SetNickname(na, "host1")
+	n.SetNickname(nb, "host2")
+	n.SetNickname(nc, "host3")
+	nick := func(n *ipalloc.Node, p proto.PeerName) string {
+		for _, o := range n.Status().Owners {
+			if o.Peer == p {
+				return o.Nickname
+			}
+		}
+		return "(owns nothing)"
+	}
+	if nick(n, na) != "host1" || nick(n, nb) != "host2" {
+		t.Fatalf("owners: %+v", n.Status().Owners)
+	}
+	rd := n.Ready()
+	n.Advance()
+	if rd.State == nil {
+		t.Fatal("a new nickname of an owner was not saved")
+	}
+	st, err := ipalloc.ParseState(rd.State)
+	must(t, err)
+	want := []ipalloc.Nickname{{Peer: na, Nickname: "host1"}, {Peer: nb, Nickname: "host2"}}
+	if !reflect.DeepEqual(st.Nicknames, want) {
+		t.Fatalf("saved nicknames %+v, want %+v (host3 owns nothing)", st.Nicknames, want)
+	}
+	// b and c go away: b's nickname stays (it owns space), c's goes.
+	n.SetReachable(nil)
+	for _, e := range n.Status().Entries {
+		if e.Peer == nb && e.Nickname != "host2" {
+			t.Fatalf("entry of an unreachable owner: %+v", e)
+		}
+	}
+	if nick(n, nb) != "host2" {
+		t.Fatalf("unreachable owner lost its nickname: %+v", n.Status().Owners)
+	}
+	n.SetReachable([]proto.PeerName{nc})
+	for _, o := range n.Status().Owners {
+		if o.Peer == nc {
+			t.Fatalf("c owns space: %+v", o)
+		}
+	}
+	// After a restart from the saved state, b is still host2.
+	r, err := newNode(t, ipalloc.Config{Self: na, Universe: slash24, Quorum: 1}, rd.State)
+	must(t, err)
+	if nick(r, nb) != "host2" {
+		t.Fatalf("after a restart: %+v", r.Status().Owners)
+	}
+	// An unchanged nickname saves nothing.
+	r.SetReachable([]proto.PeerName{nb})
+	r.Ready()
+	r.Advance()
+	r.SetNickname(nb, "host2")
+	if rd := r.Ready(); rd.State != nil {
+		t.Fatal("an unchanged nickname was saved again")
+	}
 }
 
 // TestConsensusSplitByPartitions drives three voters (quorum 2) through

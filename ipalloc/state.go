@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"maps"
 	"net/netip"
+	"slices"
 
 	"github.com/overlayd/overlayd/ipalloc/ring"
 	"github.com/overlayd/overlayd/proto"
@@ -13,17 +15,22 @@ import (
 
 // The durable state, as Ready.State carries it and New reads it back:
 //
-//	8  magic "OVLIPAM" and format version 1
+//	8  magic "OVLIPAM" and format version 2
 //	4  CRC-32C of everything after it
 //	6  peer name
 //	4  length of the ring, then the ring as an IPAM ring message
 //	4  number of addresses, then each: ident length (1), ident, IPv4 prefix (5)
 //	4  number of holds (space taken over by rmpeer, not yet settled), then
 //	   each: first address (4), last address (4)
+//	4  number of nicknames, then each: peer name (6), length (1), nickname
 //
+// Format 1 is format 2 without the nicknames; it is still read.
 // A file that is cut short or altered fails the checksum: ParseState says
 // so rather than returning less than was saved.
-var stateMagic = [8]byte{'O', 'V', 'L', 'I', 'P', 'A', 'M', 1}
+var stateMagic = [8]byte{'O', 'V', 'L', 'I', 'P', 'A', 'M', 2}
+
+// stateMagicV1 starts a state saved before nicknames were kept.
+var stateMagicV1 = [8]byte{'O', 'V', 'L', 'I', 'P', 'A', 'M', 1}
 
 // MaxIdentLen bounds an allocation ID (a container ID is 64 bytes).
 const MaxIdentLen = 255
@@ -41,10 +48,17 @@ type Owned struct {
 
 // State is what a Node saves.
 type State struct {
-	Self  proto.PeerName
-	Ring  proto.Ring
-	Owned []Owned
-	Holds []ring.Span // Peer unused
+	Self      proto.PeerName
+	Ring      proto.Ring
+	Owned     []Owned
+	Holds     []ring.Span // Peer unused
+	Nicknames []Nickname  // by peer name
+}
+
+// Nickname is the last nickname known of a peer that owns space.
+type Nickname struct {
+	Peer     proto.PeerName
+	Nickname string
 }
 
 func (n *Node) marshal() []byte {
@@ -63,6 +77,12 @@ func (n *Node) marshal() []byte {
 	}
 	for _, h := range n.holds {
 		st.Holds = append(st.Holds, ring.Span{Start: h.Start, End: h.End})
+	}
+	owners := n.spaceOwners()
+	for _, p := range slices.Sorted(maps.Keys(n.nicks)) {
+		if owners[p] {
+			st.Nicknames = append(st.Nicknames, Nickname{Peer: p, Nickname: n.nicks[p]})
+		}
 	}
 	b, err := MarshalState(&st)
 	if err != nil {
@@ -103,15 +123,25 @@ func MarshalState(st *State) ([]byte, error) {
 		b = binary.BigEndian.AppendUint32(b, h.Start)
 		b = binary.BigEndian.AppendUint32(b, uint32(h.End-1))
 	}
+	b = binary.BigEndian.AppendUint32(b, uint32(len(st.Nicknames)))
+	for _, k := range st.Nicknames {
+		if k.Nickname == "" || len(k.Nickname) > proto.MaxNicknameLen {
+			return nil, fmt.Errorf("ipalloc: cannot store nickname %q", k.Nickname)
+		}
+		b = binary.BigEndian.AppendUint64(b, uint64(k.Peer)<<16)[:len(b)+proto.PeerNameLen]
+		b = append(b, byte(len(k.Nickname)))
+		b = append(b, k.Nickname...)
+	}
 	binary.BigEndian.PutUint32(b[8:], crc32.Checksum(b[12:], castagnoli))
 	return b, nil
 }
 
 // ParseState decodes a saved state, checking its checksum and encoding.
 func ParseState(b []byte) (*State, error) {
-	if len(b) < 12+6+4 || [8]byte(b[:8]) != stateMagic {
-		return nil, fmt.Errorf("%w: not an overlayd IPAM state of format 1 (%d bytes)", ErrCorruptState, len(b))
+	if len(b) < 12+6+4 || [8]byte(b[:8]) != stateMagic && [8]byte(b[:8]) != stateMagicV1 {
+		return nil, fmt.Errorf("%w: not an overlayd IPAM state of format 1 or 2 (%d bytes)", ErrCorruptState, len(b))
 	}
+	v1 := [8]byte(b[:8]) == stateMagicV1
 	if crc32.Checksum(b[12:], castagnoli) != binary.BigEndian.Uint32(b[8:]) {
 		return nil, fmt.Errorf("%w: checksum mismatch (truncated or altered)", ErrCorruptState)
 	}
@@ -158,7 +188,7 @@ func ParseState(b []byte) (*State, error) {
 	}
 	k = binary.BigEndian.Uint32(p)
 	p = p[4:]
-	if uint64(k)*8 != uint64(len(p)) {
+	if uint64(k)*8 > uint64(len(p)) || v1 && uint64(k)*8 != uint64(len(p)) {
 		return nil, fmt.Errorf("%w: %d holds in %d bytes", ErrCorruptState, k, len(p))
 	}
 	for i := range int(k) {
@@ -168,9 +198,32 @@ func ParseState(b []byte) (*State, error) {
 		}
 		st.Holds = append(st.Holds, ring.Span{Start: start, End: uint64(last) + 1})
 	}
+	if v1 {
+		return st, nil
+	}
 	p = p[8*k:]
+	if len(p) < 4 {
+		return nil, fmt.Errorf("%w: no nickname list", ErrCorruptState)
+	}
+	k = binary.BigEndian.Uint32(p)
+	p = p[4:]
+	if uint64(k)*8 > uint64(len(p)) {
+		return nil, fmt.Errorf("%w: %d nicknames in %d bytes", ErrCorruptState, k, len(p))
+	}
+	for range k {
+		if len(p) < proto.PeerNameLen+1 {
+			return nil, fmt.Errorf("%w: nickname list cut short", ErrCorruptState)
+		}
+		l := int(p[proto.PeerNameLen])
+		if l == 0 || l > proto.MaxNicknameLen || len(p) < proto.PeerNameLen+1+l {
+			return nil, fmt.Errorf("%w: nickname of %d bytes", ErrCorruptState, l)
+		}
+		peer := proto.PeerName(binary.BigEndian.Uint64(append([]byte{0, 0}, p[:proto.PeerNameLen]...)))
+		st.Nicknames = append(st.Nicknames, Nickname{Peer: peer, Nickname: string(p[proto.PeerNameLen+1 : proto.PeerNameLen+1+l])})
+		p = p[proto.PeerNameLen+1+l:]
+	}
 	if len(p) != 0 {
-		return nil, fmt.Errorf("%w: %d bytes after the address list", ErrCorruptState, len(p))
+		return nil, fmt.Errorf("%w: %d bytes after the nickname list", ErrCorruptState, len(p))
 	}
 	return st, nil
 }

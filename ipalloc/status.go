@@ -41,17 +41,19 @@ type Status struct {
 // OwnerStatus is one peer's share of the range.
 type OwnerStatus struct {
 	Peer      proto.PeerName
+	Nickname  string // the last known; "" if never known
 	Size      uint64
 	Reachable bool // it is us, or the router reaches it
 }
 
 // EntryStatus is one ring token.
 type EntryStatus struct {
-	Token   netip.Addr
-	Size    uint64
-	Peer    proto.PeerName
-	Version uint32
-	Free    uint32
+	Token    netip.Addr
+	Size     uint64
+	Peer     proto.PeerName
+	Nickname string // the last known; "" if never known
+	Version  uint32
+	Free     uint32
 }
 
 // Status reports the Node's state.
@@ -71,7 +73,8 @@ func (n *Node) Status() Status {
 	sizes := map[proto.PeerName]uint64{}
 	entries, lens := n.ring.Entries()
 	for i, e := range entries {
-		st.Entries = append(st.Entries, EntryStatus{Token: ring.Addr(e.Token), Size: lens[i], Peer: e.Peer, Version: e.Version, Free: e.Free})
+		st.Entries = append(st.Entries, EntryStatus{Token: ring.Addr(e.Token), Size: lens[i], Peer: e.Peer, Nickname: n.nicks[e.Peer],
+			Version: e.Version, Free: e.Free})
 		if lens[i] > 0 {
 			sizes[e.Peer] += lens[i]
 		}
@@ -80,7 +83,7 @@ func (n *Node) Status() Status {
 	for p, size := range sizes {
 		reach := p == n.cfg.Self || n.reach[p]
 		allUnreachable = allUnreachable && !reach
-		st.Owners = append(st.Owners, OwnerStatus{Peer: p, Size: size, Reachable: reach})
+		st.Owners = append(st.Owners, OwnerStatus{Peer: p, Nickname: n.nicks[p], Size: size, Reachable: reach})
 	}
 	slices.SortFunc(st.Owners, func(a, b OwnerStatus) int {
 		switch {

@@ -443,11 +443,13 @@ func (c *control) publish() {
 			rs = append(rs, routes.Route[*path]{Prefix: o.Prefix, Via: p})
 		}
 	}
+	snap.nicks = map[proto.PeerName]string{}
 	for _, e := range c.topo.Peers() { // name order: the lower name wins a contested prefix
 		if e.Name == self {
 			continue
 		}
 		if p := snap.byName[e.Name]; p != nil {
+			snap.nicks[e.Name] = e.Nickname
 			for _, pf := range e.Prefixes {
 				rs = append(rs, routes.Route[*path]{Prefix: pf, Via: p})
 			}

@@ -246,6 +246,9 @@ type snapshot struct {
 	peers map[netip.AddrPort]*path
 	// byName is where data for each reachable peer goes (relays use it).
 	byName map[proto.PeerName]*path
+	// nicks are the nicknames of the reachable peers whose topology
+	// entry arrived.
+	nicks map[proto.PeerName]string
 }
 
 // path is where packets for one peer go. Immutable once published.

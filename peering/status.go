@@ -291,6 +291,15 @@ func (r *Router) Reachable() []proto.PeerName {
 	return out
 }
 
+// Nickname returns the nickname of a reachable peer, "" if it is not
+// reachable or its topology entry has not arrived.
+func (r *Router) Nickname(p proto.PeerName) string {
+	if snap := r.snap.Load(); snap != nil {
+		return snap.nicks[p]
+	}
+	return ""
+}
+
 // ParseTarget checks a peer address given as HOST, HOST:PORT, [IPv6] or
 // [IPv6]:PORT and returns its host and port.
 func ParseTarget(s string) (host string, port uint16, err error) { return link.ParseTarget(s) }

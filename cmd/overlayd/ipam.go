@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"net/netip"
@@ -148,12 +149,15 @@ func ipamStatus(is ipalloc.Status, rs peering.Status) api.IPAMStatus {
 	if st.Seeds == nil {
 		st.Seeds = []proto.PeerName{}
 	}
+	// The router knows the reachable peers' nicknames; the allocator
+	// remembers those of peers gone.
+	nickname := func(p proto.PeerName, last string) string { return cmp.Or(nick[p], last) }
 	for _, o := range is.Owners {
-		st.Owners = append(st.Owners, api.IPAMOwner{Peer: o.Peer, Nickname: nick[o.Peer], Size: o.Size,
+		st.Owners = append(st.Owners, api.IPAMOwner{Peer: o.Peer, Nickname: nickname(o.Peer, o.Nickname), Size: o.Size,
 			Reachable: o.Reachable, Self: o.Peer == rs.Name})
 	}
 	for _, e := range is.Entries {
-		st.Entries = append(st.Entries, api.IPAMEntry{Token: e.Token, Size: e.Size, Peer: e.Peer, Nickname: nick[e.Peer],
+		st.Entries = append(st.Entries, api.IPAMEntry{Token: e.Token, Size: e.Size, Peer: e.Peer, Nickname: nickname(e.Peer, e.Nickname),
 			Version: e.Version, Free: e.Free})
 	}
 	for _, o := range is.Owned {

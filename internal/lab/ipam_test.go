@@ -243,6 +243,31 @@ func TestIPAMSeedSession(t *testing.T) {
 		}
 		return nil
 	})
+	// Once h2's router has forgotten h3, the ring still names it as
+	// Weave does, with the nickname last seen, never NAME(); also after
+	// h2 restarts (the nickname is saved with the ring).
+	h3Line := fmt.Sprintf("%-37v %8d IPs (12.5%% of total) - unreachable!", name3+"(h3)", 32)
+	lab.Eventually(t, 15*time.Second, "h2's router forgets h3", func() error {
+		for _, p := range mustStatus(t, d2).Router.Peers {
+			if p.Name.String() == name3 {
+				return fmt.Errorf("h3 still known")
+			}
+		}
+		return nil
+	})
+	for restarted := range 2 {
+		if restarted == 1 {
+			if code, _, err := d2.Stop(5 * time.Second); err != nil || code != 0 {
+				t.Fatalf("stopping h2: %d %v", code, err)
+			}
+			d2 = h2.Start("--range", seedRange, "--name", name2, "--peer", h1.Addr.String())
+			waitConnected(t, d2, 1, 5*time.Second)
+		}
+		out := d2.MustCtl("status", "ipam")
+		if !strings.Contains(out, h3Line) || strings.Contains(out, "()") {
+			t.Errorf("status ipam on h2 (restarted: %v) once h3 is forgotten:\n%s\nwant the line %q", restarted == 1, out, h3Line)
+		}
+	}
 	lab.Eventually(t, 10*time.Second, "h1 no longer reaches h3", func() error {
 		for _, o := range ipam(t, d1).Owners {
 			if o.Peer.String() == name3 && o.Reachable {

@@ -31,6 +31,8 @@ type Router interface {
 	Unicast(ctx context.Context, channel string, dst proto.PeerName, payload []byte) error
 	// Reachable lists the peers we can send to now.
 	Reachable() []proto.PeerName
+	// Nickname is the nickname of a reachable peer, "" if not known.
+	Nickname(proto.PeerName) string
 }
 
 // Config configures a Server.
@@ -227,6 +229,11 @@ func (s *Server) refreshReach() {
 	if !slices.Equal(r, s.reach) {
 		s.reach = r
 		s.node.SetReachable(r)
+	}
+	// A peer's topology entry, with its nickname, may come after the
+	// peer is reachable: asked every tick, told when it changes.
+	for _, p := range r {
+		s.node.SetNickname(p, s.cfg.Router.Nickname(p))
 	}
 }
 
