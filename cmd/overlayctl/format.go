@@ -8,6 +8,7 @@ import (
 
 	"github.com/overlayd/overlayd/internal/api"
 	"github.com/overlayd/overlayd/peering"
+	"github.com/overlayd/overlayd/proto"
 )
 
 // label prints one "Label: value" line of `status`, the label right-aligned
@@ -35,7 +36,7 @@ func writeStatus(w io.Writer, st *api.Status) {
 		proto = fmt.Sprintf("overlayd %d", r.ProtocolMinVersion)
 	}
 	label(w, "Protocol", proto)
-	label(w, "Name", fmt.Sprintf("%v(%s)", r.Name, r.Nickname))
+	label(w, "Name", peerName(r.Name, r.Nickname))
 	label(w, "Encryption", enabled(r.Encryption))
 	label(w, "PeerDiscovery", enabled(r.PeerDiscovery))
 	label(w, "Targets", len(r.Targets))
@@ -52,7 +53,7 @@ func writeStatus(w io.Writer, st *api.Status) {
 		fmt.Fprintln(w)
 		label(w, "Service", "dns")
 		label(w, "Domain", st.DNS.Domain)
-		up := strings.Join(st.DNS.Upstream, ", ")
+		up := upstreams(st.DNS.Upstream)
 		if up == "" {
 			up = "none"
 		}
@@ -157,7 +158,7 @@ func writeConnections(w io.Writer, cs []peering.ConnStatus) {
 	for _, c := range cs {
 		info := c.Info
 		if c.Name != 0 {
-			info = fmt.Sprintf("%-6v %v(%s)", c.Overlay, c.Name, c.Nickname)
+			info = fmt.Sprintf("%-6v %s", c.Overlay, peerName(c.Name, c.Nickname))
 			if c.MTU != 0 {
 				info += fmt.Sprintf(" mtu=%d", c.MTU)
 			}
@@ -170,14 +171,14 @@ func writeConnections(w io.Writer, cs []peering.ConnStatus) {
 // connections indented.
 func writePeers(w io.Writer, ps []peering.PeerStatus) {
 	for _, p := range ps {
-		fmt.Fprintf(w, "%v(%s)\n", p.Name, p.Nickname)
+		fmt.Fprintln(w, peerName(p.Name, p.Nickname))
 		for _, c := range p.Connections {
 			state := "pending"
 			if c.Established {
 				state = "established"
 			}
 			fmt.Fprintf(w, "   %s %-21v %-37v %s\n", dir(c.Outbound), c.Address,
-				fmt.Sprintf("%v(%s)", c.Name, c.Nickname), state)
+				peerName(c.Name, c.Nickname), state)
 		}
 	}
 }
@@ -204,14 +205,14 @@ func writeIPAM(w io.Writer, st *api.IPAMStatus) {
 		case !o.Reachable:
 			suffix = "- unreachable!"
 		}
-		fmt.Fprintf(w, "%-37v %8d IPs (%04.1f%% of total) %s\n", fmt.Sprintf("%v(%s)", o.Peer, o.Nickname), o.Size, pct, suffix)
+		fmt.Fprintf(w, "%-37v %8d IPs (%04.1f%% of total) %s\n", peerName(o.Peer, o.Nickname), o.Size, pct, suffix)
 	}
 }
 
 // writeRing prints the ring's tokens, one per line.
 func writeRing(w io.Writer, st *api.IPAMStatus) {
 	for _, e := range st.Entries {
-		fmt.Fprintf(w, "%-15v %10d  %v(%s) v%d free %d\n", e.Token, e.Size, e.Peer, e.Nickname, e.Version, e.Free)
+		fmt.Fprintf(w, "%-15v %10d  %s v%d free %d\n", e.Token, e.Size, peerName(e.Peer, e.Nickname), e.Version, e.Free)
 	}
 }
 
@@ -234,4 +235,26 @@ func writePs(w io.Writer, ps *api.PsResponse) {
 		}
 		line(id, c.MAC, c.Addresses)
 	}
+}
+
+// peerName prints a peer as Weave does, NAME(NICKNAME); a peer whose
+// nickname is not known is its name alone, never NAME().
+func peerName(name proto.PeerName, nick string) string {
+	if nick == "" {
+		return name.String()
+	}
+	return name.String() + "(" + nick + ")"
+}
+
+// upstreams lists the upstream DNS servers as Weave does: an address
+// alone, with its port only when that is not 53.
+func upstreams(servers []string) string {
+	out := make([]string, len(servers))
+	for i, s := range servers {
+		out[i] = s
+		if ap, err := netip.ParseAddrPort(s); err == nil && ap.Port() == 53 {
+			out[i] = ap.Addr().String()
+		}
+	}
+	return strings.Join(out, ", ")
 }

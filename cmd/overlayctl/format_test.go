@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"net/netip"
+	"strings"
 	"testing"
 
 	"github.com/overlayd/overlayd/internal/api"
@@ -101,5 +102,37 @@ func TestUsageErrorsNeedNoDaemon(t *testing.T) {
 	var out, errOut bytes.Buffer
 	if code := execute([]string{"--socket", "/nonexistent/sock", "status"}, &out, &errOut); code != 1 {
 		t.Errorf("unreachable daemon: exit %d, %q", code, errOut.String())
+	}
+}
+
+// TestNicknamesAndUpstreams: a peer whose nickname is not known is printed as
+// its name alone, never NAME(); the DNS upstream drops port 53 only.
+func TestNicknamesAndUpstreams(t *testing.T) {
+	st := &api.IPAMStatus{RangeNumIPs: 256, ActiveIPs: 1, Owners: []api.IPAMOwner{
+		{Peer: 1, Nickname: "host1", Size: 192, Reachable: true, Self: true},
+		{Peer: 3, Nickname: "host3", Size: 32},
+		{Peer: 4, Size: 32},
+	}}
+	var b bytes.Buffer
+	writeIPAM(&b, st)
+	want := "00:00:00:00:00:01(host1)                   192 IPs (75.0% of total) (1 active)\n" +
+		"00:00:00:00:00:03(host3)                    32 IPs (12.5% of total) - unreachable!\n" +
+		"00:00:00:00:00:04                           32 IPs (12.5% of total) - unreachable!\n"
+	if b.String() != want {
+		t.Errorf("status ipam:\n%q\nwant:\n%q", b.String(), want)
+	}
+	for in, want := range map[string]string{
+		"":                                      "",
+		"10.250.0.9:53":                         "10.250.0.9",
+		"10.250.0.9:5353":                       "10.250.0.9:5353",
+		"10.0.0.1:53 [fd00::1]:53 [fd00::2]:54": "10.0.0.1, fd00::1, [fd00::2]:54",
+	} {
+		var in2 []string
+		if in != "" {
+			in2 = strings.Fields(in)
+		}
+		if got := upstreams(in2); got != want {
+			t.Errorf("upstreams(%q) = %q, want %q", in, got, want)
+		}
 	}
 }
