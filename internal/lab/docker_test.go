@@ -298,6 +298,9 @@ func TestDocker(t *testing.T) {
 	t.Logf("docker stop with the plugin down took %v", time.Since(stopped).Round(100*time.Millisecond))
 	dr = root.Start(rootArgs...)
 	t.Cleanup(removeAll)
+	// h1 backed off while Docker kept trying the dead plugin (over 45 s,
+	// so its next try may be 15 s away): connect resets the back-off.
+	d1.MustCtl("connect", root.Addr.String()+":16783")
 	lab.Eventually(t, 10*time.Second, "the endpoint of the container stopped meanwhile forgotten", func() error {
 		if held(t, dr, netip.MustParseAddr("10.47.16.100")) {
 			return fmt.Errorf("10.47.16.100 still allocated")
