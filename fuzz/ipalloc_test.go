@@ -8,6 +8,7 @@ import (
 	"reflect"
 	"testing"
 
+	"github.com/overlayd/overlayd/internal/ipv4"
 	"github.com/overlayd/overlayd/ipalloc"
 	"github.com/overlayd/overlayd/ipalloc/ring"
 	"github.com/overlayd/overlayd/proto"
@@ -26,7 +27,7 @@ func ipamRing() *ring.Ring {
 		panic(err)
 	}
 	r.ClaimForPeers(ipamPeers)
-	start, _ := ring.Bounds(ipamRange)
+	start, _ := ipv4.Bounds(ipamRange)
 	if err := r.Grant(start+96, uint64(start)+128, ipamPeers[0], ipamPeers[2]); err != nil {
 		panic(err)
 	}
@@ -47,7 +48,7 @@ func encodeIPAM(m *proto.IPAMMsg) []byte {
 func ipamRingSeeds() [][]byte {
 	base := ipamRing()
 	newer := base.Clone()
-	start, _ := ring.Bounds(ipamRange)
+	start, _ := ipv4.Bounds(ipamRange)
 	if err := newer.Grant(start+200, uint64(start)+208, ipamPeers[2], ipamPeers[1]); err != nil {
 		panic(err)
 	}
@@ -126,7 +127,7 @@ func FuzzProtoIPAM(f *testing.F) {
 // a hold and nicknames.
 func ipamState() []byte {
 	r := ipamRing()
-	start, _ := ring.Bounds(ipamRange)
+	start, _ := ipv4.Bounds(ipamRange)
 	b, err := ipalloc.MarshalState(&ipalloc.State{
 		Self: ipamPeers[2],
 		Ring: r.Proto(),

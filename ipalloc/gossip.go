@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 
+	"github.com/overlayd/overlayd/internal/ipv4"
 	"github.com/overlayd/overlayd/ipalloc/ring"
 	"github.com/overlayd/overlayd/proto"
 )
@@ -83,12 +84,12 @@ func (n *Node) askForSpace() {
 		return
 	}
 	live := map[wantKey]bool{}
-	us, ue := ring.Bounds(n.cfg.Universe)
+	us, ue := ipv4.Bounds(n.cfg.Universe)
 	for _, p := range n.pend {
 		if p.req.Op != OpAlloc {
 			continue
 		}
-		s, e := ring.Bounds(p.req.Subnet)
+		s, e := ipv4.Bounds(p.req.Subnet)
 		k := wantKey{start: max(s, us), end: min(e, ue)}
 		if !live[k] {
 			live[k] = true
@@ -178,7 +179,7 @@ func (n *Node) Step(from proto.PeerName, m *proto.IPAMMsg) error {
 		// Under loss, the answer that gave it to us may be lost while a
 		// repeat is refused: ask once more before giving up.
 		for _, p := range n.pend {
-			if p.req.Op == OpClaim && p.owner == from && m.Start == m.Last && ring.AddrValue(p.req.Addr.Addr()) == m.Start &&
+			if p.req.Op == OpClaim && p.owner == from && m.Start == m.Last && ipv4.Value(p.req.Addr.Addr()) == m.Start &&
 				n.ring.Owner(m.Start) == from {
 				p.denials++
 				if p.denials >= 2 {
@@ -315,12 +316,12 @@ func (n *Node) checkConflicts(from proto.PeerName) {
 		ident := n.holder[v]
 		var pfx netip.Prefix
 		for _, p := range n.owned[ident] {
-			if p.Addr() == ring.Addr(v) {
+			if p.Addr() == ipv4.Addr(v) {
 				pfx = p
 			}
 		}
 		n.stats.Conflicts++
-		n.cfg.Warnf("IPAM merge conflict: peer %v owns %v, allocated here to %s (ring from %v); asking for it back", owner, ring.Addr(v), ident, from)
+		n.cfg.Warnf("IPAM merge conflict: peer %v owns %v, allocated here to %s (ring from %v); asking for it back", owner, ipv4.Addr(v), ident, from)
 		n.forget(ident, pfx)
 		n.pend = append(n.pend, &pending{req: Request{Op: OpClaim, Ident: ident, Addr: pfx}})
 	}
@@ -368,11 +369,11 @@ func (n *Node) donate(to proto.PeerName, start uint32, end uint64) {
 	}
 	before := n.ring.Clone()
 	if err := n.ring.Grant(best.Start, best.End, n.cfg.Self, to); err != nil {
-		n.cfg.Warnf("cannot donate %v-%v to %v: %v", ring.Addr(best.Start), best.End, to, err)
+		n.cfg.Warnf("cannot donate %v-%v to %v: %v", ipv4.Addr(best.Start), best.End, to, err)
 		return
 	}
 	n.stats.Donations++
-	n.cfg.Infof("Donated %v-%v (%d IPs) to %v", ring.Addr(best.Start), ring.Addr(uint32(best.End-1)), best.Size(), to)
+	n.cfg.Infof("Donated %v-%v (%d IPs) to %v", ipv4.Addr(best.Start), ipv4.Addr(uint32(best.End-1)), best.Size(), to)
 	n.reportFree()
 	n.broadcastSince(before)
 	n.sendRing(to, false) // whole: a partial ring never gives space

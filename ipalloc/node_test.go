@@ -12,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/overlayd/overlayd/internal/ipv4"
 	"github.com/overlayd/overlayd/ipalloc"
 	"github.com/overlayd/overlayd/ipalloc/ipalloctest"
 	"github.com/overlayd/overlayd/ipalloc/ring"
@@ -90,7 +91,7 @@ func TestSpaceRequestSplitsSlash12(t *testing.T) {
 		t.Fatalf("owners %v, want %v", got, want)
 	}
 	spans := s.Peer(nb).Node.Ring().OwnedBy(nb)
-	if len(spans) != 1 || ring.Addr(spans[0].Start).String() != "10.40.0.0" || spans[0].Size() != 1<<19 {
+	if len(spans) != 1 || ipv4.Addr(spans[0].Start).String() != "10.40.0.0" || spans[0].Size() != 1<<19 {
 		t.Fatalf("b owns %v, want 10.40.0.0/13", spans)
 	}
 	if got := alloc(t, s, na, "ca"); got != "10.32.0.1/12" {
@@ -345,7 +346,7 @@ func TestClaims(t *testing.T) {
 		run(t, s, 20)
 		must(t, s.Converged())
 		r := s.Peer(nb).Node.Ring()
-		v := ring.AddrValue(theirs.Addr())
+		v := ipv4.Value(theirs.Addr())
 		if r.Owner(v) != na || r.Owner(v-1) != nb || r.Owner(v+1) != nb {
 			t.Fatalf("after the claim: owners of .199/.200/.201 are %v/%v/%v, want b/a/b", r.Owner(v-1), r.Owner(v), r.Owner(v+1))
 		}
@@ -423,14 +424,14 @@ func twoSurvivors(t *testing.T, seed uint64) {
 	run(t, s, 100)
 	must(t, s.Converged())
 	r := s.Peer(na).Node.Ring()
-	start := ring.AddrValue(netip.MustParseAddr("172.16.16.192"))
+	start := ipv4.Value(netip.MustParseAddr("172.16.16.192"))
 	heir := r.Owner(start)
 	if heir != na && heir != nb {
 		t.Fatalf("c's space went to %v", heir)
 	}
 	for v := start; v < start+64; v++ {
 		if o := r.Owner(v); o != heir {
-			t.Fatalf("c's space has two owners: %v at .192, %v at %v", heir, o, ring.Addr(v))
+			t.Fatalf("c's space has two owners: %v at .192, %v at %v", heir, o, ipv4.Addr(v))
 		}
 	}
 	// Allocations on both never collide (do checks after every step).
@@ -614,7 +615,7 @@ func TestStateRoundTrip(t *testing.T) {
 			{Ident: strings.Repeat("i", ipalloc.MaxIdentLen), Addr: netip.MustParsePrefix("1.1.1.1/32")},
 			{Ident: "y", Addr: netip.MustParsePrefix("172.16.16.130/26")},
 		},
-		Holds:     []ring.Span{{Start: ring.AddrValue(netip.MustParseAddr("172.16.16.192")), End: uint64(ring.AddrValue(netip.MustParseAddr("172.16.16.255"))) + 1}},
+		Holds:     []ring.Span{{Start: ipv4.Value(netip.MustParseAddr("172.16.16.192")), End: uint64(ipv4.Value(netip.MustParseAddr("172.16.16.255"))) + 1}},
 		Nicknames: []ipalloc.Nickname{{Peer: na, Nickname: "host1"}, {Peer: nc, Nickname: strings.Repeat("n", proto.MaxNicknameLen)}},
 	}
 	empty := &ipalloc.State{Self: na, Ring: proto.Ring{Range: slash24}}

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"slices"
 
+	"github.com/overlayd/overlayd/internal/ipv4"
 	"github.com/overlayd/overlayd/ipalloc/ring"
 	"github.com/overlayd/overlayd/proto"
 )
@@ -150,7 +151,7 @@ func (n *Node) try(p *pending) bool {
 		if !ok {
 			return false
 		}
-		pfx := netip.PrefixFrom(ring.Addr(a), r.Subnet.Bits())
+		pfx := netip.PrefixFrom(ipv4.Addr(a), r.Subnet.Bits())
 		n.record(r.Ident, pfx)
 		n.afterLocalChange()
 		n.done(Done{ID: r.ID, Addr: pfx})
@@ -182,7 +183,7 @@ func (n *Node) reclaiming(ident string, subnet netip.Prefix) bool {
 // lowestFree returns the lowest address we own, free and not held, among
 // the host addresses of subnet (its first and last address excluded).
 func (n *Node) lowestFree(subnet netip.Prefix) (uint32, bool) {
-	s, e := ring.Bounds(subnet)
+	s, e := ipv4.Bounds(subnet)
 	s, e = s+1, e-1
 	var found uint32
 	ok := false
@@ -208,7 +209,7 @@ func (n *Node) record(ident string, p netip.Prefix) {
 		n.owned[ident] = append(n.owned[ident], p)
 	}
 	if n.cfg.Universe.Contains(a) {
-		v := ring.AddrValue(a)
+		v := ipv4.Value(a)
 		n.holder[v] = ident
 		n.used.add(v)
 	} else {
@@ -224,7 +225,7 @@ func (n *Node) forget(ident string, p netip.Prefix) {
 		delete(n.owned, ident)
 	}
 	if n.cfg.Universe.Contains(a) {
-		v := ring.AddrValue(a)
+		v := ipv4.Value(a)
 		delete(n.holder, v)
 		n.used.remove(v)
 	} else {
@@ -281,7 +282,7 @@ func (n *Node) manualList() []netip.Prefix {
 // its owner, who donates it if it is free.
 func (n *Node) tryClaim(p *pending) bool {
 	r := p.req
-	v := ring.AddrValue(r.Addr.Addr())
+	v := ipv4.Value(r.Addr.Addr())
 	owner := n.ring.Owner(v)
 	if owner == n.cfg.Self {
 		if n.inHold(v) {
@@ -359,7 +360,7 @@ func (n *Node) settleHolds() {
 		}
 		if n.ticks-h.Until >= int64(n.cfg.MaxHoldTicks) {
 			n.cfg.Warnf("space %v-%v taken over by rmpeer is used although %v have not confirmed who owns it (unreachable, a different ring, or too busy): if one of them ran rmpeer for the same peer, a conflict may follow and is resolved then",
-				ring.Addr(h.Start), ring.Addr(uint32(h.End-1)), missing)
+				ipv4.Addr(h.Start), ipv4.Addr(uint32(h.End-1)), missing)
 			return true
 		}
 		return false

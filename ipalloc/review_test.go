@@ -5,9 +5,9 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/overlayd/overlayd/internal/ipv4"
 	"github.com/overlayd/overlayd/ipalloc"
 	"github.com/overlayd/overlayd/ipalloc/ipalloctest"
-	"github.com/overlayd/overlayd/ipalloc/ring"
 	"github.com/overlayd/overlayd/proto"
 )
 
@@ -59,7 +59,7 @@ func TestClaimNotFailedByLateRefusal(t *testing.T) {
 		}
 		s.Net.Loss = 0
 		run(t, s, 30)
-		if owner := s.Peer(nb).Node.Ring().Owner(ring.AddrValue(addr.Addr())); d.Err != nil && owner == nb {
+		if owner := s.Peer(nb).Node.Ring().Owner(ipv4.Value(addr.Addr())); d.Err != nil && owner == nb {
 			t.Fatalf("seed %d: the claim failed (%v) although the address is ours", seed, d.Err)
 		}
 	}
@@ -95,7 +95,7 @@ func TestRingSizeIsBounded(t *testing.T) {
 	must(t, err)
 	n.Ready()
 	n.Advance()
-	st, _ := ring.Bounds(u)
+	st, _ := ipv4.Bounds(u)
 	ours := n.Ring().Proto()
 	ring1 := proto.Ring{Range: u, Seeds: ours.Seeds, Entries: []proto.RingEntry{ours.Entries[0]}}
 	ring2 := proto.Ring{Range: u, Seeds: ours.Seeds, Entries: []proto.RingEntry{ours.Entries[0]}}

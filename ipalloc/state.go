@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"slices"
 
+	"github.com/overlayd/overlayd/internal/ipv4"
 	"github.com/overlayd/overlayd/ipalloc/ring"
 	"github.com/overlayd/overlayd/proto"
 )
@@ -67,7 +68,7 @@ func (n *Node) marshal() []byte {
 	for _, v := range n.used {
 		id := n.holder[v]
 		for _, a := range n.owned[id] {
-			if a.Addr() == ring.Addr(v) {
+			if a.Addr() == ipv4.Addr(v) {
 				st.Owned = append(st.Owned, Owned{Ident: id, Addr: a})
 			}
 		}

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"slices"
 
+	"github.com/overlayd/overlayd/internal/ipv4"
 	"github.com/overlayd/overlayd/ipalloc/ring"
 	"github.com/overlayd/overlayd/proto"
 )
@@ -73,7 +74,7 @@ func (n *Node) Status() Status {
 	sizes := map[proto.PeerName]uint64{}
 	entries, lens := n.ring.Entries()
 	for i, e := range entries {
-		st.Entries = append(st.Entries, EntryStatus{Token: ring.Addr(e.Token), Size: lens[i], Peer: e.Peer, Nickname: n.nicks[e.Peer],
+		st.Entries = append(st.Entries, EntryStatus{Token: ipv4.Addr(e.Token), Size: lens[i], Peer: e.Peer, Nickname: n.nicks[e.Peer],
 			Version: e.Version, Free: e.Free})
 		if lens[i] > 0 {
 			sizes[e.Peer] += lens[i]
@@ -124,7 +125,7 @@ func (n *Node) Ring() *ring.Ring { return n.ring.Clone() }
 func (n *Node) Allocations() map[netip.Addr]string {
 	out := make(map[netip.Addr]string, len(n.holder))
 	for v, id := range n.holder {
-		out[ring.Addr(v)] = id
+		out[ipv4.Addr(v)] = id
 	}
 	return out
 }
@@ -140,7 +141,7 @@ func (n *Node) Check() error {
 	}
 	for _, v := range n.used {
 		if n.ring.Owner(v) != n.cfg.Self {
-			return fmt.Errorf("ipalloc: %v allocated to %s in space owned by %v", ring.Addr(v), n.holder[v], n.ring.Owner(v))
+			return fmt.Errorf("ipalloc: %v allocated to %s in space owned by %v", ipv4.Addr(v), n.holder[v], n.ring.Owner(v))
 		}
 	}
 	return nil

@@ -10,6 +10,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/overlayd/overlayd/internal/api"
+	"github.com/overlayd/overlayd/internal/ipv4"
 	"github.com/overlayd/overlayd/ipalloc"
 	"github.com/overlayd/overlayd/ipalloc/ring"
 	"github.com/overlayd/overlayd/peering"
@@ -138,8 +139,8 @@ func ipamStatus(is ipalloc.Status, rs peering.Status) api.IPAMStatus {
 	for _, p := range rs.Peers {
 		nick[p.Name] = p.Nickname
 	}
-	_, end := ring.Bounds(is.Range)
-	start, _ := ring.Bounds(is.Range)
+	_, end := ipv4.Bounds(is.Range)
+	start, _ := ipv4.Bounds(is.Range)
 	st := api.IPAMStatus{Enabled: true, Status: is.Status, Range: is.Range, RangeNumIPs: end - uint64(start),
 		DefaultSubnet: is.DefaultSubnet, Mode: [...]string{"consensus", "seed", "observer"}[is.Mode],
 		Quorum: is.Quorum, KnownVoters: is.Known, Seeds: is.Seeds, ActiveIPs: is.Active,

@@ -21,6 +21,7 @@ import (
 	"github.com/overlayd/overlayd/internal/atomicfile"
 	"github.com/overlayd/overlayd/internal/attach"
 	"github.com/overlayd/overlayd/internal/dockerplugin"
+	"github.com/overlayd/overlayd/internal/ipv4"
 	"github.com/overlayd/overlayd/internal/pluginstate"
 )
 
@@ -438,7 +439,7 @@ func (p *plugin) RequestAddress(ctx context.Context, req dockerplugin.RequestAdd
 	if err != nil || !pool.Contains(a) {
 		return dockerplugin.RequestAddressResponse{}, badPlugin("address %q is not in subnet %v", req.Address, pool)
 	}
-	if a == pool.Addr() || a == lastAddr(pool) {
+	if a == pool.Addr() || a == ipv4.Last(pool) {
 		return dockerplugin.RequestAddressResponse{}, badPlugin("address %v is the network or broadcast address of %v", a, pool)
 	}
 	// An ID of its own: a second request for the address, even at the
@@ -505,14 +506,6 @@ func apiToPlugin(err error) error {
 		return badPlugin("%s", strings.TrimPrefix(err.Error(), api.ErrBadRequest.Error()+": "))
 	}
 	return err
-}
-
-// lastAddr is the highest address of p (its broadcast address).
-func lastAddr(p netip.Prefix) netip.Addr {
-	b := p.Masked().Addr().As4()
-	n := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
-	n |= 1<<(32-p.Bits()) - 1
-	return netip.AddrFrom4([4]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)})
 }
 
 func nonce() string {

@@ -23,6 +23,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/overlayd/overlayd/internal/netconf"
 )
 
 // Iface is the name of the container's end.
@@ -101,7 +103,7 @@ func Attach(s Spec) (mac string, err error) {
 		if slices.ContainsFunc(have, func(a netlink.Addr) bool { return a.IPNet.String() == p.String() }) {
 			continue
 		}
-		if err := in.AddrAdd(inner, &netlink.Addr{IPNet: ipnet(p)}); err != nil {
+		if err := in.AddrAdd(inner, &netlink.Addr{IPNet: netconf.IPNet(p)}); err != nil {
 			return "", fmt.Errorf("attach: address %v on %s: %w", p, Iface, err)
 		}
 	}
@@ -112,7 +114,7 @@ func Attach(s Spec) (mac string, err error) {
 		in.LinkSetUp(lo)
 	}
 	for _, r := range s.Routes {
-		rt := &netlink.Route{LinkIndex: inner.Attrs().Index, Dst: ipnet(r.Masked()), Scope: netlink.SCOPE_LINK}
+		rt := &netlink.Route{LinkIndex: inner.Attrs().Index, Dst: netconf.IPNet(r.Masked()), Scope: netlink.SCOPE_LINK}
 		if err := in.RouteReplace(rt); err != nil {
 			return "", fmt.Errorf("attach: route %v through %s: %w", r, Iface, err)
 		}
@@ -150,7 +152,7 @@ func plugHost(host netlink.Link, mtu int, addrs []netip.Prefix) error {
 		return fmt.Errorf("attach: %w", err)
 	}
 	for _, p := range addrs {
-		rt := &netlink.Route{LinkIndex: host.Attrs().Index, Dst: ipnet(netip.PrefixFrom(p.Addr(), 32)), Scope: netlink.SCOPE_LINK}
+		rt := &netlink.Route{LinkIndex: host.Attrs().Index, Dst: netconf.IPNet(netip.PrefixFrom(p.Addr(), 32)), Scope: netlink.SCOPE_LINK}
 		if err := netlink.RouteReplace(rt); err != nil {
 			return fmt.Errorf("attach: route to %v through %s: %w", p.Addr(), name, err)
 		}
@@ -215,11 +217,11 @@ func RemoveAddrs(s Spec, addrs []netip.Prefix) error {
 		return fmt.Errorf("attach: %s in %s: %w", Iface, s.NetNS, err)
 	}
 	for _, p := range addrs {
-		if err := in.AddrDel(inner, &netlink.Addr{IPNet: ipnet(p)}); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
+		if err := in.AddrDel(inner, &netlink.Addr{IPNet: netconf.IPNet(p)}); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
 			return fmt.Errorf("attach: removing %v: %w", p, err)
 		}
 		if host, err := netlink.LinkByName(s.Host); err == nil {
-			netlink.RouteDel(&netlink.Route{LinkIndex: host.Attrs().Index, Dst: ipnet(netip.PrefixFrom(p.Addr(), 32)), Scope: netlink.SCOPE_LINK})
+			netlink.RouteDel(&netlink.Route{LinkIndex: host.Attrs().Index, Dst: netconf.IPNet(netip.PrefixFrom(p.Addr(), 32)), Scope: netlink.SCOPE_LINK})
 		}
 	}
 	return nil
@@ -299,10 +301,6 @@ func MAC(nsPath string) (string, error) {
 		return "", err
 	}
 	return l.Attrs().HardwareAddr.String(), nil
-}
-
-func ipnet(p netip.Prefix) *net.IPNet {
-	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
 
 // sysctl writes a value under /proc/sys/net of our namespace.

@@ -339,7 +339,7 @@ func apply(f hostnet.Fix) error {
 	case hostnet.Address:
 		return AddAddr(f.Iface, f.Prefix)
 	default: // a route: replaced, if one leads elsewhere
-		return netlink.RouteReplace(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: ipnet(f.Prefix), Scope: netlink.SCOPE_LINK})
+		return netlink.RouteReplace(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: IPNet(f.Prefix), Scope: netlink.SCOPE_LINK})
 	}
 }
 

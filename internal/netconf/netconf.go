@@ -35,7 +35,7 @@ func AddRoute(name string, p netip.Prefix) error {
 	if err != nil {
 		return fmt.Errorf("netconf: %s: %w", name, err)
 	}
-	rt := &netlink.Route{LinkIndex: l.Attrs().Index, Dst: ipnet(p.Masked()), Scope: netlink.SCOPE_LINK}
+	rt := &netlink.Route{LinkIndex: l.Attrs().Index, Dst: IPNet(p.Masked()), Scope: netlink.SCOPE_LINK}
 	if err := netlink.RouteAdd(rt); err != nil {
 		if errors.Is(err, unix.EEXIST) {
 			return fmt.Errorf("netconf: a route for %v already exists%s: remove it or choose another range", p, routeOwner(p))
@@ -47,7 +47,7 @@ func AddRoute(name string, p netip.Prefix) error {
 
 // routeOwner names the interface of an existing route for p, if it can.
 func routeOwner(p netip.Prefix) string {
-	rs, err := netlink.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Dst: ipnet(p.Masked())}, netlink.RT_FILTER_DST)
+	rs, err := netlink.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Dst: IPNet(p.Masked())}, netlink.RT_FILTER_DST)
 	if err != nil || len(rs) == 0 {
 		return ""
 	}
@@ -64,7 +64,7 @@ func DelRoute(name string, p netip.Prefix) error {
 	if err != nil {
 		return nil // the link, and with it the route, is gone
 	}
-	rt := &netlink.Route{LinkIndex: l.Attrs().Index, Dst: ipnet(p.Masked()), Scope: netlink.SCOPE_LINK}
+	rt := &netlink.Route{LinkIndex: l.Attrs().Index, Dst: IPNet(p.Masked()), Scope: netlink.SCOPE_LINK}
 	if err := netlink.RouteDel(rt); err != nil && !errors.Is(err, unix.ESRCH) {
 		return fmt.Errorf("netconf: removing route %v dev %s: %w", p, name, err)
 	}
@@ -79,7 +79,7 @@ func AddAddr(name string, a netip.Prefix) error {
 	if err != nil {
 		return fmt.Errorf("netconf: %s: %w", name, err)
 	}
-	addr := &netlink.Addr{IPNet: ipnet(a), Flags: unix.IFA_F_NOPREFIXROUTE}
+	addr := &netlink.Addr{IPNet: IPNet(a), Flags: unix.IFA_F_NOPREFIXROUTE}
 	if err := netlink.AddrAdd(l, addr); err != nil && !errors.Is(err, unix.EEXIST) {
 		return fmt.Errorf("netconf: adding address %v to %s: %w", a, name, err)
 	}
@@ -93,7 +93,7 @@ func DelAddr(name string, a netip.Prefix) error {
 	if err != nil {
 		return nil
 	}
-	if err := netlink.AddrDel(l, &netlink.Addr{IPNet: ipnet(a)}); err != nil &&
+	if err := netlink.AddrDel(l, &netlink.Addr{IPNet: IPNet(a)}); err != nil &&
 		!errors.Is(err, unix.EADDRNOTAVAIL) && !errors.Is(err, unix.ENOENT) {
 		return fmt.Errorf("netconf: removing address %v from %s: %w", a, name, err)
 	}
@@ -134,13 +134,9 @@ func UnderlayMTU(skip string) int {
 	return best
 }
 
-func ipnet(p netip.Prefix) *net.IPNet {
-	a := p.Addr()
-	bits := 32
-	if a.Is6() {
-		bits = 128
-	}
-	return &net.IPNet{IP: net.IP(a.AsSlice()), Mask: net.CIDRMask(p.Bits(), bits)}
+// IPNet is p as netlink takes it.
+func IPNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
 
 // LinkAddr4 returns the first IPv4 address of interface name, if it exists

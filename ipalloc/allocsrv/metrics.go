@@ -6,7 +6,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/overlayd/overlayd/ipalloc/ring"
+	"github.com/overlayd/overlayd/internal/ipv4"
 )
 
 // Collector exposes the allocator's state to Prometheus (Weave's
@@ -66,7 +66,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
 	}
-	start, end := ring.Bounds(st.Range)
+	start, end := ipv4.Bounds(st.Range)
 	var owned, unreachable uint64
 	for _, o := range st.Owners {
 		switch {

@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"slices"
 
+	"github.com/overlayd/overlayd/internal/ipv4"
 	"github.com/overlayd/overlayd/ipalloc"
 	"github.com/overlayd/overlayd/ipalloc/ring"
 	"github.com/overlayd/overlayd/proto"
@@ -317,7 +318,7 @@ func (s *Sim) Check() error {
 	slices.SortFunc(owned, func(a, b ring.Span) int { return cmp.Compare(a.Start, b.Start) })
 	for i := 1; i < len(owned); i++ {
 		if uint64(owned[i].Start) < owned[i-1].End {
-			return fmt.Errorf("%v and %v both own %v", owned[i-1].Peer, owned[i].Peer, ring.Addr(owned[i].Start))
+			return fmt.Errorf("%v and %v both own %v", owned[i-1].Peer, owned[i].Peer, ipv4.Addr(owned[i].Start))
 		}
 	}
 	return nil

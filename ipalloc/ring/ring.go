@@ -22,6 +22,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/overlayd/overlayd/internal/ipv4"
 	"github.com/overlayd/overlayd/proto"
 )
 
@@ -50,31 +51,13 @@ type Ring struct {
 	hashed   bool
 }
 
-// Bounds returns the first address and the end (exclusive) of p.
-func Bounds(p netip.Prefix) (uint32, uint64) {
-	a := p.Masked().Addr().As4()
-	start := uint32(a[0])<<24 | uint32(a[1])<<16 | uint32(a[2])<<8 | uint32(a[3])
-	return start, uint64(start) + 1<<(32-p.Bits())
-}
-
-// Addr converts a ring address back to an IPv4 address.
-func Addr(a uint32) netip.Addr {
-	return netip.AddrFrom4([4]byte{byte(a >> 24), byte(a >> 16), byte(a >> 8), byte(a)})
-}
-
-// AddrValue converts an IPv4 address to a ring address.
-func AddrValue(a netip.Addr) uint32 {
-	b := a.As4()
-	return uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
-}
-
 // New returns an empty ring (not yet initialised) over universe, which must
 // be an IPv4 prefix of at least 4 addresses with its host bits zero.
 func New(universe netip.Prefix) (*Ring, error) {
 	if err := CheckRange(universe); err != nil {
 		return nil, err
 	}
-	start, end := Bounds(universe)
+	start, end := ipv4.Bounds(universe)
 	return &Ring{universe: universe, start: start, end: end}, nil
 }
 
@@ -155,7 +138,7 @@ func HashProto(m *proto.Ring) uint64 { return hash(m.Range, m.Seeds, m.Entries) 
 func hash(p netip.Prefix, seeds []proto.PeerName, entries []proto.RingEntry) uint64 {
 	h := uint64(14695981039346656037)
 	mix := func(v uint64) { h = (h ^ v) * 1099511628211 }
-	start, _ := Bounds(p)
+	start, _ := ipv4.Bounds(p)
 	mix(uint64(start)<<8 | uint64(p.Bits()))
 	mix(uint64(len(seeds)))
 	for _, s := range seeds {
@@ -225,7 +208,7 @@ func check(m *proto.Ring, universe netip.Prefix, partial bool) error {
 	if m.Range != universe {
 		return &RangeError{Received: m.Range, Ours: universe}
 	}
-	start, end := Bounds(universe)
+	start, end := ipv4.Bounds(universe)
 	if (len(m.Seeds) == 0) != (len(m.Entries) == 0) {
 		return fmt.Errorf("ring: %d seeds for %d entries", len(m.Seeds), len(m.Entries))
 	}
@@ -237,15 +220,15 @@ func check(m *proto.Ring, universe netip.Prefix, partial bool) error {
 	for i, e := range m.Entries {
 		switch {
 		case i == 0 && e.Token != start && !partial:
-			return fmt.Errorf("ring: first token %v is not the start of the range", Addr(e.Token))
+			return fmt.Errorf("ring: first token %v is not the start of the range", ipv4.Addr(e.Token))
 		case i > 0 && e.Token <= m.Entries[i-1].Token:
-			return fmt.Errorf("ring: token %v out of order", Addr(e.Token))
+			return fmt.Errorf("ring: token %v out of order", ipv4.Addr(e.Token))
 		case e.Token < start || uint64(e.Token) >= end:
-			return fmt.Errorf("ring: token %v outside the range %v", Addr(e.Token), universe)
+			return fmt.Errorf("ring: token %v outside the range %v", ipv4.Addr(e.Token), universe)
 		case e.Peer == 0 && !partial:
-			return fmt.Errorf("ring: token %v has no owner", Addr(e.Token))
+			return fmt.Errorf("ring: token %v has no owner", ipv4.Addr(e.Token))
 		case e.Version > proto.MaxRingVersion:
-			return fmt.Errorf("ring: token %v has version %d, over the limit", Addr(e.Token), e.Version)
+			return fmt.Errorf("ring: token %v has version %d, over the limit", ipv4.Addr(e.Token), e.Version)
 		}
 	}
 	return nil
@@ -382,7 +365,7 @@ func (r *Ring) insert(a uint32, e proto.RingEntry) int {
 // get a version bump, new tokens start at version 0.
 func (r *Ring) Grant(start uint32, end uint64, from, to proto.PeerName) error {
 	if r.Empty() || start < r.start || end > r.end || uint64(start) >= end {
-		return fmt.Errorf("ring: cannot grant %v-%v in %v", Addr(start), end, r.universe)
+		return fmt.Errorf("ring: cannot grant %v-%v in %v", ipv4.Addr(start), end, r.universe)
 	}
 	if len(r.entries)+2 > proto.MaxRingEntries {
 		return fmt.Errorf("ring: %d tokens, at the limit: no more grants", len(r.entries))
@@ -598,7 +581,7 @@ func (s Span) Prefixes() []netip.Prefix {
 		for size < 1<<32 && cur%(size*2) == 0 && cur+size*2 <= s.End {
 			size *= 2
 		}
-		out = append(out, netip.PrefixFrom(Addr(uint32(cur)), 32-bitsOf(size)))
+		out = append(out, netip.PrefixFrom(ipv4.Addr(uint32(cur)), 32-bitsOf(size)))
 		cur += size
 	}
 	return out

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/overlayd/overlayd/internal/ipv4"
 	"github.com/overlayd/overlayd/proto"
 )
 
@@ -26,7 +27,7 @@ const (
 )
 
 // addr24 is the ring address of 172.16.16.<o>.
-func addr24(o int) uint32 { return AddrValue(netip.AddrFrom4([4]byte{172, 16, 16, 0})) + uint32(o) }
+func addr24(o int) uint32 { return ipv4.Value(netip.AddrFrom4([4]byte{172, 16, 16, 0})) + uint32(o) }
 
 func newRing(t *testing.T, universe netip.Prefix, peers ...proto.PeerName) *Ring {
 	t.Helper()
@@ -83,8 +84,8 @@ func peerNames(n int) []proto.PeerName {
 
 func TestClaimForPeers(t *testing.T) {
 	for _, universe := range []netip.Prefix{slash29, slash24} {
-		_, end := Bounds(universe)
-		size := end - uint64(AddrValue(universe.Addr()))
+		_, end := ipv4.Bounds(universe)
+		size := end - uint64(ipv4.Value(universe.Addr()))
 		for n := 1; n <= 12; n++ {
 			t.Run(fmt.Sprintf("%v/%d", universe, n), func(t *testing.T) {
 				peers := peerNames(n)
@@ -285,7 +286,7 @@ func TestGrant(t *testing.T) {
 		for _, c := range [][2]uint64{{uint64(addr24(10)), uint64(addr24(10))}, {uint64(addr24(10)), uint64(addr24(5))},
 			{uint64(addr24(0)) - 1, uint64(addr24(5))}, {uint64(addr24(10)), uint64(addr24(0)) + 257}} {
 			if err := r.Grant(uint32(c[0]), c[1], pa, pb); err == nil || errors.Is(err, ErrNotOwner) {
-				t.Errorf("grant %v-%v: %v, want a bounds error", Addr(uint32(c[0])), c[1], err)
+				t.Errorf("grant %v-%v: %v, want a bounds error", ipv4.Addr(uint32(c[0])), c[1], err)
 			}
 		}
 		if !r.Equal(before) {
@@ -488,7 +489,7 @@ func randomGrants(t *testing.T, rng *rand.Rand, r *Ring, peers []proto.PeerName,
 			continue
 		}
 		if err := r.Grant(uint32(a), b, s.Peer, to); err != nil {
-			t.Fatalf("grant %v-%v of a span of %v: %v", Addr(uint32(a)), b, s.Peer, err)
+			t.Fatalf("grant %v-%v of a span of %v: %v", ipv4.Addr(uint32(a)), b, s.Peer, err)
 		}
 		if err := r.Check(); err != nil {
 			t.Fatal(err)
@@ -931,7 +932,7 @@ func TestMergePartialTokenBelowRange(t *testing.T) {
 	r := newRing(t, slash24, pa, pb)
 	before := r.Clone()
 	m := proto.Ring{Range: slash24, Seeds: r.Seeds(), Entries: []proto.RingEntry{
-		{Token: AddrValue(netip.MustParseAddr("10.0.0.0")), Peer: pb, Version: 1},
+		{Token: ipv4.Value(netip.MustParseAddr("10.0.0.0")), Peer: pb, Version: 1},
 	}}
 	changed, err := r.Merge(&m, true)
 	if err == nil || changed || !r.Equal(before) {
@@ -955,18 +956,18 @@ func TestSpanPrefixes(t *testing.T) {
 		ps := s.Prefixes()
 		cur := uint64(s.Start)
 		for j, p := range ps {
-			if p.Masked() != p || uint64(AddrValue(p.Addr())) != cur {
-				t.Fatalf("%v-%v: prefix %d is %v, want one starting at %v", Addr(s.Start), s.End, j, p, Addr(uint32(cur)))
+			if p.Masked() != p || uint64(ipv4.Value(p.Addr())) != cur {
+				t.Fatalf("%v-%v: prefix %d is %v, want one starting at %v", ipv4.Addr(s.Start), s.End, j, p, ipv4.Addr(uint32(cur)))
 			}
 			size := uint64(1) << (32 - p.Bits())
 			// Fewest blocks: no two neighbours make one bigger block.
 			if j > 0 && ps[j-1].Bits() == p.Bits() && (cur-size)%(2*size) == 0 {
-				t.Fatalf("%v-%v: %v and %v could be one block", Addr(s.Start), s.End, ps[j-1], p)
+				t.Fatalf("%v-%v: %v and %v could be one block", ipv4.Addr(s.Start), s.End, ps[j-1], p)
 			}
 			cur += size
 		}
 		if cur != s.End {
-			t.Fatalf("%v-%v: prefixes %v end at %d", Addr(s.Start), s.End, ps, cur)
+			t.Fatalf("%v-%v: prefixes %v end at %d", ipv4.Addr(s.Start), s.End, ps, cur)
 		}
 	}
 	if got := (Span{Start: addr24(1), End: uint64(addr24(0)) + 8}).Prefixes(); fmt.Sprint(got) != "[172.16.16.1/32 172.16.16.2/31 172.16.16.4/30]" {

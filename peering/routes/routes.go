@@ -11,6 +11,8 @@ package routes
 import (
 	"net/netip"
 	"slices"
+
+	"github.com/overlayd/overlayd/internal/ipv4"
 )
 
 // A Route sends the addresses of Prefix to Via.
@@ -43,7 +45,7 @@ func New[V any](rs []Route[V]) *Table[V] {
 			t.byLen[l] = make(map[uint32]V)
 			t.lens = append(t.lens, uint8(l))
 		}
-		k := key(p.Addr())
+		k := ipv4.Value(p.Addr())
 		if _, dup := t.byLen[l][k]; dup {
 			continue
 		}
@@ -62,7 +64,7 @@ func (t *Table[V]) Lookup(a netip.Addr) (v V, ok bool) {
 	if !a.Is4() {
 		return v, false
 	}
-	k := key(a)
+	k := ipv4.Value(a)
 	for _, l := range t.lens {
 		if v, ok = t.byLen[l][k&mask(l)]; ok {
 			return v, true
@@ -76,8 +78,7 @@ func (t *Table[V]) Routes() []Route[V] {
 	var rs []Route[V]
 	for _, l := range t.lens {
 		for k, v := range t.byLen[l] {
-			a := netip.AddrFrom4([4]byte{byte(k >> 24), byte(k >> 16), byte(k >> 8), byte(k)})
-			rs = append(rs, Route[V]{Prefix: netip.PrefixFrom(a, int(l)), Via: v})
+			rs = append(rs, Route[V]{Prefix: netip.PrefixFrom(ipv4.Addr(k), int(l)), Via: v})
 		}
 	}
 	slices.SortFunc(rs, func(a, b Route[V]) int {
@@ -87,11 +88,6 @@ func (t *Table[V]) Routes() []Route[V] {
 		return a.Prefix.Bits() - b.Prefix.Bits()
 	})
 	return rs
-}
-
-func key(a netip.Addr) uint32 {
-	b := a.As4()
-	return uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
 }
 
 func mask(l uint8) uint32 {
