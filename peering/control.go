@@ -431,30 +431,18 @@ func (c *control) publish() {
 		}
 		snap.byName[dest] = &path{name: dest, ep: conn.Endpoint(nb.Via), relayed: dest != hop}
 	}
-	var rs []routes.Route[*path]
-	local := &path{name: self, local: true}
-	for _, p := range c.local {
-		rs = append(rs, routes.Route[*path]{Prefix: p, Via: local})
-	}
-	for _, o := range c.owners {
-		if o.Peer == self {
-			rs = append(rs, routes.Route[*path]{Prefix: o.Prefix, Via: local})
-		} else if p := snap.byName[o.Peer]; p != nil {
-			rs = append(rs, routes.Route[*path]{Prefix: o.Prefix, Via: p})
-		}
+	src := routes.Sources[proto.PeerName, *path]{
+		Self: self, Local: c.local, Owners: c.owners, Here: &path{name: self, local: true},
+		Path: func(p proto.PeerName) (*path, bool) { v := snap.byName[p]; return v, v != nil },
 	}
 	snap.nicks = map[proto.PeerName]string{}
-	for _, e := range c.topo.Peers() { // name order: the lower name wins a contested prefix
-		if e.Name == self {
+	for _, e := range c.topo.Peers() {
+		if e.Name == self || snap.byName[e.Name] == nil {
 			continue
 		}
-		if p := snap.byName[e.Name]; p != nil {
-			snap.nicks[e.Name] = e.Nickname
-			for _, pf := range e.Prefixes {
-				rs = append(rs, routes.Route[*path]{Prefix: pf, Via: p})
-			}
-		}
+		snap.nicks[e.Name] = e.Nickname
+		src.Announced = append(src.Announced, routes.Announcement[proto.PeerName]{Peer: e.Name, Prefixes: e.Prefixes})
 	}
-	snap.routes = routes.New(rs)
+	snap.routes = routes.Build(src)
 	c.r.snap.Store(snap)
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/overlayd/overlayd/peering/gossip"
 	"github.com/overlayd/overlayd/peering/link"
+	"github.com/overlayd/overlayd/peering/routes"
 	"github.com/overlayd/overlayd/proto"
 )
 
@@ -258,10 +259,7 @@ func (r *Router) SetLocal(ctx context.Context, prefixes []netip.Prefix) error {
 }
 
 // Owner says which peer owns a part of the allocation range.
-type Owner struct {
-	Prefix netip.Prefix
-	Peer   proto.PeerName
-}
+type Owner = routes.Owner[proto.PeerName]
 
 // SetOwners replaces the allocator's view of who owns the range: packets
 // for an address go to its owner (a prefix a peer announces, such as an

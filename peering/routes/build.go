@@ -1,0 +1,69 @@
+package routes
+
+import (
+	"cmp"
+	"net/netip"
+	"slices"
+)
+
+// An Owner is the peer that owns a prefix of the allocation range.
+type Owner[K any] struct {
+	Prefix netip.Prefix
+	Peer   K
+}
+
+// An Announcement is the prefixes a peer says it serves: its exposed
+// addresses and the addresses outside the range held there.
+type Announcement[K any] struct {
+	Peer     K
+	Prefixes []netip.Prefix
+}
+
+// Sources are what a route table is built from. K names peers (ordered, so
+// that every host breaks ties alike); V is where packets go.
+type Sources[K cmp.Ordered, V any] struct {
+	Self      K
+	Local     []netip.Prefix    // prefixes this host serves
+	Owners    []Owner[K]        // the allocation ring
+	Announced []Announcement[K] // what peers announce (Self's are ignored)
+	Here      V                 // where packets for this host go
+	// Path says where packets for a peer go, and false when no path
+	// reaches it.
+	Path func(K) (V, bool)
+}
+
+// Build makes the table. The longest prefix always wins; for the same
+// prefix the first of these does:
+//
+//  1. a prefix this host serves (Local);
+//  2. the ring's owner (Here when it is Self);
+//  3. an announcement, the peer with the lowest name first.
+//
+// A route to an unreachable peer is left out, so the next in line may take
+// its prefix. Build does not keep s's slices.
+func Build[K cmp.Ordered, V any](s Sources[K, V]) *Table[V] {
+	var rs []Route[V]
+	for _, p := range s.Local {
+		rs = append(rs, Route[V]{Prefix: p, Via: s.Here})
+	}
+	for _, o := range s.Owners {
+		if o.Peer == s.Self {
+			rs = append(rs, Route[V]{Prefix: o.Prefix, Via: s.Here})
+		} else if v, ok := s.Path(o.Peer); ok {
+			rs = append(rs, Route[V]{Prefix: o.Prefix, Via: v})
+		}
+	}
+	ann := slices.Clone(s.Announced)
+	slices.SortStableFunc(ann, func(a, b Announcement[K]) int { return cmp.Compare(a.Peer, b.Peer) })
+	for _, a := range ann {
+		if a.Peer == s.Self {
+			continue
+		}
+		if v, ok := s.Path(a.Peer); ok {
+			for _, p := range a.Prefixes {
+				rs = append(rs, Route[V]{Prefix: p, Via: v})
+			}
+		}
+	}
+	return New(rs)
+}
