@@ -56,6 +56,7 @@ type control struct {
 	owners     []Owner                          // the allocator's ring: who owns which part of the range
 	msgID      uint32                           // of our last chunked gossip message
 	ticks      int64
+	out        []outMsg // scratch for sendOutboxes
 }
 
 func newControl(r *Router, m *link.Machine, topo *topology.Node) *control {
@@ -92,11 +93,31 @@ func (c *control) run(ctx context.Context) error {
 				}
 			}
 		case req := <-c.r.requests:
+			c.takePending() // what the caller set before is in place
 			req.fn(c)
 			close(req.done)
+		case <-c.r.wake:
+			c.takePending()
+			c.sendOutboxes()
 		case res := <-c.r.resolved:
 			c.m.Resolved(res.key, res.gen, res.ep, res.err)
 		}
+	}
+}
+
+// takePending puts in place the latest SetLocal and SetOwners.
+func (c *control) takePending() {
+	c.r.pendMu.Lock()
+	local, owners := c.r.pendLocal, c.r.pendOwners
+	c.r.pendLocal, c.r.pendOwners = nil, nil
+	c.r.pendMu.Unlock()
+	if local != nil {
+		c.local = local
+		c.setLocal()
+	}
+	if owners != nil {
+		c.owners = owners
+		c.publish()
 	}
 }
 

@@ -12,7 +12,7 @@ import (
 type Collector struct {
 	r *Router
 
-	peers, conns, packets, bytes, drops, gossip, gossipErrs, decode *prometheus.Desc
+	peers, conns, packets, bytes, drops, gossip, gossipErrs, decode, outDrops *prometheus.Desc
 }
 
 var _ prometheus.Collector = (*Collector)(nil)
@@ -36,6 +36,9 @@ func (r *Router) Collector() *Collector {
 			"Gossip bytes by channel and direction.", []string{"channel", "direction"}, nil),
 		decode: prometheus.NewDesc("overlayd_decode_errors_total",
 			"Datagrams that did not decode, by message type (header: bad version, type or length).", []string{"type"}, nil),
+		outDrops: prometheus.NewDesc("overlayd_gossip_dropped_total",
+			"Outbound gossip messages dropped, by channel and reason: its queue was full (or the message too large), or no path led to the peer.",
+			[]string{"channel", "reason"}, nil),
 		gossipErrs: prometheus.NewDesc("overlayd_gossip_rejected_total",
 			"Gossip refused, by kind: bad chunks or entries, forged origin, unknown channel.", []string{"kind"}, nil),
 	}
@@ -43,7 +46,7 @@ func (r *Router) Collector() *Collector {
 
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.peers, c.conns, c.packets, c.bytes, c.drops, c.gossip, c.gossipErrs, c.decode} {
+	for _, d := range []*prometheus.Desc{c.peers, c.conns, c.packets, c.bytes, c.drops, c.gossip, c.gossipErrs, c.decode, c.outDrops} {
 		ch <- d
 	}
 }
@@ -80,6 +83,11 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		{"tun_write", s.DropTunWrite}, {"tun_read", s.DropTunRead}, {"too_many_hops", s.DropHops},
 	} {
 		counter(c.drops, d.v, d.reason)
+	}
+	for _, name := range c.r.channels {
+		o := c.r.outboxes[name]
+		ch <- prometheus.MustNewConstMetric(c.outDrops, prometheus.CounterValue, float64(o.Dropped()), name, "queue_full")
+		ch <- prometheus.MustNewConstMetric(c.outDrops, prometheus.CounterValue, float64(o.Unreachable()), name, "unreachable")
 	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)

@@ -20,8 +20,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -133,6 +135,17 @@ type Router struct {
 	ctrl     chan inbound    // control datagrams from peersToTun to the control loop
 	requests chan request    // API calls to the control loop
 	resolved chan resolution // hostname lookups finished
+	// wake tells the control loop that an outbox has messages or that
+	// SetLocal or SetOwners left something pending; room for one.
+	wake     chan struct{}
+	outboxes map[string]*Outbox // by channel, one for each of Config.Channels
+	channels []string           // their names, sorted
+
+	pendMu sync.Mutex
+	// pendLocal and pendOwners are the latest SetLocal and SetOwners the
+	// control loop has not taken yet (nil: none); guarded by pendMu.
+	pendLocal  []netip.Prefix
+	pendOwners []Owner
 
 	bg sync.WaitGroup // resolver goroutines
 
@@ -188,7 +201,13 @@ func New(cfg Config, dev tun.Device, pc conn.PacketConn) (*Router, error) {
 		ctrl:        make(chan inbound, ctrlQueueLen),
 		requests:    make(chan request),
 		resolved:    make(chan resolution, 16),
+		wake:        make(chan struct{}, 1),
+		outboxes:    map[string]*Outbox{},
 		stopped:     make(chan struct{}),
+	}
+	for _, name := range slices.Sorted(maps.Keys(cfg.Channels)) {
+		r.outboxes[name] = &Outbox{channel: name, wake: r.wake}
+		r.channels = append(r.channels, name)
 	}
 	r.snap.Store(&snapshot{routes: routes.New[*path](nil)})
 	return r, nil

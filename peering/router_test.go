@@ -3,12 +3,14 @@ package peering
 import (
 	"bytes"
 	"context"
-	"errors"
 	"math/rand/v2"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/common/expfmt"
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
@@ -59,6 +61,44 @@ func startNode(t *testing.T, name proto.PeerName, nick string, opts ...func(*Con
 	return n
 }
 
+// newTestRouter makes a Router that is never run, over a channel TUN and a
+// loopback socket.
+func newTestRouter(t *testing.T, opts ...func(*Config)) *Router {
+	t.Helper()
+	pc, err := conn.Listen(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	cfg := Config{Name: 1, Nickname: "test", Range: testRange, MTU: 1420, Rand: rand.New(rand.NewPCG(1, 1)), Log: zap.NewNop()}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	r, err := New(cfg, tuntest.NewChannelTUN().TUN(), pc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// collect is the router's metrics in Prometheus's text format.
+func collect(t *testing.T, r *Router) string {
+	t.Helper()
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(r.Collector())
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b strings.Builder
+	for _, mf := range mfs {
+		if _, err := expfmt.MetricFamilyToText(&b, mf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return b.String()
+}
+
 func (n *node) status(t *testing.T) Status {
 	t.Helper()
 	st, err := n.r.Status(context.Background())
@@ -89,10 +129,10 @@ func TestTwoRoutersInProcess(t *testing.T) {
 		t.Fatal(err)
 	}
 	addrA, addrB := netip.MustParseAddr("10.40.0.1"), netip.MustParseAddr("10.40.0.2")
-	if err := a.r.SetLocal(ctx, []netip.Prefix{netip.PrefixFrom(addrA, 32)}); err != nil {
+	if err := a.r.SetLocal([]netip.Prefix{netip.PrefixFrom(addrA, 32)}); err != nil {
 		t.Fatal(err)
 	}
-	if err := b.r.SetLocal(ctx, []netip.Prefix{netip.PrefixFrom(addrB, 32)}); err != nil {
+	if err := b.r.SetLocal([]netip.Prefix{netip.PrefixFrom(addrB, 32)}); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, "a learns b's address", func() bool {
@@ -376,7 +416,10 @@ func TestUnicastGossipRelayed(t *testing.T) {
 	ctx := context.Background()
 	got := make(chan []byte, 1)
 	noDiscovery := func(c *Config) { c.Discovery = false }
-	a := startNode(t, 0xa, "a", noDiscovery)
+	testChannel := func(c *Config) {
+		c.Channels = map[string]func(proto.PeerName, []byte){"test": func(proto.PeerName, []byte) {}}
+	}
+	a := startNode(t, 0xa, "a", noDiscovery, testChannel)
 	b := startNode(t, 0xb, "b", noDiscovery)
 	c := startNode(t, 0xc, "c", noDiscovery, func(c *Config) {
 		c.Channels = map[string]func(proto.PeerName, []byte){"test": func(src proto.PeerName, p []byte) {
@@ -397,8 +440,9 @@ func TestUnicastGossipRelayed(t *testing.T) {
 	for i := range payload {
 		payload[i] = byte(i * 7)
 	}
+	out := a.r.Outbox("test")
 	eventually(t, "unicast delivered", func() bool {
-		if err := a.r.Unicast(ctx, "test", 0xc, payload); err != nil {
+		if !out.Send(0xc, payload) {
 			return false
 		}
 		select {
@@ -414,7 +458,85 @@ func TestUnicastGossipRelayed(t *testing.T) {
 	if b.status(t).Stats.GossipRelayed < 5 {
 		t.Errorf("b relayed %d chunks", b.status(t).Stats.GossipRelayed)
 	}
-	if err := a.r.Unicast(ctx, "test", 0x99, payload); !errors.Is(err, ErrUnreachable) {
-		t.Errorf("to a stranger: %v", err)
+	before := out.Unreachable()
+	out.Send(0x99, payload)
+	eventually(t, "a message to a stranger counted", func() bool { return out.Unreachable() == before+1 })
+	// A broadcast reaches c too.
+	out.Broadcast([]byte("to all"))
+	select {
+	case p := <-got:
+		if string(p) != "to all" {
+			t.Errorf("broadcast: c got %q", p)
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("broadcast: c got nothing")
+	}
+}
+
+// TestOutboxFull: with the control loop not running, Send and Broadcast
+// fill the outbox and then drop and count, never blocking; the queue is
+// bounded in messages and in bytes; an oversize message is dropped.
+func TestOutboxFull(t *testing.T) {
+	r := newTestRouter(t, func(c *Config) {
+		c.Channels = map[string]func(proto.PeerName, []byte){"IPallocation": func(proto.PeerName, []byte) {}, "nameserver": nil}
+	})
+	if r.Outbox("topology") != nil || r.Outbox("nope") != nil {
+		t.Fatal("outboxes for channels not configured")
+	}
+	o := r.Outbox("IPallocation")
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := range OutboxLen {
+			var ok bool
+			if i%2 == 0 {
+				ok = o.Broadcast([]byte{byte(i)})
+			} else {
+				ok = o.Send(7, []byte{byte(i)})
+			}
+			if !ok {
+				t.Errorf("message %d dropped with room left", i)
+				return
+			}
+		}
+		for range 100 {
+			if o.Send(7, []byte("x")) || o.Broadcast([]byte("y")) {
+				t.Error("a full outbox took a message")
+				return
+			}
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Send blocked")
+	}
+	if got := o.Dropped(); got != 200 {
+		t.Errorf("dropped %d, want 200", got)
+	}
+	// The other channel's outbox is its own, and bounded in bytes too.
+	n := r.Outbox("nameserver")
+	big := make([]byte, OutboxBytes/4)
+	for i := range 4 {
+		if !n.Send(7, big) {
+			t.Fatalf("big message %d dropped", i)
+		}
+	}
+	if n.Send(7, []byte{1}) || n.Dropped() != 1 {
+		t.Errorf("an outbox over %d bytes took a message (dropped %d)", OutboxBytes, n.Dropped())
+	}
+	if n.Broadcast(make([]byte, 4<<20+1)) || n.Dropped() != 2 {
+		t.Error("an oversize message was queued")
+	}
+	if n.Send(0, []byte{1}) {
+		t.Error("a message for peer 0 was queued")
+	}
+	// The metric counts drops per channel.
+	body := collect(t, r)
+	for _, want := range []string{`overlayd_gossip_dropped_total{channel="IPallocation",reason="queue_full"} 200`,
+		`overlayd_gossip_dropped_total{channel="nameserver",reason="queue_full"} 2`} {
+		if !strings.Contains(body, want) {
+			t.Errorf("metrics lack %s:\n%s", want, body)
+		}
 	}
 }

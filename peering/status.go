@@ -2,13 +2,11 @@ package peering
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
 	"time"
 
-	"github.com/overlayd/overlayd/peering/gossip"
 	"github.com/overlayd/overlayd/peering/link"
 	"github.com/overlayd/overlayd/peering/routes"
 	"github.com/overlayd/overlayd/proto"
@@ -240,8 +238,10 @@ func (r *Router) Forget(ctx context.Context, addrs []string) error {
 }
 
 // SetLocal replaces the prefixes this host serves (its exposed addresses)
-// and announces them to every peer.
-func (r *Router) SetLocal(ctx context.Context, prefixes []netip.Prefix) error {
+// and announces them to every peer. It does not wait for the control loop:
+// the latest call wins, and the router's status and routes show it from
+// the next call that reads them.
+func (r *Router) SetLocal(prefixes []netip.Prefix) error {
 	ps := slices.Clone(prefixes)
 	for _, p := range ps {
 		if !p.IsValid() || !p.Addr().Is4() {
@@ -252,10 +252,14 @@ func (r *Router) SetLocal(ctx context.Context, prefixes []netip.Prefix) error {
 		return fmt.Errorf("peering: cannot serve more than %d prefixes", proto.MaxPrefixes)
 	}
 	slices.SortFunc(ps, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
-	return r.do(ctx, func(c *control) {
-		c.local = ps
-		c.setLocal()
-	})
+	if ps == nil {
+		ps = []netip.Prefix{} // none: not "nothing pending"
+	}
+	r.pendMu.Lock()
+	r.pendLocal = ps
+	r.pendMu.Unlock()
+	r.poke()
+	return nil
 }
 
 // Owner says which peer owns a part of the allocation range.
@@ -263,18 +267,31 @@ type Owner = routes.Owner[proto.PeerName]
 
 // SetOwners replaces the allocator's view of who owns the range: packets
 // for an address go to its owner (a prefix a peer announces, such as an
-// exposed address, is more specific and wins).
-func (r *Router) SetOwners(ctx context.Context, owners []Owner) error {
+// exposed address, is more specific and wins). Like SetLocal, it does not
+// wait.
+func (r *Router) SetOwners(owners []Owner) error {
 	own := slices.Clone(owners)
 	for _, o := range own {
 		if !o.Prefix.IsValid() || !o.Prefix.Addr().Is4() || o.Peer == 0 {
 			return fmt.Errorf("peering: bad owner %v of %v", o.Peer, o.Prefix)
 		}
 	}
-	return r.do(ctx, func(c *control) {
-		c.owners = own
-		c.publish()
-	})
+	if own == nil {
+		own = []Owner{}
+	}
+	r.pendMu.Lock()
+	r.pendOwners = own
+	r.pendMu.Unlock()
+	r.poke()
+	return nil
+}
+
+// poke wakes the control loop.
+func (r *Router) poke() {
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
 }
 
 // Reachable returns the peers the router can send to now, directly or
@@ -301,27 +318,3 @@ func (r *Router) Nickname(p proto.PeerName) string {
 // ParseTarget checks a peer address given as HOST, HOST:PORT, [IPv6] or
 // [IPv6]:PORT and returns its host and port.
 func ParseTarget(s string) (host string, port uint16, err error) { return link.ParseTarget(s) }
-
-// ErrUnreachable is returned by Unicast when no path leads to the peer.
-var ErrUnreachable = errors.New("peering: peer unreachable")
-
-// Unicast sends payload on a gossip channel to one peer, relayed by others
-// if it is not a neighbour, in chunks if it is large. Delivery is not
-// guaranteed (gossip tolerates loss); the channel's protocol retries.
-func (r *Router) Unicast(ctx context.Context, channel string, dst proto.PeerName, payload []byte) error {
-	if channel == proto.ChannelTopology || channel == "" || len(channel) > proto.MaxChannelLen {
-		return fmt.Errorf("peering: cannot send on channel %q", channel)
-	}
-	if len(payload) > gossip.MaxMessageBytes {
-		return fmt.Errorf("peering: gossip message of %d bytes is over the %d-byte limit", len(payload), gossip.MaxMessageBytes)
-	}
-	p := slices.Clone(payload)
-	ok := false
-	if err := r.do(ctx, func(c *control) { ok = c.unicast(channel, dst, p) }); err != nil {
-		return err
-	}
-	if !ok {
-		return fmt.Errorf("%w: %v", ErrUnreachable, dst)
-	}
-	return nil
-}

@@ -191,7 +191,7 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 			Node: ipalloc.Config{Self: name, UID: router.UID(), Universe: cfg.Range, DefaultSubnet: cfg.DefaultSubnet,
 				Mode: cfg.IPAMMode, Quorum: cfg.Quorum, Seeds: cfg.Seeds},
 			StateDir: cfg.StateDir,
-			Router:   router,
+			Router:   channelRouter{router.Outbox(proto.ChannelIPAM), router},
 			Publish:  d.publishOwnership,
 			Rand:     rand.New(rand.NewPCG(binary.LittleEndian.Uint64(seed[8:]), binary.LittleEndian.Uint64(seed[:8]))),
 			Log:      log.Named("ipam"),
@@ -205,7 +205,7 @@ func run(ctx context.Context, cfg *config, log *zap.Logger) (err error) {
 		}
 	}
 	if cfg.DNS {
-		d.names, err = startNames(cfg, name, router, rand.New(rand.NewPCG(binary.LittleEndian.Uint64(seed[4:12]), 1)), log.Named("dns"))
+		d.names, err = startNames(cfg, name, channelRouter{router.Outbox(proto.ChannelNames), router}, rand.New(rand.NewPCG(binary.LittleEndian.Uint64(seed[4:12]), 1)), log.Named("dns"))
 		if err != nil {
 			return startError{err}
 		}
@@ -506,4 +506,11 @@ func keeperCollector(k *netconf.Keeper) prometheus.Collector {
 			ConstLabels: prometheus.Labels{"kind": kind.String()}}, func() float64 { return float64(k.Restored(kind)) }))
 	}
 	return cs
+}
+
+// channelRouter is the router as the user of one gossip channel sees it:
+// its outbox, and the peers it reaches.
+type channelRouter struct {
+	*peering.Outbox
+	*peering.Router
 }

@@ -36,7 +36,7 @@ func (d *daemon) publishOwnership(ctx context.Context, spans []ring.Span, manual
 			owners = append(owners, peering.Owner{Prefix: p, Peer: s.Peer})
 		}
 	}
-	if err := d.router.SetOwners(ctx, owners); err != nil && ctx.Err() == nil {
+	if err := d.router.SetOwners(owners); err != nil {
 		d.log.Error("updating routes from the ring", zap.Error(err))
 	}
 	d.lmu.Lock()
@@ -55,7 +55,7 @@ func (d *daemon) announceLocked(ctx context.Context) error {
 		ps = append(ps, netip.PrefixFrom(m.Addr(), 32))
 	}
 	slices.SortFunc(ps, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
-	return d.router.SetLocal(ctx, slices.Compact(ps))
+	return d.router.SetLocal(slices.Compact(ps))
 }
 
 // do runs an allocator request and turns its failure into an API error.

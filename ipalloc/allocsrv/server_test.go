@@ -15,9 +15,10 @@ import (
 
 type loneRouter struct{}
 
-func (loneRouter) Unicast(context.Context, string, proto.PeerName, []byte) error { return nil }
-func (loneRouter) Reachable() []proto.PeerName                                   { return nil }
-func (loneRouter) Nickname(proto.PeerName) string                                { return "" }
+func (loneRouter) Send(proto.PeerName, []byte) bool { return true }
+func (loneRouter) Broadcast([]byte) bool            { return true }
+func (loneRouter) Reachable() []proto.PeerName      { return nil }
+func (loneRouter) Nickname(proto.PeerName) string   { return "" }
 
 func newServer(tb testing.TB, dir string) *Server {
 	tb.Helper()

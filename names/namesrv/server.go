@@ -29,8 +29,12 @@ const StateFile = "dns.state"
 
 // Router is what the server needs of the router.
 type Router interface {
-	// Unicast sends a message on a gossip channel (loss is tolerated).
-	Unicast(ctx context.Context, channel string, dst proto.PeerName, payload []byte) error
+	// Send queues a message for one peer on the names channel and
+	// Broadcast one for every reachable peer. Neither blocks: false
+	// means the message was dropped (the queue is full), which the
+	// store's protocol tolerates, as it tolerates loss.
+	Send(dst proto.PeerName, payload []byte) bool
+	Broadcast(payload []byte) bool
 	// Reachable lists the peers we can send to now.
 	Reachable() []proto.PeerName
 }
@@ -256,12 +260,9 @@ func (s *Server) apply(ctx context.Context) error {
 		}
 	}
 	for _, m := range rd.Msgs {
-		if m.To != 0 {
-			s.send(ctx, m.To, m.Payload)
-			continue
-		}
-		for _, p := range s.reach {
-			s.send(ctx, p, m.Payload)
+		sent := m.To == 0 && s.cfg.Router.Broadcast(m.Payload) || m.To != 0 && s.cfg.Router.Send(m.To, m.Payload)
+		if !sent {
+			s.log.Debug("name message dropped: the outbound queue is full", zap.Stringer("peer", m.To))
 		}
 	}
 	if rd.View != nil {
@@ -269,10 +270,4 @@ func (s *Server) apply(ctx context.Context) error {
 	}
 	s.store.Advance()
 	return nil
-}
-
-func (s *Server) send(ctx context.Context, to proto.PeerName, payload []byte) {
-	if err := s.cfg.Router.Unicast(ctx, proto.ChannelNames, to, payload); err != nil {
-		s.log.Debug("name message not sent", zap.Stringer("peer", to), zap.Error(err))
-	}
 }

@@ -29,10 +29,16 @@ type fakeRouter struct {
 	sent []proto.NamesMsg
 }
 
-func (r *fakeRouter) Unicast(_ context.Context, channel string, dst proto.PeerName, payload []byte) error {
-	if channel != proto.ChannelNames {
-		r.t.Errorf("sent on channel %q", channel)
+// Broadcast records the message once for each reachable peer, as the
+// router sends it.
+func (r *fakeRouter) Broadcast(payload []byte) bool {
+	for _, p := range r.reach {
+		r.Send(p, payload)
 	}
+	return true
+}
+
+func (r *fakeRouter) Send(dst proto.PeerName, payload []byte) bool {
 	m, err := proto.ParseNamesMsg(payload)
 	if err != nil {
 		r.t.Errorf("sent a message that does not parse: %v", err)
@@ -54,7 +60,7 @@ func (r *fakeRouter) Unicast(_ context.Context, channel string, dst proto.PeerNa
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.sent = append(r.sent, m)
-	return nil
+	return true
 }
 
 func (r *fakeRouter) Reachable() []proto.PeerName { return r.reach }
