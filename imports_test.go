@@ -24,18 +24,19 @@ const module = "github.com/overlayd/overlayd"
 // pure packages may import only the standard library (minus bannedInPure)
 // and the module packages listed.
 var pure = map[string][]string{
-	"proto":             nil,
-	"peering/handshake": {"proto"},
-	"peering/link":      {"proto", "peering/handshake"},
-	"peering/topology":  {"proto"},
-	"peering/gossip":    {"proto"},
-	"peering/routes":    {"internal/ipv4"},
-	"ipalloc/ring":      {"proto", "internal/ipv4"},
-	"ipalloc/paxos":     {"proto"},
-	"ipalloc":           {"proto", "ipalloc/ring", "ipalloc/paxos", "internal/ipv4"},
-	"names":             {"proto"},
-	"internal/hostnet":  nil,
-	"internal/ipv4":     nil,
+	"proto":               nil,
+	"peering/handshake":   {"proto"},
+	"peering/link":        {"proto", "peering/handshake"},
+	"peering/topology":    {"proto"},
+	"peering/gossip":      {"proto"},
+	"peering/routes":      {"internal/ipv4"},
+	"ipalloc/ring":        {"proto", "internal/ipv4"},
+	"ipalloc/paxos":       {"proto"},
+	"ipalloc":             {"proto", "ipalloc/ring", "ipalloc/paxos", "internal/ipv4"},
+	"names":               {"proto"},
+	"internal/hostnet":    nil,
+	"internal/ipv4":       nil,
+	"internal/containers": nil,
 }
 
 // bannedInPure gives a core I/O, time, concurrency or a process-global

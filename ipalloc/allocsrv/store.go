@@ -52,7 +52,8 @@ type store struct {
 	last     []byte // the last record saved
 }
 
-func appendRecord(b []byte, seq uint64, payload []byte) []byte {
+// AppendRecord appends a record of the journal's format to b.
+func AppendRecord(b []byte, seq uint64, payload []byte) []byte {
 	b = append(b, recordMagic[:]...)
 	b = binary.BigEndian.AppendUint64(b, seq)
 	b = binary.BigEndian.AppendUint32(b, uint32(len(payload)))
@@ -91,6 +92,39 @@ func readRecord(b []byte) (seq uint64, payload []byte, n int, err error) {
 	return seq, payload, recordHead + l, nil
 }
 
+// Journal is what a journal holds.
+type Journal struct {
+	Seq   uint64 // the highest sequence number of its records; 0 if none
+	State []byte // the payload of that record; it aliases the input
+	Good  int    // bytes of whole records, from the start
+	// Cut says the journal ends in an incomplete record (a crash while
+	// saving: never acknowledged), which is dropped.
+	Cut bool
+}
+
+// ParseJournal decodes a journal: whole records, optionally followed by a
+// record cut short (its header checks and its payload runs past the end)
+// or by zeros. Anything else is corruption: an error, with Good the
+// offset of the bad record.
+func ParseJournal(b []byte) (Journal, error) {
+	var j Journal
+	for j.Good < len(b) {
+		seq, payload, n, err := readRecord(b[j.Good:])
+		if err != nil {
+			if errors.Is(err, errCut) || allZero(b[j.Good:]) {
+				j.Cut = true
+				return j, nil
+			}
+			return j, err
+		}
+		if seq > j.Seq {
+			j.Seq, j.State = seq, payload
+		}
+		j.Good += n
+	}
+	return j, nil
+}
+
 // openStore reads the latest state (nil if there is none) and opens the
 // journal for appending. warn is told about a cut final record.
 func openStore(dir string, warn func(string)) (*store, []byte, error) {
@@ -116,24 +150,17 @@ func openStore(dir string, warn func(string)) (*store, []byte, error) {
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, nil, fmt.Errorf("reading %s: %w", jpath, err)
 	}
-	good := 0
-	for off := 0; off < len(j); {
-		seq, payload, n, err := readRecord(j[off:])
-		if err != nil {
-			// Cut at the very end: a crash during the last write, never
-			// acknowledged. Anything else is corruption.
-			if errors.Is(err, errCut) || allZero(j[off:]) {
-				warn(fmt.Sprintf("journal %s ends in an incomplete record (%d bytes), left by a crash while saving: it is dropped", jpath, len(j)-off))
-				break
-			}
-			return nil, nil, fmt.Errorf("journal %s is corrupt at byte %d: %v: restore it, or remove it and %s to start without the addresses they held", jpath, off, err, StateFile)
-		}
-		if seq > s.seq {
-			s.seq, state = seq, payload
-		}
-		off += n
-		good = off
+	jr, err := ParseJournal(j)
+	if err != nil {
+		return nil, nil, fmt.Errorf("journal %s is corrupt at byte %d: %v: restore it, or remove it and %s to start without the addresses they held", jpath, jr.Good, err, StateFile)
 	}
+	if jr.Cut {
+		warn(fmt.Sprintf("journal %s ends in an incomplete record (%d bytes), left by a crash while saving: it is dropped", jpath, len(j)-jr.Good))
+	}
+	if jr.Seq > s.seq {
+		s.seq, state = jr.Seq, jr.State
+	}
+	good := jr.Good
 	_, statErr := os.Stat(jpath)
 	f, err := os.OpenFile(jpath, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
@@ -172,7 +199,7 @@ func allZero(b []byte) bool {
 // snapshot when the journal has grown large.
 func (s *store) save(state []byte) error {
 	s.seq++
-	rec := appendRecord(nil, s.seq, state)
+	rec := AppendRecord(nil, s.seq, state)
 	s.last = rec
 	if s.size+int64(len(rec)) > max(journalMax, 8*int64(len(rec))) {
 		return s.compact()

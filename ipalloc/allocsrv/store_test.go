@@ -12,7 +12,7 @@ import (
 func journalOf(n int) []byte {
 	var j []byte
 	for i := 1; i <= n; i++ {
-		j = appendRecord(j, uint64(i), bytes.Repeat([]byte{byte(i)}, 10+i))
+		j = AppendRecord(j, uint64(i), bytes.Repeat([]byte{byte(i)}, 10+i))
 	}
 	return j
 }
