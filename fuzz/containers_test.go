@@ -2,11 +2,14 @@ package fuzz
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
+	"net/netip"
 	"slices"
 	"testing"
 
 	"github.com/overlayd/overlayd/internal/containers"
+	"github.com/overlayd/overlayd/internal/daemon"
 	"github.com/overlayd/overlayd/ipalloc/allocsrv"
 )
 
@@ -95,6 +98,35 @@ func FuzzAllocsrvJournal(f *testing.F) {
 			if err != nil || again.Seq != jr.Seq || !bytes.Equal(again.State, jr.State) {
 				t.Fatalf("the latest record written again: %+v %v", again, err)
 			}
+		}
+	})
+}
+
+// FuzzDaemonExposed feeds the exposed addresses' file (exposed.json)
+// damaged bytes: ParseExposed never panics, keeps only distinct IPv4
+// addresses, and what it keeps reads back the same.
+func FuzzDaemonExposed(f *testing.F) {
+	for _, s := range []string{`["172.16.16.201/24", "10.99.0.5/24"]`, `[]`, `["10.0.0.1"]`, `["fd00::1/64"]`,
+		`["10.0.0.1/24", "10.0.0.1/16"]`, `[null]`, `{}`, `null`, ``} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		ps, err := daemon.ParseExposed(b)
+		if err != nil {
+			return
+		}
+		for i, p := range ps {
+			if !p.Addr().Is4() || slices.ContainsFunc(ps[:i], func(q netip.Prefix) bool { return q.Addr() == p.Addr() }) {
+				t.Fatalf("kept %v in %v", p, ps)
+			}
+		}
+		out, err := json.Marshal(ps)
+		if err != nil {
+			t.Fatal(err)
+		}
+		again, err := daemon.ParseExposed(out)
+		if err != nil || !slices.Equal(again, ps) && len(ps) > 0 {
+			t.Fatalf("read back %s: %v %v", out, again, err)
 		}
 	})
 }

@@ -81,6 +81,12 @@ func (n *Node) Cancel(id uint64) {
 // ErrCancelled answers a cancelled request.
 var ErrCancelled = errors.New("cancelled")
 
+// NoAddressesError refuses to release the addresses of an ID that holds
+// none. Its text is Weave's.
+type NoAddressesError struct{ Ident string }
+
+func (e *NoAddressesError) Error() string { return "Delete: no addresses for " + e.Ident }
+
 // queue tries r now and keeps it if it must wait.
 func (n *Node) queue(r Request) {
 	p := &pending{req: r}
@@ -428,7 +434,7 @@ func (n *Node) release(r Request) Done {
 		if cancelled {
 			return Done{ID: r.ID}
 		}
-		return Done{ID: r.ID, Err: fmt.Errorf("Delete: no addresses for %s", r.Ident)}
+		return Done{ID: r.ID, Err: &NoAddressesError{Ident: r.Ident}}
 	}
 	manual := false
 	for _, p := range slices.Clone(addrs) {

@@ -2,6 +2,7 @@ package peering
 
 import (
 	"context"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -55,39 +56,39 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 // control loop; if it does not answer within a second the gauges are left
 // out of this scrape.
 func (c *Collector) Collect(ch chan<- prometheus.Metric) {
-	s := c.r.stats.snapshot()
-	counter := func(d *prometheus.Desc, v uint64, label string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), label)
+	s := &c.r.stats
+	counter := func(d *prometheus.Desc, v *atomic.Uint64, label ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v.Load()), label...)
 	}
-	counter(c.packets, s.SentPackets, "sent")
-	counter(c.packets, s.ReceivedPackets, "received")
-	counter(c.packets, s.RelayedPackets, "relayed")
-	counter(c.bytes, s.SentBytes, "sent")
-	counter(c.bytes, s.ReceivedBytes, "received")
-	counter(c.bytes, s.RelayedBytes, "relayed")
-	ch <- prometheus.MustNewConstMetric(c.gossip, prometheus.CounterValue, float64(s.GossipSentBytes), "topology", "sent")
-	ch <- prometheus.MustNewConstMetric(c.gossip, prometheus.CounterValue, float64(s.GossipReceivedBytes), "topology", "received")
-	ch <- prometheus.MustNewConstMetric(c.gossip, prometheus.CounterValue, float64(s.OtherSentBytes), "other", "sent")
-	ch <- prometheus.MustNewConstMetric(c.gossip, prometheus.CounterValue, float64(s.OtherReceivedBytes), "other", "received")
-	counter(c.gossipErrs, s.GossipRejected, "rejected")
-	for kind, v := range s.DecodeErrors {
-		counter(c.decode, v, kind)
+	counter(c.packets, &s.SentPackets, "sent")
+	counter(c.packets, &s.ReceivedPackets, "received")
+	counter(c.packets, &s.RelayedPackets, "relayed")
+	counter(c.bytes, &s.SentBytes, "sent")
+	counter(c.bytes, &s.ReceivedBytes, "received")
+	counter(c.bytes, &s.RelayedBytes, "relayed")
+	counter(c.gossip, &s.GossipSentBytes, "topology", "sent")
+	counter(c.gossip, &s.GossipReceivedBytes, "topology", "received")
+	counter(c.gossip, &s.OtherSentBytes, "other", "sent")
+	counter(c.gossip, &s.OtherReceivedBytes, "other", "received")
+	counter(c.gossipErrs, &s.GossipRejected, "rejected")
+	counter(c.gossipErrs, &s.GossipUnknownChannel, "unknown_channel")
+	for kind, v := range s.DecodeErrorCounts() {
+		ch <- prometheus.MustNewConstMetric(c.decode, prometheus.CounterValue, float64(v), kind)
 	}
-	counter(c.gossipErrs, s.GossipUnknownChannel, "unknown_channel")
 	for _, d := range []struct {
 		reason string
-		v      uint64
+		v      *atomic.Uint64
 	}{
-		{"unroutable", s.DropUnroutable}, {"send_error", s.DropSendError}, {"unknown_peer", s.DropUnknownPeer},
-		{"not_for_us", s.DropNotForUs}, {"malformed", s.DropMalformed}, {"control_queue_full", s.DropCtrlQueue},
-		{"tun_write", s.DropTunWrite}, {"tun_read", s.DropTunRead}, {"too_many_hops", s.DropHops},
+		{"unroutable", &s.DropUnroutable}, {"send_error", &s.DropSendError}, {"unknown_peer", &s.DropUnknownPeer},
+		{"not_for_us", &s.DropNotForUs}, {"malformed", &s.DropMalformed}, {"control_queue_full", &s.DropCtrlQueue},
+		{"tun_write", &s.DropTunWrite}, {"tun_read", &s.DropTunRead}, {"too_many_hops", &s.DropHops},
 	} {
 		counter(c.drops, d.v, d.reason)
 	}
 	for _, name := range c.r.channels {
 		o := c.r.outboxes[name]
-		ch <- prometheus.MustNewConstMetric(c.outDrops, prometheus.CounterValue, float64(o.Dropped()), name, "queue_full")
-		ch <- prometheus.MustNewConstMetric(c.outDrops, prometheus.CounterValue, float64(o.Unreachable()), name, "unreachable")
+		counter(c.outDrops, &o.dropped, name, "queue_full")
+		counter(c.outDrops, &o.unreachable, name, "unreachable")
 	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)

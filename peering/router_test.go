@@ -158,7 +158,7 @@ func TestTwoRoutersInProcess(t *testing.T) {
 	}
 	// Unroutable packets are dropped and counted.
 	a.tun.Outbound <- tuntest.Ping(netip.MustParseAddr("10.40.9.9"), addrA)
-	eventually(t, "drop counted", func() bool { return a.status(t).Stats.DropUnroutable == 1 })
+	eventually(t, "drop counted", func() bool { return a.r.Stats().DropUnroutable.Load() == 1 })
 
 	st := b.status(t)
 	if len(st.Connections) != 1 || st.Connections[0].State != "established" || st.Connections[0].Name != 0xa {
@@ -388,7 +388,7 @@ func TestBadGossipIsRefused(t *testing.T) {
 			time.Sleep(time.Millisecond) // let the control loop keep up
 		}
 	}
-	eventually(t, "refusals counted", func() bool { return a.status(t).Stats.GossipRejected >= 4 })
+	eventually(t, "refusals counted", func() bool { return a.r.Stats().GossipRejected.Load() >= 4 })
 	st := a.status(t)
 	if st.GossipPartial > 8 { // one origin may keep gossip.MaxPartialPerSrc
 		t.Errorf("%d partial messages kept", st.GossipPartial)
@@ -455,8 +455,8 @@ func TestUnicastGossipRelayed(t *testing.T) {
 			return false
 		}
 	})
-	if b.status(t).Stats.GossipRelayed < 5 {
-		t.Errorf("b relayed %d chunks", b.status(t).Stats.GossipRelayed)
+	if b.r.Stats().GossipRelayed.Load() < 5 {
+		t.Errorf("b relayed %d chunks", b.r.Stats().GossipRelayed.Load())
 	}
 	before := out.Unreachable()
 	out.Send(0x99, payload)

@@ -12,121 +12,73 @@ import (
 	"github.com/overlayd/overlayd/proto"
 )
 
-// Status is the router's state as the control API reports it.
+// Status is what the router knows at one moment: its targets and
+// connections, the peers of the topology, and the route table. Its
+// configuration and its counters (Stats) are read elsewhere.
 type Status struct {
-	Name               proto.PeerName `json:"name"`
-	Nickname           string         `json:"nickname"`
-	UID                uint64         `json:"uid"`
-	Port               uint16         `json:"port"`
-	ProtocolMinVersion uint8          `json:"protocolMinVersion"`
-	ProtocolMaxVersion uint8          `json:"protocolMaxVersion"`
-	Encryption         bool           `json:"encryption"`
-	PeerDiscovery      bool           `json:"peerDiscovery"`
-	ConnLimit          int            `json:"connLimit"`
-	MTU                int            `json:"mtu"`
-	Targets            []string       `json:"targets"`
-	Connections        []ConnStatus   `json:"connections"`
-	Peers              []PeerStatus   `json:"peers"`
-	Routes             []RouteStatus  `json:"routes"`
-	Exposed            []netip.Prefix `json:"exposed"`
+	Targets     []string
+	Connections []ConnStatus
+	Peers       []PeerStatus // ourselves first
+	Routes      []RouteStatus
+	Exposed     []netip.Prefix // the prefixes SetLocal gave
 	// GossipPartial is the number of chunked gossip messages waiting for
 	// their missing chunks (bounded by peering/gossip.MaxPartial).
-	GossipPartial int           `json:"gossipPartial"`
-	Stats         StatsSnapshot `json:"stats"`
+	GossipPartial int
 }
 
-// ConnStatus is one line of `status connections`: a connection, or a target
-// without one.
+// ConnStatus is a connection, or a target without one.
 type ConnStatus struct {
-	Address  string         `json:"address"`
-	Outbound bool           `json:"outbound"`
-	State    string         `json:"state"` // connecting, retrying, failed, pending, established
-	Info     string         `json:"info"`  // the error of a failed target
-	RetryAt  *time.Time     `json:"retryAt,omitempty"`
-	Name     proto.PeerName `json:"name,omitempty"`
-	Nickname string         `json:"nickname,omitempty"`
-	Overlay  string         `json:"overlay,omitempty"` // "udp" for the plain data path
-	MTU      int            `json:"mtu,omitempty"`
+	Address  string
+	Outbound bool
+	State    string // connecting, retrying, failed, pending, established
+	Info     string // the error of a failed target, with when it is retried
+	RetryAt  *time.Time
+	Name     proto.PeerName
+	Nickname string
+	Overlay  string // "udp" for the plain data path
+	MTU      int
 }
 
-// PeerStatus is a peer we know, with the connections it has.
+// PeerStatus is a peer we know, with the connections it reports.
 type PeerStatus struct {
-	Name        proto.PeerName   `json:"name"`
-	Nickname    string           `json:"nickname"`
-	UID         uint64           `json:"uid"`
-	Connections []PeerConnStatus `json:"connections"`
+	Name        proto.PeerName
+	Nickname    string
+	UID         uint64
+	Connections []PeerConnStatus
 }
 
 // PeerConnStatus is one connection of a peer.
 type PeerConnStatus struct {
-	Name        proto.PeerName `json:"name"`
-	Nickname    string         `json:"nickname"`
-	Address     string         `json:"address"`
-	Outbound    bool           `json:"outbound"`
-	Established bool           `json:"established"`
+	Name        proto.PeerName
+	Nickname    string
+	Address     string
+	Outbound    bool
+	Established bool
 }
 
 // RouteStatus is one entry of the route table.
 type RouteStatus struct {
-	Prefix  netip.Prefix   `json:"prefix"`
-	Via     proto.PeerName `json:"via"`               // the peer that serves it
-	NextHop proto.PeerName `json:"nextHop,omitempty"` // the relay, when not Via itself
-	Local   bool           `json:"local,omitempty"`
+	Prefix  netip.Prefix
+	Via     proto.PeerName // the peer that serves it
+	NextHop proto.PeerName // the relay, when not Via itself
+	Local   bool
 }
 
-// StatsSnapshot is a copy of Stats.
-type StatsSnapshot struct {
-	TunPackets      uint64 `json:"tunPackets"`
-	SentPackets     uint64 `json:"sentPackets"`
-	SentBytes       uint64 `json:"sentBytes"`
-	ReceivedPackets uint64 `json:"receivedPackets"`
-	ReceivedBytes   uint64 `json:"receivedBytes"`
-	DropUnroutable  uint64 `json:"dropUnroutable"`
-	DropSendError   uint64 `json:"dropSendError"`
-	DropUnknownPeer uint64 `json:"dropUnknownPeer"`
-	DropNotForUs    uint64 `json:"dropNotForUs"`
-	DropMalformed   uint64 `json:"dropMalformed"`
-	DropCtrlQueue   uint64 `json:"dropCtrlQueue"`
-	DropTunWrite    uint64 `json:"dropTunWrite"`
-	DropTunRead     uint64 `json:"dropTunRead"`
-	DropHops        uint64 `json:"dropHops"`
-	RelayedPackets  uint64 `json:"relayedPackets"`
-	RelayedBytes    uint64 `json:"relayedBytes"`
+// Stats returns the router's counters, updated atomically as it works.
+func (r *Router) Stats() *Stats { return &r.stats }
 
-	GossipSentBytes      uint64 `json:"gossipSentBytes"`
-	GossipReceivedBytes  uint64 `json:"gossipReceivedBytes"`
-	GossipRejected       uint64 `json:"gossipRejected"`
-	GossipUnknownChannel uint64 `json:"gossipUnknownChannel"`
-	GossipRelayed        uint64 `json:"gossipRelayed"`
-	OtherSentBytes       uint64 `json:"otherGossipSentBytes"`
-	OtherReceivedBytes   uint64 `json:"otherGossipReceivedBytes"`
-	// DecodeErrors counts undecodable datagrams by type ("header" for a bad
-	// header).
-	DecodeErrors map[string]uint64 `json:"decodeErrors"`
-}
-
-func (s *Stats) snapshot() StatsSnapshot {
-	snap := StatsSnapshot{
-		TunPackets: s.TunPackets.Load(), SentPackets: s.SentPackets.Load(), SentBytes: s.SentBytes.Load(),
-		ReceivedPackets: s.ReceivedPackets.Load(), ReceivedBytes: s.ReceivedBytes.Load(),
-		DropUnroutable: s.DropUnroutable.Load(), DropSendError: s.DropSendError.Load(),
-		DropUnknownPeer: s.DropUnknownPeer.Load(), DropNotForUs: s.DropNotForUs.Load(),
-		DropMalformed: s.DropMalformed.Load(), DropCtrlQueue: s.DropCtrlQueue.Load(),
-		DropTunWrite: s.DropTunWrite.Load(), DropTunRead: s.DropTunRead.Load(),
-		DropHops: s.DropHops.Load(), RelayedPackets: s.RelayedPackets.Load(), RelayedBytes: s.RelayedBytes.Load(),
-		GossipSentBytes: s.GossipSentBytes.Load(), GossipReceivedBytes: s.GossipReceivedBytes.Load(),
-		GossipRejected: s.GossipRejected.Load(), GossipUnknownChannel: s.GossipUnknownChannel.Load(),
-		GossipRelayed: s.GossipRelayed.Load(), DecodeErrors: map[string]uint64{},
-		OtherSentBytes: s.OtherSentBytes.Load(), OtherReceivedBytes: s.OtherReceivedBytes.Load(),
-	}
+// DecodeErrorCounts breaks DropMalformed down by message type, named as
+// proto names them ("header" for a bad header).
+func (s *Stats) DecodeErrorCounts() map[string]uint64 {
+	out := make(map[string]uint64, len(s.DecodeErrors))
 	for t := range s.DecodeErrors {
 		name := "header"
 		if t > 0 {
 			name = proto.Type(t).String()
 		}
-		snap.DecodeErrors[name] = s.DecodeErrors[t].Load()
+		out[name] = s.DecodeErrors[t].Load()
 	}
-	return snap
+	return out
 }
 
 // Status reports the router's state. It waits for the control loop, so it
@@ -143,12 +95,8 @@ func (c *control) status() Status {
 	ls := c.m.Status()
 	cfg := &r.cfg
 	st := Status{
-		Name: cfg.Name, Nickname: cfg.Nickname, UID: cfg.UID, Port: r.port,
-		ProtocolMinVersion: proto.MinVersion, ProtocolMaxVersion: proto.MaxVersion,
-		PeerDiscovery: cfg.Discovery, ConnLimit: cfg.ConnLimit,
-		MTU: cfg.MTU, Targets: nonNil(ls.Targets), Exposed: nonNil(slices.Clone(c.local)),
-		Connections: []ConnStatus{}, Routes: []RouteStatus{}, Stats: r.stats.snapshot(),
-		GossipPartial: c.asm.Pending(),
+		Targets: nonNil(ls.Targets), Exposed: nonNil(slices.Clone(c.local)),
+		Connections: []ConnStatus{}, Routes: []RouteStatus{}, GossipPartial: c.asm.Pending(),
 	}
 	now := time.Now()
 	for _, c := range ls.Connections {

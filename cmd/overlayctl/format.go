@@ -7,7 +7,6 @@ import (
 	"strings"
 
 	"github.com/overlayd/overlayd/internal/api"
-	"github.com/overlayd/overlayd/peering"
 	"github.com/overlayd/overlayd/proto"
 )
 
@@ -102,7 +101,7 @@ func dnsArgs(st *api.DNSStatus) (string, error) {
 
 // connectionSummary is "N (a established, b failed)": counts in Weave's fixed
 // order, zero counts left out, no parentheses when all are zero.
-func connectionSummary(cs []peering.ConnStatus) string {
+func connectionSummary(cs []api.Connection) string {
 	counts := map[string]int{}
 	for _, c := range cs {
 		counts[c.State]++
@@ -121,7 +120,7 @@ func connectionSummary(cs []peering.ConnStatus) string {
 
 // peerSummary is "N (with a established[, b pending] connections)", counting
 // every peer's connection list, so each link counts from both ends.
-func peerSummary(ps []peering.PeerStatus) string {
+func peerSummary(ps []api.Peer) string {
 	var est, pend int
 	for _, p := range ps {
 		for _, c := range p.Connections {
@@ -154,7 +153,7 @@ func dir(outbound bool) string {
 
 // writeConnections prints `status connections` like Weave:
 // "<dir> <address %-21v> <state %-11v> <info>".
-func writeConnections(w io.Writer, cs []peering.ConnStatus) {
+func writeConnections(w io.Writer, cs []api.Connection) {
 	for _, c := range cs {
 		info := c.Info
 		if c.Name != 0 {
@@ -169,7 +168,7 @@ func writeConnections(w io.Writer, cs []peering.ConnStatus) {
 
 // writePeers prints `status peers` like Weave: each peer, then each of its
 // connections indented.
-func writePeers(w io.Writer, ps []peering.PeerStatus) {
+func writePeers(w io.Writer, ps []api.Peer) {
 	for _, p := range ps {
 		fmt.Fprintln(w, peerName(p.Name, p.Nickname))
 		for _, c := range p.Connections {

@@ -7,24 +7,23 @@ import (
 	"testing"
 
 	"github.com/overlayd/overlayd/internal/api"
-	"github.com/overlayd/overlayd/peering"
 )
 
 func TestWriteStatus(t *testing.T) {
 	st := &api.Status{
 		Version: "1.2.3",
-		Router: peering.Status{
+		Router: api.RouterStatus{
 			Name: 0x12d2fe7ac1f2, Nickname: "docker1", ProtocolMinVersion: 1, ProtocolMaxVersion: 2,
 			Targets: []string{"a:1", "b:1"},
-			Connections: []peering.ConnStatus{
+			Connections: []api.Connection{
 				{Address: "192.168.48.14:6783", Outbound: true, State: "established", Name: 0x7e214a702f45,
 					Nickname: "host2", Overlay: "udp", MTU: 1456},
 				{Address: "10.2.2.1:6783", Outbound: true, State: "failed", Info: "no answer to 5 hellos, retry: 2026-01-02 03:04:05"},
 			},
-			Peers: []peering.PeerStatus{
-				{Name: 0x12d2fe7ac1f2, Nickname: "docker1", Connections: []peering.PeerConnStatus{
+			Peers: []api.Peer{
+				{Name: 0x12d2fe7ac1f2, Nickname: "docker1", Connections: []api.PeerConnection{
 					{Name: 0x7e214a702f45, Nickname: "host2", Address: "192.168.48.14:6783", Outbound: true, Established: true}}},
-				{Name: 0x7e214a702f45, Nickname: "host2", Connections: []peering.PeerConnStatus{
+				{Name: 0x7e214a702f45, Nickname: "host2", Connections: []api.PeerConnection{
 					{Name: 0x12d2fe7ac1f2, Nickname: "docker1", Established: false}}},
 			},
 		},
@@ -78,10 +77,10 @@ func TestSummariesOmitZeroCounts(t *testing.T) {
 	if got := connectionSummary(nil); got != "0" {
 		t.Errorf("no connections: %q", got)
 	}
-	if got := peerSummary([]peering.PeerStatus{{}}); got != "1" {
+	if got := peerSummary([]api.Peer{{}}); got != "1" {
 		t.Errorf("lone peer: %q", got)
 	}
-	cs := []peering.ConnStatus{{State: "connecting"}, {State: "retrying"}, {State: "pending"}}
+	cs := []api.Connection{{State: "connecting"}, {State: "retrying"}, {State: "pending"}}
 	if got := connectionSummary(cs); got != "3 (1 pending, 1 retrying, 1 connecting)" {
 		t.Errorf("order: %q", got)
 	}

@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/overlayd/overlayd/internal/api"
+	"github.com/overlayd/overlayd/internal/daemon"
 	"github.com/overlayd/overlayd/ipalloc"
 	"github.com/overlayd/overlayd/names"
 	"github.com/overlayd/overlayd/peering"
@@ -60,37 +61,7 @@ type options struct {
 }
 
 // config is the validated configuration of one daemon.
-type config struct {
-	Range         netip.Prefix // invalid: IPAM off, nothing routed
-	DefaultSubnet netip.Prefix
-	Targets       []string
-	Name          proto.PeerName // zero: from the state directory
-	Nickname      string
-	Port          uint16
-	Iface         string
-	Socket        string
-	StateDir      string
-	LogLevel      zapcore.Level
-	MTU           int    // zero: underlay MTU minus proto.UDPOverhead
-	MetricsAddr   string // host:port for Prometheus; empty: off
-	ConnLimit     int    // 0: no limit
-	Discovery     bool
-	IPAMMode      ipalloc.Mode
-	Quorum        int              // IPAMMode Consensus
-	Seeds         []proto.PeerName // IPAMMode Seed
-	DNS           bool
-	DNSListen     netip.AddrPort // invalid: docker0's address, port 53, if it exists; else 0.0.0.0:53
-	DNSDomain     string         // lower case, with its trailing dot
-	DNSTTL        uint32
-	ResolvConf    string
-	ReleaseGrace  time.Duration // a container gone this long loses its addresses
-	DockerPlugin  bool          // serve the network and IPAM drivers
-	DockerAPI     string        // the engine's API: unix:///var/run/docker.sock; "": none
-	PluginName    string        // driver name = socket name in PluginDir
-	PluginDir     string
-	DockerNetwork string // created at start with the drivers; "": none
-	Firewall      bool   // FORWARD rules for the containers' traffic
-}
+type config = daemon.Config
 
 // usageError is a bad flag value: exit code 2.
 type usageError struct{ err error }
@@ -369,8 +340,6 @@ func joinHostPort(h string, p uint16) string {
 	return fmt.Sprintf("%s:%d", h, p)
 }
 
-var errNotRoot = errors.New("overlayd must run as root: it creates a TUN device and routes")
-
 // socketDefault is the control socket unless --socket or OVERLAY_SOCKET say
 // otherwise.
 func socketDefault() string {
@@ -378,4 +347,12 @@ func socketDefault() string {
 		return s
 	}
 	return api.DefaultSocket
+}
+
+// dockerAPIDefault is $DOCKER_HOST, else Docker's own socket.
+func dockerAPIDefault() string {
+	if h := os.Getenv("DOCKER_HOST"); h != "" {
+		return h
+	}
+	return "unix:///var/run/docker.sock"
 }

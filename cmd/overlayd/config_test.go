@@ -2,8 +2,6 @@ package main
 
 import (
 	"net/netip"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -143,25 +141,6 @@ func TestValidate(t *testing.T) {
 	o.rangeCIDR = ""
 	if c, err := o.validate(nil); err != nil || c.Range.IsValid() {
 		t.Errorf("IPAM off: %v, %v", c, err)
-	}
-}
-
-func TestPeerNamePersists(t *testing.T) {
-	dir := t.TempDir()
-	n1, created, err := loadOrCreatePeerName(dir)
-	if err != nil || !created || n1 == 0 {
-		t.Fatalf("%v %v %v", n1, created, err)
-	}
-	n2, created, err := loadOrCreatePeerName(dir)
-	if err != nil || created || n2 != n1 {
-		t.Fatalf("second load: %v %v %v, first %v", n2, created, err, n1)
-	}
-	os.WriteFile(filepath.Join(dir, peerNameFile), []byte("garbage"), 0o600)
-	if _, _, err := loadOrCreatePeerName(dir); err == nil || !strings.Contains(err.Error(), "corrupt") {
-		t.Errorf("corrupt file: %v", err)
-	}
-	if b, _ := os.ReadFile(filepath.Join(dir, peerNameFile)); string(b) != "garbage" {
-		t.Errorf("corrupt file overwritten with %q", b)
 	}
 }
 

@@ -25,6 +25,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/overlayd/overlayd/internal/buildinfo"
+	"github.com/overlayd/overlayd/internal/daemon"
 	"github.com/overlayd/overlayd/internal/dockerplugin"
 	"github.com/overlayd/overlayd/names"
 	"github.com/overlayd/overlayd/peering"
@@ -71,7 +72,11 @@ for --range and --default-subnet.`,
 			defer log.Sync()
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 			defer stop()
-			return run(ctx, cfg, log)
+			d, err := daemon.New(*cfg, log)
+			if err != nil {
+				return err
+			}
+			return d.Run(ctx)
 		},
 	}
 	f := cmd.Flags()
@@ -120,7 +125,7 @@ for --range and --default-subnet.`,
 	}
 	fmt.Fprintf(os.Stderr, "overlayd: %s\n", oneLine(err))
 	var ue usageError
-	var se startError
+	var se *daemon.StartError
 	if errors.As(err, &ue) || errors.As(err, &se) {
 		return 2
 	}

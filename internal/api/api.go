@@ -24,14 +24,19 @@
 //	GET  /v1/ps            PsResponse: this host's exposed addresses and containers
 //
 // Errors come back with a 4xx or 5xx status and ErrorResponse.
+//
+// Addresses travel as netip values (JSON strings such as "10.32.0.1/12"),
+// decoded once, where a request enters; the types here are the API's own,
+// so that its clients need none of the daemon's packages.
 package api
 
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
+	"time"
 
-	"github.com/overlayd/overlayd/peering"
 	"github.com/overlayd/overlayd/proto"
 )
 
@@ -42,7 +47,7 @@ const DefaultSocket = "/run/overlayd/overlayd.sock"
 const SocketEnv = "OVERLAY_SOCKET"
 
 // Backend is what the API serves. Methods may be called concurrently.
-// Errors wrapping ErrBadRequest are the caller's fault and map to 400.
+// A *RequestError (errors.As) is the caller's fault and maps to 400.
 type Backend interface {
 	Status(ctx context.Context) (Status, error)
 	Connect(ctx context.Context, peers []string) error
@@ -67,9 +72,9 @@ type Backend interface {
 // /run/netns, or a path), the addresses it gets (none: one from IPAM) and
 // the name it is registered under in DNS.
 type AttachRequest struct {
-	Target string   `json:"target"`
-	CIDRs  []string `json:"cidrs,omitempty"`
-	Name   string   `json:"name,omitempty"`
+	Target string         `json:"target"`
+	CIDRs  []netip.Prefix `json:"cidrs,omitempty"`
+	Name   string         `json:"name,omitempty"`
 }
 
 // Attachment is a container plumbed into the overlay.
@@ -90,22 +95,46 @@ type PsResponse struct {
 	Containers []Attachment   `json:"containers"`
 }
 
+// RequestError is an error of the request's, not of the daemon's: the
+// server answers it with 400. Its text is Err's.
+type RequestError struct{ Err error }
+
+func (e *RequestError) Error() string { return e.Err.Error() }
+func (e *RequestError) Unwrap() error { return e.Err }
+
+// BadRequest makes a RequestError.
+func BadRequest(format string, a ...any) error {
+	return &RequestError{Err: fmt.Errorf(format, a...)}
+}
+
+// IsBadRequest reports whether err is, or wraps, a RequestError.
+func IsBadRequest(err error) bool {
+	var re *RequestError
+	return errors.As(err, &re)
+}
+
 // ErrDNSOff is returned by the DNS calls of a daemon started with --no-dns.
-var ErrDNSOff = errors.New("DNS is off: overlayd was started with --no-dns")
+var ErrDNSOff error = &RequestError{Err: errors.New("DNS is off: overlayd was started with --no-dns")}
 
 // ErrIPAMOff is returned by the IPAM calls of a daemon without --range.
-var ErrIPAMOff = errors.New("IPAM is off: overlayd was started without --range")
+var ErrIPAMOff error = &RequestError{Err: errors.New("IPAM is off: overlayd was started without --range")}
 
-// ErrBadRequest marks errors caused by the request.
-var ErrBadRequest = errors.New("bad request")
+// StatusError is what Client returns when the daemon refuses a request:
+// the HTTP status and the daemon's message.
+type StatusError struct {
+	Code    int
+	Message string
+}
+
+func (e *StatusError) Error() string { return e.Message }
 
 // Status is the whole daemon state.
 type Status struct {
-	Version string         `json:"version"`
-	Router  peering.Status `json:"router"`
-	IPAM    IPAMStatus     `json:"ipam"`
-	DNS     DNSStatus      `json:"dns"`
-	Plugin  PluginStatus   `json:"plugin"`
+	Version string       `json:"version"`
+	Router  RouterStatus `json:"router"`
+	IPAM    IPAMStatus   `json:"ipam"`
+	DNS     DNSStatus    `json:"dns"`
+	Plugin  PluginStatus `json:"plugin"`
 }
 
 // PluginStatus is the Docker plugin's section of Status.
@@ -153,9 +182,9 @@ type DNSEntry struct {
 // address; remove needs at least one of them or ContainerID, and removes
 // what matches all that are given.
 type DNSRequest struct {
-	Addresses   []string `json:"addresses,omitempty"`
-	Name        string   `json:"name,omitempty"`
-	ContainerID string   `json:"containerID,omitempty"`
+	Addresses   []netip.Addr `json:"addresses,omitempty"`
+	Name        string       `json:"name,omitempty"`
+	ContainerID string       `json:"containerID,omitempty"`
 }
 
 // DNSResponse lists the entries added or removed.
@@ -224,17 +253,17 @@ type IPAMAllocation struct {
 	InRange bool         `json:"inRange"`
 }
 
-// AllocRequest asks for an address for ID, in Subnet (empty: the default
+// AllocRequest asks for an address for ID, in Subnet (none: the default
 // subnet).
 type AllocRequest struct {
-	ID     string `json:"id"`
-	Subnet string `json:"subnet,omitempty"`
+	ID     string       `json:"id"`
+	Subnet netip.Prefix `json:"subnet,omitzero"`
 }
 
 // ClaimRequest asks for the address CIDR for ID.
 type ClaimRequest struct {
-	ID   string `json:"id"`
-	CIDR string `json:"cidr"`
+	ID   string       `json:"id"`
+	CIDR netip.Prefix `json:"cidr"`
 }
 
 // AllocResponse is the address given, with its prefix length.
@@ -244,11 +273,11 @@ type AllocResponse struct {
 
 // ReleaseRequest frees ID's addresses, or only Address.
 type ReleaseRequest struct {
-	ID      string `json:"id"`
-	Address string `json:"address,omitempty"`
+	ID      string     `json:"id"`
+	Address netip.Addr `json:"address,omitzero"`
 }
 
-// RmPeerRequest names a dead peer.
+// RmPeerRequest names a dead peer, by name (12:d2:fe:7a:c1:f2).
 type RmPeerRequest struct {
 	Peer string `json:"peer"`
 }
@@ -271,12 +300,105 @@ type PeersRequest struct {
 	Peers []string `json:"peers"`
 }
 
-// CIDRRequest is the body of expose and hide.
+// CIDRRequest is the body of expose (none: an address from IPAM) and hide.
 type CIDRRequest struct {
-	CIDR string `json:"cidr"`
+	CIDR netip.Prefix `json:"cidr,omitzero"`
 }
 
 // ErrorResponse is the body of every failed request.
 type ErrorResponse struct {
 	Error string `json:"error"`
+}
+
+// RouterStatus is the router's state.
+type RouterStatus struct {
+	Name               proto.PeerName `json:"name"`
+	Nickname           string         `json:"nickname"`
+	UID                uint64         `json:"uid"`
+	Port               uint16         `json:"port"`
+	ProtocolMinVersion uint8          `json:"protocolMinVersion"`
+	ProtocolMaxVersion uint8          `json:"protocolMaxVersion"`
+	Encryption         bool           `json:"encryption"`
+	PeerDiscovery      bool           `json:"peerDiscovery"`
+	ConnLimit          int            `json:"connLimit"`
+	MTU                int            `json:"mtu"`
+	Targets            []string       `json:"targets"`
+	Connections        []Connection   `json:"connections"`
+	Peers              []Peer         `json:"peers"`
+	Routes             []Route        `json:"routes"`
+	Exposed            []netip.Prefix `json:"exposed"`
+	// GossipPartial is the number of chunked gossip messages waiting for
+	// their missing chunks.
+	GossipPartial int         `json:"gossipPartial"`
+	Stats         RouterStats `json:"stats"`
+}
+
+// Connection is one line of `status connections`: a connection, or a
+// target without one.
+type Connection struct {
+	Address  string         `json:"address"`
+	Outbound bool           `json:"outbound"`
+	State    string         `json:"state"` // connecting, retrying, failed, pending, established
+	Info     string         `json:"info"`  // the error of a failed target
+	RetryAt  *time.Time     `json:"retryAt,omitempty"`
+	Name     proto.PeerName `json:"name,omitempty"`
+	Nickname string         `json:"nickname,omitempty"`
+	Overlay  string         `json:"overlay,omitempty"` // "udp" for the plain data path
+	MTU      int            `json:"mtu,omitempty"`
+}
+
+// Peer is a peer the router knows, with the connections it has.
+type Peer struct {
+	Name        proto.PeerName   `json:"name"`
+	Nickname    string           `json:"nickname"`
+	UID         uint64           `json:"uid"`
+	Connections []PeerConnection `json:"connections"`
+}
+
+// PeerConnection is one connection of a peer.
+type PeerConnection struct {
+	Name        proto.PeerName `json:"name"`
+	Nickname    string         `json:"nickname"`
+	Address     string         `json:"address"`
+	Outbound    bool           `json:"outbound"`
+	Established bool           `json:"established"`
+}
+
+// Route is one entry of the router's table.
+type Route struct {
+	Prefix  netip.Prefix   `json:"prefix"`
+	Via     proto.PeerName `json:"via"`               // the peer that serves it
+	NextHop proto.PeerName `json:"nextHop,omitempty"` // the relay, when not Via itself
+	Local   bool           `json:"local,omitempty"`
+}
+
+// RouterStats are the router's counters.
+type RouterStats struct {
+	TunPackets      uint64 `json:"tunPackets"`
+	SentPackets     uint64 `json:"sentPackets"`
+	SentBytes       uint64 `json:"sentBytes"`
+	ReceivedPackets uint64 `json:"receivedPackets"`
+	ReceivedBytes   uint64 `json:"receivedBytes"`
+	DropUnroutable  uint64 `json:"dropUnroutable"`
+	DropSendError   uint64 `json:"dropSendError"`
+	DropUnknownPeer uint64 `json:"dropUnknownPeer"`
+	DropNotForUs    uint64 `json:"dropNotForUs"`
+	DropMalformed   uint64 `json:"dropMalformed"`
+	DropCtrlQueue   uint64 `json:"dropCtrlQueue"`
+	DropTunWrite    uint64 `json:"dropTunWrite"`
+	DropTunRead     uint64 `json:"dropTunRead"`
+	DropHops        uint64 `json:"dropHops"`
+	RelayedPackets  uint64 `json:"relayedPackets"`
+	RelayedBytes    uint64 `json:"relayedBytes"`
+
+	GossipSentBytes      uint64 `json:"gossipSentBytes"`
+	GossipReceivedBytes  uint64 `json:"gossipReceivedBytes"`
+	GossipRejected       uint64 `json:"gossipRejected"`
+	GossipUnknownChannel uint64 `json:"gossipUnknownChannel"`
+	GossipRelayed        uint64 `json:"gossipRelayed"`
+	OtherSentBytes       uint64 `json:"otherGossipSentBytes"`
+	OtherReceivedBytes   uint64 `json:"otherGossipReceivedBytes"`
+	// DecodeErrors counts undecodable datagrams by type ("header" for a
+	// bad header).
+	DecodeErrors map[string]uint64 `json:"decodeErrors"`
 }

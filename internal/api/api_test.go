@@ -3,7 +3,6 @@ package api
 import (
 	"context"
 	"errors"
-	"fmt"
 	"net"
 	"net/http"
 	"net/netip"
@@ -31,7 +30,7 @@ func (f *fakeBackend) Connect(_ context.Context, peers []string) error {
 	return nil
 }
 func (f *fakeBackend) Forget(context.Context, []string) error {
-	return fmt.Errorf("%w: not a target", ErrBadRequest)
+	return BadRequest("not a target")
 }
 func (f *fakeBackend) Expose(_ context.Context, p netip.Prefix) (netip.Prefix, error) {
 	if !p.IsValid() {
@@ -50,7 +49,7 @@ func (f *fakeBackend) Claim(_ context.Context, id string, p netip.Prefix) (netip
 	return p, nil
 }
 func (f *fakeBackend) Release(_ context.Context, id string, a netip.Addr) error {
-	return fmt.Errorf("%w: Delete: no addresses for %s", ErrBadRequest, id)
+	return BadRequest("Delete: no addresses for %s", id)
 }
 func (f *fakeBackend) RmPeer(context.Context, string) (RmPeerResponse, error) {
 	return RmPeerResponse{}, ErrIPAMOff
@@ -65,7 +64,7 @@ func (f *fakeBackend) DNS(context.Context) (DNSStatus, error) {
 	return DNSStatus{Enabled: true, Domain: "weave.local."}, nil
 }
 func (f *fakeBackend) DNSAdd(_ context.Context, req DNSRequest) (DNSResponse, error) {
-	return DNSResponse{Entries: []DNSEntry{{Hostname: req.Name, Address: netip.MustParseAddr(req.Addresses[0])}}}, nil
+	return DNSResponse{Entries: []DNSEntry{{Hostname: req.Name, Address: req.Addresses[0]}}}, nil
 }
 func (f *fakeBackend) DNSRemove(context.Context, DNSRequest) (DNSResponse, error) {
 	return DNSResponse{}, ErrDNSOff
@@ -77,6 +76,13 @@ func (f *fakeBackend) Detach(context.Context, AttachRequest) error { return nil 
 func (f *fakeBackend) Ps(context.Context) (PsResponse, error)      { return PsResponse{}, nil }
 func (f *fakeBackend) DNSLookup(_ context.Context, name string) (LookupResponse, error) {
 	return LookupResponse{Name: name}, nil
+}
+
+// isStatus reports whether err is the daemon's refusal with HTTP status
+// code.
+func isStatus(err error, code int) bool {
+	var se *StatusError
+	return errors.As(err, &se) && se.Code == code
 }
 
 func startServer(t *testing.T, path string, b Backend) {
@@ -120,41 +126,46 @@ func TestServerAndClient(t *testing.T) {
 	if err := c.Forget(ctx, []string{"x"}); err == nil || err.Error() != "not a target" {
 		t.Errorf("forget: %v", err)
 	}
-	if _, err := c.Expose(ctx, "10.0.0.1/24"); err != nil || len(b.exposed) != 1 {
+	pfx := netip.MustParsePrefix
+	if _, err := c.Expose(ctx, pfx("10.0.0.1/24")); err != nil || len(b.exposed) != 1 {
 		t.Errorf("expose: %v %v", b.exposed, err)
 	}
-	if p, err := c.Expose(ctx, ""); err != nil || p.String() != "10.0.0.9/24" {
+	if p, err := c.Expose(ctx, netip.Prefix{}); err != nil || p.String() != "10.0.0.9/24" {
 		t.Errorf("expose from IPAM: %v %v", p, err)
 	}
-	for _, bad := range []string{"10.0.0.1", "fd00::1/64", "nonsense"} {
-		if _, err := c.Expose(ctx, bad); err == nil {
-			t.Errorf("expose %q accepted", bad)
-		}
+	if _, err := c.Expose(ctx, pfx("fd00::1/64")); !isStatus(err, 400) {
+		t.Errorf("expose of IPv6: %v", err)
 	}
-	if p, err := c.Alloc(ctx, "c1", "10.0.1.0/24"); err != nil || p.String() != "10.0.1.1/24" {
+	if p, err := c.Alloc(ctx, "c1", pfx("10.0.1.0/24")); err != nil || p.String() != "10.0.1.1/24" {
 		t.Errorf("alloc in subnet: %v %v", p, err)
 	}
-	for _, bad := range [][2]string{{"", ""}, {"has space", ""}, {"c1", "10.0.1.1/24"}, {"c1", "x"}} {
-		if _, err := c.Alloc(ctx, bad[0], bad[1]); err == nil {
-			t.Errorf("alloc %q accepted", bad)
+	for _, bad := range []struct {
+		id  string
+		sub netip.Prefix
+	}{{"", netip.Prefix{}}, {"has space", netip.Prefix{}}, {"c1", pfx("10.0.1.1/24")}} {
+		if _, err := c.Alloc(ctx, bad.id, bad.sub); !isStatus(err, 400) {
+			t.Errorf("alloc %q in %v: %v", bad.id, bad.sub, err)
 		}
 	}
-	if p, err := c.Claim(ctx, "c1", "1.1.1.1/24"); err != nil || p.String() != "1.1.1.1/24" {
+	if p, err := c.Claim(ctx, "c1", pfx("1.1.1.1/24")); err != nil || p.String() != "1.1.1.1/24" {
 		t.Errorf("claim: %v %v", p, err)
 	}
-	if err := c.Release(ctx, "c9", ""); err == nil || err.Error() != "Delete: no addresses for c9" {
+	if err := c.Release(ctx, "c9", netip.Addr{}); !isStatus(err, 400) || err.Error() != "Delete: no addresses for c9" {
 		t.Errorf("release: %v", err)
 	}
-	if err := c.Release(ctx, "c9", "nonsense"); err == nil || !strings.Contains(err.Error(), "not an IPv4 address") {
-		t.Errorf("release of a bad address: %v", err)
+	if err := c.Release(ctx, "c9", netip.MustParseAddr("fd00::1")); !isStatus(err, 400) || !strings.Contains(err.Error(), "not an IPv4 address") {
+		t.Errorf("release of an IPv6 address: %v", err)
 	}
-	if _, err := c.RmPeer(ctx, "x"); err == nil || !strings.Contains(err.Error(), "IPAM is off") {
+	if _, err := c.RmPeer(ctx, "x"); !isStatus(err, 400) || !strings.Contains(err.Error(), "IPAM is off") {
 		t.Errorf("rmpeer: %v", err)
+	}
+	if _, err := c.RmPeer(ctx, ""); !isStatus(err, 400) || !strings.Contains(err.Error(), "a peer name is required") {
+		t.Errorf("rmpeer of no peer: %v", err)
 	}
 	if st, err := c.Ring(ctx); err != nil || st.Status != "ready" {
 		t.Errorf("ring: %v %v", st, err)
 	}
-	if err := c.Hide(ctx, "10.0.0.1/24"); err == nil || err.Error() != "netlink exploded" {
+	if err := c.Hide(ctx, pfx("10.0.0.1/24")); !isStatus(err, 500) || err.Error() != "netlink exploded" {
 		t.Errorf("hide: %v", err)
 	}
 	// Malformed requests and unknown endpoints get clear answers.
@@ -168,6 +179,13 @@ func TestServerAndClient(t *testing.T) {
 		{"POST", "/v1/connect", "{not json", 400},
 		{"POST", "/v1/connect", `{"peers": ["a"], "extra": 1}`, 400},
 		{"POST", "/v1/expose", `{"cidr": 5}`, 400},
+		{"POST", "/v1/expose", `{"cidr": "10.0.0.1"}`, 400},
+		{"POST", "/v1/expose", `{"cidr": "nonsense"}`, 400},
+		{"POST", "/v1/hide", `{}`, 400},
+		{"POST", "/v1/ipam/alloc", `{"id": "c1", "subnet": "x"}`, 400},
+		{"POST", "/v1/ipam/release", `{"id": "c1", "address": "nonsense"}`, 400},
+		{"POST", "/v1/dns/add", `{"name": "a", "addresses": ["1.2.3.4/24"]}`, 400},
+		{"POST", "/v1/attach", `{"target": "x", "cidrs": ["fd00::1/64"]}`, 400},
 		{"GET", "/v1/nothing", "", 404},
 		{"DELETE", "/v1/status", "", 405},
 	} {

@@ -57,26 +57,26 @@ func (c *Client) Forget(ctx context.Context, peers []string) error {
 }
 
 // Expose gives this host an overlay address (one from IPAM if cidr is
-// empty) and returns it.
-func (c *Client) Expose(ctx context.Context, cidr string) (netip.Prefix, error) {
+// the zero Prefix) and returns it.
+func (c *Client) Expose(ctx context.Context, cidr netip.Prefix) (netip.Prefix, error) {
 	var r AllocResponse
 	return r.Address, c.call(ctx, http.MethodPost, "/v1/expose", CIDRRequest{CIDR: cidr}, &r)
 }
 
-// Alloc asks for an address for id, in subnet ("": the default subnet).
-func (c *Client) Alloc(ctx context.Context, id, subnet string) (netip.Prefix, error) {
+// Alloc asks for an address for id, in subnet (none: the default subnet).
+func (c *Client) Alloc(ctx context.Context, id string, subnet netip.Prefix) (netip.Prefix, error) {
 	var r AllocResponse
 	return r.Address, c.call(ctx, http.MethodPost, "/v1/ipam/alloc", AllocRequest{ID: id, Subnet: subnet}, &r)
 }
 
 // Claim asks for the address cidr for id.
-func (c *Client) Claim(ctx context.Context, id, cidr string) (netip.Prefix, error) {
+func (c *Client) Claim(ctx context.Context, id string, cidr netip.Prefix) (netip.Prefix, error) {
 	var r AllocResponse
 	return r.Address, c.call(ctx, http.MethodPost, "/v1/ipam/claim", ClaimRequest{ID: id, CIDR: cidr}, &r)
 }
 
-// Release frees id's addresses, or only addr if it is not empty.
-func (c *Client) Release(ctx context.Context, id, addr string) error {
+// Release frees id's addresses, or only addr if it is valid.
+func (c *Client) Release(ctx context.Context, id string, addr netip.Addr) error {
 	return c.call(ctx, http.MethodPost, "/v1/ipam/release", ReleaseRequest{ID: id, Address: addr}, nil)
 }
 
@@ -94,7 +94,7 @@ func (c *Client) Ring(ctx context.Context) (IPAMStatus, error) {
 }
 
 // Hide removes an overlay address from this host.
-func (c *Client) Hide(ctx context.Context, cidr string) error {
+func (c *Client) Hide(ctx context.Context, cidr netip.Prefix) error {
 	return c.call(ctx, http.MethodPost, "/v1/hide", CIDRRequest{CIDR: cidr}, nil)
 }
 
@@ -180,10 +180,10 @@ func (c *Client) call(ctx context.Context, method, path string, in, out any) err
 	}
 	if resp.StatusCode >= 300 {
 		var e ErrorResponse
-		if json.Unmarshal(data, &e) == nil && e.Error != "" {
-			return errors.New(e.Error)
+		if json.Unmarshal(data, &e) != nil || e.Error == "" {
+			e.Error = "overlayd answered " + resp.Status
 		}
-		return fmt.Errorf("overlayd answered %s", resp.Status)
+		return &StatusError{Code: resp.StatusCode, Message: e.Error}
 	}
 	if out != nil {
 		if err := json.Unmarshal(data, out); err != nil {

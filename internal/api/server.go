@@ -77,65 +77,59 @@ func Listen(path string, b Backend, version string, log *zap.Logger) (*Server, e
 	mux.HandleFunc("POST /v1/connect", peers(b.Connect))
 	mux.HandleFunc("POST /v1/forget", peers(b.Forget))
 	mux.HandleFunc("POST /v1/expose", handle(s, func(ctx context.Context, req *CIDRRequest) (any, error) {
-		var p netip.Prefix
-		if req.CIDR != "" {
-			var err error
-			if p, err = ParseCIDR(req.CIDR); err != nil {
+		if req.CIDR.IsValid() {
+			if err := checkCIDR(req.CIDR); err != nil {
 				return nil, err
 			}
 		}
-		got, err := b.Expose(ctx, p)
+		got, err := b.Expose(ctx, req.CIDR)
 		return AllocResponse{Address: got}, err
 	}))
 	mux.HandleFunc("POST /v1/hide", handle(s, func(ctx context.Context, req *CIDRRequest) (any, error) {
-		p, err := ParseCIDR(req.CIDR)
-		if err != nil {
+		if err := checkCIDR(req.CIDR); err != nil {
 			return nil, err
 		}
-		return nil, b.Hide(ctx, p)
+		return nil, b.Hide(ctx, req.CIDR)
 	}))
 	mux.HandleFunc("POST /v1/ipam/alloc", handle(s, func(ctx context.Context, req *AllocRequest) (any, error) {
-		var sub netip.Prefix
-		if req.Subnet != "" {
-			var err error
-			if sub, err = ParseCIDR(req.Subnet); err != nil {
+		if req.Subnet.IsValid() {
+			if err := checkCIDR(req.Subnet); err != nil {
 				return nil, err
 			}
-			if sub.Masked() != sub {
-				return nil, fmt.Errorf("%w: invalid subnet - bits after network prefix are not all zero: %v", ErrBadRequest, sub)
+			if req.Subnet.Masked() != req.Subnet {
+				return nil, BadRequest("invalid subnet - bits after network prefix are not all zero: %v", req.Subnet)
 			}
 		}
 		if err := checkID(req.ID); err != nil {
 			return nil, err
 		}
-		got, err := b.Alloc(ctx, req.ID, sub)
+		got, err := b.Alloc(ctx, req.ID, req.Subnet)
 		return AllocResponse{Address: got}, err
 	}))
 	mux.HandleFunc("POST /v1/ipam/claim", handle(s, func(ctx context.Context, req *ClaimRequest) (any, error) {
-		p, err := ParseCIDR(req.CIDR)
+		err := checkCIDR(req.CIDR)
 		if err == nil {
 			err = checkID(req.ID)
 		}
 		if err != nil {
 			return nil, err
 		}
-		got, err := b.Claim(ctx, req.ID, p)
+		got, err := b.Claim(ctx, req.ID, req.CIDR)
 		return AllocResponse{Address: got}, err
 	}))
 	mux.HandleFunc("POST /v1/ipam/release", handle(s, func(ctx context.Context, req *ReleaseRequest) (any, error) {
 		if err := checkID(req.ID); err != nil {
 			return nil, err
 		}
-		var a netip.Addr
-		if req.Address != "" {
-			var err error
-			if a, err = netip.ParseAddr(strings.Split(req.Address, "/")[0]); err != nil || !a.Is4() {
-				return nil, fmt.Errorf("%w: %q is not an IPv4 address", ErrBadRequest, req.Address)
-			}
+		if req.Address.IsValid() && !req.Address.Is4() {
+			return nil, BadRequest("%v is not an IPv4 address", req.Address)
 		}
-		return nil, b.Release(ctx, req.ID, a)
+		return nil, b.Release(ctx, req.ID, req.Address)
 	}))
 	mux.HandleFunc("POST /v1/ipam/rmpeer", handle(s, func(ctx context.Context, req *RmPeerRequest) (any, error) {
+		if req.Peer == "" {
+			return nil, BadRequest("a peer name is required (like 12:d2:fe:7a:c1:f2)")
+		}
 		return b.RmPeer(ctx, req.Peer)
 	}))
 	mux.HandleFunc("GET /v1/ipam/ring", func(w http.ResponseWriter, r *http.Request) {
@@ -148,7 +142,7 @@ func Listen(path string, b Backend, version string, log *zap.Logger) (*Server, e
 	})
 	mux.HandleFunc("POST /v1/dns/add", handle(s, func(ctx context.Context, req *DNSRequest) (any, error) {
 		if req.Name == "" || len(req.Addresses) == 0 {
-			return nil, fmt.Errorf("%w: a name and at least one address are required", ErrBadRequest)
+			return nil, BadRequest("a name and at least one address are required")
 		}
 		if err := checkDNSRequest(req); err != nil {
 			return nil, err
@@ -157,7 +151,7 @@ func Listen(path string, b Backend, version string, log *zap.Logger) (*Server, e
 	}))
 	mux.HandleFunc("POST /v1/dns/remove", handle(s, func(ctx context.Context, req *DNSRequest) (any, error) {
 		if req.Name == "" && len(req.Addresses) == 0 && req.ContainerID == "" {
-			return nil, fmt.Errorf("%w: say what to remove: addresses, a name or a container ID", ErrBadRequest)
+			return nil, BadRequest("say what to remove: addresses, a name or a container ID")
 		}
 		if err := checkDNSRequest(req); err != nil {
 			return nil, err
@@ -166,7 +160,7 @@ func Listen(path string, b Backend, version string, log *zap.Logger) (*Server, e
 	}))
 	mux.HandleFunc("POST /v1/dns/lookup", handle(s, func(ctx context.Context, req *LookupRequest) (any, error) {
 		if req.Name == "" {
-			return nil, fmt.Errorf("%w: a name is required", ErrBadRequest)
+			return nil, BadRequest("a name is required")
 		}
 		return b.DNSLookup(ctx, req.Name)
 	}))
@@ -197,11 +191,11 @@ const MaxIDLen = 255
 // checkID refuses an empty, over-long or unprintable allocation ID.
 func checkID(id string) error {
 	if id == "" || len(id) > MaxIDLen {
-		return fmt.Errorf("%w: an ID of 1 to %d bytes is required", ErrBadRequest, MaxIDLen)
+		return BadRequest("an ID of 1 to %d bytes is required", MaxIDLen)
 	}
 	for _, r := range id {
 		if r < 0x21 || r == 0x7f || r == utf8.RuneError {
-			return fmt.Errorf("%w: ID %q has a space or a control character", ErrBadRequest, id)
+			return BadRequest("ID %q has a space or a control character", id)
 		}
 	}
 	return nil
@@ -210,12 +204,11 @@ func checkID(id string) error {
 // checkDNSRequest checks the addresses and the container ID.
 func checkDNSRequest(req *DNSRequest) error {
 	if len(req.Addresses) > 1024 {
-		return fmt.Errorf("%w: %d addresses in one request (at most 1024)", ErrBadRequest, len(req.Addresses))
+		return BadRequest("%d addresses in one request (at most 1024)", len(req.Addresses))
 	}
 	for _, a := range req.Addresses {
-		ip, err := netip.ParseAddr(strings.Split(a, "/")[0])
-		if err != nil || !ip.Is4() {
-			return fmt.Errorf("%w: %q is not an IPv4 address", ErrBadRequest, a)
+		if !a.Is4() {
+			return BadRequest("%v is not an IPv4 address", a)
 		}
 	}
 	if req.ContainerID != "" {
@@ -227,32 +220,42 @@ func checkDNSRequest(req *DNSRequest) error {
 // checkAttach checks the target and the CIDRs.
 func checkAttach(req *AttachRequest) error {
 	if req.Target == "" || len(req.Target) > 4096 || strings.ContainsRune(req.Target, 0) {
-		return fmt.Errorf("%w: a target is required: a network namespace name or path", ErrBadRequest)
+		return BadRequest("a target is required: a network namespace name or path")
 	}
 	if len(req.CIDRs) > 64 {
-		return fmt.Errorf("%w: %d addresses for one container (at most 64)", ErrBadRequest, len(req.CIDRs))
+		return BadRequest("%d addresses for one container (at most 64)", len(req.CIDRs))
 	}
 	for _, c := range req.CIDRs {
-		if _, err := ParseCIDR(c); err != nil {
+		if err := checkCIDR(c); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// ParseCIDR parses an IPv4 address with prefix length, like 10.32.0.1/24.
+// checkCIDR refuses a missing or non-IPv4 address with prefix length.
+func checkCIDR(p netip.Prefix) error {
+	switch {
+	case !p.IsValid():
+		return BadRequest("a CIDR is required (e.g. 10.32.0.1/12)")
+	case !p.Addr().Is4():
+		return BadRequest("%v is not IPv4", p)
+	}
+	return nil
+}
+
+// ParseCIDR parses an IPv4 address with prefix length, like 10.32.0.1/24,
+// where a request is made (the command line); its errors are
+// RequestErrors.
 func ParseCIDR(s string) (netip.Prefix, error) {
 	if s == "" {
-		return netip.Prefix{}, fmt.Errorf("%w: a CIDR is required (e.g. 10.32.0.1/12)", ErrBadRequest)
+		return netip.Prefix{}, BadRequest("a CIDR is required (e.g. 10.32.0.1/12)")
 	}
 	p, err := netip.ParsePrefix(s)
 	if err != nil {
-		return netip.Prefix{}, fmt.Errorf("%w: %q is not an address with a prefix length (e.g. 10.32.0.1/12)", ErrBadRequest, s)
+		return netip.Prefix{}, BadRequest("%q is not an address with a prefix length (e.g. 10.32.0.1/12)", s)
 	}
-	if !p.Addr().Is4() {
-		return netip.Prefix{}, fmt.Errorf("%w: %v is not IPv4", ErrBadRequest, p)
-	}
-	return p, nil
+	return p, checkCIDR(p)
 }
 
 // Run serves until ctx ends, then shuts down and removes the socket.
@@ -286,7 +289,7 @@ func decode(r *http.Request, v any) error {
 	dec := json.NewDecoder(io.LimitReader(r.Body, maxBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		return fmt.Errorf("%w: request body: %v", ErrBadRequest, err)
+		return BadRequest("request body: %v", err)
 	}
 	return nil
 }
@@ -296,14 +299,13 @@ func (s *Server) reply(w http.ResponseWriter, v any, err error) {
 	if err != nil {
 		code := http.StatusInternalServerError
 		switch {
-		case errors.Is(err, ErrBadRequest), errors.Is(err, ErrIPAMOff), errors.Is(err, ErrDNSOff):
+		case IsBadRequest(err):
 			code = http.StatusBadRequest
 		case errors.Is(err, context.Canceled):
 			code = http.StatusServiceUnavailable
 		}
-		msg := strings.TrimPrefix(err.Error(), ErrBadRequest.Error()+": ")
 		w.WriteHeader(code)
-		_ = json.NewEncoder(w).Encode(ErrorResponse{Error: msg})
+		_ = json.NewEncoder(w).Encode(ErrorResponse{Error: err.Error()})
 		return
 	}
 	if v == nil {

@@ -8,8 +8,6 @@ package attach
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -40,13 +38,6 @@ type Spec struct {
 	MTU    int            // of both ends
 	Addrs  []netip.Prefix // on ethwe0, with the range's mask
 	Routes []netip.Prefix // routed through ethwe0 (the range)
-}
-
-// HostIface is the host end's name for a container ID: "vethwe" and 9 hex
-// digits of its hash, within the 15 bytes Linux allows.
-func HostIface(id string) string {
-	h := sha256.Sum256([]byte(id))
-	return "vethwe" + hex.EncodeToString(h[:])[:9]
 }
 
 // ErrNoNamespace is returned when the target namespace does not exist.
@@ -252,11 +243,17 @@ func Exists(host string) bool {
 
 // WatchGone calls fn with the name of the host end of each pair the
 // kernel deletes (the container's namespace went away, or someone removed
-// it), until ctx ends.
+// it), until ctx ends or the subscription fails.
 func WatchGone(ctx context.Context, fn func(host string)) error {
 	ch := make(chan netlink.LinkUpdate, 64)
 	done := make(chan struct{})
-	defer close(done)
+	defer func() {
+		// The subscription's goroutine blocks sending to ch: drain it
+		// until it gives up and closes ch.
+		close(done)
+		for range ch {
+		}
+	}()
 	errc := make(chan error, 1)
 	opts := netlink.LinkSubscribeOptions{ErrorCallback: func(err error) {
 		select {

@@ -13,17 +13,42 @@ package dockerplugin
 import (
 	"context"
 	"errors"
+	"fmt"
+	"net/http"
 )
 
 // MediaType is the content type of the protocol's answers.
 const MediaType = "application/vnd.docker.plugins.v1+json"
 
-// ErrNotFound marks an error about a network, endpoint, pool or address
-// the backend does not know: the answer's status is 404.
-var ErrNotFound = errors.New("not found")
+// Error is an error answered with a status of its own: 400 for a request
+// that is not acceptable as it is, 404 for a network, endpoint, pool or
+// address the backend does not know. Its text is Err's.
+type Error struct {
+	Status int
+	Err    error
+}
 
-// ErrBadRequest marks a request that is not acceptable as it is: 400.
-var ErrBadRequest = errors.New("bad request")
+func (e *Error) Error() string { return e.Err.Error() }
+func (e *Error) Unwrap() error { return e.Err }
+
+// BadRequest makes an Error with status 400.
+func BadRequest(format string, a ...any) error {
+	return &Error{Status: http.StatusBadRequest, Err: fmt.Errorf(format, a...)}
+}
+
+// NotFound makes an Error with status 404.
+func NotFound(format string, a ...any) error {
+	return &Error{Status: http.StatusNotFound, Err: fmt.Errorf(format, a...)}
+}
+
+// status is the HTTP status err is answered with.
+func status(err error) int {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Status
+	}
+	return http.StatusInternalServerError
+}
 
 // IPAMData is one address pool of a network, as the IPAM driver gave it.
 type IPAMData struct {
@@ -142,9 +167,9 @@ type AddressSpaces struct {
 	GlobalDefaultAddressSpace string
 }
 
-// Backend does what the requests ask. Errors wrapping ErrNotFound or
-// ErrBadRequest are answered with 404 or 400, others with 500; the
-// error's text is Docker's error message.
+// Backend does what the requests ask. An *Error (errors.As) is answered
+// with its status, any other error with 500; the error's text is Docker's
+// error message.
 type Backend interface {
 	CreateNetwork(ctx context.Context, req CreateNetworkRequest) error
 	DeleteNetwork(ctx context.Context, networkID string) error

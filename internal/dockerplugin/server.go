@@ -3,7 +3,6 @@ package dockerplugin
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -95,7 +94,7 @@ func (s *Server) Handler() http.Handler {
 	empty := func(context.Context, []byte) (any, error) { return struct{}{}, nil }
 	unsupported := func(what string) func(context.Context, []byte) (any, error) {
 		return func(context.Context, []byte) (any, error) {
-			return nil, fmt.Errorf("%w: %s is not supported (swarm-scoped networks)", ErrBadRequest, what)
+			return nil, BadRequest("%s is not supported (swarm-scoped networks)", what)
 		}
 	}
 
@@ -118,16 +117,7 @@ func (s *Server) Handler() http.Handler {
 		}
 		return struct{}{}, s.b.CreateNetwork(ctx, req)
 	})
-	reply("/NetworkDriver.DeleteNetwork", func(ctx context.Context, body []byte) (any, error) {
-		var req struct{ NetworkID string }
-		if err := decode(body, &req); err != nil {
-			return nil, err
-		}
-		if req.NetworkID == "" {
-			return nil, missing("NetworkID")
-		}
-		return struct{}{}, s.b.DeleteNetwork(ctx, req.NetworkID)
-	})
+	reply("/NetworkDriver.DeleteNetwork", byID("NetworkID", func(r idRequest) string { return r.NetworkID }, s.b.DeleteNetwork))
 	reply("/NetworkDriver.CreateEndpoint", func(ctx context.Context, body []byte) (any, error) {
 		var req CreateEndpointRequest
 		if err := decode(body, &req); err != nil {
@@ -193,16 +183,7 @@ func (s *Server) Handler() http.Handler {
 		}
 		return s.b.RequestPool(ctx, req)
 	})
-	reply("/IpamDriver.ReleasePool", func(ctx context.Context, body []byte) (any, error) {
-		var req struct{ PoolID string }
-		if err := decode(body, &req); err != nil {
-			return nil, err
-		}
-		if req.PoolID == "" {
-			return nil, missing("PoolID")
-		}
-		return struct{}{}, s.b.ReleasePool(ctx, req.PoolID)
-	})
+	reply("/IpamDriver.ReleasePool", byID("PoolID", func(r idRequest) string { return r.PoolID }, s.b.ReleasePool))
 	reply("/IpamDriver.RequestAddress", func(ctx context.Context, body []byte) (any, error) {
 		var req RequestAddressRequest
 		if err := decode(body, &req); err != nil {
@@ -245,19 +226,9 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, fn func(context.C
 	start := time.Now()
 	out, err := fn(r.Context(), body)
 	if err != nil {
-		code := http.StatusInternalServerError
-		switch {
-		case errors.Is(err, ErrBadRequest):
-			code = http.StatusBadRequest
-		case errors.Is(err, ErrNotFound):
-			code = http.StatusNotFound
-		}
+		code := status(err)
 		s.log.Warn("plugin call failed", zap.String("call", call), zap.Int("status", code), zap.Error(err))
-		msg := err.Error()
-		for _, e := range []error{ErrBadRequest, ErrNotFound} {
-			msg = strings.TrimPrefix(msg, e.Error()+": ")
-		}
-		writeErr(w, code, msg)
+		writeErr(w, code, err.Error())
 		return
 	}
 	s.log.Debug("plugin call", zap.String("call", call), zap.ByteString("request", body),
@@ -280,13 +251,31 @@ func decode(body []byte, v any) error {
 		body = []byte("{}")
 	}
 	if err := json.Unmarshal(body, v); err != nil {
-		return fmt.Errorf("%w: the request is not valid JSON of the expected shape: %v", ErrBadRequest, err)
+		return BadRequest("the request is not valid JSON of the expected shape: %v", err)
 	}
 	return nil
 }
 
+// idRequest is a request that names one network or pool.
+type idRequest struct{ NetworkID, PoolID string }
+
+// byID answers a call whose request names one object by field (which
+// id reads), and whose answer is empty.
+func byID(field string, id func(idRequest) string, do func(context.Context, string) error) func(context.Context, []byte) (any, error) {
+	return func(ctx context.Context, body []byte) (any, error) {
+		var req idRequest
+		if err := decode(body, &req); err != nil {
+			return nil, err
+		}
+		if id(req) == "" {
+			return nil, missing(field)
+		}
+		return struct{}{}, do(ctx, id(req))
+	}
+}
+
 func missing(what string) error {
-	return fmt.Errorf("%w: the request lacks %s", ErrBadRequest, what)
+	return BadRequest("the request lacks %s", what)
 }
 
 func ids(network, endpoint string) error {

@@ -552,15 +552,14 @@ func TestBackendErrors(t *testing.T) {
 		status int
 		msg    string
 	}{
-		{"bad request", fmt.Errorf("%w: weavemesh networks are IPv4 only", dockerplugin.ErrBadRequest), http.StatusBadRequest,
+		{"bad request", dockerplugin.BadRequest("weavemesh networks are IPv4 only"), http.StatusBadRequest,
 			"weavemesh networks are IPv4 only"},
-		{"bad request wrapped twice", fmt.Errorf("%w: %w", dockerplugin.ErrBadRequest, errors.New("subnet 10.0.0.0/8 is not inside 10.32.0.0/12")),
-			http.StatusBadRequest, "subnet 10.0.0.0/8 is not inside 10.32.0.0/12"},
-		{"not found", fmt.Errorf("%w: endpoint e1 was never created here", dockerplugin.ErrNotFound), http.StatusNotFound,
+		{"bad request wrapped", fmt.Errorf("claiming: %w", dockerplugin.BadRequest("subnet 10.0.0.0/8 is not inside 10.32.0.0/12")),
+			http.StatusBadRequest, "claiming: subnet 10.0.0.0/8 is not inside 10.32.0.0/12"},
+		{"not found", dockerplugin.NotFound("endpoint e1 was never created here"), http.StatusNotFound,
 			"endpoint e1 was never created here"},
-		{"bare not found", dockerplugin.ErrNotFound, http.StatusNotFound, "not found"},
 		{"other", errors.New("ipalloc: the allocator is not ready"), http.StatusInternalServerError, "ipalloc: the allocator is not ready"},
-		{"other mentioning a sentinel", fmt.Errorf("netlink: %s: file exists", dockerplugin.ErrNotFound), http.StatusInternalServerError,
+		{"other mentioning not found", errors.New("netlink: not found: file exists"), http.StatusInternalServerError,
 			"netlink: not found: file exists"},
 	}
 	for _, tt := range tests {

@@ -3,6 +3,7 @@ package lab_test
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -33,7 +34,7 @@ func BenchmarkIPAMAlloc(b *testing.B) {
 	c := api.NewClient(d.Socket)
 	defer c.Close()
 	ctx := context.Background()
-	if _, err := c.Alloc(ctx, "prime", ""); err != nil {
+	if _, err := c.Alloc(ctx, "prime", netip.Prefix{}); err != nil {
 		b.Fatal(err)
 	}
 	lat := make([]time.Duration, 0, b.N)
@@ -41,7 +42,7 @@ func BenchmarkIPAMAlloc(b *testing.B) {
 	start := time.Now()
 	for i := range b.N {
 		t0 := time.Now()
-		if _, err := c.Alloc(ctx, fmt.Sprintf("bench-%d", i), ""); err != nil {
+		if _, err := c.Alloc(ctx, fmt.Sprintf("bench-%d", i), netip.Prefix{}); err != nil {
 			b.Fatal(err)
 		}
 		lat = append(lat, time.Since(t0))

@@ -172,12 +172,28 @@ func (s *Server) do(ctx context.Context, f func(*names.Store)) error {
 	}
 }
 
+// RefusedError is the store's refusal of a request (an error of
+// names.Store's Add, Delete or FQDN): the request's fault, not the
+// server's. Other errors of Add and Delete are the server's: a state that
+// could not be saved, a server that stopped, a context that ended.
+type RefusedError struct{ Err error }
+
+func (e *RefusedError) Error() string { return e.Err.Error() }
+func (e *RefusedError) Unwrap() error { return e.Err }
+
+func refused(err error) error {
+	if err == nil {
+		return nil
+	}
+	return &RefusedError{Err: err}
+}
+
 // Add registers a name at this peer (names.Store.Add).
 func (s *Server) Add(ctx context.Context, hostname string, addr netip.Addr, id string) (e proto.NameEntry, err error) {
 	if derr := s.do(ctx, func(st *names.Store) { e, err = st.Add(hostname, addr, id) }); derr != nil {
 		return e, derr
 	}
-	return e, err
+	return e, refused(err)
 }
 
 // Delete removes names of this peer (names.Store.Delete).
@@ -185,7 +201,7 @@ func (s *Server) Delete(ctx context.Context, hostname string, addr netip.Addr, i
 	if derr := s.do(ctx, func(st *names.Store) { es, err = st.Delete(hostname, addr, id) }); derr != nil {
 		return nil, derr
 	}
-	return es, err
+	return es, refused(err)
 }
 
 // FQDN is the name that Add would register for hostname.
@@ -193,7 +209,7 @@ func (s *Server) FQDN(ctx context.Context, hostname string) (fqdn string, err er
 	if derr := s.do(ctx, func(st *names.Store) { fqdn, err = st.FQDN(hostname) }); derr != nil {
 		return "", derr
 	}
-	return fqdn, err
+	return fqdn, refused(err)
 }
 
 // Stats returns the store's counters.
@@ -220,14 +236,7 @@ func (s *Server) Run(ctx context.Context) error {
 			s.refreshReach()
 			s.store.Tick()
 		case m := <-s.in:
-			msg, err := proto.ParseNamesMsg(m.payload)
-			if err == nil {
-				err = s.store.Step(m.from, &msg)
-			}
-			if err != nil {
-				s.Rejected.Add(1)
-				s.log.Warn("name message refused", zap.Stringer("peer", m.from), zap.Error(err))
-			}
+			s.step(m)
 		case c := <-s.calls:
 			c.f(s.store)
 			c.err = s.apply(ctx)
@@ -236,6 +245,18 @@ func (s *Server) Run(ctx context.Context) error {
 				return c.err
 			}
 		}
+	}
+}
+
+// step hands the store a peer's message; one it refuses is counted.
+func (s *Server) step(m inbound) {
+	msg, err := proto.ParseNamesMsg(m.payload)
+	if err == nil {
+		err = s.store.Step(m.from, &msg)
+	}
+	if err != nil {
+		s.Rejected.Add(1)
+		s.log.Warn("name message refused", zap.Stringer("peer", m.from), zap.Error(err))
 	}
 }
 

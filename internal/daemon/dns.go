@@ -1,4 +1,4 @@
-package main
+package daemon
 
 import (
 	"context"
@@ -7,7 +7,6 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"slices"
-	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
@@ -33,7 +32,7 @@ type nameService struct {
 
 // startNames makes the name service and opens its sockets; nothing runs
 // until run.
-func startNames(cfg *config, self proto.PeerName, router namesrv.Router, rnd *rand.Rand, log *zap.Logger) (*nameService, error) {
+func startNames(cfg Config, self proto.PeerName, router namesrv.Router, rnd *rand.Rand, log *zap.Logger) (*nameService, error) {
 	listen := cfg.DNSListen
 	if !listen.IsValid() {
 		listen = netip.AddrPortFrom(netip.IPv4Unspecified(), 53)
@@ -62,7 +61,7 @@ func startNames(cfg *config, self proto.PeerName, router namesrv.Router, rnd *ra
 }
 
 // deliverNames is the router's handler of the names channel.
-func (d *daemon) deliverNames(from proto.PeerName, payload []byte) {
+func (d *Daemon) deliverNames(from proto.PeerName, payload []byte) {
 	if d.names != nil {
 		d.names.store.Deliver(from, payload)
 	}
@@ -70,17 +69,13 @@ func (d *daemon) deliverNames(from proto.PeerName, payload []byte) {
 
 // dnsAddress is the address containers are given as their DNS server: the
 // listening address, or on a wildcard, docker0's, or the first exposed.
-func (d *daemon) dnsAddress() string {
+func (d *Daemon) dnsAddress() string {
 	a := d.names.listen.Addr()
 	if a.IsUnspecified() {
 		if b, ok := netconf.LinkAddr4("docker0"); ok {
 			a = b
-		} else {
-			d.mu.Lock()
-			if len(d.exposed) > 0 {
-				a = d.exposed[0].Addr()
-			}
-			d.mu.Unlock()
+		} else if ex := d.exposedAddrs(); len(ex) > 0 {
+			a = ex[0].Addr()
 		}
 	}
 	if a.IsUnspecified() {
@@ -90,7 +85,7 @@ func (d *daemon) dnsAddress() string {
 }
 
 // DNS implements api.Backend.
-func (d *daemon) DNS(ctx context.Context) (api.DNSStatus, error) {
+func (d *Daemon) DNS(ctx context.Context) (api.DNSStatus, error) {
 	if d.names == nil {
 		return api.DNSStatus{Enabled: false, Entries: []api.DNSEntry{}, Upstream: []string{}}, nil
 	}
@@ -119,31 +114,20 @@ func apiEntries(es []proto.NameEntry) []api.DNSEntry {
 	return out
 }
 
-// dnsAddrs parses the request's addresses (checked by the API).
-func dnsAddrs(ss []string) []netip.Addr {
-	var out []netip.Addr
-	for _, s := range ss {
-		if a, err := netip.ParseAddr(strings.Split(s, "/")[0]); err == nil {
-			out = append(out, a)
-		}
-	}
-	return out
-}
-
 // DNSAdd implements api.Backend.
-func (d *daemon) DNSAdd(ctx context.Context, req api.DNSRequest) (api.DNSResponse, error) {
+func (d *Daemon) DNSAdd(ctx context.Context, req api.DNSRequest) (api.DNSResponse, error) {
 	if d.names == nil {
 		return api.DNSResponse{}, api.ErrDNSOff
 	}
 	var added []proto.NameEntry
-	for _, a := range dnsAddrs(req.Addresses) {
+	for _, a := range req.Addresses {
 		e, err := d.names.store.Add(ctx, req.Name, a, req.ContainerID)
 		if err != nil {
 			var de *names.DomainError
 			if errors.As(err, &de) {
 				d.log.Warn(de.Error())
 			}
-			return api.DNSResponse{Entries: apiEntries(added)}, badRequest(err)
+			return api.DNSResponse{Entries: apiEntries(added)}, requestError(err)
 		}
 		added = append(added, e)
 	}
@@ -151,11 +135,11 @@ func (d *daemon) DNSAdd(ctx context.Context, req api.DNSRequest) (api.DNSRespons
 }
 
 // DNSRemove implements api.Backend.
-func (d *daemon) DNSRemove(ctx context.Context, req api.DNSRequest) (api.DNSResponse, error) {
+func (d *Daemon) DNSRemove(ctx context.Context, req api.DNSRequest) (api.DNSResponse, error) {
 	if d.names == nil {
 		return api.DNSResponse{}, api.ErrDNSOff
 	}
-	addrs := dnsAddrs(req.Addresses)
+	addrs := req.Addresses
 	if len(addrs) == 0 {
 		addrs = []netip.Addr{{}} // any address
 	}
@@ -163,7 +147,7 @@ func (d *daemon) DNSRemove(ctx context.Context, req api.DNSRequest) (api.DNSResp
 	for _, a := range addrs {
 		es, err := d.names.store.Delete(ctx, req.Name, a, req.ContainerID)
 		if err != nil {
-			return api.DNSResponse{Entries: apiEntries(gone)}, badRequest(err)
+			return api.DNSResponse{Entries: apiEntries(gone)}, requestError(err)
 		}
 		gone = append(gone, es...)
 	}
@@ -172,38 +156,37 @@ func (d *daemon) DNSRemove(ctx context.Context, req api.DNSRequest) (api.DNSResp
 
 // DNSLookup implements api.Backend: a name of the domain, looked up in the
 // current view (what the DNS server answers, in a stable order).
-func (d *daemon) DNSLookup(ctx context.Context, name string) (api.LookupResponse, error) {
+func (d *Daemon) DNSLookup(ctx context.Context, name string) (api.LookupResponse, error) {
 	if d.names == nil {
 		return api.LookupResponse{}, api.ErrDNSOff
 	}
 	fqdn, err := d.names.store.FQDN(ctx, name)
 	if err != nil {
-		return api.LookupResponse{Name: fqdn}, badRequest(err)
+		return api.LookupResponse{Name: fqdn}, requestError(err)
 	}
 	addrs := slices.Clone(d.names.store.View().Lookup(fqdn))
 	if len(addrs) == 0 {
-		return api.LookupResponse{Name: fqdn}, fmt.Errorf("%w: %s: no such name", api.ErrBadRequest, fqdn)
+		return api.LookupResponse{Name: fqdn}, api.BadRequest("%s: no such name", fqdn)
 	}
 	slices.SortFunc(addrs, netip.Addr.Compare)
 	return api.LookupResponse{Name: fqdn, Addresses: addrs}, nil
 }
 
-// badRequest marks the store's refusals (errors of package names) as the
-// caller's fault; anything else (a state that could not be saved, a
-// stopped server, a cancelled request) stays the daemon's.
-func badRequest(err error) error {
-	var de *names.DomainError
-	if !errors.As(err, &de) && !strings.HasPrefix(err.Error(), "names: ") {
-		return err
+// requestError makes the name store's refusals the request's fault; any
+// other error (a state that could not be saved, a stopped server, a
+// cancelled request) stays the daemon's.
+func requestError(err error) error {
+	var re *namesrv.RefusedError
+	if errors.As(err, &re) {
+		return &api.RequestError{Err: err}
 	}
-	msg := strings.ReplaceAll(err.Error(), "names: ", "")
-	return fmt.Errorf("%w: %s", api.ErrBadRequest, msg)
+	return err
 }
 
 // forgetNames removes the names registered here for an address that IPAM
 // has freed, whatever container they were registered for: the address may
 // go to another container next.
-func (d *daemon) forgetNames(ctx context.Context, addr netip.Addr) {
+func (d *Daemon) forgetNames(ctx context.Context, addr netip.Addr) {
 	if d.names == nil || !addr.IsValid() {
 		return
 	}
@@ -250,4 +233,17 @@ func (cs collectors) Collect(ch chan<- prometheus.Metric) {
 	for _, c := range cs {
 		c.Collect(ch)
 	}
+}
+
+// driverNames is the name service as the Docker driver sees it.
+type driverNames struct{ d *Daemon }
+
+func (n driverNames) Register(ctx context.Context, name string, addr netip.Addr, container string) error {
+	_, err := n.d.DNSAdd(ctx, api.DNSRequest{Addresses: []netip.Addr{addr}, Name: name, ContainerID: container})
+	return err
+}
+
+func (n driverNames) Forget(ctx context.Context, container string) error {
+	_, err := n.d.DNSRemove(ctx, api.DNSRequest{ContainerID: container})
+	return err
 }

@@ -1,7 +1,6 @@
-package main
+package daemon
 
 import (
-	"context"
 	"crypto/rand"
 	"encoding/json"
 	"errors"
@@ -11,8 +10,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-
-	"go.uber.org/zap"
 
 	"github.com/overlayd/overlayd/internal/atomicfile"
 	"github.com/overlayd/overlayd/proto"
@@ -67,11 +64,6 @@ func loadOrCreatePeerName(dir string) (proto.PeerName, bool, error) {
 	return n, true, nil
 }
 
-// exposedFile keeps the exposed addresses across restarts: the TUN device
-// and its addresses go with the process, the addresses' IPAM allocations
-// and the containers' resolv.conf pointing at them do not.
-const exposedFile = "exposed.json"
-
 // loadExposed reads the addresses exposed before a restart.
 func loadExposed(dir string) ([]netip.Prefix, error) {
 	path := filepath.Join(dir, exposedFile)
@@ -82,61 +74,39 @@ func loadExposed(dir string) ([]netip.Prefix, error) {
 	case err != nil:
 		return nil, err
 	}
-	var ps []netip.Prefix
-	if err := json.Unmarshal(b, &ps); err != nil {
+	ps, err := ParseExposed(b)
+	if err != nil {
 		return nil, fmt.Errorf("%s is corrupt: %v: restore it, or remove it to expose no address at start", path, err)
 	}
-	for _, p := range ps {
+	return ps, nil
+}
+
+// ParseExposed decodes exposed.json: a JSON list of IPv4 addresses with
+// their prefix length, at most proto.MaxPrefixes, each once.
+func ParseExposed(b []byte) ([]netip.Prefix, error) {
+	var ps []netip.Prefix
+	if err := json.Unmarshal(b, &ps); err != nil {
+		return nil, err
+	}
+	if len(ps) > proto.MaxPrefixes {
+		return nil, fmt.Errorf("%d addresses, more than the %d a peer may announce", len(ps), proto.MaxPrefixes)
+	}
+	for i, p := range ps {
 		if !p.IsValid() || !p.Addr().Is4() {
-			return nil, fmt.Errorf("%s is corrupt: %v is not an IPv4 CIDR: restore it, or remove it to expose no address at start", path, p)
+			return nil, fmt.Errorf("%v is not an IPv4 CIDR", p)
+		}
+		if slices.ContainsFunc(ps[:i], func(q netip.Prefix) bool { return q.Addr() == p.Addr() }) {
+			return nil, fmt.Errorf("%v is there twice", p.Addr())
 		}
 	}
 	return ps, nil
 }
 
-// saveExposedLocked writes the exposed addresses, with those not yet
-// exposed again since the restart. d.mu must be held.
-func (d *daemon) saveExposedLocked() error {
-	ps := append(slices.Clone(d.exposed), d.restoring...)
+// encodeExposed is ParseExposed's inverse.
+func encodeExposed(ps []netip.Prefix) ([]byte, error) {
 	if ps == nil {
 		ps = []netip.Prefix{}
 	}
 	b, err := json.Marshal(ps)
-	if err != nil {
-		return err
-	}
-	return atomicfile.Write(filepath.Join(d.cfg.StateDir, exposedFile), append(b, '\n'))
-}
-
-// restoreExposed exposes again the addresses exposed before a restart,
-// one at a time: an address of the range is claimed again (at once if
-// the saved ring says it is still ours; after consensus or a donation
-// otherwise). One that cannot be (IPAM gave it to another meanwhile) is
-// dropped, loudly.
-func (d *daemon) restoreExposed(ctx context.Context) {
-	d.mu.Lock()
-	todo := slices.Clone(d.restoring)
-	d.mu.Unlock()
-	for _, p := range todo {
-		d.mu.Lock()
-		pending := slices.Contains(d.restoring, p)
-		d.mu.Unlock()
-		if !pending {
-			continue // hidden meanwhile
-		}
-		if _, err := d.Expose(ctx, p); err != nil {
-			if ctx.Err() != nil {
-				return
-			}
-			d.log.Error("could not expose again an address exposed before the restart", zap.Stringer("addr", p), zap.Error(err))
-			d.mu.Lock()
-			d.restoring = slices.DeleteFunc(d.restoring, func(r netip.Prefix) bool { return r == p })
-			if err := d.saveExposedLocked(); err != nil {
-				d.log.Warn("saving the exposed addresses", zap.Error(err))
-			}
-			d.mu.Unlock()
-			continue
-		}
-		d.log.Info("exposed again after the restart", zap.Stringer("addr", p))
-	}
+	return append(b, '\n'), err
 }

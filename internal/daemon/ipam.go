@@ -1,9 +1,9 @@
-package main
+package daemon
 
 import (
 	"cmp"
 	"context"
-	"fmt"
+	"errors"
 	"net/netip"
 	"slices"
 
@@ -17,19 +17,17 @@ import (
 	"github.com/overlayd/overlayd/proto"
 )
 
-// exposeID holds the addresses of the host itself, as Weave's weave:expose.
-const exposeID = "weave:expose"
-
 // deliverIPAM is the router's handler of the IPAM channel.
-func (d *daemon) deliverIPAM(from proto.PeerName, payload []byte) {
+func (d *Daemon) deliverIPAM(from proto.PeerName, payload []byte) {
 	if d.alloc != nil {
 		d.alloc.Deliver(from, payload)
 	}
 }
 
 // publishOwnership tells the router who owns the range, and announces the
-// addresses outside it held here. It runs on the allocator's goroutine.
-func (d *daemon) publishOwnership(ctx context.Context, spans []ring.Span, manual []netip.Prefix) {
+// addresses outside it held here. It runs on the allocator's goroutine;
+// neither call waits for another goroutine.
+func (d *Daemon) publishOwnership(_ context.Context, spans []ring.Span, manual []netip.Prefix) {
 	var owners []peering.Owner
 	for _, s := range spans {
 		for _, p := range s.Prefixes() {
@@ -39,27 +37,14 @@ func (d *daemon) publishOwnership(ctx context.Context, spans []ring.Span, manual
 	if err := d.router.SetOwners(owners); err != nil {
 		d.log.Error("updating routes from the ring", zap.Error(err))
 	}
-	d.lmu.Lock()
-	defer d.lmu.Unlock()
+	d.emu.Lock()
+	defer d.emu.Unlock()
 	d.manual = slices.Clone(manual)
-	if err := d.announceLocked(ctx); err != nil && ctx.Err() == nil {
-		d.log.Error("announcing addresses", zap.Error(err))
-	}
+	d.announceLocked()
 }
 
-// announceLocked tells peers the /32s this host serves: exposed addresses
-// and manual addresses outside the range. lmu must be held.
-func (d *daemon) announceLocked(ctx context.Context) error {
-	ps := hostRoutes(d.exposed)
-	for _, m := range d.manual {
-		ps = append(ps, netip.PrefixFrom(m.Addr(), 32))
-	}
-	slices.SortFunc(ps, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
-	return d.router.SetLocal(slices.Compact(ps))
-}
-
-// do runs an allocator request and turns its failure into an API error.
-func (d *daemon) do(ctx context.Context, req ipalloc.Request) (ipalloc.Done, error) {
+// do runs an allocator request; its refusals are the request's fault.
+func (d *Daemon) do(ctx context.Context, req ipalloc.Request) (ipalloc.Done, error) {
 	if d.alloc == nil {
 		return ipalloc.Done{}, api.ErrIPAMOff
 	}
@@ -68,31 +53,31 @@ func (d *daemon) do(ctx context.Context, req ipalloc.Request) (ipalloc.Done, err
 		return done, err
 	}
 	if done.Err != nil {
-		return done, fmt.Errorf("%w: %v", api.ErrBadRequest, done.Err)
+		return done, &api.RequestError{Err: done.Err}
 	}
 	return done, nil
 }
 
 // Alloc implements api.Backend.
-func (d *daemon) Alloc(ctx context.Context, id string, subnet netip.Prefix) (netip.Prefix, error) {
+func (d *Daemon) Alloc(ctx context.Context, id string, subnet netip.Prefix) (netip.Prefix, error) {
 	done, err := d.do(ctx, ipalloc.Request{Op: ipalloc.OpAlloc, Ident: id, Subnet: subnet})
 	return done.Addr, err
 }
 
 // Claim implements api.Backend.
-func (d *daemon) Claim(ctx context.Context, id string, cidr netip.Prefix) (netip.Prefix, error) {
+func (d *Daemon) Claim(ctx context.Context, id string, cidr netip.Prefix) (netip.Prefix, error) {
 	done, err := d.do(ctx, ipalloc.Request{Op: ipalloc.OpClaim, Ident: id, Addr: cidr})
 	return done.Addr, err
 }
 
-// Release implements api.Backend.
-func (d *daemon) Release(ctx context.Context, id string, addr netip.Addr) error {
+// Release implements api.Backend. The names of the addresses freed go
+// with them: an address may go to another container next.
+func (d *Daemon) Release(ctx context.Context, id string, addr netip.Addr) error {
 	req := ipalloc.Request{Op: ipalloc.OpRelease, Ident: id}
 	if addr.IsValid() {
 		req.Addr = netip.PrefixFrom(addr, 32)
 	}
-	// The names of the addresses freed go with them: which addresses,
-	// the allocator says before it frees them.
+	// Which addresses, the allocator says before it frees them.
 	addrs := []netip.Addr{addr}
 	if !addr.IsValid() && d.alloc != nil && d.names != nil {
 		addrs = nil
@@ -113,18 +98,49 @@ func (d *daemon) Release(ctx context.Context, id string, addr netip.Addr) error 
 	return nil
 }
 
+// release frees addresses of a container that went or was detached, with
+// their names; without IPAM only the names go.
+func (d *Daemon) release(ctx context.Context, id string, addrs []netip.Prefix) {
+	for _, p := range addrs {
+		if d.alloc == nil {
+			d.forgetNames(ctx, p.Addr())
+			continue
+		}
+		if err := d.Release(ctx, id, p.Addr()); err != nil {
+			d.log.Warn("releasing an address", zap.String("container", id), zap.Stringer("addr", p), zap.Error(err))
+		}
+	}
+}
+
+// holder is the ID holding address a here.
+func (d *Daemon) holder(ctx context.Context, a netip.Addr) (string, bool) {
+	if d.alloc == nil {
+		return "", false
+	}
+	st, err := d.alloc.Status(ctx)
+	if err != nil {
+		return "", false
+	}
+	for _, o := range st.Owned {
+		if o.Addr.Addr() == a {
+			return o.Ident, true
+		}
+	}
+	return "", false
+}
+
 // RmPeer implements api.Backend.
-func (d *daemon) RmPeer(ctx context.Context, peer string) (api.RmPeerResponse, error) {
+func (d *Daemon) RmPeer(ctx context.Context, peer string) (api.RmPeerResponse, error) {
 	name, err := proto.ParsePeerName(peer)
 	if err != nil {
-		return api.RmPeerResponse{}, fmt.Errorf("%w: %q is not a peer name (like 12:d2:fe:7a:c1:f2)", api.ErrBadRequest, peer)
+		return api.RmPeerResponse{}, api.BadRequest("%q is not a peer name (like 12:d2:fe:7a:c1:f2)", peer)
 	}
 	done, err := d.do(ctx, ipalloc.Request{Op: ipalloc.OpRmPeer, Peer: name})
 	return api.RmPeerResponse{Peer: name, Taken: done.Taken}, err
 }
 
 // Ring implements api.Backend: it waits for the ring (Weave's prime).
-func (d *daemon) Ring(ctx context.Context) (api.IPAMStatus, error) {
+func (d *Daemon) Ring(ctx context.Context) (api.IPAMStatus, error) {
 	if _, err := d.do(ctx, ipalloc.Request{Op: ipalloc.OpPrime}); err != nil {
 		return api.IPAMStatus{}, err
 	}
@@ -133,29 +149,28 @@ func (d *daemon) Ring(ctx context.Context) (api.IPAMStatus, error) {
 }
 
 // ipamStatus turns the allocator's state into the API's, with nicknames
-// from the router.
-func ipamStatus(is ipalloc.Status, rs peering.Status) api.IPAMStatus {
+// from the router: the reachable peers' as it knows them, the others' as
+// the allocator last saw them.
+func (d *Daemon) ipamStatus(is ipalloc.Status, rs peering.Status) api.IPAMStatus {
 	nick := map[proto.PeerName]string{}
 	for _, p := range rs.Peers {
 		nick[p.Name] = p.Nickname
 	}
-	_, end := ipv4.Bounds(is.Range)
-	start, _ := ipv4.Bounds(is.Range)
+	start, end := ipv4.Bounds(is.Range)
 	st := api.IPAMStatus{Enabled: true, Status: is.Status, Range: is.Range, RangeNumIPs: end - uint64(start),
 		DefaultSubnet: is.DefaultSubnet, Mode: [...]string{"consensus", "seed", "observer"}[is.Mode],
 		Quorum: is.Quorum, KnownVoters: is.Known, Seeds: is.Seeds, ActiveIPs: is.Active,
 		PendingAllocs: is.PendingAllocs, PendingClaims: is.PendingClaims,
 		Conflicts: is.Stats.Conflicts, Duplicates: is.Stats.Duplicates, Donations: is.Stats.Donations,
-		Owners: []api.IPAMOwner{}, Entries: []api.IPAMEntry{}, Owned: []api.IPAMAllocation{}}
+		Owners: []api.IPAMOwner{}, Entries: []api.IPAMEntry{}, Owned: []api.IPAMAllocation{},
+		Rejected: d.alloc.Rejected.Load(), Dropped: d.alloc.Dropped.Load()}
 	if st.Seeds == nil {
 		st.Seeds = []proto.PeerName{}
 	}
-	// The router knows the reachable peers' nicknames; the allocator
-	// remembers those of peers gone.
 	nickname := func(p proto.PeerName, last string) string { return cmp.Or(nick[p], last) }
 	for _, o := range is.Owners {
 		st.Owners = append(st.Owners, api.IPAMOwner{Peer: o.Peer, Nickname: nickname(o.Peer, o.Nickname), Size: o.Size,
-			Reachable: o.Reachable, Self: o.Peer == rs.Name})
+			Reachable: o.Reachable, Self: o.Peer == d.name})
 	}
 	for _, e := range is.Entries {
 		st.Entries = append(st.Entries, api.IPAMEntry{Token: e.Token, Size: e.Size, Peer: e.Peer, Nickname: nickname(e.Peer, e.Nickname),
@@ -165,4 +180,29 @@ func ipamStatus(is ipalloc.Status, rs peering.Status) api.IPAMStatus {
 		st.Owned = append(st.Owned, api.IPAMAllocation{ID: o.Ident, Address: o.Addr, InRange: is.Range.Contains(o.Addr.Addr())})
 	}
 	return st
+}
+
+// driverIPAM is the allocator as the Docker driver sees it.
+type driverIPAM struct{ d *Daemon }
+
+func (i driverIPAM) Alloc(ctx context.Context, id string, subnet netip.Prefix) (netip.Prefix, error) {
+	return i.d.Alloc(ctx, id, subnet)
+}
+
+func (i driverIPAM) Claim(ctx context.Context, id string, cidr netip.Prefix) (netip.Prefix, error) {
+	return i.d.Claim(ctx, id, cidr)
+}
+
+// Release frees id's addresses; an ID that holds none is not an error.
+func (i driverIPAM) Release(ctx context.Context, id string, addr netip.Addr) error {
+	err := i.d.Release(ctx, id, addr)
+	var none *ipalloc.NoAddressesError
+	if errors.As(err, &none) {
+		return nil
+	}
+	return err
+}
+
+func (i driverIPAM) Holder(ctx context.Context, addr netip.Addr) (string, bool) {
+	return i.d.holder(ctx, addr)
 }

@@ -1,0 +1,53 @@
+package daemon
+
+import (
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestPeerNamePersists(t *testing.T) {
+	dir := t.TempDir()
+	n1, created, err := loadOrCreatePeerName(dir)
+	if err != nil || !created || n1 == 0 {
+		t.Fatalf("%v %v %v", n1, created, err)
+	}
+	n2, created, err := loadOrCreatePeerName(dir)
+	if err != nil || created || n2 != n1 {
+		t.Fatalf("second load: %v %v %v, first %v", n2, created, err, n1)
+	}
+	os.WriteFile(filepath.Join(dir, peerNameFile), []byte("garbage"), 0o600)
+	if _, _, err := loadOrCreatePeerName(dir); err == nil || !strings.Contains(err.Error(), "corrupt") {
+		t.Errorf("corrupt file: %v", err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(dir, peerNameFile)); string(b) != "garbage" {
+		t.Errorf("corrupt file overwritten with %q", b)
+	}
+}
+
+func TestExposedFile(t *testing.T) {
+	dir := t.TempDir()
+	if ps, err := loadExposed(dir); err != nil || ps != nil {
+		t.Fatalf("no file: %v %v", ps, err)
+	}
+	want := []netip.Prefix{netip.MustParsePrefix("172.16.16.201/24"), netip.MustParsePrefix("10.99.0.5/24")}
+	b, err := encodeExposed(want)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(dir, exposedFile), b, 0o600)
+	if ps, err := loadExposed(dir); err != nil || len(ps) != 2 || ps[0] != want[0] || ps[1] != want[1] {
+		t.Fatalf("read back: %v %v", ps, err)
+	}
+	if b, _ := encodeExposed(nil); string(b) != "[]\n" {
+		t.Errorf("none: %q", b)
+	}
+	for _, bad := range []string{`{`, `["10.0.0.1"]`, `["fd00::1/64"]`, `[""]`, `["10.0.0.1/24", "10.0.0.1/16"]`, `[null]`, `{}`} {
+		os.WriteFile(filepath.Join(dir, exposedFile), []byte(bad), 0o600)
+		if _, err := loadExposed(dir); err == nil || !strings.Contains(err.Error(), "is corrupt") {
+			t.Errorf("%q: %v", bad, err)
+		}
+	}
+}
