@@ -8,11 +8,13 @@ package ipalloctest
 import (
 	"cmp"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"slices"
 
 	"github.com/overlayd/overlayd/internal/ipv4"
+	"github.com/overlayd/overlayd/internal/simnet"
 	"github.com/overlayd/overlayd/ipalloc"
 	"github.com/overlayd/overlayd/ipalloc/ring"
 	"github.com/overlayd/overlayd/proto"
@@ -21,21 +23,14 @@ import (
 // Name is the peer name of peer i.
 func Name(i int) proto.PeerName { return proto.PeerName(0x0a0000000000 + i) }
 
-// Net is the network's behaviour.
-type Net struct {
-	Loss    float64 // chance a message is lost
-	Dup     float64 // chance it is delivered twice
-	Reorder bool    // deliver each tick's messages in random order
-}
-
 // Sim is a simulated cluster. It is not safe for concurrent use.
 type Sim struct {
-	Net      Net
+	// Net carries the messages, a tick's worth a round: set its Loss,
+	// Dup and Reorder to make it unreliable.
+	Net      *simnet.Net[[]byte]
 	Universe netip.Prefix
 	rand     *rand.Rand
 	peers    map[proto.PeerName]*Peer
-	queue    []delivery
-	group    map[proto.PeerName]int // partition; nil: one network
 	ticks    int64
 	nextID   uint64
 	answers  map[uint64]ipalloc.Done
@@ -56,15 +51,12 @@ type Peer struct {
 	uid   uint64
 }
 
-type delivery struct {
-	from, to proto.PeerName
-	msg      []byte // encoded, as on the wire
-}
-
 // New makes an empty cluster over universe.
 func New(seed uint64, universe netip.Prefix) *Sim {
-	return &Sim{Universe: universe, rand: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)),
-		peers: map[proto.PeerName]*Peer{}, answers: map[uint64]ipalloc.Done{}}
+	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
+	net := simnet.New[[]byte](r)
+	net.Latency = 1
+	return &Sim{Universe: universe, rand: r, Net: net, peers: map[proto.PeerName]*Peer{}, answers: map[uint64]ipalloc.Done{}}
 }
 
 // Rand is the simulation's random source, for schedules.
@@ -144,22 +136,19 @@ func (s *Sim) Live() []*Peer {
 
 // Partition splits the network into groups; f gives each peer's group.
 func (s *Sim) Partition(f func(proto.PeerName) int) {
-	s.group = map[proto.PeerName]int{}
-	for name := range s.peers {
-		s.group[name] = f(name)
-	}
+	s.Net.Partition(slices.Sorted(maps.Keys(s.peers)), f)
 	s.reachability()
 }
 
 // Heal joins the network again.
 func (s *Sim) Heal() {
-	s.group = nil
+	s.Net.Heal()
 	s.reachability()
 }
 
 func (s *Sim) reaches(a, b proto.PeerName) bool {
 	pa, pb := s.peers[a], s.peers[b]
-	return pa != nil && pb != nil && pa.live && pb.live && (s.group == nil || s.group[a] == s.group[b])
+	return pa != nil && pb != nil && pa.live && pb.live && s.Net.Reaches(a, b)
 }
 
 // reachability tells every live peer whom it reaches.
@@ -177,11 +166,11 @@ func (s *Sim) tellReachability() {
 	s.moved = false
 	groups := map[int][]proto.PeerName{}
 	for _, p := range s.Live() {
-		g := s.group[p.Name]
+		g := s.Net.Group(p.Name)
 		groups[g] = append(groups[g], p.Name)
 	}
 	for _, p := range s.Live() {
-		p.Node.SetReachable(groups[s.group[p.Name]]) // it leaves itself out
+		p.Node.SetReachable(groups[s.Net.Group(p.Name)]) // it leaves itself out
 		s.drain(p)
 	}
 }
@@ -217,12 +206,12 @@ func (s *Sim) drain(p *Peer) {
 		for _, m := range rd.Msgs {
 			b := m.Payload
 			if m.To != 0 {
-				s.queue = append(s.queue, delivery{from: p.Name, to: m.To, msg: b})
+				s.Net.Send(p.Name, m.To, b)
 				continue
 			}
 			for _, q := range s.Live() {
 				if q != p && s.reaches(p.Name, q.Name) {
-					s.queue = append(s.queue, delivery{from: p.Name, to: q.Name, msg: b})
+					s.Net.Send(p.Name, q.Name, b)
 				}
 			}
 		}
@@ -239,24 +228,14 @@ func (s *Sim) drain(p *Peer) {
 func (s *Sim) Step() error {
 	s.tellReachability()
 	s.ticks++
-	q := s.queue
-	s.queue = nil
-	if s.Net.Reorder {
-		s.rand.Shuffle(len(q), func(i, j int) { q[i], q[j] = q[j], q[i] })
-	}
+	s.Net.Advance()
 	s.parsed = map[*byte]*proto.IPAMMsg{}
-	for _, d := range q {
-		if !s.reaches(d.from, d.to) || s.rand.Float64() < s.Net.Loss {
+	for _, d := range s.Net.Due() {
+		if !s.reaches(d.From, d.To) {
 			continue
 		}
-		times := 1
-		if s.rand.Float64() < s.Net.Dup {
-			times = 2
-		}
-		for range times {
-			if err := s.deliver(d); err != nil {
-				return err
-			}
+		if err := s.deliver(d); err != nil {
+			return err
 		}
 	}
 	for _, p := range s.Live() {
@@ -266,22 +245,22 @@ func (s *Sim) Step() error {
 	return nil
 }
 
-func (s *Sim) deliver(d delivery) error {
-	p := s.peers[d.to]
-	s.Sent[d.msg[0]&7]++
+func (s *Sim) deliver(d simnet.Delivery[[]byte]) error {
+	p := s.peers[d.To]
+	s.Sent[d.Msg[0]&7]++
 	// A broadcast is decoded once for all its receivers (Step reads,
 	// never keeps or changes, a message).
-	m := s.parsed[&d.msg[0]]
+	m := s.parsed[&d.Msg[0]]
 	if m == nil {
-		pm, err := proto.ParseIPAMMsg(d.msg)
+		pm, err := proto.ParseIPAMMsg(d.Msg)
 		if err != nil {
-			return fmt.Errorf("%v sent %v an undecodable message: %w", d.from, d.to, err)
+			return fmt.Errorf("%v sent %v an undecodable message: %w", d.From, d.To, err)
 		}
 		m = &pm
-		s.parsed[&d.msg[0]] = m
+		s.parsed[&d.Msg[0]] = m
 	}
-	if err := p.Node.Step(d.from, m); err != nil {
-		return fmt.Errorf("%v refused a message from %v: %w", d.to, d.from, err)
+	if err := p.Node.Step(d.From, m); err != nil {
+		return fmt.Errorf("%v refused a message from %v: %w", d.To, d.From, err)
 	}
 	s.drain(p)
 	return nil

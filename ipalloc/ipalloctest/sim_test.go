@@ -4,11 +4,10 @@ import (
 	"flag"
 	"fmt"
 	"net/netip"
-	"runtime"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/overlayd/overlayd/internal/simnet"
 	"github.com/overlayd/overlayd/ipalloc"
 	"github.com/overlayd/overlayd/ipalloc/ipalloctest"
 	"github.com/overlayd/overlayd/proto"
@@ -34,39 +33,9 @@ func TestSchedules(t *testing.T) {
 		first, n = *seedFlag, 1
 	}
 	start := time.Now()
-	seeds := make(chan uint64)
-	var (
-		mu     sync.Mutex
-		total  totals
-		failed []string
-	)
-	var wg sync.WaitGroup
-	for range runtime.GOMAXPROCS(0) {
-		wg.Go(func() {
-			for seed := range seeds {
-				tot, err := runSchedule(seed)
-				mu.Lock()
-				total.add(tot)
-				if err != nil {
-					failed = append(failed, fmt.Sprintf("schedule %d: %v\nreplay: go test ./ipalloc/ipalloctest -run TestSchedules -seed %d", seed, err, seed))
-				}
-				mu.Unlock()
-			}
-		})
-	}
-	for seed := first; seed < first+uint64(n); seed++ {
-		mu.Lock()
-		stop := len(failed) > 0
-		mu.Unlock()
-		if stop {
-			break
-		}
-		seeds <- seed
-	}
-	close(seeds)
-	wg.Wait()
-	for _, f := range failed {
-		t.Error(f)
+	var total totals
+	for _, f := range simnet.RunSeeds(simnet.Seeds(first, n), runSchedule, total.add) {
+		t.Errorf("%v\nreplay: go test ./ipalloc/ipalloctest -run TestSchedules -seed %d", f, f.Seed)
 	}
 	t.Logf("%d schedules in %v: %+v", total.Schedules, time.Since(start).Round(time.Millisecond), total)
 }
@@ -105,7 +74,7 @@ func runSchedule(seed uint64) (tot totals, err error) {
 	s := ipalloctest.New(seed, universe)
 	r := s.Rand()
 	peers := 50 + r.IntN(max(*maxPeers-49, 1))
-	s.Net = ipalloctest.Net{Loss: r.Float64() * 0.1, Dup: r.Float64() * 0.05, Reorder: r.IntN(2) == 0}
+	s.Net.Loss, s.Net.Dup, s.Net.Reorder = r.Float64()*0.1, r.Float64()*0.05, r.IntN(2) == 0
 	initial := 1 + r.IntN(min(peers, 9))
 	quorum := initial/2 + 1
 	added := 0
@@ -222,7 +191,7 @@ func runSchedule(seed uint64) (tot totals, err error) {
 			return tot, err
 		}
 	}
-	s.Net = ipalloctest.Net{}
+	s.Net.Loss, s.Net.Dup, s.Net.Reorder = 0, 0, false
 	for range 120 {
 		if err := s.Step(); err != nil {
 			return tot, err

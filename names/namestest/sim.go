@@ -26,6 +26,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/overlayd/overlayd/internal/simnet"
 	"github.com/overlayd/overlayd/names"
 	"github.com/overlayd/overlayd/proto"
 )
@@ -33,23 +34,13 @@ import (
 // Name is the peer name of peer i.
 func Name(i int) proto.PeerName { return proto.PeerName(0x0e0000000000 + i) }
 
-// Net is the network's behaviour.
-type Net struct {
-	Loss    float64 // chance a message is lost
-	Dup     float64 // chance it is delivered twice
-	Reorder bool    // deliver each round's messages in random order
-	Delay   float64 // chance a message waits a round, so that later ones overtake it
-}
-
 // Counts sum up what the simulation did, so that a schedule that does
 // nothing shows.
 type Counts struct {
 	Adds, Refused, Deletes, Deleted    int // Refused: Add or Delete calls that returned an error; Deleted: entries
 	Partitions, Heals, Stops, Restarts int // Restarts: from saved state
 	Fresh                              int // restarts without state
-	Messages                           int // queued, one per receiver
-	Delivered, Lost, Duplicated        int
-	Delayed, Cut                       int // Cut: lost because sender or receiver went away or a partition came between
+	Gone                               int // messages lost because sender or receiver went away
 	Entries, Digests, Summaries        int // delivered, by kind
 }
 
@@ -77,7 +68,9 @@ func (k Key) String() string { return fmt.Sprintf("%s %v %s @%v", k.Name, k.Addr
 // Sim is a simulated cluster of name stores. It is not safe for
 // concurrent use.
 type Sim struct {
-	Net    Net
+	// Net carries the messages, a round at a time: set its Loss, Dup,
+	// Delay and Reorder to make it unreliable.
+	Net    *simnet.Net[message]
 	Counts Counts
 	// Sniff, if set, sees every message delivered, before the receiver.
 	Sniff func(from, to proto.PeerName, m *proto.NamesMsg)
@@ -85,8 +78,6 @@ type Sim struct {
 	rand    *rand.Rand
 	peers   map[proto.PeerName]*Peer
 	names   []proto.PeerName // every peer ever added, sorted
-	queue   []delivery
-	group   map[proto.PeerName]int // partition; nil: one network
 	ticks   int64
 	retire  names.Stats // stats of stores that were stopped
 	broken  error       // the first violation seen during an operation
@@ -129,8 +120,9 @@ type Peer struct {
 	wasUnreach map[proto.PeerName]bool
 }
 
-type delivery struct {
-	from, to       proto.PeerName
+// message is a message as the network carries it: with the incarnations
+// of its sender and receiver, so that one for an earlier one is lost.
+type message struct {
 	fromInc, toInc int
 	payload        []byte
 }
@@ -140,7 +132,10 @@ const traceMax = 4000
 
 // New makes an empty simulation.
 func New(seed uint64) *Sim {
-	return &Sim{rand: rand.New(rand.NewPCG(seed, seed^0x6e616d6573)), peers: map[proto.PeerName]*Peer{}}
+	r := rand.New(rand.NewPCG(seed, seed^0x6e616d6573))
+	net := simnet.New[message](r)
+	net.Latency = 1
+	return &Sim{rand: r, Net: net, peers: map[proto.PeerName]*Peer{}}
 }
 
 // Rand is the simulation's random source, for schedules.
@@ -268,33 +263,34 @@ func (s *Sim) Live() []*Peer {
 
 // Partition splits the network into groups; f gives each peer's group.
 func (s *Sim) Partition(f func(proto.PeerName) int) {
-	s.group = map[proto.PeerName]int{}
-	for _, name := range s.names {
-		s.group[name] = f(name)
-	}
+	s.Net.Partition(s.names, f)
 	s.Counts.Partitions++
-	s.Tracef("partition %v", s.group)
+	groups := map[proto.PeerName]int{}
+	for _, name := range s.names {
+		groups[name] = s.Net.Group(name)
+	}
+	s.Tracef("partition %v", groups)
 	s.tellReachability()
 }
 
 // Heal joins the network again.
 func (s *Sim) Heal() {
-	if s.group == nil {
+	if !s.Net.Partitioned() {
 		return
 	}
-	s.group = nil
+	s.Net.Heal()
 	s.Counts.Heals++
 	s.Tracef("heal")
 	s.tellReachability()
 }
 
 // Partitioned reports whether the network is split.
-func (s *Sim) Partitioned() bool { return s.group != nil }
+func (s *Sim) Partitioned() bool { return s.Net.Partitioned() }
 
 // Reaches reports whether a and b are both live and on the same side.
 func (s *Sim) Reaches(a, b proto.PeerName) bool {
 	pa, pb := s.peers[a], s.peers[b]
-	return pa != nil && pb != nil && pa.live && pb.live && (s.group == nil || s.group[a] == s.group[b])
+	return pa != nil && pb != nil && pa.live && pb.live && s.Net.Reaches(a, b)
 }
 
 // tellReachability tells every live peer whom it reaches (itself
@@ -448,8 +444,7 @@ func (s *Sim) drain(p *Peer) {
 		}
 		for _, q := range s.Live() {
 			if q != p && (m.To == q.Name || m.To == 0 && s.Reaches(p.Name, q.Name)) {
-				s.queue = append(s.queue, delivery{p.Name, q.Name, p.inc, q.inc, m.Payload})
-				s.Counts.Messages++
+				s.Net.Send(p.Name, q.Name, message{p.inc, q.inc, m.Payload})
 			}
 		}
 	}
@@ -464,51 +459,29 @@ func (s *Sim) drain(p *Peer) {
 // reach each other. What the receivers send in turn waits for the next
 // round.
 func (s *Sim) Deliver() error {
-	q := s.queue
-	s.queue = nil
-	if s.Net.Reorder {
-		s.rand.Shuffle(len(q), func(i, j int) { q[i], q[j] = q[j], q[i] })
-	}
-	var late []delivery
-	for _, d := range q {
-		from, to := s.peers[d.from], s.peers[d.to]
-		switch {
-		case !s.Reaches(d.from, d.to) || from.inc != d.fromInc || to.inc != d.toInc:
-			s.Counts.Cut++
-			continue
-		case s.Net.Delay > 0 && s.rand.Float64() < s.Net.Delay:
-			s.Counts.Delayed++
-			late = append(late, d)
-			continue
-		case s.Net.Loss > 0 && s.rand.Float64() < s.Net.Loss:
-			s.Counts.Lost++
+	s.Net.Advance()
+	for _, d := range s.Net.Due() {
+		from, to := s.peers[d.From], s.peers[d.To]
+		if !s.Reaches(d.From, d.To) || from.inc != d.Msg.fromInc || to.inc != d.Msg.toInc {
+			s.Counts.Gone++
 			continue
 		}
-		times := 1
-		if s.Net.Dup > 0 && s.rand.Float64() < s.Net.Dup {
-			times = 2
-			s.Counts.Duplicated++
-		}
-		for range times {
-			if err := s.deliver(d); err != nil {
-				return err
-			}
+		if err := s.deliver(d); err != nil {
+			return err
 		}
 	}
-	s.queue = append(s.queue, late...)
 	return s.broken
 }
 
-func (s *Sim) deliver(d delivery) error {
-	p := s.peers[d.to]
-	m, err := proto.ParseNamesMsg(d.payload)
+func (s *Sim) deliver(d simnet.Delivery[message]) error {
+	p := s.peers[d.To]
+	m, err := proto.ParseNamesMsg(d.Msg.payload)
 	if err != nil {
-		return fmt.Errorf("t=%d %v sent %v an undecodable message: %w", s.ticks, d.from, d.to, err)
+		return fmt.Errorf("t=%d %v sent %v an undecodable message: %w", s.ticks, d.From, d.To, err)
 	}
-	if b, err := proto.AppendNamesMsg(nil, &m); err != nil || string(b) != string(d.payload) {
-		return fmt.Errorf("t=%d %v sent %v a message that does not re-encode to itself (%v)", s.ticks, d.from, d.to, err)
+	if b, err := proto.AppendNamesMsg(nil, &m); err != nil || string(b) != string(d.Msg.payload) {
+		return fmt.Errorf("t=%d %v sent %v a message that does not re-encode to itself (%v)", s.ticks, d.From, d.To, err)
 	}
-	s.Counts.Delivered++
 	switch m.Kind {
 	case proto.NamesEntries:
 		s.Counts.Entries++
@@ -518,29 +491,29 @@ func (s *Sim) deliver(d delivery) error {
 		s.Counts.Summaries++
 	}
 	if s.Sniff != nil {
-		s.Sniff(d.from, d.to, &m)
+		s.Sniff(d.From, d.To, &m)
 	}
-	if err := p.Store.Step(d.from, &m); err != nil {
-		return fmt.Errorf("t=%d %v refused a message from %v: %w", s.ticks, d.to, d.from, err)
+	if err := p.Store.Step(d.From, &m); err != nil {
+		return fmt.Errorf("t=%d %v refused a message from %v: %w", s.ticks, d.To, d.From, err)
 	}
 	s.drain(p)
 	return nil
 }
 
 // Queued is the number of messages waiting for delivery.
-func (s *Sim) Queued() int { return len(s.queue) }
+func (s *Sim) Queued() int { return s.Net.Len() }
 
 // Flush delivers rounds until nothing is queued.
 func (s *Sim) Flush() error {
 	for range 200 {
-		if len(s.queue) == 0 {
+		if s.Net.Len() == 0 {
 			return s.broken
 		}
 		if err := s.Deliver(); err != nil {
 			return err
 		}
 	}
-	return fmt.Errorf("t=%d namestest: still %d messages queued after 200 rounds", s.ticks, len(s.queue))
+	return fmt.Errorf("t=%d namestest: still %d messages queued after 200 rounds", s.ticks, s.Net.Len())
 }
 
 // Tick ticks every live peer once.

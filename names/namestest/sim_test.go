@@ -7,13 +7,12 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
-	"runtime"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/overlayd/overlayd/internal/simnet"
 	"github.com/overlayd/overlayd/names"
 	"github.com/overlayd/overlayd/names/namestest"
 	"github.com/overlayd/overlayd/proto"
@@ -86,51 +85,30 @@ func TestConverge(t *testing.T) {
 		first, n = *seedFlag, 1
 	}
 	start := time.Now()
-	seeds := make(chan uint64)
-	var (
-		mu     sync.Mutex
-		total  totals
-		failed []string
-	)
-	var wg sync.WaitGroup
-	for range runtime.GOMAXPROCS(0) {
-		wg.Go(func() {
-			for seed := range seeds {
-				tot, s, err := runSchedule(seed)
-				mu.Lock()
-				total.add(tot)
-				if err != nil {
-					msg := fmt.Sprintf("schedule %d: %v", seed, err)
-					if *seedFlag != 0 {
-						msg += "\ntrace:\n" + s.Trace(400)
-					}
-					failed = append(failed, msg+fmt.Sprintf("\nreplay: go test ./names/namestest -run TestConverge -seed %d", seed))
-				}
-				mu.Unlock()
-			}
-		})
-	}
-	for seed := first; seed < first+uint64(n); seed++ {
-		mu.Lock()
-		stop := len(failed) > 0
-		mu.Unlock()
-		if stop {
-			break
+	var total totals
+	var last *namestest.Sim
+	run := func(seed uint64) (totals, error) {
+		tot, s, err := runSchedule(seed)
+		if err != nil && *seedFlag != 0 {
+			last = s
 		}
-		seeds <- seed
+		return tot, err
 	}
-	close(seeds)
-	wg.Wait()
-	for _, f := range failed {
-		t.Error(f)
+	for _, f := range simnet.RunSeeds(simnet.Seeds(first, n), run, total.add) {
+		msg := f.Error()
+		if last != nil {
+			msg += "\ntrace:\n" + last.Trace(400)
+		}
+		t.Errorf("%s\nreplay: go test ./names/namestest -run TestConverge -seed %d", msg, f.Seed)
 	}
 	t.Logf("%d schedules in %v", total.Schedules, time.Since(start).Round(time.Millisecond))
 	t.Logf("peers %d (most %d); adds %d, refused %d (expected %d); deletes %d deleting %d entries",
 		total.Peers, total.MaxPeers, total.Adds, total.Refused, total.Invalid, total.Deletes, total.Deleted)
 	t.Logf("partitions %d, heals %d, stops %d, restarts from state %d, restarts without state %d",
 		total.Partitions, total.Heals, total.Stops, total.Restarts, total.Fresh)
-	t.Logf("messages %d: delivered %d (entries %d, digests %d, summaries %d), dropped %d, duplicated %d, delayed %d, cut %d",
-		total.Messages, total.Delivered, total.Entries, total.Digests, total.Summaries, total.Lost, total.Duplicated, total.Delayed, total.Cut)
+	t.Logf("messages %d: delivered %d (entries %d, digests %d, summaries %d), dropped %d, duplicated %d, delayed %d, cut %d, to or from a peer gone %d",
+		total.Net.Sent, total.Net.Delivered, total.Entries, total.Digests, total.Summaries, total.Net.Lost, total.Net.Duplicated,
+		total.Net.Delayed, total.Net.Cut, total.Gone)
 	t.Logf("stores: purged %d, corrected %d, expired %d, unknown-origin %d; settled in %d ticks at most (%.1f on average); %d live entries at the end; %d entry messages after convergence",
 		total.Purged, total.Corrected, total.Expired, total.Unknown, total.MaxSettle,
 		float64(total.SettleTicks)/float64(max(total.Converged, 1)), total.LiveAtEnd, total.Chatter)
@@ -140,6 +118,7 @@ func TestConverge(t *testing.T) {
 // do nothing shows.
 type totals struct {
 	namestest.Counts
+	Net                                 simnet.Counts
 	Schedules, Peers, MaxPeers, Invalid int
 	Purged, Corrected, Expired, Unknown uint64
 	Converged, SettleTicks, MaxSettle   int
@@ -157,12 +136,8 @@ func (t *totals) add(o totals) {
 	c.Stops += d.Stops
 	c.Restarts += d.Restarts
 	c.Fresh += d.Fresh
-	c.Messages += d.Messages
-	c.Delivered += d.Delivered
-	c.Lost += d.Lost
-	c.Duplicated += d.Duplicated
-	c.Delayed += d.Delayed
-	c.Cut += d.Cut
+	c.Gone += d.Gone
+	t.Net.Add(o.Net)
 	c.Entries += d.Entries
 	c.Digests += d.Digests
 	c.Summaries += d.Summaries
@@ -184,7 +159,7 @@ func (t *totals) add(o totals) {
 func runSchedule(seed uint64) (tot totals, s *namestest.Sim, err error) {
 	s = namestest.New(seed)
 	defer func() {
-		tot.Counts = s.Counts
+		tot.Counts, tot.Net = s.Counts, s.Net.Counts
 		st := s.Stats()
 		tot.Purged, tot.Corrected, tot.Expired, tot.Unknown = st.Purged, st.Corrected, st.Expired, st.Unknown
 	}()
@@ -192,7 +167,7 @@ func runSchedule(seed uint64) (tot totals, s *namestest.Sim, err error) {
 	r := s.Rand()
 	peers := 2 + r.IntN(max(*maxPeers-1, 1))
 	tot.Peers, tot.MaxPeers = peers, peers
-	s.Net = namestest.Net{Loss: r.Float64() * 0.1, Dup: r.Float64() * 0.05, Reorder: r.IntN(2) == 0, Delay: r.Float64() * 0.1}
+	s.Net.Loss, s.Net.Dup, s.Net.Reorder, s.Net.Delay = r.Float64()*0.1, r.Float64()*0.05, r.IntN(2) == 0, r.Float64()*0.1
 	cfg := names.Config{
 		TickMillis:     []int{100, 250, 1000}[r.IntN(3)],
 		DigestTicks:    2 + r.IntN(5),
@@ -201,7 +176,8 @@ func runSchedule(seed uint64) (tot totals, s *namestest.Sim, err error) {
 		TombstoneTicks: 15 + r.IntN(200),
 		MaxMsgBytes:    []int{1024, 0}[r.IntN(2)],
 	}
-	s.Tracef("schedule %d: %d peers, %+v, %+v", seed, peers, s.Net, cfg)
+	s.Tracef("schedule %d: %d peers, loss %.3f, dup %.3f, delay %.3f, reorder %v, %+v", seed, peers,
+		s.Net.Loss, s.Net.Dup, s.Net.Delay, s.Net.Reorder, cfg)
 	for i := range peers {
 		if err := s.AddPeer(namestest.Name(i), cfg); err != nil {
 			return tot, s, err
@@ -273,7 +249,7 @@ func runSchedule(seed uint64) (tot totals, s *namestest.Sim, err error) {
 	if err := doRestarts(s, restarts, func(int64) bool { return r.IntN(2) == 0 }); err != nil {
 		return tot, s, err
 	}
-	s.Net = namestest.Net{}
+	s.Net.Loss, s.Net.Dup, s.Net.Reorder, s.Net.Delay = 0, 0, false, 0
 	purge, digest := cfg.PurgeTicks, cfg.DigestTicks
 	for n := 1; ; n++ {
 		if err := s.Settle(1); err != nil {
@@ -715,10 +691,10 @@ func TestTombstonesExpire(t *testing.T) {
 		}
 		mustAdd(t, s, a, "x", addr(1), "c1")
 		settleUntil(t, s, 1, 5*digestTicks, "registered", func() bool { return resolves(s, "x.weave.local.", addr(1)) })
+		s.Net.Loss = 1 // the deletion's broadcast is lost; digests carry it
 		if _, err := s.Delete(a, "x", netip.Addr{}, ""); err != nil {
 			t.Fatal(err)
 		}
-		s.Net.Loss = 1 // the deletion's broadcast is lost; digests carry it
 		if err := s.Deliver(); err != nil {
 			t.Fatal(err)
 		}

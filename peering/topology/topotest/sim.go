@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"slices"
 
+	"github.com/overlayd/overlayd/internal/simnet"
 	"github.com/overlayd/overlayd/peering/topology"
 	"github.com/overlayd/overlayd/proto"
 )
@@ -36,11 +37,9 @@ type Sim struct {
 	round int64
 	peers map[proto.PeerName]*peer
 	order []proto.PeerName // join order
-	// inflight holds delayed messages by delivery round.
-	inflight map[int64][]delivery
-	// group puts peers in partitions: messages and connections only work
-	// within a group. Nil: no partition.
-	group map[proto.PeerName]int
+	// net carries the messages, within the round they are sent (and up
+	// to MaxDelay rounds later); its partitions cut connections too.
+	net   *simnet.Net[proto.TopoMsg]
 	trace []string
 	// LastChange is the last round a connection came or went.
 	LastChange int64
@@ -60,15 +59,12 @@ type peer struct {
 	out     map[proto.PeerName]bool   // connections it dialled
 }
 
-type delivery struct {
-	from, to proto.PeerName
-	msg      proto.TopoMsg
-}
-
 // New makes an empty simulation.
 func New(seed uint64) *Sim {
-	return &Sim{rand: rand.New(rand.NewPCG(seed, seed^0x5eed)), seed: seed,
-		peers: map[proto.PeerName]*peer{}, inflight: map[int64][]delivery{}}
+	r := rand.New(rand.NewPCG(seed, seed^0x5eed))
+	net := simnet.New[proto.TopoMsg](r)
+	net.Reorder = true // delayed messages are shuffled in with the current ones
+	return &Sim{rand: r, seed: seed, peers: map[proto.PeerName]*peer{}, net: net}
 }
 
 // Name is the peer name of the i-th peer (1-based).
@@ -108,10 +104,7 @@ func (s *Sim) Stop(i int) {
 
 // Partition splits the peers into groups by f; Heal undoes it.
 func (s *Sim) Partition(f func(proto.PeerName) int) {
-	s.group = map[proto.PeerName]int{}
-	for _, name := range s.order {
-		s.group[name] = f(name)
-	}
+	s.net.Partition(s.order, f)
 	for _, name := range s.order {
 		p := s.peers[name]
 		for other := range p.conns {
@@ -123,11 +116,9 @@ func (s *Sim) Partition(f func(proto.PeerName) int) {
 }
 
 // Heal removes the partition.
-func (s *Sim) Heal() { s.group = nil }
+func (s *Sim) Heal() { s.net.Heal() }
 
-func (s *Sim) reachable(a, b proto.PeerName) bool {
-	return s.group == nil || s.group[a] == s.group[b]
-}
+func (s *Sim) reachable(a, b proto.PeerName) bool { return s.net.Reaches(a, b) }
 
 func (s *Sim) connect(a, b proto.PeerName) {
 	pa, pb := s.peers[a], s.peers[b]
@@ -150,6 +141,8 @@ func (s *Sim) disconnect(a, b proto.PeerName) {
 // messages are delivered, and their answers, until the network is quiet.
 func (s *Sim) Step() {
 	s.round++
+	s.net.Advance()
+	s.net.Loss, s.net.Dup, s.net.MaxDelay = s.Drop, s.Dup, s.MaxDelay
 	// Connections made last round are reported now.
 	for _, name := range s.order {
 		p := s.peers[name]
@@ -219,20 +212,7 @@ func (s *Sim) collect(p *peer) {
 		if !p.conns[m.To] || !s.reachable(p.name, m.To) {
 			continue // the connection went away meanwhile
 		}
-		if s.Drop > 0 && s.rand.Float64() < s.Drop {
-			continue
-		}
-		copies := 1
-		if s.Dup > 0 && s.rand.Float64() < s.Dup {
-			copies = 2
-		}
-		for range copies {
-			at := s.round
-			if s.MaxDelay > 0 {
-				at += int64(s.rand.IntN(s.MaxDelay + 1))
-			}
-			s.inflight[at] = append(s.inflight[at], delivery{from: p.name, to: m.To, msg: m.Msg})
-		}
+		s.net.Send(p.name, m.To, m.Msg)
 	}
 }
 
@@ -240,22 +220,17 @@ func (s *Sim) collect(p *peer) {
 // until nothing is due this round.
 func (s *Sim) deliver() {
 	for range 50 {
-		batch := s.inflight[s.round]
+		batch := s.net.Due()
 		if len(batch) == 0 {
-			delete(s.inflight, s.round)
 			return
 		}
-		s.inflight[s.round] = nil
-		// Delayed messages from earlier rounds are shuffled in with the
-		// current ones: reordering.
-		s.rand.Shuffle(len(batch), func(i, j int) { batch[i], batch[j] = batch[j], batch[i] })
 		for _, d := range batch {
-			q := s.peers[d.to]
-			if q == nil || !q.up || !q.conns[d.from] {
+			q := s.peers[d.To]
+			if q == nil || !q.up || !q.conns[d.From] {
 				continue
 			}
-			if err := q.node.Step(d.from, q.uids[d.from], &d.msg); err != nil {
-				s.trace = append(s.trace, fmt.Sprintf("round %d: %v <- %v: %v", s.round, d.to, d.from, err))
+			if err := q.node.Step(d.From, q.uids[d.From], &d.Msg); err != nil {
+				s.trace = append(s.trace, fmt.Sprintf("round %d: %v <- %v: %v", s.round, d.To, d.From, err))
 			}
 			s.collect(q)
 		}
