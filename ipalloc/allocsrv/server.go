@@ -208,14 +208,7 @@ func (s *Server) Run(ctx context.Context) error {
 			s.refreshReach()
 			s.node.Tick()
 		case m := <-s.in:
-			msg, err := proto.ParseIPAMMsg(m.payload)
-			if err == nil {
-				err = s.node.Step(m.from, &msg)
-			}
-			if err != nil {
-				s.Rejected.Add(1)
-				s.log.Warn("IPAM message refused", zap.Stringer("peer", m.from), zap.Error(err))
-			}
+			s.step(m)
 		case c := <-s.calls:
 			s.waiting[c.req.ID] = c.done
 			s.node.Submit(c.req)
@@ -225,6 +218,18 @@ func (s *Server) Run(ctx context.Context) error {
 		case ch := <-s.stat:
 			ch <- s.node.Status()
 		}
+	}
+}
+
+// step hands the Node a peer's message; one it refuses is counted.
+func (s *Server) step(m inbound) {
+	msg, err := proto.ParseIPAMMsg(m.payload)
+	if err == nil {
+		err = s.node.Step(m.from, &msg)
+	}
+	if err != nil {
+		s.Rejected.Add(1)
+		s.log.Warn("IPAM message refused", zap.Stringer("peer", m.from), zap.Error(err))
 	}
 }
 
