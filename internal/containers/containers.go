@@ -225,7 +225,7 @@ func (t *Table) markGone(id string) {
 		return
 	}
 	t.gone[id] = t.ticks
-	t.cfg.Logf("container %s gone; its addresses are kept for %d ticks", id, t.cfg.GraceTicks)
+	t.cfg.Logf("container %s gone; its addresses are kept for the grace period", id)
 }
 
 // Hosts lists the host veths of the containers, for Observe.
