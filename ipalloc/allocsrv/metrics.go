@@ -9,44 +9,41 @@ import (
 	"github.com/overlayd/overlayd/internal/ipv4"
 )
 
-// Collector exposes the allocator's state to Prometheus (Weave's
-// weave_ips, weave_max_ips, weave_ipam_* and more).
-type Collector struct {
-	s *Server
+// The allocator's metrics (Weave's weave_ips, weave_max_ips, weave_ipam_*
+// and more). Descs are immutable: one set serves every Server.
+var (
+	activeDesc = prometheus.NewDesc("overlayd_ipam_active_ips",
+		"Addresses of the range allocated on this peer.", nil, nil)
+	maxDesc = prometheus.NewDesc("overlayd_ipam_max_ips",
+		"Addresses in the allocation range.", nil, nil)
+	ownedDesc = prometheus.NewDesc("overlayd_ipam_owned_ips",
+		"Addresses of the range this peer owns (allocated or free).", nil, nil)
+	unreachableDesc = prometheus.NewDesc("overlayd_ipam_unreachable_ips",
+		"Addresses of the range owned by peers the router does not reach (rmpeer them if they are dead).", nil, nil)
+	pendingDesc = prometheus.NewDesc("overlayd_ipam_pending",
+		"Requests waiting for the ring or for space, by operation.", []string{"op"}, nil)
+	conflictsDesc = prometheus.NewDesc("overlayd_ipam_conflicts_total",
+		"Addresses allocated here in space a merge gave to another peer (each is asked back).", nil, nil)
+	duplicatesDesc = prometheus.NewDesc("overlayd_ipam_duplicates_total",
+		"Of the conflicts, addresses the other peer had allocated too (in use twice).", nil, nil)
+	donationsDesc = prometheus.NewDesc("overlayd_ipam_donations_total",
+		"Space given to peers that asked for it.", nil, nil)
+	messagesDesc = prometheus.NewDesc("overlayd_ipam_messages_total",
+		"IPAM messages from peers that were dropped (the allocator lagged) or rejected.", []string{"result"}, nil)
+)
 
-	active, max, owned, unreachable, pending, conflicts, duplicates, donations, messages *prometheus.Desc
-}
+// Collector exposes the allocator's state to Prometheus.
+type Collector struct{ s *Server }
 
-var _ prometheus.Collector = (*Collector)(nil)
+var _ prometheus.Collector = Collector{}
 
 // Collector returns a Prometheus collector for s.
-func (s *Server) Collector() *Collector {
-	return &Collector{
-		s: s,
-		active: prometheus.NewDesc("overlayd_ipam_active_ips",
-			"Addresses of the range allocated on this peer.", nil, nil),
-		max: prometheus.NewDesc("overlayd_ipam_max_ips",
-			"Addresses in the allocation range.", nil, nil),
-		owned: prometheus.NewDesc("overlayd_ipam_owned_ips",
-			"Addresses of the range this peer owns (allocated or free).", nil, nil),
-		unreachable: prometheus.NewDesc("overlayd_ipam_unreachable_ips",
-			"Addresses of the range owned by peers the router does not reach (rmpeer them if they are dead).", nil, nil),
-		pending: prometheus.NewDesc("overlayd_ipam_pending",
-			"Requests waiting for the ring or for space, by operation.", []string{"op"}, nil),
-		conflicts: prometheus.NewDesc("overlayd_ipam_conflicts_total",
-			"Addresses allocated here in space a merge gave to another peer (each is asked back).", nil, nil),
-		duplicates: prometheus.NewDesc("overlayd_ipam_duplicates_total",
-			"Of the conflicts, addresses the other peer had allocated too (in use twice).", nil, nil),
-		donations: prometheus.NewDesc("overlayd_ipam_donations_total",
-			"Space given to peers that asked for it.", nil, nil),
-		messages: prometheus.NewDesc("overlayd_ipam_messages_total",
-			"IPAM messages from peers that were dropped (the allocator lagged) or rejected.", []string{"result"}, nil),
-	}
-}
+func (s *Server) Collector() Collector { return Collector{s} }
 
 // Describe implements prometheus.Collector.
-func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.active, c.max, c.owned, c.unreachable, c.pending, c.conflicts, c.duplicates, c.donations, c.messages} {
+func (c Collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{activeDesc, maxDesc, ownedDesc, unreachableDesc, pendingDesc, conflictsDesc,
+		duplicatesDesc, donationsDesc, messagesDesc} {
 		ch <- d
 	}
 }
@@ -54,9 +51,9 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 // Collect implements prometheus.Collector. The state comes from the
 // allocator's goroutine; if it does not answer within a second, only the
 // message counters are reported.
-func (c *Collector) Collect(ch chan<- prometheus.Metric) {
-	ch <- prometheus.MustNewConstMetric(c.messages, prometheus.CounterValue, float64(c.s.Dropped.Load()), "dropped")
-	ch <- prometheus.MustNewConstMetric(c.messages, prometheus.CounterValue, float64(c.s.Rejected.Load()), "rejected")
+func (c Collector) Collect(ch chan<- prometheus.Metric) {
+	ch <- prometheus.MustNewConstMetric(messagesDesc, prometheus.CounterValue, float64(c.s.Dropped.Load()), "dropped")
+	ch <- prometheus.MustNewConstMetric(messagesDesc, prometheus.CounterValue, float64(c.s.Rejected.Load()), "rejected")
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	st, err := c.s.Status(ctx)
@@ -76,16 +73,16 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			unreachable += o.Size
 		}
 	}
-	gauge(c.active, float64(st.Active))
-	gauge(c.max, float64(end-uint64(start)))
-	gauge(c.owned, float64(owned))
-	gauge(c.unreachable, float64(unreachable))
-	gauge(c.pending, float64(st.PendingAllocs), "allocate")
-	gauge(c.pending, float64(st.PendingClaims), "claim")
+	gauge(activeDesc, float64(st.Active))
+	gauge(maxDesc, float64(end-uint64(start)))
+	gauge(ownedDesc, float64(owned))
+	gauge(unreachableDesc, float64(unreachable))
+	gauge(pendingDesc, float64(st.PendingAllocs), "allocate")
+	gauge(pendingDesc, float64(st.PendingClaims), "claim")
 	counter := func(d *prometheus.Desc, v uint64) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v))
 	}
-	counter(c.conflicts, st.Stats.Conflicts)
-	counter(c.duplicates, st.Stats.Duplicates)
-	counter(c.donations, st.Stats.Donations)
+	counter(conflictsDesc, st.Stats.Conflicts)
+	counter(duplicatesDesc, st.Stats.Duplicates)
+	counter(donationsDesc, st.Stats.Donations)
 }

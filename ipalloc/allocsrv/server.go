@@ -17,6 +17,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/overlayd/overlayd/internal/coreloop"
 	"github.com/overlayd/overlayd/ipalloc"
 	"github.com/overlayd/overlayd/ipalloc/ring"
 	"github.com/overlayd/overlayd/proto"
@@ -60,11 +61,6 @@ type inbound struct {
 	payload []byte
 }
 
-type call struct {
-	req  ipalloc.Request
-	done chan ipalloc.Done // room for one
-}
-
 // Server owns an ipalloc.Node. Make one with New, then call Run.
 type Server struct {
 	cfg   Config
@@ -72,9 +68,7 @@ type Server struct {
 	node  *ipalloc.Node
 	log   *zap.Logger
 	in    chan inbound
-	calls chan call
-	quit  chan uint64 // IDs of calls whose caller went away
-	stat  chan chan ipalloc.Status
+	calls chan func() // run on Run's goroutine
 	// stopped is closed when Run returns.
 	stopped chan struct{}
 
@@ -118,8 +112,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	return &Server{cfg: cfg, store: st, node: n, log: log,
-		in: make(chan inbound, inboundLen), calls: make(chan call), quit: make(chan uint64, 16),
-		stat: make(chan chan ipalloc.Status), stopped: make(chan struct{}),
+		in: make(chan inbound, inboundLen), calls: make(chan func()), stopped: make(chan struct{}),
 		waiting: map[uint64]chan ipalloc.Done{}}, nil
 }
 
@@ -138,27 +131,27 @@ func (s *Server) Deliver(from proto.PeerName, payload []byte) {
 // request is cancelled.
 func (s *Server) Do(ctx context.Context, req ipalloc.Request) (ipalloc.Done, error) {
 	req.ID = s.ids.Add(1)
-	c := call{req: req, done: make(chan ipalloc.Done, 1)}
-	select {
-	case s.calls <- c:
-	case <-ctx.Done():
-		return ipalloc.Done{}, ctx.Err()
-	case <-s.stopped:
-		return ipalloc.Done{}, ErrStopped
+	done := make(chan ipalloc.Done, 1)
+	if err := s.post(ctx, func() {
+		s.waiting[req.ID] = done
+		s.node.Submit(req)
+	}); err != nil {
+		return ipalloc.Done{}, err
 	}
 	select {
-	case d := <-c.done:
+	case d := <-done:
 		return d, nil
 	case <-ctx.Done():
 		select {
-		case d := <-c.done: // answered just as the caller gave up: the answer stands
+		case d := <-done: // answered just as the caller gave up: the answer stands
 			return d, nil
 		default:
 		}
-		select {
-		case s.quit <- req.ID:
-		case <-s.stopped:
-		}
+		// The request is cancelled, whatever the caller's context.
+		s.post(context.Background(), func() {
+			delete(s.waiting, req.ID)
+			s.node.Cancel(req.ID)
+		})
 		return ipalloc.Done{}, ctx.Err()
 	case <-s.stopped:
 		return ipalloc.Done{}, ErrStopped
@@ -168,18 +161,26 @@ func (s *Server) Do(ctx context.Context, req ipalloc.Request) (ipalloc.Done, err
 // Status reports the allocator's state.
 func (s *Server) Status(ctx context.Context) (ipalloc.Status, error) {
 	ch := make(chan ipalloc.Status, 1)
-	select {
-	case s.stat <- ch:
-	case <-ctx.Done():
-		return ipalloc.Status{}, ctx.Err()
-	case <-s.stopped:
-		return ipalloc.Status{}, ErrStopped
+	if err := s.post(ctx, func() { ch <- s.node.Status() }); err != nil {
+		return ipalloc.Status{}, err
 	}
 	select {
 	case st := <-ch:
 		return st, nil
 	case <-s.stopped:
 		return ipalloc.Status{}, ErrStopped
+	}
+}
+
+// post hands f to Run's goroutine.
+func (s *Server) post(ctx context.Context, f func()) error {
+	select {
+	case s.calls <- f:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-s.stopped:
+		return ErrStopped
 	}
 }
 
@@ -194,31 +195,14 @@ func (s *Server) Run(ctx context.Context) error {
 		}
 		s.store.close()
 	}()
-	tick := time.NewTicker(s.cfg.TickEvery)
-	defer tick.Stop()
 	s.refreshReach()
-	for {
-		if err := s.apply(ctx); err != nil {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-tick.C:
-			s.refreshReach()
-			s.node.Tick()
-		case m := <-s.in:
-			s.step(m)
-		case c := <-s.calls:
-			s.waiting[c.req.ID] = c.done
-			s.node.Submit(c.req)
-		case id := <-s.quit:
-			delete(s.waiting, id)
-			s.node.Cancel(id)
-		case ch := <-s.stat:
-			ch <- s.node.Status()
-		}
-	}
+	return coreloop.Loop[inbound]{Every: s.cfg.TickEvery, Apply: s.apply, Tick: s.tick, Step: s.step, In: s.in, Calls: s.calls}.Run(ctx)
+}
+
+// tick tells the Node whom the router reaches, and that time passed.
+func (s *Server) tick() {
+	s.refreshReach()
+	s.node.Tick()
 }
 
 // step hands the Node a peer's message; one it refuses is counted.

@@ -20,6 +20,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/overlayd/overlayd/internal/atomicfile"
+	"github.com/overlayd/overlayd/internal/coreloop"
 	"github.com/overlayd/overlayd/names"
 	"github.com/overlayd/overlayd/proto"
 )
@@ -62,14 +63,6 @@ type inbound struct {
 	payload []byte
 }
 
-// call is a function to run on the server's goroutine; done is closed
-// once its changes are saved, sent and published, or err says why not.
-type call struct {
-	f    func(*names.Store)
-	done chan struct{}
-	err  error
-}
-
 // Server owns a names.Store. Make one with New, then call Run.
 type Server struct {
 	cfg   Config
@@ -78,7 +71,7 @@ type Server struct {
 	log   *zap.Logger
 	view  atomic.Pointer[names.View]
 	in    chan inbound
-	calls chan *call
+	calls chan func() // run on Run's goroutine
 	// stopped is closed when Run returns.
 	stopped chan struct{}
 
@@ -119,7 +112,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s := &Server{cfg: cfg, path: path, store: st, log: log,
-		in: make(chan inbound, inboundLen), calls: make(chan *call), stopped: make(chan struct{})}
+		in: make(chan inbound, inboundLen), calls: make(chan func()), stopped: make(chan struct{})}
 	s.view.Store(st.View())
 	if all, _ := st.View().Live(); all > 0 {
 		log.Info(fmt.Sprintf("restored %d names from %s", all, path))
@@ -151,21 +144,25 @@ func (s *Server) Deliver(from proto.PeerName, payload []byte) {
 // do runs f on the server's goroutine and waits until what it changed is
 // saved, sent and visible in View.
 func (s *Server) do(ctx context.Context, f func(*names.Store)) error {
-	c := &call{f: f, done: make(chan struct{})}
+	done := make(chan error, 1)
+	call := func() {
+		f(s.store)
+		done <- s.apply(ctx)
+	}
 	select {
-	case s.calls <- c:
+	case s.calls <- call:
 	case <-ctx.Done():
 		return ctx.Err()
 	case <-s.stopped:
 		return ErrStopped
 	}
 	select {
-	case <-c.done:
-		return c.err
+	case err := <-done:
+		return err
 	case <-s.stopped:
 		select {
-		case <-c.done:
-			return c.err
+		case err := <-done:
+			return err
 		default:
 		}
 		return ErrStopped
@@ -222,30 +219,14 @@ func (s *Server) Stats(ctx context.Context) (stats names.Stats, err error) {
 // the only goroutine that touches the Store.
 func (s *Server) Run(ctx context.Context) error {
 	defer close(s.stopped)
-	tick := time.NewTicker(s.cfg.TickEvery)
-	defer tick.Stop()
 	s.refreshReach()
-	for {
-		if err := s.apply(ctx); err != nil {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-tick.C:
-			s.refreshReach()
-			s.store.Tick()
-		case m := <-s.in:
-			s.step(m)
-		case c := <-s.calls:
-			c.f(s.store)
-			c.err = s.apply(ctx)
-			close(c.done)
-			if c.err != nil {
-				return c.err
-			}
-		}
-	}
+	return coreloop.Loop[inbound]{Every: s.cfg.TickEvery, Apply: s.apply, Tick: s.tick, Step: s.step, In: s.in, Calls: s.calls}.Run(ctx)
+}
+
+// tick tells the store whom the router reaches, and that time passed.
+func (s *Server) tick() {
+	s.refreshReach()
+	s.store.Tick()
 }
 
 // step hands the store a peer's message; one it refuses is counted.
