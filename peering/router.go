@@ -14,6 +14,11 @@
 //
 // Policy lives in pure packages (handshake, routes, proto); this package
 // carries it out.
+//
+// Files: router.go (the Router and the methods the rest of overlayd calls),
+// control.go (the control loop), datapath.go (the forwarding loops),
+// outbox.go (the gossip channels' outbound queues), status.go (what the
+// router reports) and metrics.go.
 package peering
 
 import (
@@ -308,3 +313,109 @@ type Stats struct {
 	GossipUnknownChannel atomic.Uint64
 	GossipRelayed        atomic.Uint64 // unicast gossip passed on to another peer
 }
+
+// Connect adds targets (HOST[:PORT]) and dials them at once. A target we
+// already have has its back-off reset. Nothing is added if any address is
+// malformed.
+func (r *Router) Connect(ctx context.Context, addrs []string) error {
+	var err error
+	if derr := r.do(ctx, func(c *control) { err = c.m.Connect(addrs) }); derr != nil {
+		return derr
+	}
+	return err
+}
+
+// ErrUnknownTarget is returned by Forget for an address that is not a target.
+var ErrUnknownTarget = link.ErrUnknownTarget
+
+// Forget removes targets and closes their connections. It fails, changing
+// nothing, if an address is malformed or not a target.
+func (r *Router) Forget(ctx context.Context, addrs []string) error {
+	var err error
+	if derr := r.do(ctx, func(c *control) { err = c.m.Forget(addrs) }); derr != nil {
+		return derr
+	}
+	return err
+}
+
+// SetLocal replaces the prefixes this host serves (its exposed addresses)
+// and announces them to every peer. It does not wait for the control loop:
+// the latest call wins, and the router's status and routes show it from
+// the next call that reads them.
+func (r *Router) SetLocal(prefixes []netip.Prefix) error {
+	ps := slices.Clone(prefixes)
+	for _, p := range ps {
+		if !p.IsValid() || !p.Addr().Is4() {
+			return fmt.Errorf("peering: cannot serve %v: only IPv4 prefixes", p)
+		}
+	}
+	if len(ps) > proto.MaxPrefixes {
+		return fmt.Errorf("peering: cannot serve more than %d prefixes", proto.MaxPrefixes)
+	}
+	slices.SortFunc(ps, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
+	if ps == nil {
+		ps = []netip.Prefix{} // none: not "nothing pending"
+	}
+	r.pendMu.Lock()
+	r.pendLocal = ps
+	r.pendMu.Unlock()
+	r.poke()
+	return nil
+}
+
+// Owner says which peer owns a part of the allocation range.
+type Owner = routes.Owner[proto.PeerName]
+
+// SetOwners replaces the allocator's view of who owns the range: packets
+// for an address go to its owner (a prefix a peer announces, such as an
+// exposed address, is more specific and wins). Like SetLocal, it does not
+// wait.
+func (r *Router) SetOwners(owners []Owner) error {
+	own := slices.Clone(owners)
+	for _, o := range own {
+		if !o.Prefix.IsValid() || !o.Prefix.Addr().Is4() || o.Peer == 0 {
+			return fmt.Errorf("peering: bad owner %v of %v", o.Peer, o.Prefix)
+		}
+	}
+	if own == nil {
+		own = []Owner{}
+	}
+	r.pendMu.Lock()
+	r.pendOwners = own
+	r.pendMu.Unlock()
+	r.poke()
+	return nil
+}
+
+// poke wakes the control loop.
+func (r *Router) poke() {
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Reachable returns the peers the router can send to now, directly or
+// through others.
+func (r *Router) Reachable() []proto.PeerName {
+	snap := r.snap.Load()
+	out := make([]proto.PeerName, 0, len(snap.byName))
+	for name := range snap.byName {
+		out = append(out, name)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// Nickname returns the nickname of a reachable peer, "" if it is not
+// reachable or its topology entry has not arrived.
+func (r *Router) Nickname(p proto.PeerName) string {
+	if snap := r.snap.Load(); snap != nil {
+		return snap.nicks[p]
+	}
+	return ""
+}
+
+// ParseTarget checks a peer address given as HOST, HOST:PORT, [IPv6] or
+// [IPv6]:PORT and returns its host and port.
+func ParseTarget(s string) (host string, port uint16, err error) { return link.ParseTarget(s) }
