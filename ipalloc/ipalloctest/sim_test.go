@@ -3,6 +3,8 @@ package ipalloctest_test
 import (
 	"flag"
 	"fmt"
+	"maps"
+	"slices"
 	"net/netip"
 	"testing"
 	"time"
@@ -160,8 +162,8 @@ func runSchedule(seed uint64) (tot totals, err error) {
 			s.Heal()
 			partitionUntil = -1
 		}
-		for name, at := range stopped {
-			if s.Ticks() >= at {
+		for _, name := range slices.Sorted(maps.Keys(stopped)) { // in order: Restart draws from the seed
+			if s.Ticks() >= stopped[name] {
 				delete(stopped, name)
 				if err := s.Restart(name); err != nil {
 					return tot, err
@@ -186,7 +188,7 @@ func runSchedule(seed uint64) (tot totals, err error) {
 	}
 	// Heal, restart, and let it settle on a perfect network.
 	s.Heal()
-	for name := range stopped {
+	for _, name := range slices.Sorted(maps.Keys(stopped)) {
 		if err := s.Restart(name); err != nil {
 			return tot, err
 		}
