@@ -15,9 +15,10 @@
 //   - Tick advances time by one tick.
 //
 // Ready then holds the encoded table to save (attached.json) and the
-// containers whose grace period ended, whose veth, resolv.conf and
-// addresses the shell removes and releases before it saves the table and
-// calls Advance. A Table is not safe for concurrent use.
+// containers whose grace period ended: the shell removes their veth and
+// resolv.conf and releases their addresses, and Removes each one it
+// released; one it could not release stays, and is due again at the next
+// Tick. A Table is not safe for concurrent use.
 package containers
 
 import (
@@ -65,8 +66,8 @@ type Config struct {
 // Ready is the work to do since the last Advance.
 type Ready struct {
 	// Released are containers whose grace period ended: remove their
-	// veth and resolv.conf, and release their addresses and names. They
-	// are no longer in the table.
+	// veth and resolv.conf, release their addresses and names, and then
+	// Remove them from the table.
 	Released []Attachment
 	// State is the table encoded (attached.json) when it changed; nil if
 	// not. It must be saved after Released is carried out, so that a
@@ -134,10 +135,11 @@ func (t *Table) List() []Attachment {
 
 // Find finds a container by the target it was attached under: its ID,
 // its name, or a prefix of its ID of 12 characters or more (a short
-// Docker ID). An exact ID wins; otherwise the match must be unique.
-func (t *Table) Find(target string) (id string, ok bool) {
+// Docker ID). An exact ID wins; otherwise it returns every match, by ID,
+// and the caller must refuse more than one.
+func (t *Table) Find(target string) []string {
 	if _, ok := t.byID[target]; ok {
-		return target, true
+		return []string{target}
 	}
 	var found []string
 	for _, id := range slices.Sorted(maps.Keys(t.byID)) {
@@ -146,10 +148,7 @@ func (t *Table) Find(target string) (id string, ok bool) {
 			found = append(found, id)
 		}
 	}
-	if len(found) != 1 {
-		return "", false
-	}
-	return found[0], true
+	return found
 }
 
 // Put records a container the shell plumbed: a new one, or more
@@ -180,6 +179,7 @@ func (t *Table) Remove(id string, addrs []netip.Prefix) {
 		delete(t.byID, id)
 		delete(t.gone, id)
 		delete(t.dead, id)
+		t.released = slices.DeleteFunc(t.released, func(a Attachment) bool { return a.ID == id })
 		return
 	}
 	a.Addresses = slices.DeleteFunc(a.Addresses, func(p netip.Prefix) bool { return slices.Contains(addrs, p) })
@@ -244,18 +244,14 @@ func (t *Table) GoneSince(id string) (int64, bool) {
 }
 
 // Tick advances time by one tick; containers gone for longer than the
-// grace period are released.
+// grace period are due for release (Ready.Released) until Removed.
 func (t *Table) Tick() {
 	t.ticks++
+	t.released = t.released[:0]
 	for _, id := range slices.Sorted(maps.Keys(t.gone)) {
-		if t.ticks-t.gone[id] <= int64(t.cfg.GraceTicks) {
-			continue
+		if t.ticks-t.gone[id] > int64(t.cfg.GraceTicks) {
+			t.released = append(t.released, t.byID[id].clone())
 		}
-		t.released = append(t.released, *t.byID[id])
-		delete(t.byID, id)
-		delete(t.gone, id)
-		delete(t.dead, id)
-		t.changed = true
 	}
 }
 
@@ -275,7 +271,9 @@ func (t *Table) Ready() Ready {
 	return rd
 }
 
-// Advance tells the Table that the last Ready was carried out.
+// Advance tells the Table that the last Ready was carried out: the state
+// was saved, and the containers released were Removed (those that were
+// not are due again at the next Tick).
 func (t *Table) Advance() {
 	t.released, t.changed = nil, false
 }

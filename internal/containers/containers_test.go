@@ -30,13 +30,15 @@ func newTable(t *testing.T, grace int) *Table {
 	return tab
 }
 
-// released ticks n times and returns the IDs released meanwhile.
+// released ticks n times and returns the IDs released meanwhile (each
+// Removed, as the shell does once it released it).
 func released(tab *Table, n int) []string {
 	var ids []string
 	for range n {
 		tab.Tick()
 		for _, a := range tab.Ready().Released {
 			ids = append(ids, a.ID)
+			tab.Remove(a.ID, nil)
 		}
 		tab.Advance()
 	}
@@ -132,12 +134,12 @@ func TestFindAndRemove(t *testing.T) {
 		dockerID: dockerID, "web1": dockerID, dockerID[:12]: dockerID, "pid:42": "pid:42",
 		dockerID[:11]: "", "web": "", "nobody": "",
 	} {
-		if got, _ := tab.Find(target); got != want {
+		if got := tab.Find(target); want == "" && len(got) != 0 || want != "" && (len(got) != 1 || got[0] != want) {
 			t.Errorf("Find(%q) = %q, want %q", target, got, want)
 		}
 	}
-	tab.Put(att(dockerID[:12]+"zz", "10.32.0.4/12")) // a second match: no longer unique
-	if got, ok := tab.Find(dockerID[:12]); ok {
+	tab.Put(att(dockerID[:12]+"zz", "10.32.0.4/12")) // a second match
+	if got := tab.Find(dockerID[:12]); len(got) != 2 {
 		t.Errorf("an ambiguous prefix found %q", got)
 	}
 	tab.Remove(dockerID, []netip.Prefix{netip.MustParsePrefix("10.32.0.1/12")})
@@ -190,7 +192,8 @@ func TestState(t *testing.T) {
 	for _, bad := range []string{
 		`[null]`, `{}`, `[{}]`, `[{"id": ""}]`, `[{"id": "a b"}]`, `[{"id": "x"}, {"id": "x"}]`,
 		`[{"id": "x", "addresses": ["fd00::1/64"]}]`, `[{"id": "x", "addresses": ["nonsense"]}]`,
-		`[{"id": "x", "surprise": 1}]`, `[{"id": "x"}] [`, `[{"id": "x", "netns": "a\u0000b"}]`, ``, `nul`,
+		`[{"id": "x", "surprise": 1}]`, `[{"id": "x"}] [`, `[{"id": "x", "netns": "a\u0000b"}]`, ``, `nul`, `[]]`, `[] }`,
+		`[{"id": "x", "addresses": ["0.0.0.0/0"]}]`, `[{"id": "x", "addresses": ["10.0.0.1/8", "10.0.0.1/8"]}]`,
 	} {
 		if _, err := ParseState([]byte(bad)); !errors.Is(err, ErrCorrupt) {
 			t.Errorf("%q: %v, want ErrCorrupt", bad, err)
@@ -210,6 +213,7 @@ type model struct {
 	present  bool  // its veth exists
 	dead     bool  // Docker said it died since it was last attached
 	since    int64 // tick it was noticed gone; -1 while not gone
+	failed   int64 // tick its release last failed (then it is due again at the next); -1 if never
 }
 
 // TestSchedules drives a Table through random schedules (attach, detach,
@@ -243,7 +247,7 @@ func schedule(seed uint64) error {
 	ids := []string{"a", "b", "c", "d", "e"}
 	m := map[string]*model{}
 	for _, id := range ids {
-		m[id] = &model{since: -1}
+		m[id] = &model{since: -1, failed: -1}
 	}
 	var saved []byte
 	markGone := func(x *model) {
@@ -258,10 +262,10 @@ func schedule(seed uint64) error {
 		switch op {
 		case 0: // attach (again)
 			tab.Put(att(id, fmt.Sprintf("10.32.0.%d/12", 1+r.IntN(200))))
-			*x = model{attached: true, present: true, since: -1}
+			*x = model{attached: true, present: true, since: -1, failed: -1}
 		case 1: // detach
 			tab.Remove(id, nil)
-			*x = model{since: -1}
+			*x = model{since: -1, failed: -1}
 		case 2: // the veth goes, and the kernel says so
 			if x.attached {
 				x.present = false
@@ -302,7 +306,7 @@ func schedule(seed uint64) error {
 				for _, y := range m {
 					y.since, y.dead = -1, false
 					if !y.attached {
-						*y = model{since: -1}
+						*y = model{since: -1, failed: -1}
 					}
 				}
 			}
@@ -320,11 +324,19 @@ func schedule(seed uint64) error {
 			case y.since < 0 || tab.Ticks()-y.since <= int64(grace):
 				return fmt.Errorf("step %d: %s released at tick %d, gone since %d, grace %d", step, a.ID, tab.Ticks(), y.since, grace)
 			}
-			*y = model{since: -1}
+			if r.IntN(5) == 0 {
+				y.failed = tab.Ticks() // the release failed: due again at the next tick
+				continue
+			}
+			tab.Remove(a.ID, nil)
+			*y = model{since: -1, failed: -1}
+		}
+		if len(rd.Released) > 0 {
+			rd = tab.Ready() // the state after the removals
 		}
 		for _, other := range ids {
 			y := m[other]
-			if y.attached && y.since >= 0 && tab.Ticks()-y.since > int64(grace) {
+			if y.attached && y.since >= 0 && tab.Ticks()-y.since > int64(grace) && y.failed != tab.Ticks() {
 				return fmt.Errorf("step %d: %s gone since %d, not released at tick %d (grace %d)", step, other, y.since, tab.Ticks(), grace)
 			}
 			if _, ok := tab.Get(other); ok != y.attached {

@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
+	"slices"
 	"strings"
 	"unicode/utf8"
 )
@@ -55,7 +57,7 @@ func ParseState(b []byte) ([]Attachment, error) {
 	if err := dec.Decode(&list); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
 	}
-	if dec.More() {
+	if _, err := dec.Token(); err != io.EOF {
 		return nil, fmt.Errorf("%w: data after the list", ErrCorrupt)
 	}
 	if len(list) > MaxEntries {
@@ -91,9 +93,12 @@ func check(a *Attachment) error {
 	case len(a.Addresses) > MaxAddrs:
 		return fmt.Errorf("%d addresses", len(a.Addresses))
 	}
-	for _, p := range a.Addresses {
-		if !p.IsValid() || !p.Addr().Is4() {
-			return fmt.Errorf("address %v is not IPv4", p)
+	for i, p := range a.Addresses {
+		switch {
+		case !p.IsValid() || !p.Addr().Is4() || p.Bits() == 0:
+			return fmt.Errorf("address %v is not an IPv4 address with its mask", p)
+		case slices.ContainsFunc(a.Addresses[:i], func(q netip.Prefix) bool { return q.Addr() == p.Addr() }):
+			return fmt.Errorf("address %v twice", p.Addr())
 		}
 	}
 	return nil

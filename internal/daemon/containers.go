@@ -43,6 +43,8 @@ type containerShell struct {
 	// stopped is closed when Run returns, so that calls fail instead of
 	// waiting for it.
 	stopped chan struct{}
+	// unsaved says the last save failed: the next apply saves again.
+	unsaved bool // Run's goroutine's
 }
 
 type containerCall struct {
@@ -86,6 +88,11 @@ func (c *containerShell) do(ctx context.Context, fn func(*containers.Table) erro
 	case err := <-call.done:
 		return err
 	case <-c.stopped:
+		select {
+		case err := <-call.done: // done just as Run ended: the answer stands
+			return err
+		default:
+		}
 		return errContainersStopped
 	}
 }
@@ -141,29 +148,45 @@ func (c *containerShell) Run(ctx context.Context) error {
 }
 
 // apply carries out the table's Ready: the containers whose grace ended
-// lose their veth, resolv.conf, addresses and names; then the table is
-// saved (after: a crash in between releases them again, never leaks
-// them).
+// lose their veth, resolv.conf, addresses and names, and go from the table
+// (one whose addresses could not be released stays, and is tried again at
+// the next tick); then the table is saved. A failed save is tried again
+// at the next apply.
 func (c *containerShell) apply(ctx context.Context) error {
 	rd := c.table.Ready()
-	if rd.Empty() {
-		return nil
-	}
 	for _, a := range rd.Released {
 		removeResolvConf(a.ID)
 		c.d.keeper.SetHost(a.HostIface, nil)
 		if err := attach.Detach(a.HostIface); err != nil {
 			c.d.log.Warn("removing the veth of a container gone", zap.String("container", a.ID), zap.Error(err))
 		}
-		c.d.release(context.WithoutCancel(ctx), a.ID, a.Addresses)
+		if err := c.d.release(context.WithoutCancel(ctx), a.ID, a.Addresses); err != nil {
+			c.d.log.Warn("releasing the addresses of a container gone; trying again", zap.String("container", a.ID), zap.Error(err))
+			continue
+		}
+		c.table.Remove(a.ID, nil)
 		c.d.log.Info("released the addresses of a container gone", zap.String("container", a.ID), zap.Any("addr", a.Addresses))
 	}
-	var err error
-	if rd.State != nil {
-		err = atomicfile.Write(c.path, rd.State)
+	if len(rd.Released) > 0 {
+		rd = c.table.Ready()
+	}
+	state := rd.State
+	if state == nil && c.unsaved {
+		var err error
+		if state, err = containers.EncodeState(c.table.List()); err != nil {
+			return err
+		}
 	}
 	c.table.Advance()
-	return err
+	if state == nil {
+		return nil
+	}
+	if err := atomicfile.Write(c.path, state); err != nil {
+		c.unsaved = true
+		return err
+	}
+	c.unsaved = false
+	return nil
 }
 
 // containerMTU is the MTU of a container's veth: the overlay's, at most
@@ -218,57 +241,15 @@ func (d *Daemon) Attach(ctx context.Context, req api.AttachRequest) (api.Attachm
 	if req.Name == "" && dockerName != "" && d.names != nil {
 		req.Name = dockerName // a Docker container is known by its name
 	}
-	// The allocator may wait: not on the table's goroutine.
-	var addrs []netip.Prefix
-	if len(req.CIDRs) == 0 {
-		p, err := d.Alloc(ctx, id, netip.Prefix{})
-		if err != nil {
-			return api.Attachment{}, err
-		}
-		addrs = append(addrs, p)
-	}
-	for _, p := range req.CIDRs {
-		if d.alloc != nil {
-			if p, err = d.Claim(ctx, id, p); err != nil {
-				return api.Attachment{}, err
-			}
-		}
-		addrs = append(addrs, p)
-	}
 	var a containers.Attachment
-	existed := false
-	err = d.boxes.do(ctx, func(t *containers.Table) error {
-		a, existed = t.Get(id)
-		if !existed {
-			a = containers.Attachment{ID: id, NetNS: path, HostIface: containers.HostIface(id)}
+	var addrs []netip.Prefix
+	for try := 0; ; try++ {
+		a, addrs, err = d.attach(ctx, path, id, req)
+		if !errors.Is(err, errReleasedMeanwhile) || try > 0 {
+			break
 		}
-		for _, p := range addrs {
-			if !slices.Contains(a.Addresses, p) {
-				a.Addresses = append(a.Addresses, p)
-			}
-		}
-		var routes []netip.Prefix
-		for _, p := range a.Addresses {
-			if m := p.Masked(); !slices.Contains(routes, m) {
-				routes = append(routes, m)
-			}
-		}
-		mac, err := attach.Attach(attach.Spec{NetNS: path, Host: a.HostIface, MTU: d.containerMTU(), Addrs: a.Addresses, Routes: routes})
-		if err != nil {
-			return err
-		}
-		a.MAC = mac
-		if req.Name != "" {
-			a.Name = req.Name
-		}
-		t.Put(a)
-		d.keeper.SetHost(a.HostIface, addrsOf(a.Addresses))
-		return nil
-	})
+	}
 	if err != nil {
-		if !existed {
-			d.release(context.WithoutCancel(ctx), id, addrs)
-		}
 		return api.Attachment{}, err
 	}
 	if req.Name != "" {
@@ -288,6 +269,86 @@ func (d *Daemon) Attach(ctx context.Context, req api.AttachRequest) (api.Attachm
 	return apiAttachment(a), nil
 }
 
+// errReleasedMeanwhile says a container's grace period ended, and its
+// addresses went, while it was being attached again: attach it anew.
+var errReleasedMeanwhile = errors.New("the container's addresses were released meanwhile")
+
+// attach gets the addresses (not on the table's goroutine: the allocator
+// may wait), then plumbs the container and records it. Addresses it got
+// for a container that was not attached are released again when the
+// plumbing fails.
+func (d *Daemon) attach(ctx context.Context, path, id string, req api.AttachRequest) (containers.Attachment, []netip.Prefix, error) {
+	var before bool
+	if err := d.boxes.do(ctx, func(t *containers.Table) error { _, before = t.Get(id); return nil }); err != nil {
+		return containers.Attachment{}, nil, err
+	}
+	var addrs []netip.Prefix
+	undo := func() {
+		if !before {
+			d.release(context.WithoutCancel(ctx), id, addrs)
+		}
+	}
+	if len(req.CIDRs) == 0 {
+		p, err := d.Alloc(ctx, id, netip.Prefix{})
+		if err != nil {
+			return containers.Attachment{}, nil, err
+		}
+		addrs = append(addrs, p)
+	}
+	for _, p := range req.CIDRs {
+		if d.alloc != nil {
+			var err error
+			if p, err = d.Claim(ctx, id, p); err != nil {
+				undo()
+				return containers.Attachment{}, nil, err
+			}
+		}
+		addrs = append(addrs, p)
+	}
+	var a containers.Attachment
+	plumbed := false
+	err := d.boxes.do(ctx, func(t *containers.Table) error {
+		var existed bool
+		a, existed = t.Get(id)
+		if before && !existed {
+			return errReleasedMeanwhile
+		}
+		if !existed {
+			a = containers.Attachment{ID: id, NetNS: path, HostIface: containers.HostIface(id)}
+		}
+		for _, p := range addrs {
+			if !slices.Contains(a.Addresses, p) {
+				a.Addresses = append(a.Addresses, p)
+			}
+		}
+		var routes []netip.Prefix
+		for _, p := range a.Addresses {
+			if m := p.Masked(); !slices.Contains(routes, m) {
+				routes = append(routes, m)
+			}
+		}
+		mac, err := attach.Attach(attach.Spec{NetNS: path, Host: a.HostIface, MTU: d.containerMTU(), Addrs: a.Addresses, Routes: routes})
+		if err != nil {
+			return err
+		}
+		plumbed = true
+		a.MAC = mac
+		if req.Name != "" {
+			a.Name = req.Name
+		}
+		t.Put(a)
+		d.keeper.SetHost(a.HostIface, addrsOf(a.Addresses))
+		return nil
+	})
+	if err != nil && !plumbed && !errors.Is(err, errReleasedMeanwhile) {
+		// Nothing holds the addresses but this call. (A failure to save
+		// the table after the plumbing keeps them: the container has
+		// them.)
+		undo()
+	}
+	return a, addrs, err
+}
+
 // Detach implements api.Backend: without CIDRs the veth pair goes and
 // every address is released (with its names); with CIDRs only those.
 func (d *Daemon) Detach(ctx context.Context, req api.AttachRequest) error {
@@ -299,8 +360,12 @@ func (d *Daemon) Detach(ctx context.Context, req api.AttachRequest) error {
 			// ID or name it was attached under, or a prefix of its
 			// Docker ID.
 			id = req.Target
-			if found, ok := t.Find(req.Target); ok {
-				id = found
+			switch found := t.Find(req.Target); len(found) {
+			case 0:
+			case 1:
+				id = found[0]
+			default:
+				return api.BadRequest("%s matches %d containers (%s): give its whole ID", req.Target, len(found), strings.Join(found, ", "))
 			}
 		}
 		a, ok := t.Get(id)
@@ -337,7 +402,11 @@ func (d *Daemon) Detach(ctx context.Context, req api.AttachRequest) error {
 	if err != nil {
 		return err
 	}
-	d.release(ctx, id, gone)
+	// The container is gone from the table: its addresses go whatever
+	// the caller's context.
+	if err := d.release(context.WithoutCancel(ctx), id, gone); err != nil {
+		d.log.Warn("releasing a detached container's addresses", zap.String("container", id), zap.Error(err))
+	}
 	d.log.Info("detached", zap.String("container", id), zap.Any("addr", gone))
 	return nil
 }
@@ -387,7 +456,7 @@ func addrsOf(ps []netip.Prefix) []netip.Addr {
 func (d *Daemon) writeResolvConf(ctx context.Context, name string) error {
 	addr := d.names.listen.Addr()
 	if addr.IsUnspecified() {
-		if !d.hasExposed() && d.alloc != nil {
+		if len(d.exposedAddrs()) == 0 && d.alloc != nil {
 			if _, err := d.Expose(ctx, netip.Prefix{}); err != nil {
 				return fmt.Errorf("exposing an address for the DNS server: %w", err)
 			}

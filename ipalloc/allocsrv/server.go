@@ -154,6 +154,11 @@ func (s *Server) Do(ctx context.Context, req ipalloc.Request) (ipalloc.Done, err
 		})
 		return ipalloc.Done{}, ctx.Err()
 	case <-s.stopped:
+		select {
+		case d := <-done: // answered just as Run ended: the answer stands
+			return d, nil
+		default:
+		}
 		return ipalloc.Done{}, ErrStopped
 	}
 }
@@ -183,6 +188,9 @@ func (s *Server) post(ctx context.Context, f func()) error {
 		return ErrStopped
 	}
 }
+
+// Close releases the state files of a Server whose Run was never called.
+func (s *Server) Close() { s.store.close() }
 
 // Run owns the Node until ctx ends or its state cannot be saved. It is the
 // only goroutine that touches the Node and the waiting calls.
