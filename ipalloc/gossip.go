@@ -245,7 +245,7 @@ func (n *Node) failClaimDenied(p *pending, owner proto.PeerName) {
 		n.done(Done{})
 		return
 	}
-	n.done(Done{ID: p.req.ID, Err: fmt.Errorf("address %v is owned by other peer %v", p.req.Addr, owner)})
+	n.done(Done{ID: p.req.ID, Err: &ClaimError{Addr: p.req.Addr, Owner: owner}})
 }
 
 func (n *Node) stepRing(from proto.PeerName, m *proto.Ring, reply, partial bool) error {

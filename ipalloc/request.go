@@ -87,6 +87,15 @@ type NoAddressesError struct{ Ident string }
 
 func (e *NoAddressesError) Error() string { return "Delete: no addresses for " + e.Ident }
 
+// NotHeldError refuses to release an address its ID does not hold. Its
+// text is Weave's.
+type NotHeldError struct {
+	Addr  netip.Addr
+	Ident string
+}
+
+func (e *NotHeldError) Error() string { return fmt.Sprintf("Free: address %v not found for %s", e.Addr, e.Ident) }
+
 // queue tries r now and keeps it if it must wait.
 func (n *Node) queue(r Request) {
 	p := &pending{req: r}
@@ -329,8 +338,25 @@ func (n *Node) tryClaim(p *pending) bool {
 	return false
 }
 
+// ClaimError refuses a claim of an address another peer owns: it did not
+// answer or cannot be reached (Temporary: it may donate the address
+// later), or it refused. Its text is Weave's.
+type ClaimError struct {
+	Addr      netip.Prefix
+	Owner     proto.PeerName
+	Why       string // "no answer", "it is unreachable"; "" when refused
+	Temporary bool
+}
+
+func (e *ClaimError) Error() string {
+	if e.Why == "" {
+		return fmt.Sprintf("address %v is owned by other peer %v", e.Addr, e.Owner)
+	}
+	return fmt.Sprintf("address %v is owned by other peer %v - %s", e.Addr, e.Owner, e.Why)
+}
+
 func (n *Node) failClaim(p *pending, owner proto.PeerName, why string) {
-	err := fmt.Errorf("address %v is owned by other peer %v - %s", p.req.Addr, owner, why)
+	err := &ClaimError{Addr: p.req.Addr, Owner: owner, Why: why, Temporary: true}
 	if p.req.ID == 0 {
 		n.stats.Duplicates++
 		n.cfg.Warnf("address %v of %s could not be taken back from peer %v after a merge conflict: it may be in use twice", p.req.Addr, p.req.Ident, owner)
@@ -417,7 +443,7 @@ func (n *Node) release(r Request) Done {
 	if r.Addr.IsValid() {
 		i := slices.IndexFunc(addrs, func(p netip.Prefix) bool { return p.Addr() == r.Addr.Addr() })
 		if i < 0 {
-			return Done{ID: r.ID, Err: fmt.Errorf("Free: address %v not found for %s", r.Addr.Addr(), r.Ident)}
+			return Done{ID: r.ID, Err: &NotHeldError{Addr: r.Addr.Addr(), Ident: r.Ident}}
 		}
 		addrs = addrs[i : i+1]
 	} else if len(addrs) == 0 {

@@ -122,6 +122,9 @@ type Daemon struct {
 	// manual are the addresses outside the range held here (claims),
 	// announced with the exposed ones; guarded by emu.
 	manual []netip.Prefix
+	// busy counts, by address, the exposes and hides under way; guarded
+	// by emu.
+	busy map[netip.Addr]int
 
 	// undo holds what New set up, to be undone in reverse order by Run's
 	// end or a failed New.
@@ -136,7 +139,7 @@ var _ api.Backend = (*Daemon)(nil)
 // and the metrics listener. A failure is a *StartError, and whatever was
 // set up is undone.
 func New(cfg Config, log *zap.Logger) (*Daemon, error) {
-	d := &Daemon{cfg: cfg, log: log}
+	d := &Daemon{cfg: cfg, log: log, busy: map[netip.Addr]int{}}
 	for _, step := range []func() error{d.prepare, d.openDevice, d.openFirewall, d.newServices, d.newDocker, d.listen} {
 		if err := step(); err != nil {
 			d.teardown()
@@ -281,6 +284,7 @@ func (d *Daemon) newServices() error {
 		if err != nil {
 			return err
 		}
+		d.undo = append(d.undo, d.alloc.Close)
 		if d.cfg.IPAMMode == ipalloc.Consensus {
 			d.log.Info(fmt.Sprintf("Assuming quorum size of %d", d.cfg.Quorum))
 		}
@@ -319,7 +323,7 @@ func (d *Daemon) newDocker() error {
 		Name: d.cfg.PluginName, Socket: filepath.Join(d.cfg.PluginDir, d.cfg.PluginName+".sock"), Network: d.cfg.DockerNetwork,
 		Range: d.cfg.Range, DefaultSubnet: d.cfg.DefaultSubnet, MTU: d.containerMTU(), Domain: d.cfg.DNSDomain,
 		StateDir: d.cfg.StateDir, Log: d.log.Named("plugin"),
-	}, driverIPAM{d}, names, driverLinks{d}, dockerEngine{d.docker})
+	}, driverIPAM{d}, names, driverLinks{d}, dockerEngine{d.docker, d.log.Named("plugin")})
 	if err != nil {
 		return err
 	}
@@ -380,7 +384,6 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.log.Info("DNS server started", zap.String("endpoint", d.names.listen.String()), zap.String("name", d.cfg.DNSDomain),
 			zap.Uint32("ttl", d.cfg.DNSTTL), zap.String("resolv_conf", d.cfg.ResolvConf))
 	}
-	restore := len(d.restoring) > 0 // before the API can change it
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return d.router.Run(gctx) })
 	g.Go(func() error { return d.api.Run(gctx) })
@@ -409,9 +412,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if d.ms != nil {
 		g.Go(func() error { return d.ms.Run(gctx) })
 	}
-	if restore {
-		g.Go(func() error { d.restoreExposed(gctx); return nil })
-	}
+	g.Go(func() error { d.restoreExposed(gctx); return nil })
 	if len(d.cfg.Targets) > 0 {
 		if err := d.router.Connect(gctx, d.cfg.Targets); err != nil {
 			d.log.Error("adding targets", zap.Error(err))

@@ -96,7 +96,7 @@ func (d *Daemon) followDocker(ctx context.Context) error {
 			return err
 		}
 	}
-	eng := dockerEngine{d.docker}
+	eng := dockerEngine{d.docker, d.log}
 	for {
 		select {
 		case m := <-ev.Messages:
@@ -134,7 +134,10 @@ func (d *Daemon) dockerDied(ctx context.Context, id string) {
 }
 
 // dockerEngine is the Docker engine as the driver sees it.
-type dockerEngine struct{ c *client.Client }
+type dockerEngine struct {
+	c   *client.Client
+	log *zap.Logger
+}
 
 func (e dockerEngine) Networks(ctx context.Context, driver string) ([]dockerplugin.EngineNetwork, error) {
 	nets, err := e.c.NetworkList(ctx, client.NetworkListOptions{Filters: make(client.Filters).Add("driver", driver)})
@@ -170,13 +173,15 @@ func (e dockerEngine) Running(ctx context.Context) ([]dockerplugin.Container, er
 	var out []dockerplugin.Container
 	for _, item := range list.Items {
 		c, err := e.container(ctx, item.ID)
-		if errdefs.IsNotFound(err) {
-			continue // gone since the list
+		switch {
+		case errdefs.IsNotFound(err): // gone since the list
+		case err != nil:
+			// One container Docker cannot describe does not stop the
+			// others' names; its start event, if any, comes again.
+			e.log.Warn("inspecting a running container", zap.String("container", item.ID), zap.Error(err))
+		default:
+			out = append(out, c)
 		}
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, c)
 	}
 	return out, nil
 }

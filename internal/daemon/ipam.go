@@ -99,17 +99,24 @@ func (d *Daemon) Release(ctx context.Context, id string, addr netip.Addr) error 
 }
 
 // release frees addresses of a container that went or was detached, with
-// their names; without IPAM only the names go.
-func (d *Daemon) release(ctx context.Context, id string, addrs []netip.Prefix) {
+// their names; without IPAM only the names go. An address the container
+// no longer holds is not an error; the first other failure is returned
+// after the rest were tried.
+func (d *Daemon) release(ctx context.Context, id string, addrs []netip.Prefix) error {
+	var first error
 	for _, p := range addrs {
 		if d.alloc == nil {
 			d.forgetNames(ctx, p.Addr())
 			continue
 		}
-		if err := d.Release(ctx, id, p.Addr()); err != nil {
-			d.log.Warn("releasing an address", zap.String("container", id), zap.Stringer("addr", p), zap.Error(err))
+		err := d.Release(ctx, id, p.Addr())
+		var none *ipalloc.NoAddressesError
+		var notHeld *ipalloc.NotHeldError
+		if err != nil && !errors.As(err, &none) && !errors.As(err, &notHeld) && first == nil {
+			first = err
 		}
 	}
+	return first
 }
 
 // holder is the ID holding address a here.
@@ -197,7 +204,8 @@ func (i driverIPAM) Claim(ctx context.Context, id string, cidr netip.Prefix) (ne
 func (i driverIPAM) Release(ctx context.Context, id string, addr netip.Addr) error {
 	err := i.d.Release(ctx, id, addr)
 	var none *ipalloc.NoAddressesError
-	if errors.As(err, &none) {
+	var notHeld *ipalloc.NotHeldError
+	if errors.As(err, &none) || errors.As(err, &notHeld) {
 		return nil
 	}
 	return err

@@ -5,10 +5,12 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/overlayd/overlayd/internal/api"
 	"github.com/overlayd/overlayd/internal/lab"
 )
 
@@ -110,6 +112,16 @@ func TestHideKeepsRange(t *testing.T) {
 	d2.MustCtl("expose", "172.16.16.202/24")
 	reach(t, h1, h2, a2, 7106)
 	reach(t, h2, h1, a1, 7107)
+	// The same address with another mask is refused, and the refusal
+	// does not give the exposed address back to IPAM.
+	if _, errOut, code := d2.Ctl("expose", "172.16.16.202/16"); code != 1 || !strings.Contains(errOut, "is already exposed as 172.16.16.202/24") {
+		t.Fatalf("expose with another mask: exit %d, %q", code, errOut)
+	}
+	if owned := ipam(t, d2).Owned; !slices.ContainsFunc(owned, func(o api.IPAMAllocation) bool {
+		return o.ID == "weave:expose" && o.Address.Addr() == a2
+	}) {
+		t.Fatalf("the exposed address is no longer held after a refused expose: %+v", owned)
+	}
 
 	// Three cycles more.
 	for i := range 3 {
