@@ -51,13 +51,36 @@ type Keeper struct {
 	cfg  KeeperConfig
 	log  *zap.Logger
 	kick chan struct{} // a check is due; room for one
+	// watch is what the kernel's events are about when they concern
+	// us, as the last check found it; replaced whole.
+	watch atomic.Pointer[interest]
 
 	mu   sync.Mutex   // serialises changes of want and the checks
 	want hostnet.Want // guarded by mu
+	// flaps records, by fix, when it was last applied; a fix applied
+	// flapLimit times within flapWindow is suspended until the time in
+	// quiet (something else keeps changing it). Guarded by mu.
+	flaps map[string][]time.Time
+	quiet map[string]time.Time
 
 	restored [hostnet.NumKinds]atomic.Uint64
 	failed   atomic.Uint64
 }
+
+// interest is what makes a netlink event worth a check.
+type interest struct {
+	links map[int]bool          // our links' indexes
+	dsts  map[netip.Prefix]bool // the routes we keep
+	tun   int
+}
+
+// A fix applied flapLimit times within flapWindow fights something else
+// that changes the same thing: it is suspended for flapQuiet.
+const (
+	flapLimit  = 10
+	flapWindow = 10 * time.Second
+	flapQuiet  = 30 * time.Second
+)
 
 // NewKeeper makes a Keeper that wants the TUN device of cfg up with its
 // MTU and the range routed to it. It starts nothing.
@@ -72,7 +95,8 @@ func NewKeeper(cfg KeeperConfig) *Keeper {
 		cfg.Log = zap.NewNop()
 	}
 	return &Keeper{cfg: cfg, log: cfg.Log, kick: make(chan struct{}, 1),
-		want: hostnet.Want{Iface: cfg.Iface, MTU: cfg.MTU, Range: cfg.Range, Hosts: map[string][]netip.Addr{}}}
+		want:  hostnet.Want{Iface: cfg.Iface, MTU: cfg.MTU, Range: cfg.Range, Hosts: map[string][]netip.Addr{}},
+		flaps: map[string][]time.Time{}, quiet: map[string]time.Time{}}
 }
 
 // Restored returns how many times each kind of thing was put back.
@@ -110,7 +134,7 @@ func (k *Keeper) SetAddrs(addrs []netip.Prefix) error {
 		}
 	}
 	k.want.Addrs = slices.Clone(addrs)
-	k.checkLocked()
+	k.checkLocked(true)
 	return nil
 }
 
@@ -127,11 +151,12 @@ func (k *Keeper) SetHost(iface string, addrs []netip.Addr) {
 	k.want.Hosts[iface] = slices.Clone(addrs)
 }
 
-// Check puts back at once what is missing.
-func (k *Keeper) Check() {
+// Check puts back at once what is missing. It reports false when the
+// kernel's state could not be read (a dump interrupted by changes).
+func (k *Keeper) Check() bool {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	k.checkLocked()
+	return k.checkLocked(false)
 }
 
 // Run follows the kernel's link, address and route events, checks after
@@ -157,12 +182,20 @@ func (k *Keeper) Run(ctx context.Context) error {
 	})
 	tick := time.NewTicker(k.cfg.CheckEvery)
 	defer tick.Stop()
-	k.Check()
+	var retry <-chan time.Time // after a failed read, with a growing wait
+	fails := 0
 	for {
+		if k.Check() {
+			fails, retry = 0, nil
+		} else {
+			fails++
+			retry = time.After(min(k.cfg.Settle<<min(fails, 16), k.cfg.CheckEvery))
+		}
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-tick.C:
+		case <-retry:
 		case <-k.kick:
 			// Let the burst end (a deleted link sends many events).
 			select {
@@ -175,7 +208,6 @@ func (k *Keeper) Run(ctx context.Context) error {
 			default:
 			}
 		}
-		k.Check()
 	}
 }
 
@@ -187,22 +219,17 @@ func (k *Keeper) due() {
 	}
 }
 
-// follow subscribes to the kernel's link, IPv4 address and route events
-// and asks for a check on each, until ctx ends or the subscription fails
-// (its socket's buffer overflowed, say: events were lost, so a check is
-// due then too).
+// follow subscribes to the kernel's link, address and route events and
+// asks for a check on each that concerns our links or routes, until ctx
+// ends or a subscription ends (its socket's buffer overflowed, say:
+// events were lost, so a check is due then too). Errors the subscriptions
+// report without ending are logged and ignored.
 func (k *Keeper) follow(ctx context.Context) error {
 	done := make(chan struct{})
 	links := make(chan netlink.LinkUpdate, 64)
 	addrs := make(chan netlink.AddrUpdate, 64)
 	routes := make(chan netlink.RouteUpdate, 64)
-	errc := make(chan error, 3)
-	onErr := func(err error) {
-		select {
-		case errc <- err:
-		default:
-		}
-	}
+	onErr := func(err error) { k.log.Debug("netlink events", zap.Error(err)) }
 	// The subscriptions' goroutines block sending to their channels:
 	// once done is closed, each channel is drained until it is closed.
 	opened := []func(){}
@@ -236,46 +263,111 @@ func (k *Keeper) follow(ctx context.Context) error {
 	// Whatever changed before the subscriptions began is caught here.
 	k.due()
 	for {
+		var ours bool
+		w := k.watch.Load()
 		select {
 		case <-ctx.Done():
 			return nil
-		case err := <-errc:
-			return err
-		case _, ok := <-links:
+		case u, ok := <-links:
 			if !ok {
 				return errors.New("netconf: link events ended")
 			}
-		case _, ok := <-addrs:
+			ours = w == nil || u.Attrs() != nil && w.links[u.Attrs().Index]
+		case u, ok := <-addrs:
 			if !ok {
 				return errors.New("netconf: address events ended")
 			}
-		case _, ok := <-routes:
+			ours = w == nil || u.LinkIndex == w.tun
+		case u, ok := <-routes:
 			if !ok {
 				return errors.New("netconf: route events ended")
 			}
+			ours = w == nil || w.links[u.LinkIndex]
+			if dst, ok := prefixOf(u.Dst); ok && !ours {
+				ours = w.dsts[dst.Masked()]
+			}
 		}
-		k.due()
+		if ours {
+			k.due()
+		}
 	}
 }
 
 // checkLocked reads the kernel's state, plans and applies the fixes,
-// logging and counting each. k.mu is held.
-func (k *Keeper) checkLocked() {
+// logging and counting each; false if the state could not be read. own
+// says the check follows a change of ours (SetAddrs), whose fixes do not
+// count as a fight with something else. k.mu is held.
+func (k *Keeper) checkLocked(own bool) bool {
 	have, err := k.read()
 	if err != nil {
 		k.log.Debug("reading the network state", zap.Error(err))
-		k.due() // a dump interrupted by a change: try again soon
-		return
+		return false
 	}
+	k.watch.Store(k.interest(have))
+	now := time.Now()
 	for _, f := range hostnet.Plan(k.want, have) {
+		key := f.String()
+		if now.Before(k.quiet[key]) {
+			continue
+		}
 		if err := apply(f); err != nil {
 			k.failed.Add(1)
-			k.log.Warn("could not restore "+f.String(), zap.String("kind", f.Kind.String()), zap.Error(err))
+			k.log.Warn("could not restore "+key, zap.String("kind", f.Kind.String()), zap.Error(err))
 			continue
 		}
 		k.restored[f.Kind].Add(1)
-		k.log.Info("restored "+f.String()+", which was removed or changed", zap.String("kind", f.Kind.String()))
+		k.log.Info("restored "+key+", which was removed or changed", zap.String("kind", f.Kind.String()))
+		if !own && k.flapped(key, now) {
+			k.log.Warn("something keeps removing or changing "+key+": overlayd stops putting it back for a while",
+				zap.String("kind", f.Kind.String()), zap.Duration("for", flapQuiet))
+		}
 	}
+	return true
+}
+
+// flapped records that a fix was applied, and reports whether it was
+// applied too often: it is then suspended. k.mu is held.
+func (k *Keeper) flapped(key string, now time.Time) bool {
+	times := append(k.flaps[key], now)
+	times = slices.DeleteFunc(times, func(t time.Time) bool { return now.Sub(t) > flapWindow })
+	k.flaps[key] = times
+	for key, ts := range k.flaps { // forget the calm ones
+		if len(ts) == 0 || now.Sub(ts[len(ts)-1]) > flapWindow {
+			delete(k.flaps, key)
+		}
+	}
+	if len(times) < flapLimit {
+		return false
+	}
+	delete(k.flaps, key)
+	k.quiet[key] = now.Add(flapQuiet)
+	for key, until := range k.quiet {
+		if now.After(until) {
+			delete(k.quiet, key)
+		}
+	}
+	return true
+}
+
+// interest is what the next events are checked against: our links, and
+// the routes we keep. k.mu is held.
+func (k *Keeper) interest(have hostnet.Have) *interest {
+	w := &interest{links: map[int]bool{}, dsts: map[netip.Prefix]bool{}}
+	for name, l := range have.Links {
+		w.links[l.Index] = true
+		if name == k.want.Iface {
+			w.tun = l.Index
+		}
+	}
+	if k.want.Range.IsValid() {
+		w.dsts[k.want.Range.Masked()] = true
+	}
+	for _, as := range k.want.Hosts {
+		for _, a := range as {
+			w.dsts[netip.PrefixFrom(a, 32)] = true
+		}
+	}
+	return w
 }
 
 // read gathers what Plan compares: the links k wants, the TUN device's
@@ -344,6 +436,9 @@ func apply(f hostnet.Fix) error {
 }
 
 func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
+	if n == nil {
+		return netip.Prefix{}, false
+	}
 	a, ok := netip.AddrFromSlice(n.IP.To4())
 	if !ok {
 		return netip.Prefix{}, false
