@@ -694,33 +694,37 @@ func normState(st *ipalloc.State) ipalloc.State {
 	return c
 }
 
-// TestStateFormat1: a state saved before nicknames were kept (format 1:
-// format 2 without the nickname list) still loads, and is saved again in
-// format 2.
+// TestStateFormat1: a state without nicknames is saved in format 1, which
+// an overlayd from before nicknames can read (format 2 without the
+// nickname list); one with nicknames in format 2. Both load.
 func TestStateFormat1(t *testing.T) {
 	state := savedState(t, na)
-	st, err := ipalloc.ParseState(state)
-	must(t, err)
-	// Format 1: the same bytes without the (empty) nickname count, with
-	// its magic and its own checksum.
-	v1 := slices.Clone(state[:len(state)-4])
-	v1[7] = 1
-	binary.BigEndian.PutUint32(v1[8:], crc32.Checksum(v1[12:], crc32.MakeTable(crc32.Castagnoli)))
-	got, err := ipalloc.ParseState(v1)
-	must(t, err)
-	if !reflect.DeepEqual(normState(got), normState(st)) {
-		t.Fatalf("format 1:\n got %+v\nwant %+v", got, st)
+	if state[7] != 1 {
+		t.Fatalf("a state without nicknames is saved in format %d", state[7])
 	}
-	n, err := newNode(t, ipalloc.Config{Self: na, Universe: slash24, Quorum: 1}, v1)
+	n, err := newNode(t, ipalloc.Config{Self: na, Universe: slash24, Quorum: 1}, state)
 	must(t, err)
 	if st := n.Status(); st.Status != "ready" || st.Active != 1 {
 		t.Fatalf("restored from format 1: %+v", st)
 	}
 	// Format 1 with anything after its holds is corrupt.
-	bad := append(slices.Clone(v1), 0, 0, 0, 0)
+	bad := append(slices.Clone(state), 0, 0, 0, 0)
 	binary.BigEndian.PutUint32(bad[8:], crc32.Checksum(bad[12:], crc32.MakeTable(crc32.Castagnoli)))
 	if _, err := ipalloc.ParseState(bad); !errors.Is(err, ipalloc.ErrCorruptState) {
 		t.Fatalf("format 1 with a nickname list: %v", err)
+	}
+	st, err := ipalloc.ParseState(state)
+	must(t, err)
+	st.Nicknames = []ipalloc.Nickname{{Peer: na, Nickname: "host1"}}
+	v2, err := ipalloc.MarshalState(st)
+	must(t, err)
+	if v2[7] != 2 {
+		t.Fatalf("a state with nicknames is saved in format %d", v2[7])
+	}
+	got, err := ipalloc.ParseState(v2)
+	must(t, err)
+	if !reflect.DeepEqual(normState(got), normState(st)) {
+		t.Fatalf("format 2:\n got %+v\nwant %+v", got, st)
 	}
 }
 

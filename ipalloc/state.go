@@ -25,7 +25,9 @@ import (
 //	   each: first address (4), last address (4)
 //	4  number of nicknames, then each: peer name (6), length (1), nickname
 //
-// Format 1 is format 2 without the nicknames; it is still read.
+// Format 1 is format 2 without the nicknames: it is still read, and
+// written when there is no nickname to keep (so that an earlier overlayd
+// can still read the state).
 // A file that is cut short or altered fails the checksum: ParseState says
 // so rather than returning less than was saved.
 var stateMagic = [8]byte{'O', 'V', 'L', 'I', 'P', 'A', 'M', 2}
@@ -96,7 +98,11 @@ func (n *Node) marshal() []byte {
 
 // MarshalState encodes st.
 func MarshalState(st *State) ([]byte, error) {
-	b := append([]byte(nil), stateMagic[:]...)
+	magic := stateMagic
+	if len(st.Nicknames) == 0 {
+		magic = stateMagicV1
+	}
+	b := append([]byte(nil), magic[:]...)
 	b = append(b, 0, 0, 0, 0)
 	b = binary.BigEndian.AppendUint64(b, uint64(st.Self)<<16)[:len(b)+proto.PeerNameLen] // the low 48 bits
 	ringStart := len(b)
@@ -124,7 +130,9 @@ func MarshalState(st *State) ([]byte, error) {
 		b = binary.BigEndian.AppendUint32(b, h.Start)
 		b = binary.BigEndian.AppendUint32(b, uint32(h.End-1))
 	}
-	b = binary.BigEndian.AppendUint32(b, uint32(len(st.Nicknames)))
+	if len(st.Nicknames) > 0 {
+		b = binary.BigEndian.AppendUint32(b, uint32(len(st.Nicknames)))
+	}
 	for _, k := range st.Nicknames {
 		if k.Nickname == "" || len(k.Nickname) > proto.MaxNicknameLen {
 			return nil, fmt.Errorf("ipalloc: cannot store nickname %q", k.Nickname)

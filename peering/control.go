@@ -57,6 +57,7 @@ type control struct {
 	msgID      uint32                           // of our last chunked gossip message
 	ticks      int64
 	out        []outMsg // scratch for sendOutboxes
+	outTurn    int      // the channel sendOutboxes starts with
 }
 
 func newControl(r *Router, m *link.Machine, topo *topology.Node) *control {

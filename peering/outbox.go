@@ -106,12 +106,19 @@ func (o *Outbox) Unreachable() uint64 { return o.unreachable.Load() }
 // another.
 func (r *Router) Outbox(channel string) *Outbox { return r.outboxes[channel] }
 
-// sendOutboxes sends up to outboxBatch queued messages, channel by channel
-// in name order, and asks to be called again if any are left.
+// sendOutboxes sends up to outboxBatch queued messages, channel by
+// channel, starting each time with the next channel so that a busy one
+// does not starve the others, and asks to be called again if any are
+// left.
 func (c *control) sendOutboxes() {
 	left := false
 	n := outboxBatch
-	for _, name := range c.r.channels {
+	chans := c.r.channels
+	if len(chans) > 0 {
+		c.outTurn = (c.outTurn + 1) % len(chans)
+	}
+	for i := range chans {
+		name := chans[(c.outTurn+i)%len(chans)]
 		o := c.r.outboxes[name]
 		var more bool
 		c.out, more = o.take(c.out[:0], n)

@@ -130,6 +130,7 @@ func (d *Driver) Reconcile(ctx context.Context) error {
 			continue
 		}
 		if err := d.links.Remove(e.HostIface); err != nil {
+			d.links.Keep(e.HostIface, e.Address) // still ours: its route stays kept
 			d.log.Warn("removing the veth of a gone endpoint", zap.String("endpoint", id), zap.Error(err))
 			continue
 		}
