@@ -94,7 +94,9 @@ type NotHeldError struct {
 	Ident string
 }
 
-func (e *NotHeldError) Error() string { return fmt.Sprintf("Free: address %v not found for %s", e.Addr, e.Ident) }
+func (e *NotHeldError) Error() string {
+	return fmt.Sprintf("Free: address %v not found for %s", e.Addr, e.Ident)
+}
 
 // queue tries r now and keeps it if it must wait.
 func (n *Node) queue(r Request) {

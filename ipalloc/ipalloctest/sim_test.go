@@ -4,8 +4,8 @@ import (
 	"flag"
 	"fmt"
 	"maps"
-	"slices"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
