@@ -237,12 +237,6 @@ func (t *Table) Hosts() []string {
 	return out
 }
 
-// GoneSince reports whether a container is gone, and since which tick.
-func (t *Table) GoneSince(id string) (int64, bool) {
-	since, ok := t.gone[id]
-	return since, ok
-}
-
 // Tick advances time by one tick; containers gone for longer than the
 // grace period are due for release (Ready.Released) until Removed.
 func (t *Table) Tick() {

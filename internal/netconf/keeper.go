@@ -64,7 +64,6 @@ type Keeper struct {
 	quiet map[string]time.Time
 
 	restored [hostnet.NumKinds]atomic.Uint64
-	failed   atomic.Uint64
 }
 
 // interest is what makes a netlink event worth a check.
@@ -101,9 +100,6 @@ func NewKeeper(cfg KeeperConfig) *Keeper {
 
 // Restored returns how many times each kind of thing was put back.
 func (k *Keeper) Restored(kind hostnet.Kind) uint64 { return k.restored[kind].Load() }
-
-// Failed returns how many fixes failed (each is tried again).
-func (k *Keeper) Failed() uint64 { return k.failed.Load() }
 
 // SetAddrs makes addrs the exposed addresses of the TUN device: those no
 // longer wanted are removed, new ones are added, and whatever the removal
@@ -311,7 +307,6 @@ func (k *Keeper) checkLocked(own bool) bool {
 			continue
 		}
 		if err := apply(f); err != nil {
-			k.failed.Add(1)
 			k.log.Warn("could not restore "+key, zap.String("kind", f.Kind.String()), zap.Error(err))
 			continue
 		}

@@ -70,9 +70,6 @@ func New[M any](r *rand.Rand) *Net[M] {
 	return &Net[M]{rand: r, due: map[int64][]Delivery[M]{}}
 }
 
-// Round is the current round.
-func (n *Net[M]) Round() int64 { return n.round }
-
 // Advance moves to the next round.
 func (n *Net[M]) Advance() { n.round++ }
 
