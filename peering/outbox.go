@@ -1,7 +1,6 @@
 package peering
 
 import (
-	"maps"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -70,10 +69,7 @@ func (o *Outbox) put(m outMsg) bool {
 	o.q = append(o.q, m)
 	o.bytes += len(m.payload)
 	o.mu.Unlock()
-	select {
-	case o.wake <- struct{}{}:
-	default:
-	}
+	notify(o.wake)
 	return true
 }
 
@@ -113,6 +109,7 @@ func (r *Router) Outbox(channel string) *Outbox { return r.outboxes[channel] }
 func (c *control) sendOutboxes() {
 	left := false
 	n := outboxBatch
+	var everyone []proto.PeerName // for broadcasts; the loop does not change who is reachable
 	chans := c.r.channels
 	if len(chans) > 0 {
 		c.outTurn = (c.outTurn + 1) % len(chans)
@@ -130,7 +127,10 @@ func (c *control) sendOutboxes() {
 					o.unreachable.Add(1)
 				}
 			} else {
-				for _, p := range slices.Sorted(maps.Keys(c.r.snap.Load().byName)) {
+				if everyone == nil {
+					everyone = c.r.Reachable()
+				}
+				for _, p := range everyone {
 					c.unicast(name, p, m.payload)
 				}
 			}
@@ -138,9 +138,15 @@ func (c *control) sendOutboxes() {
 		}
 	}
 	if left {
-		select {
-		case c.r.wake <- struct{}{}:
-		default:
-		}
+		notify(c.r.wake)
+	}
+}
+
+// notify sends on a wake channel (room for one) without waiting: a wake
+// already pending covers this one.
+func notify(wake chan<- struct{}) {
+	select {
+	case wake <- struct{}{}:
+	default:
 	}
 }

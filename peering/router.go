@@ -388,12 +388,7 @@ func (r *Router) SetOwners(owners []Owner) error {
 }
 
 // poke wakes the control loop.
-func (r *Router) poke() {
-	select {
-	case r.wake <- struct{}{}:
-	default:
-	}
-}
+func (r *Router) poke() { notify(r.wake) }
 
 // Reachable returns the peers the router can send to now, directly or
 // through others.
