@@ -30,6 +30,11 @@
 //	4 heartbeat  liveness probe on an accepted connection
 //	5 gossip     control-plane state for a named channel
 //	6 data       one IP packet
+//	7 init       password mode: handshake request
+//	8 cookie     password mode: proof-of-address token for the dialler
+//	9 response   password mode: handshake answer
+//	10 finish    password mode: handshake conclusion
+//	11 sealed    password mode: an encrypted heartbeat or gossip message
 //
 // flags are per type (heartbeat and gossip define one each); undefined bits
 // must be sent as zero and are ignored on receipt. Byte 3 counts the relays
@@ -59,13 +64,17 @@
 //
 //	offset size
 //	 0      4   header
-//	 4      1   reason code (1 range, 2 name collision, 3 version, 4 other)
+//	 4      1   reason code (1 range, 2 name collision, 3 version, 4 other;
+//	            password mode: 5 the dialler needs a password, 6 the
+//	            refusing peer has none, 7 the passwords differ)
 //	 5      6   rejecting peer's name
 //	11      5   rejecting peer's IPAM range
 //	16      1   message length n
 //	17      n   human-readable message (UTF-8)
 //
-// A reject only ever answers a hello; nobody answers a reject.
+// A reject only ever answers a hello or an init; nobody answers a reject.
+// Rejects with codes 5 to 7 carry a zero name, no range and no message: a
+// peer without the password learns nothing from them.
 //
 // # Heartbeat (type 4)
 //
@@ -106,6 +115,33 @@
 // DataHeaderLen (16) is the whole per-packet overhead, so the overlay MTU is
 // the underlay MTU minus 20 (IPv4) + 8 (UDP) + 16 = 44 bytes: 1456 on a 1500
 // byte underlay.
+//
+// # Password mode (types 7 to 11)
+//
+// With a password every peer runs a Noise_XXpsk0_25519_ChaChaPoly_BLAKE2s
+// handshake (prologue "overlayd handshake v1"; the pre-shared key is
+// Argon2id(password, salt "overlayd mesh password v1", t=3, m=64 MiB, p=4))
+// instead of hello and accept, then seals every heartbeat and gossip
+// message. Hello, accept, heartbeat and gossip in the clear are refused.
+//
+//	init (7)     header (flags bit 0 = configured, as on a hello) |
+//	             cookie (16; zero on the first attempt) | Noise message 1,
+//	             whose payload is the dialler's hello (type 1, whole)
+//	cookie (8)   header | cookie (16): the answer to an init whose cookie
+//	             is not HMAC-SHA256(secret, the dialler's address as 16
+//	             bytes | port 2)[:16] under the current or the previous
+//	             secret (one rotates every 2 minutes)
+//	response (9) header | Noise message 2, whose payload is the
+//	             responder's accept (type 2, whole)
+//	finish (10)  header | Noise message 3 (empty payload)
+//	sealed (11)  header | counter (8) | ChaCha20-Poly1305 of the inner
+//	             message (a heartbeat or gossip, whole) with the key of
+//	             the sender's direction, nonce 4 zero bytes | counter
+//	             little-endian, and the first 12 bytes as additional data
+//
+// Handshake bytes are at most 512. Counters start at 0 and rise by one per
+// message; the receiver keeps a window of 8,128 (WireGuard's) and drops a
+// message it has seen or that is older, after the tag checks.
 //
 // # Channel "topology"
 //

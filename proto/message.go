@@ -51,9 +51,18 @@ const (
 	TypeHeartbeat Type = 4
 	TypeGossip    Type = 5
 	TypeData      Type = 6
+	// Password mode (see secure.go): the handshake, then sealed control.
+	TypeInit     Type = 7  // handshake request, with a cookie
+	TypeCookie   Type = 8  // a cookie for the dialler to prove its address with
+	TypeResponse Type = 9  // handshake answer
+	TypeFinish   Type = 10 // handshake conclusion, from the dialler
+	TypeSealed   Type = 11 // a heartbeat or gossip message, encrypted and authenticated
+	// TypeMax is the highest type defined.
+	TypeMax = TypeSealed
 )
 
-var typeNames = [...]string{"", "hello", "accept", "reject", "heartbeat", "gossip", "data"}
+var typeNames = [...]string{"", "hello", "accept", "reject", "heartbeat", "gossip", "data",
+	"init", "cookie", "response", "finish", "sealed"}
 
 func (t Type) String() string {
 	if int(t) < len(typeNames) && t != 0 {
@@ -97,7 +106,7 @@ func ParseHeader(b []byte) (Header, error) {
 	if h.Version != Version {
 		return h, fmt.Errorf("%w %d", ErrVersion, h.Version)
 	}
-	if h.Type < TypeHello || h.Type > TypeData {
+	if h.Type < TypeHello || h.Type > TypeMax {
 		return h, fmt.Errorf("%w %d", ErrType, uint8(h.Type))
 	}
 	return h, nil
@@ -185,6 +194,11 @@ const (
 	RejectCollision RejectCode = 2 // the dialler has our name
 	RejectVersion   RejectCode = 3 // no protocol version in common
 	RejectOther     RejectCode = 4
+	// Password mode. These rejects carry no name, range or message, so a
+	// peer without the password learns nothing from them.
+	RejectNeedPassword     RejectCode = 5 // we have a password and the dialler has none
+	RejectNoPassword       RejectCode = 6 // the dialler has a password and we have none
+	RejectPasswordMismatch RejectCode = 7 // the dialler's password differs from ours
 )
 
 // Reject refuses a hello.
@@ -222,7 +236,7 @@ func ParseReject(b []byte) (Reject, error) {
 	}
 	p := b[HeaderLen:]
 	r.Code = RejectCode(p[0])
-	if r.Code < RejectRange || r.Code > RejectOther {
+	if r.Code < RejectRange || r.Code > RejectPasswordMismatch {
 		return r, fmt.Errorf("%w: reject code %d", ErrMalform, p[0])
 	}
 	r.Name = getName(p[1:])

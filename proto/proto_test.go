@@ -92,6 +92,12 @@ func goldenMessages(t *testing.T) map[string][]byte {
 		"heartbeat":          AppendHeartbeat(nil, Heartbeat{Name: name, UID: 9, Established: true}),
 		"gossip":             gossip,
 		"data":               data,
+		"init":               AppendInit(nil, &Init{Configured: true, Cookie: Cookie{1, 2, 3}, Handshake: []byte{0xaa, 0xbb}}),
+		"cookie":             AppendCookie(nil, Cookie{0xc0, 0xff, 0xee}),
+		"response":           AppendHandshake(nil, TypeResponse, []byte{0xaa}),
+		"finish":             AppendHandshake(nil, TypeFinish, []byte{0xbb}),
+		"sealed":             append(AppendSealedHead(nil, 0x0102), make([]byte, SealTagLen)...),
+		"reject-password":    AppendReject(nil, &Reject{Code: RejectPasswordMismatch}),
 	}
 }
 
@@ -171,7 +177,7 @@ func TestDecodersRejectMalformed(t *testing.T) {
 		{"empty header", nil, hdr, ErrShort},
 		{"wrong version", []byte{2, 1, 0, 0}, hdr, ErrVersion},
 		{"type zero", []byte{1, 0, 0, 0}, hdr, ErrType},
-		{"type seven", []byte{1, 7, 0, 0}, hdr, ErrType},
+		{"type twelve", []byte{1, 12, 0, 0}, hdr, ErrType},
 		{"hello truncated", msgs["hello"][:20], hello, ErrShort},
 		{"hello nickname cut", msgs["hello"][:len(msgs["hello"])-1], hello, ErrShort},
 		{"hello as reject", msgs["hello"], reject, ErrType},
