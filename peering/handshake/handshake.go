@@ -78,6 +78,30 @@ type RefusedError struct {
 
 func (e *RefusedError) Error() string { return "refused by peer: " + e.Message }
 
+// PasswordProblem says how two peers' passwords disagree.
+type PasswordProblem int
+
+// Password problems.
+const (
+	WeLack   PasswordProblem = iota + 1 // the peer uses a password and we have none
+	TheyLack                            // we use a password and the peer has none
+	Mismatch                            // both use one, and they differ
+)
+
+// PasswordError refuses a peer whose password is not ours. Both sides of
+// the handshake log it, each saying which side lacks or mismatches it.
+type PasswordError struct{ Problem PasswordProblem }
+
+func (e *PasswordError) Error() string {
+	switch e.Problem {
+	case WeLack:
+		return "password: the peer uses one and we have none (set --password, --password-file or OVERLAY_PASSWORD)"
+	case TheyLack:
+		return "password: the peer has none and ours is set; give it the same password"
+	}
+	return "password: the peer's password differs from ours (or its handshake was altered on the way)"
+}
+
 // Check validates a hello or accept from a peer and returns the protocol
 // version to use with it. Ranges are compatible when they are equal or when
 // either side has IPAM off.
@@ -96,7 +120,15 @@ func (c *Config) Check(h *proto.Hello) (version uint8, err error) {
 }
 
 // Reject is the reject message that tells the peer why Check refused it.
+// A password refusal says nothing else: a peer without our password learns
+// neither our name nor our range from it.
 func (c *Config) Reject(err error) proto.Reject {
+	var pe *PasswordError
+	if errors.As(err, &pe) {
+		code := map[PasswordProblem]proto.RejectCode{WeLack: proto.RejectNoPassword,
+			TheyLack: proto.RejectNeedPassword, Mismatch: proto.RejectPasswordMismatch}[pe.Problem]
+		return proto.Reject{Code: code}
+	}
 	r := proto.Reject{Code: proto.RejectOther, Name: c.Name, Range: c.Range, Message: err.Error()}
 	var re *RangeError
 	var ce *CollisionError
@@ -116,6 +148,14 @@ func (c *Config) Reject(err error) proto.Reject {
 // point of view: a range refusal becomes the same RangeError the refusing
 // side logged, with "received" and "ours" swapped.
 func (c *Config) FromReject(r *proto.Reject) error {
+	switch r.Code {
+	case proto.RejectNeedPassword:
+		return &PasswordError{Problem: WeLack}
+	case proto.RejectNoPassword:
+		return &PasswordError{Problem: TheyLack}
+	case proto.RejectPasswordMismatch:
+		return &PasswordError{Problem: Mismatch}
+	}
 	if r.Code == proto.RejectRange && r.Range.IsValid() && c.Range.IsValid() && r.Range != c.Range {
 		return &RangeError{Received: r.Range, Ours: c.Range}
 	}
@@ -123,11 +163,12 @@ func (c *Config) FromReject(r *proto.Reject) error {
 }
 
 // Permanent reports whether a handshake error will not go away by retrying:
-// the peer has our name. Weave never retries those.
+// the peer has our name, as we found ourselves. A collision the other side
+// reports is not permanent: anyone can send a reject from any address, and
+// one must not stop us dialling a peer for good.
 func Permanent(err error) bool {
 	var ce *CollisionError
-	var re *RefusedError
-	return errors.As(err, &ce) || errors.As(err, &re) && re.Code == proto.RejectCollision
+	return errors.As(err, &ce)
 }
 
 func label(n proto.PeerName, nick string) string {

@@ -3,6 +3,7 @@ package handshake
 import (
 	"errors"
 	"net/netip"
+	"strings"
 	"testing"
 
 	"github.com/overlayd/overlayd/proto"
@@ -63,10 +64,41 @@ func TestRangeRefusalOnBothSides(t *testing.T) {
 		t.Errorf("dialler reports %v", got)
 	}
 	other := a.FromReject(&proto.Reject{Code: proto.RejectCollision, Message: "x"})
-	if other.Error() != "refused by peer: x" || !Permanent(other) {
-		t.Errorf("got %v, permanent %v", other, Permanent(other))
+	if other.Error() != "refused by peer: x" || Permanent(other) {
+		t.Errorf("got %v, permanent %v: a collision the peer reports may be forged", other, Permanent(other))
+	}
+	if ours := (&CollisionError{}); !Permanent(ours) {
+		t.Error("a collision we found ourselves is permanent")
 	}
 	if Permanent(err) {
 		t.Error("a range mismatch is not permanent: the peer may be restarted with the right range")
+	}
+}
+
+// TestPasswordRefusals: each side of a password refusal names the side that
+// lacks or mismatches it, and the reject carries nothing else.
+func TestPasswordRefusals(t *testing.T) {
+	us := Config{Name: 1, UID: 1, Nickname: "us", Range: r24}
+	for _, tc := range []struct {
+		ours, theirs PasswordProblem
+	}{{WeLack, TheyLack}, {TheyLack, WeLack}, {Mismatch, Mismatch}} {
+		rj := us.Reject(&PasswordError{Problem: tc.ours})
+		if rj.Name != 0 || rj.Range.IsValid() || rj.Message != "" {
+			t.Errorf("%v: reject tells %+v", tc.ours, rj)
+		}
+		wire, err := proto.ParseReject(proto.AppendReject(nil, &rj))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var pe *PasswordError
+		got := us.FromReject(&wire)
+		if !errors.As(got, &pe) || pe.Problem != tc.theirs || Permanent(got) {
+			t.Errorf("%v: the refused side reports %v", tc.ours, got)
+		}
+	}
+	for p, want := range map[PasswordProblem]string{WeLack: "we have none", TheyLack: "the peer has none", Mismatch: "differs from ours"} {
+		if msg := (&PasswordError{Problem: p}).Error(); !strings.Contains(msg, want) {
+			t.Errorf("%v: %q", p, msg)
+		}
 	}
 }

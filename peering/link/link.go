@@ -23,6 +23,7 @@ import (
 	"slices"
 
 	"github.com/overlayd/overlayd/peering/handshake"
+	"github.com/overlayd/overlayd/peering/secure"
 	"github.com/overlayd/overlayd/proto"
 )
 
@@ -31,6 +32,8 @@ import (
 type Config struct {
 	Self handshake.Config // our identity and what we accept
 	Rand *rand.Rand       // retry jitter; required
+	// Secure turns on password mode (see secure.go); nil is plaintext.
+	Secure *secure.Config
 
 	HeartbeatTicks    int // 4: between heartbeats on a connection
 	TimeoutTicks      int // 20: silence after which a connection is dead
@@ -46,10 +49,12 @@ type Config struct {
 	// MaxPendingInbound bounds inbound connections still waiting for their
 	// first heartbeat, so that spoofed hellos cannot grow our state (64).
 	MaxPendingInbound int
-	// RejectBurst is how many rejects may go out at once; the budget
-	// refills by one per tick, so spoofed hellos cannot make us a
-	// reflector (20).
+	// RejectBurst is how many rejects (and cookies) may go out at once;
+	// the budget refills by one per tick, so spoofed hellos cannot make us
+	// a reflector (20).
 	RejectBurst int
+	// CookieTicks is how often the cookie secret changes (1200).
+	CookieTicks int
 }
 
 func (c *Config) setDefaults() {
@@ -67,6 +72,7 @@ func (c *Config) setDefaults() {
 	def(&c.LongLivedTicks, 600)
 	def(&c.MaxPendingInbound, 64)
 	def(&c.RejectBurst, 20)
+	def(&c.CookieTicks, 1200)
 }
 
 func (c *Config) validate() error {
@@ -81,6 +87,8 @@ func (c *Config) validate() error {
 		return errors.New("link: the time-out must be longer than the heartbeat interval")
 	case c.Self.Range.IsValid() && !c.Self.Range.Addr().Is4():
 		return fmt.Errorf("link: range %v is not IPv4", c.Self.Range)
+	case c.Secure != nil && c.Secure.Random == nil:
+		return errors.New("link: password mode needs a source of random bytes")
 	}
 	return nil
 }
@@ -198,6 +206,13 @@ type connection struct {
 	// configured is set on an inbound connection whose peer dialled us
 	// because we are one of its configured targets (hello flag).
 	configured bool
+
+	// Password mode (secure.go).
+	init        *secure.Initiator // our handshake attempt while connecting
+	cookie      proto.Cookie      // the last cookie the peer gave us
+	wantsCookie bool              // an init went out since the last cookie we took
+	sess        *secure.Session   // seals and opens everything after the handshake
+	finish      []byte            // our finish message, sent again until the peer answers sealed
 }
 
 // targetState is where a target stands while it has no connection.
@@ -242,6 +257,12 @@ type Machine struct {
 	malformed uint64 // control messages that did not decode
 	// Impostors counts gossip from a peer that claims another's name.
 	Impostors uint64
+
+	// Password mode (secure.go).
+	cookies    *secure.Cookies
+	responding map[netip.AddrPort]*responding
+	// Sealed counts what password mode refused.
+	Sealed SealedStats
 }
 
 // New checks cfg and makes a Machine.
@@ -250,12 +271,20 @@ func New(cfg Config) (*Machine, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	return &Machine{
+	m := &Machine{
 		cfg:          cfg,
 		conn:         make(map[netip.AddrPort]*connection),
 		targets:      make(map[string]*target),
 		rejectBudget: cfg.RejectBurst,
-	}, nil
+		responding:   make(map[netip.AddrPort]*responding),
+	}
+	if cfg.Secure != nil {
+		var err error
+		if m.cookies, err = secure.NewCookies(cfg.Secure.Random); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
 }
 
 // Now is the number of ticks since New.
@@ -287,8 +316,15 @@ func (m *Machine) sendHello(cn *connection, t proto.Type) {
 }
 
 func (m *Machine) sendHeartbeat(cn *connection) {
-	m.send(cn.ep, proto.AppendHeartbeat(nil, proto.Heartbeat{
-		Name: m.cfg.Self.Name, UID: m.cfg.Self.UID, Established: cn.state == stateEstablished}))
+	msg := proto.AppendHeartbeat(nil, proto.Heartbeat{
+		Name: m.cfg.Self.Name, UID: m.cfg.Self.UID, Established: cn.state == stateEstablished})
+	if m.cfg.Secure != nil {
+		var ok bool
+		if msg, ok = m.seal(cn, msg); !ok {
+			return
+		}
+	}
+	m.send(cn.ep, msg)
 }
 
 // Tick advances time by one tick and runs the timers: dials, hello
@@ -297,6 +333,9 @@ func (m *Machine) Tick() {
 	m.now++
 	cfg := &m.cfg
 	m.rejectBudget = min(m.rejectBudget+1, cfg.RejectBurst)
+	if m.cfg.Secure != nil {
+		m.tickSecure()
+	}
 	for _, key := range m.order {
 		t := m.targets[key]
 		if t.conn == nil && !t.resolving && !t.never && m.now >= t.retryAt && m.room(!t.discovered) {
@@ -314,7 +353,11 @@ func (m *Machine) Tick() {
 				m.drop(cn, fmt.Errorf("no answer to %d hellos", cn.hellos))
 				continue
 			}
-			m.sendHello(cn, proto.TypeHello)
+			if m.cfg.Secure != nil {
+				m.sendInit(cn)
+			} else {
+				m.sendHello(cn, proto.TypeHello)
+			}
 			cn.hellos++
 			cn.nextHello = m.now + int64(cfg.HelloTicks)
 		case cn.state != stateConnecting && m.now-cn.lastHeard > int64(cfg.TimeoutTicks):
@@ -322,6 +365,9 @@ func (m *Machine) Tick() {
 			continue
 		}
 		if cn.state != stateConnecting && m.now >= cn.nextBeat {
+			if cn.finish != nil {
+				m.send(cn.ep, cn.finish) // the peer has not answered it yet
+			}
 			m.sendHeartbeat(cn)
 			cn.nextBeat = m.now + int64(cfg.HeartbeatTicks)
 		}
@@ -401,6 +447,9 @@ func (m *Machine) Step(from Endpoint, msg []byte) error {
 		m.malformed++
 		return err
 	}
+	if hd.Type >= proto.TypeInit || m.cfg.Secure != nil && hd.Type != proto.TypeReject {
+		return m.stepSecure(from, hd, msg)
+	}
 	switch hd.Type {
 	case proto.TypeHello, proto.TypeAccept:
 		h, err := proto.ParseHello(msg)
@@ -441,21 +490,50 @@ func (m *Machine) Step(from Endpoint, msg []byte) error {
 }
 
 func (m *Machine) onHello(from Endpoint, h *proto.Hello, configured bool) {
+	if !m.acceptable(from, h) {
+		return
+	}
+	cn := m.admit(from, h, configured)
+	if cn == nil {
+		return
+	}
+	m.sendHello(cn, proto.TypeAccept)
+	if cn.state == stateConnecting {
+		// Both sides dialled at once: wait for their accept or heartbeat.
+		cn.state = statePending
+	}
+	if cn.started == 0 {
+		cn.started = m.now
+	}
+}
+
+// acceptable checks a dialler's hello against our identity and
+// configuration, refusing it (and dropping what we have at its endpoint)
+// if it does not pass.
+func (m *Machine) acceptable(from Endpoint, h *proto.Hello) bool {
 	cn := m.conn[from.Remote]
 	if h.Name == m.cfg.Self.Name && h.UID == m.cfg.Self.UID {
 		// Our own hello: a target is one of our own addresses.
 		if cn != nil {
 			m.drop(cn, errCannotConnectToOurself)
 		}
-		return
+		return false
 	}
 	if _, err := m.cfg.Self.Check(h); err != nil {
 		m.refuse(from, h, err)
 		if cn != nil {
 			m.drop(cn, err)
 		}
-		return
+		return false
 	}
+	return true
+}
+
+// admit takes a dialler's checked hello: it settles other connections to
+// the same peer and returns the connection at from, made if needed, or nil
+// when there is no room for it.
+func (m *Machine) admit(from Endpoint, h *proto.Hello, configured bool) *connection {
+	cn := m.conn[from.Remote]
 	if cn != nil && cn.remote.Name != 0 && (cn.remote.Name != h.Name || cn.remote.UID != h.UID) {
 		// Another incarnation (or another peer) at this endpoint: start over.
 		m.event(Event{Kind: EventRestarted, Peer: h.Name, Nick: h.Nickname, Endpoint: from.Remote.String()})
@@ -467,15 +545,15 @@ func (m *Machine) onHello(from Endpoint, h *proto.Hello, configured bool) {
 		if cn != nil {
 			m.drop(cn, err)
 		}
-		return
+		return nil
 	}
 	if cn == nil {
 		if m.pendingInbound() >= m.cfg.MaxPendingInbound {
-			return // a flood of hellos; real peers retry
+			return nil // a flood of hellos; real peers retry
 		}
 		if !m.room(configured) {
 			m.refuse(from, h, &ConnLimitError{Limit: m.cfg.ConnLimit})
-			return
+			return nil
 		}
 		cn = &connection{ep: from, state: statePending, configured: configured}
 		m.conn[from.Remote] = cn
@@ -484,14 +562,7 @@ func (m *Machine) onHello(from Endpoint, h *proto.Hello, configured bool) {
 	cn.remote = *h
 	cn.lastHeard = m.now
 	cn.ep.Local = from.Local
-	m.sendHello(cn, proto.TypeAccept)
-	if cn.state == stateConnecting {
-		// Both sides dialled at once: wait for their accept or heartbeat.
-		cn.state = statePending
-	}
-	if cn.started == 0 {
-		cn.started = m.now
-	}
+	return cn
 }
 
 func (m *Machine) onAccept(from Endpoint, h *proto.Hello) {

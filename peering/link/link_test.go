@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/overlayd/overlayd/peering/handshake"
+	"github.com/overlayd/overlayd/peering/secure"
 	"github.com/overlayd/overlayd/proto"
 )
 
@@ -18,15 +19,18 @@ var testRange = netip.MustParsePrefix("10.40.0.0/16")
 // Every datagram sent is delivered within the same step unless its link is
 // cut; a step is one Tick of every Machine.
 type net struct {
-	t     *testing.T
-	nodes map[netip.Addr]*Machine
-	order []netip.Addr
-	cut   map[[2]netip.Addr]bool // silent links, both ways
-	log   []string               // events, for failure messages
+	t      *testing.T
+	nodes  map[netip.Addr]*Machine
+	order  []netip.Addr
+	cut    map[[2]netip.Addr]bool // silent links, both ways
+	log    []string               // events, for failure messages
+	events map[netip.Addr][]Event // every event, by machine
+	// tap, if set, sees every datagram delivered; false drops it.
+	tap func(from, to netip.Addr, msg []byte) bool
 }
 
 func newNet(t *testing.T) *net {
-	return &net{t: t, nodes: map[netip.Addr]*Machine{}, cut: map[[2]netip.Addr]bool{}}
+	return &net{t: t, nodes: map[netip.Addr]*Machine{}, cut: map[[2]netip.Addr]bool{}, events: map[netip.Addr][]Event{}}
 }
 
 func addr(i int) netip.Addr { return netip.AddrFrom4([4]byte{192, 168, 0, byte(i)}) }
@@ -34,9 +38,16 @@ func addr(i int) netip.Addr { return netip.AddrFrom4([4]byte{192, 168, 0, byte(i
 // add starts a Machine at addr(i) with the given name, uid and range.
 func (n *net) add(i int, name proto.PeerName, uid uint64, rng netip.Prefix) *Machine {
 	n.t.Helper()
+	return n.addWith(i, name, uid, rng, nil)
+}
+
+// addWith is add with a password mode configuration (nil: plaintext).
+func (n *net) addWith(i int, name proto.PeerName, uid uint64, rng netip.Prefix, sec *secure.Config) *Machine {
+	n.t.Helper()
 	m, err := New(Config{
-		Self: handshake.Config{Name: name, UID: uid, Nickname: fmt.Sprintf("h%d", i), Port: DefaultPort, Range: rng},
-		Rand: rand.New(rand.NewPCG(uint64(i), uid)),
+		Self:   handshake.Config{Name: name, UID: uid, Nickname: fmt.Sprintf("h%d", i), Port: DefaultPort, Range: rng},
+		Rand:   rand.New(rand.NewPCG(uint64(i), uid)),
+		Secure: sec,
 	})
 	if err != nil {
 		n.t.Fatal(err)
@@ -60,9 +71,13 @@ func (n *net) deliver() {
 			for _, e := range rd.Events {
 				n.log = append(n.log, fmt.Sprintf("t=%d %v: %+v", m.Now(), from, e))
 			}
+			n.events[from] = append(n.events[from], rd.Events...)
 			for _, d := range rd.Sends {
 				to := d.To.Remote.Addr()
 				if n.cut[[2]netip.Addr{from, to}] || n.cut[[2]netip.Addr{to, from}] || n.nodes[to] == nil {
+					continue
+				}
+				if n.tap != nil && !n.tap(from, to, d.Msg) {
 					continue
 				}
 				moved = true
@@ -240,14 +255,17 @@ func TestRangeMismatchRefusedOnBothSides(t *testing.T) {
 	}
 }
 
-func TestCollisionAndSelfAreNeverRetried(t *testing.T) {
+// TestCollisionAndSelf: a target that is our own address is never
+// retried; a peer that reports a name collision is retried with back-off,
+// as anyone could have sent that reject.
+func TestCollisionAndSelf(t *testing.T) {
 	n := newNet(t)
 	n.add(1, 0xa, 1, testRange)
 	b := n.add(2, 0xa, 2, testRange) // same name, other process
 	b.Connect([]string{addr(1).String(), addr(2).String()})
 	n.run(3)
-	for _, c := range b.Status().Connections {
-		if c.State != "failed" || !c.RetryNever {
+	for i, c := range b.Status().Connections {
+		if c.State != "failed" || c.RetryNever != (i == 1) {
 			t.Errorf("%s: %+v", c.Address, c)
 		}
 	}
