@@ -40,6 +40,11 @@ func addSeeds(f *testing.F) {
 		proto.AppendReject(nil, &proto.Reject{Code: proto.RejectRange, Name: seedName, Range: seedRange, Message: "no"}),
 		proto.AppendHeartbeat(nil, proto.Heartbeat{Name: seedName, UID: 42, Established: true}),
 		seedGossip(), seedData(),
+		proto.AppendInit(nil, &proto.Init{Configured: true, Cookie: proto.Cookie{1, 2}, Handshake: bytes.Repeat([]byte{7}, 80)}),
+		proto.AppendCookie(nil, proto.Cookie{3}),
+		proto.AppendHandshake(nil, proto.TypeResponse, bytes.Repeat([]byte{8}, 120)),
+		proto.AppendHandshake(nil, proto.TypeFinish, bytes.Repeat([]byte{9}, 64)),
+		append(proto.AppendSealedHead(nil, 5), bytes.Repeat([]byte{10}, 40)...),
 		nil, {1}, {1, 1, 0, 0}, {2, 1, 0, 0}, {1, 9, 0, 0}, {1, 6, 0, 0, 0, 0, 0, 0, 0, 1},
 	} {
 		f.Add(b)
@@ -50,7 +55,7 @@ func FuzzProtoHeader(f *testing.F) {
 	addSeeds(f)
 	f.Fuzz(func(t *testing.T, b []byte) {
 		h, err := proto.ParseHeader(b)
-		if err == nil && (h.Version != proto.Version || h.Type < proto.TypeHello || h.Type > proto.TypeData) {
+		if err == nil && (h.Version != proto.Version || h.Type < proto.TypeHello || h.Type > proto.TypeMax) {
 			t.Fatalf("accepted header %+v", h)
 		}
 	})

@@ -89,6 +89,9 @@ func (c *control) run(ctx context.Context) error {
 					c.log.Warn("gossip refused", zap.Stringer("endpoint", in.from.Remote), zap.Error(err))
 				case errors.Is(err, link.ErrStranger):
 					c.r.stats.DropUnknownPeer.Add(1)
+				case errors.Is(err, link.ErrRefused):
+					// counted by the Machine, by reason
+					c.log.Debug("password mode refused a message", zap.Stringer("endpoint", in.from.Remote), zap.Error(err))
 				default:
 					c.r.stats.malformed(proto.Type(in.msg[1])) // the header was checked
 				}
@@ -234,7 +237,8 @@ func (c *control) unicast(channel string, dst proto.PeerName, payload []byte) bo
 		return false
 	}
 	var via conn.Endpoint
-	if nb, ok := c.neighbours[dst]; ok {
+	var ok bool
+	if nb, found := c.neighbours[dst]; found {
 		via = conn.Endpoint(nb.Via)
 	} else if p := c.r.snap.Load().byName[dst]; p != nil {
 		via = p.ep
@@ -255,6 +259,9 @@ func (c *control) unicast(channel string, dst proto.PeerName, payload []byte) bo
 		b, err := proto.AppendGossip(nil, &g)
 		if err != nil {
 			c.log.Error("cannot encode gossip", zap.Error(err))
+			return false
+		}
+		if b, ok = c.m.Seal(link.Endpoint(via), b); !ok {
 			return false
 		}
 		dgrams = append(dgrams, b)
@@ -342,7 +349,12 @@ func (c *control) relayGossip(g link.Gossip) {
 		c.r.stats.GossipRejected.Add(1)
 		return
 	}
-	c.bufs[0] = b
+	if b, ok := c.m.Seal(link.Endpoint(p.ep), b); ok {
+		c.bufs[0] = b
+	} else {
+		c.r.stats.DropUnroutable.Add(1)
+		return
+	}
 	if _, err := c.send.Send(c.bufs, p.ep); err != nil {
 		c.log.Debug("relaying gossip", zap.Stringer("peer", m.Dst), zap.Error(err))
 	}

@@ -13,7 +13,7 @@ import (
 type Collector struct {
 	r *Router
 
-	peers, conns, packets, bytes, drops, gossip, gossipErrs, decode, outDrops *prometheus.Desc
+	peers, conns, packets, bytes, drops, gossip, gossipErrs, decode, outDrops, refused *prometheus.Desc
 }
 
 var _ prometheus.Collector = (*Collector)(nil)
@@ -40,6 +40,8 @@ func (r *Router) Collector() *Collector {
 		outDrops: prometheus.NewDesc("overlayd_gossip_dropped_total",
 			"Outbound gossip messages dropped, by channel and reason: its queue was full (or the message too large), or no path led to the peer.",
 			[]string{"channel", "reason"}, nil),
+		refused: prometheus.NewDesc("overlayd_password_refused_total",
+			"Password mode: control datagrams and handshakes refused, by reason (cookie_sent counts cookies sent to unproven diallers).", []string{"reason"}, nil),
 		gossipErrs: prometheus.NewDesc("overlayd_gossip_rejected_total",
 			"Gossip refused, by kind: bad chunks or entries, forged origin, unknown channel.", []string{"kind"}, nil),
 	}
@@ -47,7 +49,7 @@ func (r *Router) Collector() *Collector {
 
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.peers, c.conns, c.packets, c.bytes, c.drops, c.gossip, c.gossipErrs, c.decode, c.outDrops} {
+	for _, d := range []*prometheus.Desc{c.peers, c.conns, c.packets, c.bytes, c.drops, c.gossip, c.gossipErrs, c.decode, c.outDrops, c.refused} {
 		ch <- d
 	}
 }
@@ -105,4 +107,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.conns, prometheus.GaugeValue, float64(n), state)
 	}
 	ch <- prometheus.MustNewConstMetric(c.peers, prometheus.GaugeValue, float64(len(st.Peers)))
+	for reason, n := range st.Refused {
+		ch <- prometheus.MustNewConstMetric(c.refused, prometheus.CounterValue, float64(n), reason)
+	}
 }

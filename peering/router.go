@@ -39,6 +39,7 @@ import (
 	"github.com/overlayd/overlayd/peering/handshake"
 	"github.com/overlayd/overlayd/peering/link"
 	"github.com/overlayd/overlayd/peering/routes"
+	"github.com/overlayd/overlayd/peering/secure"
 	"github.com/overlayd/overlayd/peering/topology"
 	"github.com/overlayd/overlayd/proto"
 	"github.com/overlayd/overlayd/tun"
@@ -57,6 +58,10 @@ type Config struct {
 	MTU      int          // MTU of the TUN device, reported in status
 	Rand     *rand.Rand   // every random choice (UID, retry jitter); required
 	Log      *zap.Logger  // required
+
+	// Secure turns on password mode: peers prove the password in a Noise
+	// handshake and seal every control message after it. Nil: plaintext.
+	Secure *secure.Config
 
 	Discovery bool // dial the peers the topology tells of
 	// Channels are the gossip channels other subsystems serve: a message
@@ -177,6 +182,7 @@ func New(cfg Config, dev tun.Device, pc conn.PacketConn) (*Router, error) {
 		Self: handshake.Config{Name: cfg.Name, UID: cfg.UID, Nickname: cfg.Nickname,
 			Port: pc.LocalPort(), Range: cfg.Range},
 		Rand:              cfg.Rand,
+		Secure:            cfg.Secure,
 		HeartbeatTicks:    cfg.toTicks(cfg.HeartbeatInterval),
 		TimeoutTicks:      cfg.toTicks(cfg.HeartbeatTimeout),
 		HelloTicks:        cfg.toTicks(cfg.HelloInterval),
@@ -297,7 +303,7 @@ type Stats struct {
 	DropMalformed   atomic.Uint64 // undecodable datagrams of any type
 	// DecodeErrors breaks DropMalformed down by message type; index 0 is a
 	// bad header (unknown version or type, too short).
-	DecodeErrors   [proto.TypeData + 1]atomic.Uint64
+	DecodeErrors   [proto.TypeMax + 1]atomic.Uint64
 	DropCtrlQueue  atomic.Uint64 // control messages dropped because the control loop lagged
 	DropTunWrite   atomic.Uint64 // batches the TUN device refused (in part)
 	DropTunRead    atomic.Uint64 // failed reads from the TUN device

@@ -21,6 +21,10 @@ type Status struct {
 	// GossipPartial is the number of chunked gossip messages waiting for
 	// their missing chunks (bounded by peering/gossip.MaxPartial).
 	GossipPartial int
+	// Encryption says password mode is on; Refused then counts what it
+	// refused, by reason (link.SealedStats).
+	Encryption bool
+	Refused    map[string]uint64
 }
 
 // ConnStatus is a connection, or a target without one.
@@ -94,6 +98,10 @@ func (c *control) status() Status {
 	st := Status{
 		Targets: nonNil(ls.Targets), Exposed: nonNil(slices.Clone(c.local)),
 		Connections: []ConnStatus{}, Routes: []RouteStatus{}, GossipPartial: c.asm.Pending(),
+		Encryption: c.m.Secure(),
+	}
+	if st.Encryption {
+		st.Refused = c.m.Sealed.ByReason()
 	}
 	now := time.Now()
 	for _, c := range ls.Connections {

@@ -23,6 +23,17 @@ func enabled(b bool) string {
 	return "disabled"
 }
 
+// encryption says what password mode protects.
+func encryption(r *api.RouterStatus) string {
+	switch {
+	case r.Encryption && r.DataEncryption:
+		return "enabled"
+	case r.Encryption:
+		return "enabled for control traffic (peers authenticated); data packets are not encrypted yet"
+	}
+	return "disabled"
+}
+
 // writeStatus prints `overlayctl status` in Weave's layout.
 func writeStatus(w io.Writer, st *api.Status) {
 	r := &st.Router
@@ -36,7 +47,7 @@ func writeStatus(w io.Writer, st *api.Status) {
 	}
 	label(w, "Protocol", proto)
 	label(w, "Name", peerName(r.Name, r.Nickname))
-	label(w, "Encryption", enabled(r.Encryption))
+	label(w, "Encryption", encryption(r))
 	label(w, "PeerDiscovery", enabled(r.PeerDiscovery))
 	label(w, "Targets", len(r.Targets))
 	label(w, "Connections", connectionSummary(r.Connections))

@@ -58,7 +58,12 @@ type options struct {
 	pluginDir     string
 	dockerNetwork string
 	noFirewall    bool
+	password      string
+	passwordFile  string
 }
+
+// passwordEnv holds the password when neither flag gives one.
+const passwordEnv = "OVERLAY_PASSWORD"
 
 // config is the validated configuration of one daemon.
 type config = daemon.Config
@@ -168,6 +173,9 @@ func (o *options) validate(positional []string) (*config, error) {
 	if err := o.docker(c); err != nil {
 		return nil, err
 	}
+	if err := o.readPassword(c); err != nil {
+		return nil, err
+	}
 	if o.metricsAddr != "" {
 		host, port, err := net.SplitHostPort(o.metricsAddr)
 		n, perr := strconv.Atoi(port)
@@ -177,6 +185,26 @@ func (o *options) validate(positional []string) (*config, error) {
 		c.MetricsAddr = o.metricsAddr
 	}
 	return c, nil
+}
+
+// readPassword takes the password from --password, --password-file or
+// $OVERLAY_PASSWORD, in that order; more than one flag is an error.
+func (o *options) readPassword(c *config) error {
+	switch {
+	case o.password != "" && o.passwordFile != "":
+		return badFlag("give --password or --password-file, not both")
+	case o.password != "":
+		c.Password = []byte(o.password)
+	case o.passwordFile != "":
+		pw, err := daemon.ReadPasswordFile(o.passwordFile)
+		if err != nil {
+			return badFlag("--password-file: %v", err)
+		}
+		c.Password = pw
+	default:
+		c.Password = []byte(os.Getenv(passwordEnv))
+	}
+	return nil
 }
 
 // ipam sets how the allocator starts: --ipalloc-init (Weave's modes) and

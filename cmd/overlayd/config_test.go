@@ -2,6 +2,8 @@ package main
 
 import (
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -178,6 +180,51 @@ func TestQuorum(t *testing.T) {
 		}
 		if c.IPAMMode != tc.mode || (tc.mode == ipalloc.Consensus && c.Quorum != tc.quorum) || len(c.Seeds) != tc.seedCount {
 			t.Errorf("%+v: mode %v quorum %d seeds %v", tc, c.IPAMMode, c.Quorum, c.Seeds)
+		}
+	}
+}
+
+func TestPasswordFlags(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string, mode os.FileMode) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(content), mode); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(p, mode); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	good := write("good", "s3cret\r\nsecond line\n", 0o600)
+	open := write("open", "s3cret\n", 0o640)
+	empty := write("empty", "\nx\n", 0o600)
+	for _, tc := range []struct {
+		mod  func(*options)
+		env  string
+		want string // the password, or the error after "!"
+	}{
+		{func(o *options) {}, "", ""},
+		{func(o *options) {}, "from-env", "from-env"},
+		{func(o *options) { o.password = "flag" }, "from-env", "flag"},
+		{func(o *options) { o.passwordFile = good }, "from-env", "s3cret"},
+		{func(o *options) { o.password, o.passwordFile = "a", good }, "", "!not both"},
+		{func(o *options) { o.passwordFile = open }, "", "!readable by group or others (mode 0640)"},
+		{func(o *options) { o.passwordFile = empty }, "", "!is empty"},
+		{func(o *options) { o.passwordFile = filepath.Join(dir, "none") }, "", "!no such file"},
+	} {
+		t.Setenv(passwordEnv, tc.env)
+		o := defaults()
+		tc.mod(&o)
+		c, err := o.validate(nil)
+		if want, isErr := strings.CutPrefix(tc.want, "!"); isErr {
+			if err == nil || !strings.Contains(err.Error(), want) {
+				t.Errorf("%+v: got %v, want %q", o, err, want)
+			}
+			continue
+		}
+		if err != nil || string(c.Password) != tc.want {
+			t.Errorf("%+v (env %q): password %q, %v; want %q", o, tc.env, c.Password, err, tc.want)
 		}
 	}
 }

@@ -89,6 +89,8 @@ for --range and --default-subnet.`,
 	f.StringVar(&o.name, "name", "", "peer name, like 12:d2:fe:7a:c1:f2 (default: generated once and kept in --state-dir)")
 	f.StringVar(&o.nickname, "nickname", "", "nickname shown next to the peer name (default: the host name)")
 	f.IntVar(&o.port, "port", peering.DefaultPort, "UDP port for control and data")
+	f.StringVar(&o.password, "password", "", "password every peer must share: peers are authenticated and control traffic is encrypted (visible in ps: prefer --password-file or $"+passwordEnv+")")
+	f.StringVar(&o.passwordFile, "password-file", "", "file whose first line is the password; only its owner may read it")
 	f.IntVar(&o.connLimit, "conn-limit", 200, "connections to other peers at most (0: no limit)")
 	f.BoolVar(&o.noDiscovery, "no-discovery", false, "do not dial the peers other peers tell of (only --peer and connect)")
 	f.BoolVar(&o.noDNS, "no-dns", false, "do not run the DNS server nor gossip names")

@@ -318,19 +318,24 @@ type RouterStatus struct {
 	Port               uint16         `json:"port"`
 	ProtocolMinVersion uint8          `json:"protocolMinVersion"`
 	ProtocolMaxVersion uint8          `json:"protocolMaxVersion"`
-	Encryption         bool           `json:"encryption"`
-	PeerDiscovery      bool           `json:"peerDiscovery"`
-	ConnLimit          int            `json:"connLimit"`
-	MTU                int            `json:"mtu"`
-	Targets            []string       `json:"targets"`
-	Connections        []Connection   `json:"connections"`
-	Peers              []Peer         `json:"peers"`
-	Routes             []Route        `json:"routes"`
-	Exposed            []netip.Prefix `json:"exposed"`
+	// Encryption: password mode, peers authenticated and control traffic
+	// sealed. DataEncryption: data packets are encrypted too.
+	Encryption     bool           `json:"encryption"`
+	DataEncryption bool           `json:"dataEncryption"`
+	PeerDiscovery  bool           `json:"peerDiscovery"`
+	ConnLimit      int            `json:"connLimit"`
+	MTU            int            `json:"mtu"`
+	Targets        []string       `json:"targets"`
+	Connections    []Connection   `json:"connections"`
+	Peers          []Peer         `json:"peers"`
+	Routes         []Route        `json:"routes"`
+	Exposed        []netip.Prefix `json:"exposed"`
 	// GossipPartial is the number of chunked gossip messages waiting for
 	// their missing chunks.
 	GossipPartial int         `json:"gossipPartial"`
 	Stats         RouterStats `json:"stats"`
+	// PasswordRefused counts, in password mode, what was refused by reason.
+	PasswordRefused map[string]uint64 `json:"passwordRefused,omitempty"`
 }
 
 // Connection is one line of `status connections`: a connection, or a

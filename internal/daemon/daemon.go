@@ -43,6 +43,7 @@ import (
 	"github.com/overlayd/overlayd/ipalloc/allocsrv"
 	"github.com/overlayd/overlayd/peering"
 	"github.com/overlayd/overlayd/peering/conn"
+	"github.com/overlayd/overlayd/peering/secure"
 	"github.com/overlayd/overlayd/proto"
 	"github.com/overlayd/overlayd/tun"
 )
@@ -79,6 +80,9 @@ type Config struct {
 	PluginDir     string
 	DockerNetwork string // created at start with the drivers; "": none
 	Firewall      bool   // FORWARD rules for the containers' traffic
+	// Password turns on password mode: only peers with the same password
+	// are admitted, and control traffic is sealed. Empty: plaintext.
+	Password []byte
 }
 
 // StartError is a failure to start: nothing is left behind (exit code 2).
@@ -95,8 +99,9 @@ type Daemon struct {
 	cfg      Config
 	log      *zap.Logger
 	name     proto.PeerName
-	mtu      int // of the TUN device
-	underlay int // smallest MTU of the links peers' packets may leave by
+	mtu      int            // of the TUN device
+	secure   *secure.Config // password mode; nil: plaintext
+	underlay int            // smallest MTU of the links peers' packets may leave by
 
 	pc     conn.PacketConn
 	router *peering.Router
@@ -172,6 +177,17 @@ func (d *Daemon) prepare() error {
 		}
 		d.name = n
 	}
+	if len(d.cfg.Password) > 0 {
+		id, created, err := loadOrCreateIdentity(d.cfg.StateDir)
+		if err != nil {
+			return err
+		}
+		if created {
+			d.log.Info("created a new identity key", zap.Stringer("public_key", id.Public))
+		}
+		d.secure = &secure.Config{Identity: id, PSK: secure.DeriveKey(d.cfg.Password), Random: crand.Reader}
+		d.log.Warn("password set: peers are authenticated and control traffic is encrypted; data packets are not encrypted yet")
+	}
 	if netconf.LinkExists(d.cfg.Iface) {
 		return fmt.Errorf("interface %s already exists: is another overlayd running in this network namespace? (choose another with --iface)", d.cfg.Iface)
 	}
@@ -213,7 +229,8 @@ func (d *Daemon) openDevice() error {
 	crand.Read(seed[:])
 	channels := map[string]func(proto.PeerName, []byte){proto.ChannelIPAM: d.deliverIPAM, proto.ChannelNames: d.deliverNames}
 	d.router, err = peering.New(peering.Config{
-		Name: d.name, Nickname: d.cfg.Nickname, Range: d.cfg.Range, MTU: d.mtu,
+		Secure: d.secure,
+		Name:   d.name, Nickname: d.cfg.Nickname, Range: d.cfg.Range, MTU: d.mtu,
 		Discovery: d.cfg.Discovery, ConnLimit: d.cfg.ConnLimit,
 		Rand:     rand.New(rand.NewPCG(binary.LittleEndian.Uint64(seed[:8]), binary.LittleEndian.Uint64(seed[8:]))),
 		Log:      d.log.Named("router"),

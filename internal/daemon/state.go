@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/overlayd/overlayd/internal/atomicfile"
+	"github.com/overlayd/overlayd/peering/secure"
 	"github.com/overlayd/overlayd/proto"
 )
 
@@ -109,4 +110,68 @@ func encodeExposed(ps []netip.Prefix) ([]byte, error) {
 	}
 	b, err := json.Marshal(ps)
 	return append(b, '\n'), err
+}
+
+// identityFile holds the peer's long-term key pair (its private key, in
+// WireGuard's text form), so that it survives restarts.
+const identityFile = "identity.key"
+
+// loadOrCreateIdentity returns the key pair stored in dir, or makes one and
+// stores it with mode 0600. A stored key that does not parse, or that
+// others may read, is an error, never silently replaced or used.
+func loadOrCreateIdentity(dir string) (secure.Identity, bool, error) {
+	path := filepath.Join(dir, identityFile)
+	b, err := os.ReadFile(path)
+	switch {
+	case err == nil:
+		if err := checkPrivate(path); err != nil {
+			return secure.Identity{}, false, err
+		}
+		id, err := secure.ParseIdentity(b)
+		if err != nil {
+			return secure.Identity{}, false, fmt.Errorf("state file %s is corrupt (%v): restore it, or remove it to make a new key (peers then see a new key for this name)", path, err)
+		}
+		return id, false, nil
+	case !errors.Is(err, os.ErrNotExist):
+		return secure.Identity{}, false, fmt.Errorf("reading %s: %w", path, err)
+	}
+	id, err := secure.NewIdentity(rand.Reader)
+	if err != nil {
+		return secure.Identity{}, false, err
+	}
+	// atomicfile writes through os.CreateTemp: mode 0600.
+	if err := atomicfile.Write(path, id.MarshalText()); err != nil {
+		return secure.Identity{}, false, err
+	}
+	return id, true, nil
+}
+
+// checkPrivate refuses a secret file that its group or others may read.
+func checkPrivate(path string) error {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if m := fi.Mode().Perm(); m&0o077 != 0 {
+		return fmt.Errorf("%s is readable by group or others (mode %04o): it holds a secret; chmod 600 %s", path, m, path)
+	}
+	return nil
+}
+
+// ReadPasswordFile returns the first line of path, which only its owner may
+// read.
+func ReadPasswordFile(path string) ([]byte, error) {
+	if err := checkPrivate(path); err != nil {
+		return nil, err
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	line = strings.TrimSuffix(line, "\r")
+	if line == "" {
+		return nil, fmt.Errorf("%s: the first line, the password, is empty", path)
+	}
+	return []byte(line), nil
 }

@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/overlayd/overlayd/peering/secure"
 )
 
 func TestPeerNamePersists(t *testing.T) {
@@ -49,5 +51,33 @@ func TestExposedFile(t *testing.T) {
 		if _, err := loadExposed(dir); err == nil || !strings.Contains(err.Error(), "is corrupt") {
 			t.Errorf("%q: %v", bad, err)
 		}
+	}
+}
+
+func TestIdentityPersists(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, identityFile)
+	id1, created, err := loadOrCreateIdentity(dir)
+	if err != nil || !created || id1.Public == (secure.Key{}) {
+		t.Fatalf("%v %v %v", id1.Public, created, err)
+	}
+	if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("identity file: %v, %v", fi.Mode(), err)
+	}
+	id2, created, err := loadOrCreateIdentity(dir)
+	if err != nil || created || id2 != id1 {
+		t.Fatalf("second load: %v %v", created, err)
+	}
+	os.Chmod(path, 0o644)
+	if _, _, err := loadOrCreateIdentity(dir); err == nil || !strings.Contains(err.Error(), "chmod 600") {
+		t.Errorf("a key others may read: %v", err)
+	}
+	os.WriteFile(path, []byte("garbage"), 0o600)
+	os.Chmod(path, 0o600)
+	if _, _, err := loadOrCreateIdentity(dir); err == nil || !strings.Contains(err.Error(), "corrupt") {
+		t.Errorf("corrupt file: %v", err)
+	}
+	if b, _ := os.ReadFile(path); string(b) != "garbage" {
+		t.Errorf("corrupt file overwritten with %q", b)
 	}
 }
