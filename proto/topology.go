@@ -2,6 +2,7 @@ package proto
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net/netip"
 	"unicode/utf8"
@@ -66,6 +67,10 @@ type TopoMsg struct {
 	Hash    uint64 // TopoHash
 	Digest  []TopoDigestItem
 	Entries []TopoPeer
+	// Skipped counts the entries and digest items left out on receipt:
+	// well formed, but at a version no honest peer reaches. The rest of
+	// the message stands.
+	Skipped int
 }
 
 const (
@@ -176,12 +181,17 @@ func ParseTopoMsg(b []byte) (TopoMsg, error) {
 		if len(p) != n*topoDigestLen {
 			return m, fmt.Errorf("%w: digest of %d bytes for %d items", ErrMalform, len(p), n)
 		}
-		m.Digest = make([]TopoDigestItem, n)
+		m.Digest = make([]TopoDigestItem, 0, n)
 		for i := range n {
 			q := p[i*topoDigestLen:]
-			m.Digest[i] = TopoDigestItem{Name: getName(q), UID: binary.BigEndian.Uint64(q[6:]), Version: binary.BigEndian.Uint64(q[14:])}
-			if m.Digest[i].Name == 0 || m.Digest[i].Version >= MaxTopoVersion {
+			d := TopoDigestItem{Name: getName(q), UID: binary.BigEndian.Uint64(q[6:]), Version: binary.BigEndian.Uint64(q[14:])}
+			switch {
+			case d.Name == 0:
 				return TopoMsg{}, fmt.Errorf("%w: zero name in digest", ErrMalform)
+			case d.Version >= MaxTopoVersion:
+				m.Skipped++
+			default:
+				m.Digest = append(m.Digest, d)
 			}
 		}
 		return m, nil
@@ -197,10 +207,14 @@ func ParseTopoMsg(b []byte) (TopoMsg, error) {
 		m.Entries = make([]TopoPeer, 0, n)
 		for range n {
 			e, rest, err := parseTopoPeer(p)
-			if err != nil {
+			switch {
+			case errors.Is(err, errTopoVersion):
+				m.Skipped++
+			case err != nil:
 				return TopoMsg{}, err
+			default:
+				m.Entries = append(m.Entries, e)
 			}
-			m.Entries = append(m.Entries, e)
 			p = rest
 		}
 		if len(p) != 0 {
@@ -210,6 +224,10 @@ func ParseTopoMsg(b []byte) (TopoMsg, error) {
 	}
 	return m, fmt.Errorf("%w: topology message kind %d", ErrMalform, b[0])
 }
+
+// errTopoVersion marks an entry at or over MaxTopoVersion: it is skipped,
+// the rest of the message read.
+var errTopoVersion = fmt.Errorf("%w: topology entry version at the limit", ErrMalform)
 
 func parseTopoPeer(p []byte) (TopoPeer, []byte, error) {
 	var e TopoPeer
@@ -274,7 +292,7 @@ func parseTopoPeer(p []byte) (TopoPeer, []byte, error) {
 		return e, nil, fmt.Errorf("%w: topology entry without name or UID", ErrMalform)
 	}
 	if e.Version >= MaxTopoVersion {
-		return e, nil, fmt.Errorf("%w: topology entry version %d", ErrMalform, e.Version)
+		return e, p[np*prefixLen:], errTopoVersion
 	}
 	return e, p[np*prefixLen:], nil
 }

@@ -195,6 +195,7 @@ var ErrImpersonation = errors.New("topology: neighbour sent its own entry with a
 // the slices of m's entries: the caller must not change them afterwards
 // (entries are immutable once stored, and shared with the Msgs in Ready).
 func (n *Node) Step(from proto.PeerName, fromUID uint64, m *proto.TopoMsg) error {
+	n.Rejected += uint64(m.Skipped) // the decoder left them out
 	if m.Kind == proto.TopoHash || m.Kind == proto.TopoDigestRequest {
 		if last, ok := n.synced[from]; ok && last == n.round {
 			return nil // answered this neighbour this round already
@@ -248,7 +249,15 @@ func (n *Node) merge(from proto.PeerName, fromUID uint64, entries []proto.TopoPe
 		case e.Name == n.cfg.Self:
 			if self := n.self(); e.UID != n.cfg.UID && e.Version >= self.Version || e.UID == n.cfg.UID && e.Version > self.Version {
 				// An older incarnation of us (or a copy newer than ours):
-				// bump past it so that ours wins everywhere.
+				// bump past it so that ours wins everywhere, unless that
+				// would reach a version nobody accepts.
+				if e.Version+1 >= proto.MaxTopoVersion {
+					n.Rejected++
+					if first == nil {
+						first = fmt.Errorf("topology: a copy of our own entry at version %d, which no version of ours can pass: made up", e.Version)
+					}
+					continue
+				}
 				mine := *self
 				mine.Version = e.Version + 1
 				n.put(&mine)

@@ -209,9 +209,23 @@ func TestLargeStateGoesInBoundedMessages(t *testing.T) {
 	}
 }
 
+// TestVersionsCannotWrap: an entry at the version limit is skipped on
+// receipt (the rest of its message stands), and a copy of our own entry
+// just under it does not push ours to a version others would skip.
 func TestVersionsCannotWrap(t *testing.T) {
-	b, _ := proto.AppendTopoMsg(nil, entries(entry(1, 99, proto.MaxTopoVersion, conn(2, true))))
-	if _, err := proto.ParseTopoMsg(b); err == nil {
-		t.Error("a version of 2^62 was accepted")
+	b, _ := proto.AppendTopoMsg(nil, entries(entry(1, 99, proto.MaxTopoVersion, conn(2, true)), entry(3, 7, 5, conn(2, true))))
+	m, err := proto.ParseTopoMsg(b)
+	if err != nil || m.Skipped != 1 || len(m.Entries) != 1 || m.Entries[0].Name != 3 {
+		t.Fatalf("%+v, %v: want the entry at 2^62 skipped and the other kept", m, err)
+	}
+	n := node(t, 1, 100)
+	before := n.Peer(1).Version
+	err = n.Step(2, 200, &proto.TopoMsg{Kind: proto.TopoEntries, Entries: []proto.TopoPeer{entry(1, 99, proto.MaxTopoVersion-1)}})
+	if err == nil || n.Peer(1).Version != before || n.Rejected != 1 {
+		t.Errorf("a copy of ours at 2^62-1: %v, version %d (was %d), rejected %d", err, n.Peer(1).Version, before, n.Rejected)
+	}
+	n.Step(2, 200, &m)
+	if n.Rejected != 2 || n.Peer(3) == nil {
+		t.Errorf("rejected %d, entry of 3 %v", n.Rejected, n.Peer(3))
 	}
 }
