@@ -250,6 +250,10 @@ func (n *Node) failClaimDenied(p *pending, owner proto.PeerName) {
 
 func (n *Node) stepRing(from proto.PeerName, m *proto.Ring, reply, partial bool) error {
 	before := n.ownedSize()
+	if k := ring.AtLimit(m); k > 0 {
+		n.stats.AtLimit += uint64(k)
+		n.cfg.Warnf("ring from %v: %d entries at the version limit, which no honest peer reaches; not merged", from, k)
+	}
 	target := n.ring
 	if partial {
 		target = n.ring.Clone()

@@ -172,6 +172,9 @@ type Stats struct {
 	Conflicts  uint64 // our allocations in space a merge gave to another peer
 	Duplicates uint64 // of those, addresses the other peer had allocated too
 	Donations  uint64 // space given to peers
+	// AtLimit counts received ring entries at the version limit, which
+	// no honest peer reaches: never merged.
+	AtLimit uint64
 }
 
 // hold is space taken over by rmpeer, kept unused until Until and until

@@ -26,6 +26,8 @@ var (
 		"Addresses allocated here in space a merge gave to another peer (each is asked back).", nil, nil)
 	duplicatesDesc = prometheus.NewDesc("overlayd_ipam_duplicates_total",
 		"Of the conflicts, addresses the other peer had allocated too (in use twice).", nil, nil)
+	atLimitDesc = prometheus.NewDesc("overlayd_ipam_refused_entries_total",
+		"Received ring entries at the version limit, which no honest peer reaches: never merged.", nil, nil)
 	donationsDesc = prometheus.NewDesc("overlayd_ipam_donations_total",
 		"Space given to peers that asked for it.", nil, nil)
 	messagesDesc = prometheus.NewDesc("overlayd_ipam_messages_total",
@@ -43,7 +45,7 @@ func (s *Server) Collector() Collector { return Collector{s} }
 // Describe implements prometheus.Collector.
 func (c Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{activeDesc, maxDesc, ownedDesc, unreachableDesc, pendingDesc, conflictsDesc,
-		duplicatesDesc, donationsDesc, messagesDesc} {
+		duplicatesDesc, donationsDesc, messagesDesc, atLimitDesc} {
 		ch <- d
 	}
 }
@@ -84,5 +86,6 @@ func (c Collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	counter(conflictsDesc, st.Stats.Conflicts)
 	counter(duplicatesDesc, st.Stats.Duplicates)
+	counter(atLimitDesc, st.Stats.AtLimit)
 	counter(donationsDesc, st.Stats.Donations)
 }

@@ -30,6 +30,12 @@ import (
 // transfer wins over concurrent small bumps by the old owner.
 const TransferBump = 100
 
+// maxOwnVersion is the highest version our own changes give an entry: one
+// under proto.MaxRingVersion, which no honest peer reaches (2^31 changes to
+// one entry), so an entry at the limit is known to be made up and never
+// wins a merge.
+const maxOwnVersion = proto.MaxRingVersion - 1
+
 // Span is a run of addresses [Start, End) with one owner.
 type Span struct {
 	Start uint32
@@ -386,7 +392,7 @@ func (r *Ring) Grant(start uint32, end uint64, from, to proto.PeerName) error {
 		e := &r.entries[i]
 		if e.Peer != to {
 			e.Peer = to
-			e.Version = min(e.Version+1, proto.MaxRingVersion)
+			e.Version = min(e.Version+1, maxOwnVersion)
 		}
 		e.Free = uint32(min(r.next(i)-uint64(e.Token), 1<<32-1))
 	}
@@ -402,7 +408,7 @@ func (r *Ring) Transfer(from, to proto.PeerName) uint64 {
 		e := &r.entries[i]
 		if e.Peer == from {
 			e.Peer = to
-			e.Version = min(e.Version+TransferBump, proto.MaxRingVersion)
+			e.Version = min(e.Version+TransferBump, maxOwnVersion)
 			n += r.next(i) - uint64(e.Token)
 		}
 	}
@@ -420,7 +426,7 @@ func (r *Ring) ReportFree(self proto.PeerName, free func(start uint32, end uint6
 			continue
 		}
 		f := uint32(min(free(e.Token, r.next(i)), 1<<32-1))
-		if f != e.Free && e.Version < proto.MaxRingVersion {
+		if f != e.Free && e.Version < maxOwnVersion {
 			e.Free = f
 			e.Version++
 			changed = true
@@ -441,6 +447,22 @@ func less(a, b proto.RingEntry) bool {
 	return a.Peer < b.Peer
 }
 
+// AtLimit counts the entries of m at proto.MaxRingVersion: Merge never
+// takes them.
+func AtLimit(m *proto.Ring) int {
+	n := 0
+	for _, e := range m.Entries {
+		if e.Version >= proto.MaxRingVersion {
+			n++
+		}
+	}
+	return n
+}
+
+// ErrAtLimit refuses a whole ring with an entry at the version limit while
+// we have none: there is nothing better to keep in its place.
+var ErrAtLimit = errors.New("ring: an entry at the version limit, which no honest peer reaches")
+
 // ErrNeedWhole refuses a partial ring while we have none to merge it into.
 var ErrNeedWhole = errors.New("ring: a partial ring needs a ring to merge into")
 
@@ -448,7 +470,9 @@ var ErrNeedWhole = errors.New("ring: a partial ring needs a ring to merge into")
 // the ring breaks an invariant, is of another range, or was made for
 // other peers. It reports whether r changed. A partial ring (only the
 // entries that changed: see Diff) merges the same way, as the join is per
-// token.
+// token. An entry at proto.MaxRingVersion never wins: where we hold its
+// token ours stays, where we do not the token is not taken (AtLimit
+// counts them).
 func (r *Ring) Merge(m *proto.Ring, partial bool) (bool, error) {
 	if err := check(m, r.universe, partial); err != nil {
 		return false, err
@@ -476,6 +500,9 @@ func (r *Ring) Merge(m *proto.Ring, partial bool) (bool, error) {
 	if !r.Empty() && !slices.Equal(r.seeds, m.Seeds) {
 		return false, &SeedsError{Received: slices.Clone(m.Seeds), Ours: slices.Clone(r.seeds)}
 	}
+	if r.Empty() && AtLimit(m) > 0 {
+		return false, ErrAtLimit
+	}
 	r.hashed = false
 	if r.Empty() {
 		r.seeds = slices.Clone(m.Seeds)
@@ -491,12 +518,14 @@ func (r *Ring) Merge(m *proto.Ring, partial bool) (bool, error) {
 			out = append(out, r.entries[i])
 			i++
 		case i == len(r.entries) || m.Entries[j].Token < r.entries[i].Token:
-			out = append(out, m.Entries[j])
-			changed = true
+			if m.Entries[j].Version < proto.MaxRingVersion {
+				out = append(out, m.Entries[j])
+				changed = true
+			}
 			j++
 		default:
 			e := r.entries[i]
-			if less(e, m.Entries[j]) {
+			if m.Entries[j].Version < proto.MaxRingVersion && less(e, m.Entries[j]) {
 				e = m.Entries[j]
 				changed = true
 			}

@@ -327,7 +327,7 @@ func TestTransfer(t *testing.T) {
 	if n := r.Transfer(pa, pb); n != 256 {
 		t.Fatalf("Transfer returned %d, want 256", n)
 	}
-	if es, _ := r.Entries(); es[0].Version != proto.MaxRingVersion || es[0].Peer != pb {
+	if es, _ := r.Entries(); es[0].Version != proto.MaxRingVersion-1 || es[0].Peer != pb {
 		t.Fatalf("transfer near the version bound: %s", layout(r))
 	}
 	if err := r.Check(); err != nil {
@@ -972,5 +972,43 @@ func TestSpanPrefixes(t *testing.T) {
 	}
 	if got := (Span{Start: addr24(1), End: uint64(addr24(0)) + 8}).Prefixes(); fmt.Sprint(got) != "[172.16.16.1/32 172.16.16.2/31 172.16.16.4/30]" {
 		t.Fatalf("prefixes of .1-.7: %v", got)
+	}
+}
+
+// TestVersionLimitNeverWins: an entry at proto.MaxRingVersion (one no
+// honest peer reaches) loses to what we hold, adds no token, and makes a
+// ring we cannot start from; our own changes stop one under it.
+func TestVersionLimitNeverWins(t *testing.T) {
+	r := newRing(t, slash24, pa, pb)
+	before := r.Clone()
+	seeds := r.Seeds()
+	ours, _ := r.Entries()
+	forged := proto.Ring{Range: slash24, Seeds: seeds, Entries: []proto.RingEntry{
+		{Token: addr24(0), Peer: pc, Version: proto.MaxRingVersion},  // an existing token
+		{Token: addr24(10), Peer: pc, Version: proto.MaxRingVersion}, // a new one
+		ours[1]}}
+	if AtLimit(&forged) != 2 {
+		t.Fatalf("AtLimit %d", AtLimit(&forged))
+	}
+	changed, err := r.Merge(&forged, false)
+	if err != nil || changed || !r.Equal(before) {
+		t.Fatalf("merge of entries at the limit: changed %v, %v:\n%s", changed, err, layout(r))
+	}
+	if _, err := (&Ring{universe: slash24}).Merge(&forged, false); !errors.Is(err, ErrAtLimit) {
+		t.Errorf("an empty ring took a ring with entries at the limit: %v", err)
+	}
+	// One under the limit is an ordinary (if unlikely) version and wins.
+	forged.Entries[0].Version = proto.MaxRingVersion - 1
+	forged.Entries = slices.Delete(forged.Entries, 1, 2)
+	if changed, err := r.Merge(&forged, false); err != nil || !changed || r.Owner(addr24(0)) != pc {
+		t.Errorf("version under the limit: %v %v", changed, err)
+	}
+	// Our own bumps from there stay under the limit.
+	r.Grant(addr24(0), uint64(addr24(64)), pc, pa)
+	if es, _ := r.Entries(); es[0].Version != proto.MaxRingVersion-1 {
+		t.Errorf("a grant reached version %d", es[0].Version)
+	}
+	if err := r.Check(); err != nil {
+		t.Error(err)
 	}
 }
