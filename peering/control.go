@@ -58,6 +58,7 @@ type control struct {
 	ticks      int64
 	out        []outMsg // scratch for sendOutboxes
 	outTurn    int      // the channel sendOutboxes starts with
+	refused    int      // announced prefixes the route table left out
 }
 
 func newControl(r *Router, m *link.Machine, topo *topology.Node) *control {
@@ -478,5 +479,11 @@ func (c *control) publish() {
 		src.Announced = append(src.Announced, routes.Announcement[proto.PeerName]{Peer: e.Name, Prefixes: e.Prefixes})
 	}
 	snap.routes = routes.Build(src)
+	if n := snap.routes.Refused; n != c.refused {
+		if n > 0 {
+			c.log.Warn("announced addresses refused: they lie in ring space another peer owns", zap.Int("refused", n))
+		}
+		c.refused = n
+	}
 	c.r.snap.Store(snap)
 }

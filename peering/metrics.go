@@ -13,7 +13,7 @@ import (
 type Collector struct {
 	r *Router
 
-	peers, conns, packets, bytes, drops, gossip, gossipErrs, decode, outDrops, refused *prometheus.Desc
+	peers, conns, packets, bytes, drops, gossip, gossipErrs, decode, outDrops, refused, refusedAnn *prometheus.Desc
 }
 
 var _ prometheus.Collector = (*Collector)(nil)
@@ -42,6 +42,8 @@ func (r *Router) Collector() *Collector {
 			[]string{"channel", "reason"}, nil),
 		refused: prometheus.NewDesc("overlayd_password_refused_total",
 			"Password mode: control datagrams and handshakes refused, by reason (cookie_sent counts cookies sent to unproven diallers).", []string{"reason"}, nil),
+		refusedAnn: prometheus.NewDesc("overlayd_routes_refused_announcements",
+			"Prefixes peers announce in ring space another peer owns, left out of the route table.", nil, nil),
 		gossipErrs: prometheus.NewDesc("overlayd_gossip_rejected_total",
 			"Gossip refused, by kind: bad chunks or entries, forged origin, unknown channel.", []string{"kind"}, nil),
 	}
@@ -49,7 +51,7 @@ func (r *Router) Collector() *Collector {
 
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.peers, c.conns, c.packets, c.bytes, c.drops, c.gossip, c.gossipErrs, c.decode, c.outDrops, c.refused} {
+	for _, d := range []*prometheus.Desc{c.peers, c.conns, c.packets, c.bytes, c.drops, c.gossip, c.gossipErrs, c.decode, c.outDrops, c.refused, c.refusedAnn} {
 		ch <- d
 	}
 }
@@ -107,6 +109,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.conns, prometheus.GaugeValue, float64(n), state)
 	}
 	ch <- prometheus.MustNewConstMetric(c.peers, prometheus.GaugeValue, float64(len(st.Peers)))
+	ch <- prometheus.MustNewConstMetric(c.refusedAnn, prometheus.GaugeValue, float64(st.RefusedAnnouncements))
 	for reason, n := range st.Refused {
 		ch <- prometheus.MustNewConstMetric(c.refused, prometheus.CounterValue, float64(n), reason)
 	}

@@ -25,6 +25,9 @@ type Status struct {
 	// refused, by reason (link.SealedStats).
 	Encryption bool
 	Refused    map[string]uint64
+	// RefusedAnnouncements is the number of prefixes peers announce in
+	// ring space another peer owns, left out of the route table.
+	RefusedAnnouncements int
 }
 
 // ConnStatus is a connection, or a target without one.
@@ -98,7 +101,7 @@ func (c *control) status() Status {
 	st := Status{
 		Targets: nonNil(ls.Targets), Exposed: nonNil(slices.Clone(c.local)),
 		Connections: []ConnStatus{}, Routes: []RouteStatus{}, GossipPartial: c.asm.Pending(),
-		Encryption: c.m.Secure(),
+		Encryption: c.m.Secure(), RefusedAnnouncements: c.refused,
 	}
 	if st.Encryption {
 		st.Refused = c.m.Sealed.ByReason()

@@ -336,6 +336,9 @@ type RouterStatus struct {
 	Stats         RouterStats `json:"stats"`
 	// PasswordRefused counts, in password mode, what was refused by reason.
 	PasswordRefused map[string]uint64 `json:"passwordRefused,omitempty"`
+	// RefusedAnnouncements counts prefixes peers announce in ring space
+	// another peer owns: left out of the route table.
+	RefusedAnnouncements int `json:"refusedAnnouncements"`
 }
 
 // Connection is one line of `status connections`: a connection, or a

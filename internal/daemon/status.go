@@ -45,7 +45,7 @@ func (d *Daemon) routerStatus(rs peering.Status) api.RouterStatus {
 		ProtocolMinVersion: proto.MinVersion, ProtocolMaxVersion: proto.MaxVersion,
 		PeerDiscovery: d.cfg.Discovery, ConnLimit: d.cfg.ConnLimit, MTU: d.mtu,
 		Targets: rs.Targets, Exposed: rs.Exposed, GossipPartial: rs.GossipPartial, Stats: routerStats(d.router.Stats()),
-		Encryption: rs.Encryption, PasswordRefused: rs.Refused,
+		Encryption: rs.Encryption, PasswordRefused: rs.Refused, RefusedAnnouncements: rs.RefusedAnnouncements,
 		Connections: make([]api.Connection, len(rs.Connections)), Peers: make([]api.Peer, len(rs.Peers)),
 		Routes: make([]api.Route, len(rs.Routes)),
 	}

@@ -4,6 +4,8 @@ import (
 	"cmp"
 	"net/netip"
 	"slices"
+
+	"github.com/overlayd/overlayd/internal/ipv4"
 )
 
 // An Owner is the peer that owns a prefix of the allocation range.
@@ -39,6 +41,12 @@ type Sources[K cmp.Ordered, V any] struct {
 //  2. the ring's owner (Here when it is Self);
 //  3. an announcement, the peer with the lowest name first.
 //
+// An announced prefix that meets ring space owned by another peer is left
+// out (and counted in the table's Refused): inside the range a peer may
+// announce only addresses it owns (an exposed address is claimed, hence
+// owned, by the peer that exposes it), so that no peer can draw another's
+// traffic to itself.
+//
 // A route to an unreachable peer is left out, so the next in line may take
 // its prefix. Build does not keep s's slices.
 func Build[K cmp.Ordered, V any](s Sources[K, V]) *Table[V] {
@@ -53,17 +61,42 @@ func Build[K cmp.Ordered, V any](s Sources[K, V]) *Table[V] {
 			rs = append(rs, Route[V]{Prefix: o.Prefix, Via: v})
 		}
 	}
+	owners := slices.Clone(s.Owners)
+	slices.SortFunc(owners, func(a, b Owner[K]) int { return a.Prefix.Addr().Compare(b.Prefix.Addr()) })
 	ann := slices.Clone(s.Announced)
 	slices.SortStableFunc(ann, func(a, b Announcement[K]) int { return cmp.Compare(a.Peer, b.Peer) })
+	refused := 0
 	for _, a := range ann {
 		if a.Peer == s.Self {
 			continue
 		}
 		if v, ok := s.Path(a.Peer); ok {
 			for _, p := range a.Prefixes {
+				if ownedByOther(owners, p, a.Peer) {
+					refused++
+					continue
+				}
 				rs = append(rs, Route[V]{Prefix: p, Via: v})
 			}
 		}
 	}
-	return New(rs)
+	t := New(rs)
+	t.Refused = refused
+	return t
+}
+
+// ownedByOther reports whether p meets a prefix of owners (sorted by
+// address) whose owner is not peer.
+func ownedByOther[K comparable](owners []Owner[K], p netip.Prefix, peer K) bool {
+	first, end := ipv4.Bounds(p)
+	for _, o := range owners {
+		start, oend := ipv4.Bounds(o.Prefix)
+		if uint64(start) >= end {
+			return false // this one and the rest start after p
+		}
+		if oend > uint64(first) && o.Peer != peer {
+			return true
+		}
+	}
+	return false
 }

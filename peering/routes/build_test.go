@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"slices"
+	"strings"
 	"testing"
 )
 
@@ -40,7 +42,18 @@ func TestBuild(t *testing.T) {
 		{"outside the range", nil, "192.168.1.1", ""},
 		{"an unreachable owner's space", func(s *Sources[int, via]) { s.Path = reachable(2) }, "10.45.0.1", ""},
 		{
-			"an exposed address in another's space is more specific", func(s *Sources[int, via]) {
+			"an announcement in another's space is refused", func(s *Sources[int, via]) {
+				s.Announced = []Announcement[int]{{4, []netip.Prefix{pfx("10.41.0.9/32")}}}
+			}, "10.41.0.9", "peer2",
+		},
+		{
+			"an announcement over several owners is refused", func(s *Sources[int, via]) {
+				s.Announced = []Announcement[int]{{2, []netip.Prefix{pfx("10.32.0.0/11")}}}
+			}, "10.33.1.1", "here",
+		},
+		{
+			"an exposed address the announcer owns is more specific", func(s *Sources[int, via]) {
+				s.Owners = []Owner[int]{{pfx("10.41.0.0/24"), 4}, {pfx("10.41.1.0/24"), 2}}
 				s.Announced = []Announcement[int]{{4, []netip.Prefix{pfx("10.41.0.9/32")}}}
 			}, "10.41.0.9", "peer4",
 		},
@@ -56,7 +69,7 @@ func TestBuild(t *testing.T) {
 			}, "1.1.1.1", "here",
 		},
 		{
-			"the ring beats an announcement of the same prefix", func(s *Sources[int, via]) {
+			"an announcement of another's ring prefix is refused", func(s *Sources[int, via]) {
 				s.Announced = []Announcement[int]{{4, []netip.Prefix{pfx("10.40.0.0/14")}}}
 			}, "10.40.0.1", "peer2",
 		},
@@ -82,12 +95,16 @@ func TestBuild(t *testing.T) {
 			if tc.edit != nil {
 				tc.edit(&s)
 			}
-			got, ok := Build(s).Lookup(netip.MustParseAddr(tc.addr))
+			tab := Build(s)
+			got, ok := tab.Lookup(netip.MustParseAddr(tc.addr))
 			if !ok {
 				got = ""
 			}
 			if got != tc.want {
 				t.Errorf("%s goes to %q, want %q", tc.addr, got, tc.want)
+			}
+			if refused := strings.HasSuffix(tc.name, "is refused"); refused != (tab.Refused > 0) {
+				t.Errorf("%d announcements refused", tab.Refused)
 			}
 		})
 	}
@@ -118,7 +135,9 @@ func slowLookup(s Sources[int, via], a netip.Addr) (via, bool) {
 			}
 			if v, ok := s.Path(peer); ok {
 				for _, p := range an.Prefixes {
-					cs = append(cs, cand{p, v})
+					if !slices.ContainsFunc(s.Owners, func(o Owner[int]) bool { return o.Peer != peer && o.Prefix.Overlaps(p) }) {
+						cs = append(cs, cand{p, v})
+					}
 				}
 			}
 		}

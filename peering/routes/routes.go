@@ -29,6 +29,9 @@ type Table[V any] struct {
 	byLen [33]map[uint32]V
 	lens  []uint8
 	n     int
+	// Refused is the number of announced prefixes Build left out because
+	// they lie in ring space another peer owns.
+	Refused int
 }
 
 // New builds a table. Prefixes are masked; when two routes have the same
