@@ -53,12 +53,14 @@
 //	22      5   sender's IPAM range (IPv4 prefix; none = 255 length)
 //	27      1   nickname length n (at most 64)
 //	28      n   nickname (UTF-8)
+//	28+n    2   optional: the sender's WireGuard data port (password
+//	            mode); absent or zero: none
 //
 // A peer dials by sending hello; the other side validates it and answers
 // accept (same layout, its own identity) or reject. On a hello, flags bit 0
 // (0x01) says the dialler was configured to dial us (not discovery): under
 // the connection limit such peers may take the last tenth of the places. Trailing bytes after the
-// nickname are ignored, so later versions may append fields.
+// optional fields are ignored, so later versions may append more.
 //
 // # Reject (type 3)
 //

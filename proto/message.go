@@ -125,6 +125,10 @@ type Hello struct {
 	Port                   uint16
 	Range                  netip.Prefix // the sender's IPAM range; invalid if none
 	Nickname               string
+	// DataPort is the UDP port of the sender's WireGuard data plane
+	// (password mode); 0: it has none. Sent after the nickname, and only
+	// when not zero, so that older peers read the same hello.
+	DataPort uint16
 }
 
 // AppendHello appends a hello (t == TypeHello) or accept (t == TypeAccept)
@@ -138,7 +142,11 @@ func AppendHello(b []byte, t Type, h *Hello) []byte {
 	b = binary.BigEndian.AppendUint16(b, h.Port)
 	b = appendPrefix(b, h.Range)
 	b = append(b, byte(len(nick)))
-	return append(b, nick...)
+	b = append(b, nick...)
+	if h.DataPort != 0 {
+		b = binary.BigEndian.AppendUint16(b, h.DataPort)
+	}
+	return b
 }
 
 // ParseHello decodes a hello or accept message (header included).
@@ -174,6 +182,9 @@ func ParseHello(b []byte) (Hello, error) {
 		return h, fmt.Errorf("%w: nickname is not UTF-8", ErrMalform)
 	}
 	h.Nickname = string(nick)
+	if rest := p[24+n:]; len(rest) >= 2 {
+		h.DataPort = binary.BigEndian.Uint16(rest)
+	}
 	switch {
 	case h.Name == 0:
 		return h, fmt.Errorf("%w: zero peer name", ErrMalform)

@@ -137,6 +137,15 @@ func TestRoundTrip(t *testing.T) {
 	if err != nil || !reflect.DeepEqual(got, hello) {
 		t.Errorf("hello: got %+v, %v; want %+v", got, err, hello)
 	}
+	hello.DataPort = 6784
+	b := AppendHello(nil, TypeHello, &hello)
+	if got, err := ParseHello(b); err != nil || !reflect.DeepEqual(got, hello) {
+		t.Errorf("hello with a data port: got %+v, %v; want %+v", got, err, hello)
+	}
+	// One byte of a data port is a later field we do not know: ignored.
+	if got, err := ParseHello(b[:len(b)-1]); err != nil || got.DataPort != 0 {
+		t.Errorf("hello with a cut data port: got %+v, %v", got, err)
+	}
 	rej := Reject{Code: RejectCollision, Name: 5, Message: "local and remote peer names collision"}
 	if got, err := ParseReject(AppendReject(nil, &rej)); err != nil || !reflect.DeepEqual(got, rej) {
 		t.Errorf("reject: got %+v, %v; want %+v", got, err, rej)
@@ -146,7 +155,7 @@ func TestRoundTrip(t *testing.T) {
 		t.Errorf("heartbeat: got %+v, %v", got, err)
 	}
 	g := Gossip{Channel: "topology", Src: 1, Dst: 2, Payload: []byte("x")}
-	b, err := AppendGossip(nil, &g)
+	b, err = AppendGossip(nil, &g)
 	if err != nil {
 		t.Fatal(err)
 	}
