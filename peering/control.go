@@ -1,11 +1,14 @@
 package peering
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
+	"slices"
 	"time"
 
 	"go.uber.org/zap"
@@ -15,6 +18,7 @@ import (
 	"github.com/overlayd/overlayd/peering/handshake"
 	"github.com/overlayd/overlayd/peering/link"
 	"github.com/overlayd/overlayd/peering/routes"
+	"github.com/overlayd/overlayd/peering/secure"
 	"github.com/overlayd/overlayd/peering/topology"
 	"github.com/overlayd/overlayd/proto"
 )
@@ -56,9 +60,10 @@ type control struct {
 	owners     []Owner                          // the allocator's ring: who owns which part of the range
 	msgID      uint32                           // of our last chunked gossip message
 	ticks      int64
-	out        []outMsg // scratch for sendOutboxes
-	outTurn    int      // the channel sendOutboxes starts with
-	refused    int      // announced prefixes the route table left out
+	out        []outMsg   // scratch for sendOutboxes
+	outTurn    int        // the channel sendOutboxes starts with
+	refused    int        // announced prefixes the route table left out
+	programmed []DataPeer // what the data plane was last given
 }
 
 func newControl(r *Router, m *link.Machine, topo *topology.Node) *control {
@@ -457,14 +462,14 @@ func (c *control) publish() {
 	}
 	snap := &snapshot{peers: make(map[netip.AddrPort]*path, len(c.neighbours)), byName: map[proto.PeerName]*path{}}
 	for name, nb := range c.neighbours {
-		snap.peers[nb.Via.Remote] = &path{name: name, ep: conn.Endpoint(nb.Via)}
+		snap.peers[nb.Via.Remote] = &path{name: name, hop: name, ep: conn.Endpoint(nb.Via)}
 	}
 	for dest, hop := range hops {
 		nb, ok := c.neighbours[hop]
 		if !ok {
 			continue
 		}
-		snap.byName[dest] = &path{name: dest, ep: conn.Endpoint(nb.Via), relayed: dest != hop}
+		snap.byName[dest] = &path{name: dest, hop: hop, ep: conn.Endpoint(nb.Via), relayed: dest != hop}
 	}
 	src := routes.Sources[proto.PeerName, *path]{
 		Self: self, Local: c.local, Owners: c.owners, Here: &path{name: self, local: true},
@@ -486,4 +491,51 @@ func (c *control) publish() {
 		c.refused = n
 	}
 	c.r.snap.Store(snap)
+	if c.r.cfg.DataPlane != nil {
+		c.program(snap.routes)
+	}
+}
+
+// program hands the data plane its peers, when they changed: every
+// neighbour whose handshake gave a key and a data port, with the prefixes
+// whose first hop it is. Relayed traffic is therefore encrypted hop by hop:
+// the relay decrypts it, and its kernel routes it back into the plane for
+// the next hop (WireGuard has no notion of a relay).
+func (c *control) program(rt *routes.Table[*path]) {
+	byHop := map[proto.PeerName][]netip.Prefix{}
+	for _, r := range rt.Routes() {
+		if !r.Via.local {
+			byHop[r.Via.hop] = append(byHop[r.Via.hop], r.Prefix)
+		}
+	}
+	peers := make([]DataPeer, 0, len(c.neighbours))
+	for _, name := range slices.Sorted(maps.Keys(c.neighbours)) {
+		nb := c.neighbours[name]
+		if nb.Key == (secure.Key{}) || nb.DataPort == 0 {
+			continue // no data plane there: nothing can be sent to it
+		}
+		ps := byHop[name]
+		slices.SortFunc(ps, comparePrefix)
+		peers = append(peers, DataPeer{Name: name, Key: nb.Key,
+			Endpoint: netip.AddrPortFrom(nb.Via.Remote.Addr(), nb.DataPort), Prefixes: ps})
+	}
+	if slices.EqualFunc(peers, c.programmed, equalDataPeer) {
+		return
+	}
+	if err := c.r.cfg.DataPlane.Program(peers); err != nil {
+		c.log.Error("programming the data plane", zap.Error(err))
+		return
+	}
+	c.programmed = peers
+}
+
+func comparePrefix(a, b netip.Prefix) int {
+	if c := a.Addr().Compare(b.Addr()); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.Bits(), b.Bits())
+}
+
+func equalDataPeer(a, b DataPeer) bool {
+	return a.Name == b.Name && a.Key == b.Key && a.Endpoint == b.Endpoint && slices.Equal(a.Prefixes, b.Prefixes)
 }

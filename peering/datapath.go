@@ -152,7 +152,10 @@ func (r *Router) forward(bufs [][]byte, sizes []int, b *batcher) {
 // the control loop (everything else) until the socket is closed.
 func (r *Router) peersToTun() error {
 	const hdr = proto.DataHeaderLen
-	batch := r.dev.BatchSize()
+	batch := controlBatch // only control messages come here when a data plane carries the data
+	if r.dev != nil {
+		batch = r.dev.BatchSize()
+	}
 	bufs := make([][]byte, batch)
 	for i := range bufs {
 		bufs[i] = make([]byte, maxDatagram+hdr)
@@ -193,6 +196,10 @@ func (r *Router) peersToTun() error {
 	}
 }
 
+// controlBatch is how many datagrams one read takes when the socket carries
+// control messages only.
+const controlBatch = 16
+
 // MaxHops is how many relays a data message may cross; more means a
 // routing loop while routes change, and it is dropped.
 const MaxHops = 16
@@ -206,6 +213,10 @@ func (r *Router) receive(bufs [][]byte, sizes []int, eps []conn.Endpoint, out []
 	for i, buf := range bufs {
 		msg := buf[:sizes[i]]
 		if len(msg) >= 2 && msg[0] == proto.Version && proto.Type(msg[1]) == proto.TypeData {
+			if r.dev == nil {
+				r.stats.DropPlainData.Add(1) // data goes by the data plane only
+				continue
+			}
 			src, dst, pkt, err := proto.ParseData(msg)
 			if err != nil {
 				r.stats.malformed(proto.TypeData)

@@ -62,6 +62,13 @@ type Config struct {
 	// Secure turns on password mode: peers prove the password in a Noise
 	// handshake and seal every control message after it. Nil: plaintext.
 	Secure *secure.Config
+	// DataPlane, when set, carries the data packets instead of the router
+	// (the WireGuard plane of password mode): New takes no TUN device, the
+	// router refuses data messages on its socket, and it hands the plane
+	// the peers to reach and the prefixes to send each, on every change.
+	DataPlane DataPlane
+	// DataPort is the port of that plane, told to peers in the handshake.
+	DataPort uint16
 
 	Discovery bool // dial the peers the topology tells of
 	// Channels are the gossip channels other subsystems serve: a message
@@ -121,6 +128,24 @@ func (c *Config) toTicks(d time.Duration) int {
 // ticks converts a tick count back to a duration.
 func (r *Router) ticks(n int) time.Duration { return time.Duration(n) * r.cfg.TickEvery }
 
+// A DataPlane carries data packets to the peers the router programs.
+type DataPlane interface {
+	// Program replaces the plane's peers with peers (in name order). It is
+	// called on the control goroutine and must not block for long; on
+	// failure the plane keeps what it had.
+	Program(peers []DataPeer) error
+}
+
+// A DataPeer is a directly connected peer as the data plane sees it: its
+// key, where its plane listens, and the prefixes whose packets go to it
+// first: those it serves and those of the peers it relays to.
+type DataPeer struct {
+	Name     proto.PeerName
+	Key      secure.Key
+	Endpoint netip.AddrPort
+	Prefixes []netip.Prefix // sorted
+}
+
 // ctrlQueueLen bounds the control datagrams waiting for the control loop
 // (each at most one datagram long).
 const ctrlQueueLen = 256
@@ -168,10 +193,14 @@ type Router struct {
 
 // New checks cfg and makes a Router that will forward between dev and pc.
 // It starts nothing; Run takes ownership of dev and pc and closes both.
+// With a DataPlane, dev must be nil: the plane owns the device.
 func New(cfg Config, dev tun.Device, pc conn.PacketConn) (*Router, error) {
 	cfg.setDefaults()
 	if err := cfg.validate(); err != nil {
 		return nil, err
+	}
+	if (dev == nil) != (cfg.DataPlane != nil) {
+		return nil, errors.New("peering: a router needs either a TUN device or a data plane, not both")
 	}
 	if cfg.UID == 0 {
 		for cfg.UID == 0 {
@@ -180,7 +209,7 @@ func New(cfg Config, dev tun.Device, pc conn.PacketConn) (*Router, error) {
 	}
 	m, err := link.New(link.Config{
 		Self: handshake.Config{Name: cfg.Name, UID: cfg.UID, Nickname: cfg.Nickname,
-			Port: pc.LocalPort(), Range: cfg.Range},
+			Port: pc.LocalPort(), Range: cfg.Range, DataPort: cfg.DataPort},
 		Rand:              cfg.Rand,
 		Secure:            cfg.Secure,
 		HeartbeatTicks:    cfg.toTicks(cfg.HeartbeatInterval),
@@ -243,12 +272,14 @@ func (r *Router) Run(ctx context.Context) error {
 		defer close(r.stopped)
 		errs <- c.run(ctx)
 	})
-	wg.Go(func() { errs <- r.tunToPeers() })
 	wg.Go(func() { errs <- r.peersToTun() })
-	wg.Go(func() {
-		for range r.dev.Events() { // the device blocks if nobody drains these
-		}
-	})
+	if r.dev != nil {
+		wg.Go(func() { errs <- r.tunToPeers() })
+		wg.Go(func() {
+			for range r.dev.Events() { // the device blocks if nobody drains these
+			}
+		})
+	}
 	var err error
 	select {
 	case <-ctx.Done():
@@ -259,7 +290,9 @@ func (r *Router) Run(ctx context.Context) error {
 	}
 	cancel()
 	r.pc.Close()
-	r.dev.Close()
+	if r.dev != nil {
+		r.dev.Close()
+	}
 	wg.Wait()
 	r.bg.Wait()
 	if errors.Is(err, context.Canceled) {
@@ -284,9 +317,10 @@ type snapshot struct {
 // path is where packets for one peer go. Immutable once published.
 type path struct {
 	name    proto.PeerName
-	ep      conn.Endpoint // of the first hop
-	local   bool          // the prefix is ours: packets for it belong to our TUN
-	relayed bool          // the first hop is not the destination
+	ep      conn.Endpoint  // of the first hop
+	hop     proto.PeerName // the first hop: name itself unless relayed
+	local   bool           // the prefix is ours: packets for it belong to our TUN
+	relayed bool           // the first hop is not the destination
 }
 
 // Stats counts what the data path did. All fields are updated atomically.
@@ -308,6 +342,7 @@ type Stats struct {
 	DropTunWrite   atomic.Uint64 // batches the TUN device refused (in part)
 	DropTunRead    atomic.Uint64 // failed reads from the TUN device
 	DropHops       atomic.Uint64 // data that crossed too many relays (a routing loop)
+	DropPlainData  atomic.Uint64 // data messages in password mode, where data goes by WireGuard only
 	RelayedPackets atomic.Uint64 // data for other peers passed on
 	RelayedBytes   atomic.Uint64
 

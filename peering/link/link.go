@@ -147,6 +147,11 @@ type PeerPath struct {
 	Nickname string
 	Via      Endpoint
 	Outbound bool
+	// Key is the peer's identity key, proven in the handshake (password
+	// mode; zero otherwise), and DataPort the port its WireGuard data
+	// plane listens on (0: none).
+	Key      secure.Key
+	DataPort uint16
 }
 
 // Routing is the set of established peers, rebuilt whole on every change.
@@ -799,8 +804,12 @@ func (m *Machine) reroute() {
 	slices.SortStableFunc(cs, func(a, b *connection) int { return cmp.Compare(a.remote.Name, b.remote.Name) })
 	for _, cn := range cs {
 		if cn.state == stateEstablished {
-			rt.Peers = append(rt.Peers, PeerPath{Name: cn.remote.Name, UID: cn.remote.UID,
-				Nickname: cn.remote.Nickname, Via: cn.ep, Outbound: cn.outbound})
+			p := PeerPath{Name: cn.remote.Name, UID: cn.remote.UID, Nickname: cn.remote.Nickname,
+				Via: cn.ep, Outbound: cn.outbound, DataPort: cn.remote.DataPort}
+			if cn.sess != nil {
+				p.Key = cn.sess.Peer()
+			}
+			rt.Peers = append(rt.Peers, p)
 		}
 	}
 	m.rd.Routing = rt

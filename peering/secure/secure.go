@@ -23,6 +23,7 @@ package secure
 
 import (
 	"bytes"
+	"crypto/hkdf"
 	"crypto/hmac"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -103,6 +104,14 @@ const (
 	argonThreads = 4
 	argonSalt    = "overlayd mesh password v1"
 )
+
+// DataKey is the preshared key of the WireGuard data plane: HKDF-SHA256 of
+// the password's key with its own label, so that the two uses share no key.
+func (k PSK) DataKey() [32]byte {
+	// HKDF fails only for keys longer than 255 hashes; 32 bytes is one.
+	out, _ := hkdf.Key(sha256.New, k[:], nil, "overlayd wireguard psk v1", 32)
+	return [32]byte(out)
+}
 
 // DeriveKey turns the password into the handshake's preshared key.
 func DeriveKey(password []byte) PSK {
