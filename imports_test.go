@@ -59,6 +59,7 @@ var allowed = []struct {
 }{
 	{"tun", nil},
 	{"peering/conn", nil},
+	{"peering/wgplane", []string{"peering", "peering/secure"}},
 	{"peering/topology/topotest", []string{"proto", "peering/topology", "internal/simnet"}},
 	{"ipalloc/ipalloctest", []string{"proto", "ipalloc", "ipalloc/ring", "internal/ipv4", "internal/simnet"}},
 	{"ipalloc/allocsrv", []string{"proto", "ipalloc", "ipalloc/ring", "internal/atomicfile", "internal/coreloop", "internal/ipv4"}},
