@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # deps.sh: install what building, testing and the demo need on a fresh
 # Debian machine (run as root): iproute2, ping, nftables, iptables,
-# setpriv, dig, dnsperf, ethtool, tcpdump, busybox-static, Go modules.
+# setpriv, dig, dnsperf, ethtool, tcpdump, wg, busybox-static, Go modules.
 # Go itself must be 1.21 or newer; it fetches the toolchain go.mod names.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,7 @@ command -v dnsperf >/dev/null || need+=(dnsperf)
 command -v iptables >/dev/null || need+=(iptables)
 command -v ethtool >/dev/null || need+=(ethtool)
 command -v tcpdump >/dev/null || need+=(tcpdump) # the password test captures the underlay
+command -v wg >/dev/null || need+=(wireguard-tools) # wg show, against overlayd's WireGuard device
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static) # a static busybox: the Docker tests' image
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

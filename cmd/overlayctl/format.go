@@ -29,7 +29,7 @@ func encryption(r *api.RouterStatus) string {
 	case r.Encryption && r.DataEncryption:
 		return "enabled"
 	case r.Encryption:
-		return "enabled for control traffic (peers authenticated); data packets are not encrypted yet"
+		return "enabled for control traffic (peers authenticated); data packets are not encrypted"
 	}
 	return "disabled"
 }
@@ -48,6 +48,14 @@ func writeStatus(w io.Writer, st *api.Status) {
 	label(w, "Protocol", proto)
 	label(w, "Name", peerName(r.Name, r.Nickname))
 	label(w, "Encryption", encryption(r))
+	if r.Encryption {
+		// Weave's line: the subnets whose peers may send in clear. None
+		// may: every peer encrypts.
+		label(w, "TrustedSubnets", "none")
+	}
+	if wg := r.WireGuard; wg != nil {
+		label(w, "WireGuard", fmt.Sprintf("UDP port %d, %d peers, %d with a session", wg.Port, wg.Peers, wg.Sessions))
+	}
 	label(w, "PeerDiscovery", enabled(r.PeerDiscovery))
 	label(w, "Targets", len(r.Targets))
 	label(w, "Connections", connectionSummary(r.Connections))

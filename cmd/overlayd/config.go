@@ -36,6 +36,7 @@ type options struct {
 	name          string
 	nickname      string
 	port          int
+	wgPort        int
 	iface         string
 	socket        string
 	stateDir      string
@@ -137,6 +138,10 @@ func (o *options) validate(positional []string) (*config, error) {
 		return nil, badFlag("--port %d is out of range 1-65535", o.port)
 	}
 	c.Port = uint16(o.port)
+	if o.wgPort < 1 || o.wgPort > 65535 {
+		return nil, badFlag("--wg-port %d is out of range 1-65535", o.wgPort)
+	}
+	c.WGPort = uint16(o.wgPort)
 	if c.Iface == "" || len(c.Iface) > tun.MaxNameLen {
 		return nil, badFlag("--iface %q: an interface name is 1 to %d bytes long", c.Iface, tun.MaxNameLen)
 	}
@@ -175,6 +180,9 @@ func (o *options) validate(positional []string) (*config, error) {
 	}
 	if err := o.readPassword(c); err != nil {
 		return nil, err
+	}
+	if len(c.Password) > 0 && c.WGPort == c.Port {
+		return nil, badFlag("--wg-port %d is also --port: WireGuard needs a port of its own", c.WGPort)
 	}
 	if o.metricsAddr != "" {
 		host, port, err := net.SplitHostPort(o.metricsAddr)

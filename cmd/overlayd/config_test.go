@@ -12,7 +12,7 @@ import (
 )
 
 func defaults() options {
-	return options{rangeCIDR: defaultRange, port: 6783, connLimit: 200, iface: defaultIface, socket: "/tmp/x.sock",
+	return options{rangeCIDR: defaultRange, port: 6783, wgPort: 6784, connLimit: 200, iface: defaultIface, socket: "/tmp/x.sock",
 		stateDir: "/tmp/state", logLevel: "info", nickname: "me", dnsDomain: "weave.local.", dnsTTL: 1,
 		resolvConf: "/etc/resolv.conf", releaseGrace: 30 * time.Second, dockerAPI: "unix:///var/run/docker.sock",
 		pluginName: "weavemesh", pluginDir: "/run/docker/plugins", dockerNetwork: "weave"}
@@ -212,6 +212,9 @@ func TestPasswordFlags(t *testing.T) {
 		{func(o *options) { o.passwordFile = open }, "", "!readable by group or others (mode 0640)"},
 		{func(o *options) { o.passwordFile = empty }, "", "!is empty"},
 		{func(o *options) { o.passwordFile = filepath.Join(dir, "none") }, "", "!no such file"},
+		{func(o *options) { o.password, o.wgPort = "a", 6783 }, "", "!WireGuard needs a port of its own"},
+		{func(o *options) { o.wgPort = 6783 }, "", ""}, // no password, no WireGuard
+		{func(o *options) { o.wgPort = 0 }, "", "!--wg-port 0 is out of range"},
 	} {
 		t.Setenv(passwordEnv, tc.env)
 		o := defaults()
@@ -223,8 +226,10 @@ func TestPasswordFlags(t *testing.T) {
 			}
 			continue
 		}
-		if err != nil || string(c.Password) != tc.want {
-			t.Errorf("%+v (env %q): password %q, %v; want %q", o, tc.env, c.Password, err, tc.want)
+		if err != nil {
+			t.Errorf("%+v (env %q): %v; want password %q", o, tc.env, err, tc.want)
+		} else if string(c.Password) != tc.want {
+			t.Errorf("%+v (env %q): password %q; want %q", o, tc.env, c.Password, tc.want)
 		}
 	}
 }

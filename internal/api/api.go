@@ -310,6 +310,16 @@ type ErrorResponse struct {
 	Error string `json:"error"`
 }
 
+// WireGuardStatus sums up the WireGuard data plane.
+type WireGuardStatus struct {
+	Port      uint16 `json:"port"`
+	PublicKey string `json:"publicKey"` // base64, as wg shows it
+	Peers     int    `json:"peers"`
+	Sessions  int    `json:"sessions"` // peers with a completed handshake
+	RxBytes   uint64 `json:"rxBytes"`
+	TxBytes   uint64 `json:"txBytes"`
+}
+
 // RouterStatus is the router's state.
 type RouterStatus struct {
 	Name               proto.PeerName `json:"name"`
@@ -320,16 +330,18 @@ type RouterStatus struct {
 	ProtocolMaxVersion uint8          `json:"protocolMaxVersion"`
 	// Encryption: password mode, peers authenticated and control traffic
 	// sealed. DataEncryption: data packets are encrypted too.
-	Encryption     bool           `json:"encryption"`
-	DataEncryption bool           `json:"dataEncryption"`
-	PeerDiscovery  bool           `json:"peerDiscovery"`
-	ConnLimit      int            `json:"connLimit"`
-	MTU            int            `json:"mtu"`
-	Targets        []string       `json:"targets"`
-	Connections    []Connection   `json:"connections"`
-	Peers          []Peer         `json:"peers"`
-	Routes         []Route        `json:"routes"`
-	Exposed        []netip.Prefix `json:"exposed"`
+	Encryption     bool `json:"encryption"`
+	DataEncryption bool `json:"dataEncryption"`
+	// WireGuard is the data plane of password mode; nil without one.
+	WireGuard     *WireGuardStatus `json:"wireguard,omitempty"`
+	PeerDiscovery bool             `json:"peerDiscovery"`
+	ConnLimit     int              `json:"connLimit"`
+	MTU           int              `json:"mtu"`
+	Targets       []string         `json:"targets"`
+	Connections   []Connection     `json:"connections"`
+	Peers         []Peer           `json:"peers"`
+	Routes        []Route          `json:"routes"`
+	Exposed       []netip.Prefix   `json:"exposed"`
 	// GossipPartial is the number of chunked gossip messages waiting for
 	// their missing chunks.
 	GossipPartial int         `json:"gossipPartial"`

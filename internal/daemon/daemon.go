@@ -44,6 +44,7 @@ import (
 	"github.com/overlayd/overlayd/peering"
 	"github.com/overlayd/overlayd/peering/conn"
 	"github.com/overlayd/overlayd/peering/secure"
+	"github.com/overlayd/overlayd/peering/wgplane"
 	"github.com/overlayd/overlayd/proto"
 	"github.com/overlayd/overlayd/tun"
 )
@@ -83,7 +84,12 @@ type Config struct {
 	// Password turns on password mode: only peers with the same password
 	// are admitted, and control traffic is sealed. Empty: plaintext.
 	Password []byte
+	// WGPort is the UDP port of the WireGuard data plane (password mode).
+	WGPort uint16
 }
+
+// DefaultWGPort is the WireGuard data plane's port when none is given.
+const DefaultWGPort = wgplane.DefaultPort
 
 // StartError is a failure to start: nothing is left behind (exit code 2).
 type StartError struct{ Err error }
@@ -104,6 +110,7 @@ type Daemon struct {
 	underlay int            // smallest MTU of the links peers' packets may leave by
 
 	pc     conn.PacketConn
+	plane  *wgplane.Plane // password mode: WireGuard carries the data; nil otherwise
 	router *peering.Router
 	keeper *netconf.Keeper
 	fw     *firewall.Rules      // nil without --firewall, or when iptables failed
@@ -186,7 +193,6 @@ func (d *Daemon) prepare() error {
 			d.log.Info("created a new identity key", zap.Stringer("public_key", id.Public))
 		}
 		d.secure = &secure.Config{Identity: id, PSK: secure.DeriveKey(d.cfg.Password), Random: crand.Reader}
-		d.log.Warn("password set: peers are authenticated and control traffic is encrypted; data packets are not encrypted yet")
 	}
 	if netconf.LinkExists(d.cfg.Iface) {
 		return fmt.Errorf("interface %s already exists: is another overlayd running in this network namespace? (choose another with --iface)", d.cfg.Iface)
@@ -195,6 +201,9 @@ func (d *Daemon) prepare() error {
 	d.mtu = d.cfg.MTU
 	if d.mtu == 0 {
 		d.mtu = d.underlay - proto.UDPOverhead
+		if d.secure != nil {
+			d.mtu = d.underlay - wgplane.Overhead
+		}
 	}
 	return nil
 }
@@ -228,18 +237,45 @@ func (d *Daemon) openDevice() error {
 	var seed [16]byte
 	crand.Read(seed[:])
 	channels := map[string]func(proto.PeerName, []byte){proto.ChannelIPAM: d.deliverIPAM, proto.ChannelNames: d.deliverNames}
-	d.router, err = peering.New(peering.Config{
+	rcfg := peering.Config{
 		Secure: d.secure,
 		Name:   d.name, Nickname: d.cfg.Nickname, Range: d.cfg.Range, MTU: d.mtu,
 		Discovery: d.cfg.Discovery, ConnLimit: d.cfg.ConnLimit,
 		Rand:     rand.New(rand.NewPCG(binary.LittleEndian.Uint64(seed[:8]), binary.LittleEndian.Uint64(seed[8:]))),
 		Log:      d.log.Named("router"),
 		Channels: channels,
-	}, dev, pc)
+	}
+	if d.secure != nil {
+		if err := d.openPlane(dev); err != nil {
+			return err
+		}
+		rcfg.DataPlane, rcfg.DataPort, dev = d.plane, d.cfg.WGPort, nil // the plane owns the device now
+	}
+	d.router, err = peering.New(rcfg, dev, pc)
 	if err != nil {
 		return err
 	}
 	d.keeper = netconf.NewKeeper(netconf.KeeperConfig{Iface: d.cfg.Iface, MTU: d.mtu, Range: d.cfg.Range, Log: d.log.Named("netconf")})
+	return nil
+}
+
+// openPlane starts the WireGuard data plane on dev, with the identity key
+// and a key derived from the password. A peer that relays between two
+// others decrypts and re-encrypts in its kernel's forwarding path, so
+// forwarding is turned on.
+func (d *Daemon) openPlane(dev tun.Device) error {
+	plane, err := wgplane.Open(wgplane.Config{Iface: d.cfg.Iface, Port: d.cfg.WGPort, Identity: d.secure.Identity,
+		PSK: d.secure.PSK.DataKey(), Log: d.log.Named("wireguard")}, dev)
+	if err != nil {
+		return err
+	}
+	d.plane = plane
+	d.undo = append(d.undo, plane.Close)
+	if err := netconf.EnableForwarding(); err != nil {
+		return err
+	}
+	d.log.Info("WireGuard data plane started: data to peers is encrypted; IPv4 forwarding is on so that this host can relay",
+		zap.Uint16("wg_port", d.cfg.WGPort), zap.Stringer("public_key", d.secure.Identity.Public), zap.String("socket", wgplane.SocketPath(d.cfg.Iface)))
 	return nil
 }
 
@@ -369,6 +405,9 @@ func (d *Daemon) listen() error {
 	if d.names != nil {
 		cs = append(cs, d.names.collector())
 	}
+	if d.plane != nil {
+		cs = append(cs, newPlaneCollector(d))
+	}
 	reg, err := metrics.NewRegistry(cs...)
 	if err != nil {
 		return err
@@ -437,6 +476,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	err := g.Wait()
 	// The parts that ran closed their sockets; the rest is undone here.
+	if d.plane != nil {
+		d.plane.Close() // and the TUN device with it
+	}
 	if d.cfg.Range.IsValid() {
 		d.delRangeRoute()
 	}

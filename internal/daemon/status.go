@@ -4,6 +4,7 @@ import (
 	"context"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
 
 	"github.com/overlayd/overlayd/internal/api"
 	"github.com/overlayd/overlayd/internal/buildinfo"
@@ -45,7 +46,7 @@ func (d *Daemon) routerStatus(rs peering.Status) api.RouterStatus {
 		ProtocolMinVersion: proto.MinVersion, ProtocolMaxVersion: proto.MaxVersion,
 		PeerDiscovery: d.cfg.Discovery, ConnLimit: d.cfg.ConnLimit, MTU: d.mtu,
 		Targets: rs.Targets, Exposed: rs.Exposed, GossipPartial: rs.GossipPartial, Stats: routerStats(d.router.Stats()),
-		Encryption: rs.Encryption, PasswordRefused: rs.Refused, RefusedAnnouncements: rs.RefusedAnnouncements,
+		Encryption: rs.Encryption, DataEncryption: d.plane != nil, WireGuard: d.wireGuardStatus(), PasswordRefused: rs.Refused, RefusedAnnouncements: rs.RefusedAnnouncements,
 		Connections: make([]api.Connection, len(rs.Connections)), Peers: make([]api.Peer, len(rs.Peers)),
 		Routes: make([]api.Route, len(rs.Routes)),
 	}
@@ -115,4 +116,50 @@ func keeperCollector(k *netconf.Keeper) prometheus.Collector {
 			ConstLabels: prometheus.Labels{"kind": kind.String()}}, func() float64 { return float64(k.Restored(kind)) }))
 	}
 	return cs
+}
+
+// wireGuardStatus sums up the WireGuard device's peers; nil without one.
+func (d *Daemon) wireGuardStatus() *api.WireGuardStatus {
+	if d.plane == nil {
+		return nil
+	}
+	ws := &api.WireGuardStatus{Port: d.cfg.WGPort, PublicKey: d.secure.Identity.Public.String()}
+	st, err := d.plane.Stats()
+	if err != nil {
+		d.log.Warn("reading the WireGuard device", zap.Error(err))
+		return ws
+	}
+	for _, p := range st {
+		ws.Peers++
+		if !p.LastHandshake.IsZero() {
+			ws.Sessions++
+		}
+		ws.RxBytes += p.RxBytes
+		ws.TxBytes += p.TxBytes
+	}
+	return ws
+}
+
+// planeCollector reports the WireGuard device's peers and bytes, read
+// once per scrape.
+type planeCollector struct {
+	d            *Daemon
+	peers, bytes *prometheus.Desc
+}
+
+func newPlaneCollector(d *Daemon) *planeCollector {
+	return &planeCollector{d: d,
+		peers: prometheus.NewDesc("overlayd_wireguard_peers", "Peers of the WireGuard data plane, by whether a handshake has completed (session) or not (waiting).", []string{"state"}, nil),
+		bytes: prometheus.NewDesc("overlayd_wireguard_bytes_total", "Bytes the WireGuard data plane sent and received, counted by WireGuard (its headers included), for the peers it has now.", []string{"direction"}, nil),
+	}
+}
+
+func (c *planeCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.peers; ch <- c.bytes }
+
+func (c *planeCollector) Collect(ch chan<- prometheus.Metric) {
+	ws := c.d.wireGuardStatus()
+	ch <- prometheus.MustNewConstMetric(c.peers, prometheus.GaugeValue, float64(ws.Sessions), "session")
+	ch <- prometheus.MustNewConstMetric(c.peers, prometheus.GaugeValue, float64(ws.Peers-ws.Sessions), "waiting")
+	ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.CounterValue, float64(ws.RxBytes), "received")
+	ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.CounterValue, float64(ws.TxBytes), "sent")
 }

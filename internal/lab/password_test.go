@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,10 +18,12 @@ import (
 
 // TestPassword: three hosts share a password (from a file and from the
 // flag), a fourth has another and a fifth none. The three connect, gossip
-// names and carry traffic; no name or nickname crosses the underlay in
-// clear; the other two are refused with a log line on both sides saying
-// which side lacks or mismatches the password, and learn no peer, name or
-// ring. A member restarted is back within 5 s.
+// names and carry traffic, by WireGuard, between exposed addresses and
+// between attached containers, directly and through a relay; `wg show`
+// lists their peers; neither a name nor a known payload crosses the
+// underlay in clear; the other two are refused with a log line on both
+// sides saying which side lacks or mismatches the password, and learn no
+// peer, name or ring. A member restarted is back within 5 s.
 func TestPassword(t *testing.T) {
 	l := lab.New(t, bin, 5)
 	pwFile := filepath.Join(l.Dir(), "password")
@@ -29,8 +32,11 @@ func TestPassword(t *testing.T) {
 	}
 	// A nickname and a name that would show in any plaintext gossip.
 	const secretNick, secretName = "nick-9f3e1c", "name-7a5d2b"
+	// WireGuard's configuration sockets are shared by every namespace of
+	// the machine: each encrypted host needs an interface name of its own.
+	iface := func(h *lab.Host) string { return fmt.Sprintf("ovpw%d", h.Index) }
 	member := func(h *lab.Host, args ...string) *lab.Daemon {
-		return h.Start(append([]string{"--range", testRange, "--init-peer-count", "3"}, args...)...)
+		return h.Start(append([]string{"--range", testRange, "--init-peer-count", "3", "--iface", iface(h)}, args...)...)
 	}
 
 	capture := startCapture(t, l)
@@ -53,15 +59,57 @@ func TestPassword(t *testing.T) {
 		}
 		return nil
 	})
+	started := time.Now()
 	waitPing(t, l.Host(1), overlayAddr(3), 5*time.Second)
-	if _, err := lab.TransferTCP(l.Host(1), l.Host(3), overlayAddr(3), 5001, 1<<20, 20*time.Second); err != nil {
+	t.Logf("first ping h1 -> h3 answered %v after both sides were up (WireGuard handshake included)", time.Since(started).Round(time.Millisecond))
+	// A payload that would be seen in any plaintext datagram.
+	marker := []byte("overlayd-plaintext-marker-5c1e")
+	payload := bytes.Repeat(marker, (1<<20)/len(marker))
+	if _, err := lab.SendTCP(l.Host(1), l.Host(3), overlayAddr(3), 5001, payload, 20*time.Second); err != nil {
 		t.Fatalf("TCP h1 -> h3: %v", err)
 	}
-	if out := d2.MustCtl("status"); !strings.Contains(out, "Encryption: enabled for control traffic") {
-		t.Errorf("status:\n%s", out)
+	// Attached containers talk through the encrypted plane too.
+	c1, c3 := l.AddContainer(), l.AddContainer()
+	a1 := attachedAddr(t, d1.MustCtl("attach", c1.NS))
+	a3 := attachedAddr(t, d3.MustCtl("attach", c3.NS))
+	waitPing(t, c1, a3, 5*time.Second)
+	if _, err := lab.TransferTCP(c3, c1, a1, 5002, 1<<20, 20*time.Second); err != nil {
+		t.Fatalf("TCP between containers c3 -> c1: %v", err)
+	}
+	for _, d := range members {
+		out := d.MustCtl("status")
+		if !strings.Contains(out, "Encryption: enabled\n") || !strings.Contains(out, "TrustedSubnets: none") {
+			t.Errorf("%s status:\n%s", d.Host.NS, out)
+		}
 	}
 	if out := d5.MustCtl("status"); !strings.Contains(out, "Encryption: disabled") {
 		t.Errorf("status without a password:\n%s", out)
+	}
+	// `wg show` reads overlayd's WireGuard device: h1's two peers, with
+	// the keys they proved in the handshake and a completed handshake.
+	wg, err := l.Host(1).Exec(context.Background(), "wg", "show", iface(l.Host(1)))
+	if err != nil {
+		t.Fatalf("wg show: %v\n%s", err, wg)
+	}
+	for _, d := range []*lab.Daemon{d2, d3} {
+		pub, err := exec.Command("sh", "-c", "wg pubkey <"+filepath.Join(d.StateDir, "identity.key")).Output()
+		if err != nil {
+			t.Fatalf("wg pubkey: %v", err)
+		}
+		if !strings.Contains(wg, "peer: "+strings.TrimSpace(string(pub))) {
+			t.Errorf("wg show on h1 does not list %s's key %s:\n%s", d.Host.NS, pub, wg)
+		}
+	}
+	if strings.Count(wg, "latest handshake") < 1 || !strings.Contains(wg, "listening port: 6784") {
+		t.Errorf("wg show on h1:\n%s", wg)
+	}
+	// A second encrypted overlayd with h1's interface name, in another
+	// namespace, would share its configuration socket: refused.
+	clash := l.Host(4).Spawn("--password", "x", "--iface", iface(l.Host(1)), "--socket", l.Dir()+"/clash.sock",
+		"--state-dir", l.Dir()+"/clash-state", "--port", "6790", "--wg-port", "6791")
+	if code, err := clash.Wait(10 * time.Second); err != nil || code != 2 ||
+		!strings.Contains(clash.Log(), "give each encrypted overlayd its own --iface") {
+		t.Errorf("an interface name clash was not refused: exit %d, %v\n%s", code, err, clash.Log())
 	}
 
 	// Both sides of each refusal say which side lacks or mismatches it.
@@ -103,17 +151,32 @@ func TestPassword(t *testing.T) {
 		t.Errorf("h1: %d peers, refusals %v", len(st.Router.Peers), st.Router.PasswordRefused)
 	}
 
-	// Nothing of the control traffic crossed the underlay in clear.
+	// Nothing crossed the underlay in clear: no name, no nickname, not
+	// the payload, on either port.
 	pcap := capture()
-	if len(pcap) < 1<<19 {
+	if len(pcap) < 2<<20 {
 		// tcpdump may lose some frames, not most.
-		t.Fatalf("the capture holds %d bytes; the transfer alone is 1 MiB", len(pcap))
+		t.Fatalf("the capture holds %d bytes; the transfers alone are 2 MiB", len(pcap))
 	}
-	for _, s := range []string{secretNick, secretName} {
-		if bytes.Contains(pcap, []byte(s)) {
+	for _, s := range [][]byte{[]byte(secretNick), []byte(secretName), marker} {
+		if bytes.Contains(pcap, s) {
 			t.Errorf("%q crossed the underlay in clear", s)
 		}
 	}
+
+	// h2 and h3 lose their direct path: h1 relays between them, decrypting
+	// and re-encrypting (hop by hop).
+	if err := l.Host(2).Block(l.Host(3).Addr); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Host(3).Block(l.Host(2).Addr); err != nil {
+		t.Fatal(err)
+	}
+	waitConnected(t, d2, 1, 10*time.Second)
+	lab.Eventually(t, 10*time.Second, "TCP h2 -> h3 through h1", func() error {
+		_, err := lab.TransferTCP(l.Host(2), l.Host(3), overlayAddr(3), 5003, 1<<20, 10*time.Second)
+		return err
+	})
 
 	// A member that restarts is back within 5 s.
 	if _, _, err := d2.Stop(5 * time.Second); err != nil {
@@ -121,8 +184,19 @@ func TestPassword(t *testing.T) {
 	}
 	restarted := time.Now()
 	d2 = member(l.Host(2), "--password", "correct horse", "--peer", l.Host(1).Addr.String())
-	waitConnected(t, d2, 2, 5*time.Second)
-	t.Logf("a restarted member re-established both connections %v after its restart", time.Since(restarted).Round(time.Millisecond))
+	waitConnected(t, d2, 1, 5*time.Second)
+	waitPing(t, l.Host(2), overlayAddr(1), 5*time.Second)
+	t.Logf("a restarted member re-established its connection and carried a ping %v after its restart", time.Since(restarted).Round(time.Millisecond))
+}
+
+// attachedAddr is the address `overlayctl attach` printed.
+func attachedAddr(t *testing.T, out string) netip.Addr {
+	t.Helper()
+	p, err := netip.ParsePrefix(strings.TrimSpace(out))
+	if err != nil {
+		t.Fatalf("attach printed %q: %v", out, err)
+	}
+	return p.Addr()
 }
 
 // startCapture records every frame on the lab's switch until the function

@@ -17,6 +17,14 @@ import (
 // `from` to addr:port, where host `to` listens, and checks that exactly the
 // same bytes arrive (length and SHA-256). It returns the elapsed time.
 func TransferTCP(from, to *Host, addr netip.Addr, port uint16, size int, timeout time.Duration) (time.Duration, error) {
+	payload := make([]byte, size)
+	rand.Read(payload)
+	return SendTCP(from, to, addr, port, payload, timeout)
+}
+
+// SendTCP is TransferTCP with the given payload.
+func SendTCP(from, to *Host, addr netip.Addr, port uint16, payload []byte, timeout time.Duration) (time.Duration, error) {
+	size := len(payload)
 	var ln net.Listener
 	if err := to.Do(func() error {
 		var err error
@@ -27,8 +35,6 @@ func TransferTCP(from, to *Host, addr netip.Addr, port uint16, size int, timeout
 	}
 	defer ln.Close()
 
-	payload := make([]byte, size)
-	rand.Read(payload)
 	want := sha256.Sum256(payload)
 
 	type result struct {

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -152,4 +153,12 @@ func LinkAddr4(name string) (netip.Addr, bool) {
 	}
 	a, ok := netip.AddrFromSlice(addrs[0].IP.To4())
 	return a, ok
+}
+
+// EnableForwarding turns IPv4 forwarding on in this network namespace.
+func EnableForwarding() error {
+	if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644); err != nil {
+		return fmt.Errorf("netconf: turning IPv4 forwarding on: %w", err)
+	}
+	return nil
 }
