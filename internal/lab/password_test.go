@@ -3,6 +3,7 @@ package lab_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -36,7 +37,11 @@ func TestPassword(t *testing.T) {
 	// the machine: each encrypted host needs an interface name of its own.
 	iface := func(h *lab.Host) string { return fmt.Sprintf("ovpw%d", h.Index) }
 	member := func(h *lab.Host, args ...string) *lab.Daemon {
-		return h.Start(append([]string{"--range", testRange, "--init-peer-count", "3", "--iface", iface(h)}, args...)...)
+		d := h.Start(append([]string{"--range", testRange, "--init-peer-count", "3", "--iface", iface(h)}, args...)...)
+		// A clean stop removes the WireGuard socket; the lab's SIGKILL
+		// would leave it behind (harmless, but the machine's).
+		t.Cleanup(func() { d.Stop(5 * time.Second) })
+		return d
 	}
 
 	capture := startCapture(t, l)
@@ -181,6 +186,9 @@ func TestPassword(t *testing.T) {
 	// A member that restarts is back within 5 s.
 	if _, _, err := d2.Stop(5 * time.Second); err != nil {
 		t.Fatal(err)
+	}
+	if _, err := os.Stat("/var/run/wireguard/" + iface(l.Host(2)) + ".sock"); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("h2's WireGuard socket is still there after a clean stop: %v", err)
 	}
 	restarted := time.Now()
 	d2 = member(l.Host(2), "--password", "correct horse", "--peer", l.Host(1).Addr.String())
