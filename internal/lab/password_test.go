@@ -24,7 +24,8 @@ import (
 // lists their peers; neither a name nor a known payload crosses the
 // underlay in clear; the other two are refused with a log line on both
 // sides saying which side lacks or mismatches the password, and learn no
-// peer, name or ring. A member restarted is back within 5 s.
+// peer, name or ring; a member that spoofs another's name is refused. A
+// member restarted is back within 5 s.
 func TestPassword(t *testing.T) {
 	l := lab.New(t, bin, 5)
 	pwFile := filepath.Join(l.Dir(), "password")
@@ -155,6 +156,29 @@ func TestPassword(t *testing.T) {
 	if st := mustStatus(t, d1); len(st.Router.Peers) != 3 || st.Router.PasswordRefused["password"] == 0 {
 		t.Errorf("h1: %d peers, refusals %v", len(st.Router.Peers), st.Router.PasswordRefused)
 	}
+
+	// A member that spoofs another's name (it has the password, not the
+	// key) is refused; the real one keeps its connection.
+	name3 := mustStatus(t, d3).Router.Name
+	if _, _, err := d4.Stop(5 * time.Second); err != nil { // the spoofer takes its place (and its range route)
+		t.Fatal(err)
+	}
+	spoof := l.Host(4).Spawn("--password", "correct horse", "--name", name3.String(), "--iface", "ovpw6",
+		"--socket", l.Dir()+"/spoof.sock", "--state-dir", l.Dir()+"/spoof-state", "--port", "6792", "--wg-port", "6793",
+		"--range", testRange, "--peer", l.Host(1).Addr.String())
+	t.Cleanup(func() { spoof.Stop(5 * time.Second) })
+	lab.Eventually(t, 10*time.Second, "h1 refuses the spoofed name", func() error {
+		if !strings.Contains(d1.Log(), "is connected with another identity key") {
+			return errors.New("not in h1's log")
+		}
+		return nil
+	})
+	for _, c := range mustStatus(t, d1).Router.Connections {
+		if c.Name == name3 && (c.State != "established" || !strings.HasPrefix(c.Address, l.Host(3).Addr.String()+":")) {
+			t.Errorf("h1's connection to h3's name: %+v", c)
+		}
+	}
+	waitPing(t, l.Host(1), overlayAddr(3), 5*time.Second)
 
 	// Nothing crossed the underlay in clear: no name, no nickname, not
 	// the payload, on either port.

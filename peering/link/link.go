@@ -498,7 +498,7 @@ func (m *Machine) onHello(from Endpoint, h *proto.Hello, configured bool) {
 	if !m.acceptable(from, h) {
 		return
 	}
-	cn := m.admit(from, h, configured)
+	cn := m.admit(from, h, configured, secure.Key{})
 	if cn == nil {
 		return
 	}
@@ -537,7 +537,9 @@ func (m *Machine) acceptable(from Endpoint, h *proto.Hello) bool {
 // admit takes a dialler's checked hello: it settles other connections to
 // the same peer and returns the connection at from, made if needed, or nil
 // when there is no room for it.
-func (m *Machine) admit(from Endpoint, h *proto.Hello, configured bool) *connection {
+//
+// key is the key the dialler proved (password mode; zero otherwise).
+func (m *Machine) admit(from Endpoint, h *proto.Hello, configured bool, key secure.Key) *connection {
 	cn := m.conn[from.Remote]
 	if cn != nil && cn.remote.Name != 0 && (cn.remote.Name != h.Name || cn.remote.UID != h.UID) {
 		// Another incarnation (or another peer) at this endpoint: start over.
@@ -545,7 +547,7 @@ func (m *Machine) admit(from Endpoint, h *proto.Hello, configured bool) *connect
 		m.drop(cn, errors.New("peer restarted"))
 		cn = nil
 	}
-	if err := m.settleDuplicates(from.Remote, h); err != nil {
+	if err := m.settleDuplicates(from.Remote, h, key); err != nil {
 		m.refuse(from, h, err)
 		if cn != nil {
 			m.drop(cn, err)
@@ -584,7 +586,7 @@ func (m *Machine) onAccept(from Endpoint, h *proto.Hello) {
 		m.drop(cn, errors.New("peer changed identity during the handshake"))
 		return
 	}
-	if err := m.settleDuplicates(from.Remote, h); err != nil {
+	if err := m.settleDuplicates(from.Remote, h, secure.Key{}); err != nil {
 		m.drop(cn, err)
 		return
 	}
@@ -679,10 +681,18 @@ func (m *Machine) establish(cn *connection) {
 // connection to the same incarnation wins: the new one is a duplicate (a
 // multi-homed peer reached through two targets) and an error says so.
 // Otherwise the others are dropped: the peer restarted or moved.
-func (m *Machine) settleDuplicates(ep netip.AddrPort, h *proto.Hello) error {
+//
+// In password mode (key not zero) a name belongs to the key that holds it:
+// while an established connection to the name proved another key, the new
+// one is refused (a member spoofing another's name; a peer that really got
+// a new key is let in once its old connection has timed out).
+func (m *Machine) settleDuplicates(ep netip.AddrPort, h *proto.Hello, key secure.Key) error {
 	for _, other := range m.sorted() {
 		if other.ep.Remote == ep || other.remote.Name != h.Name {
 			continue
+		}
+		if key != (secure.Key{}) && other.state == stateEstablished && other.sess != nil && other.sess.Peer() != key {
+			return &KeyError{Name: h.Name}
 		}
 		if other.state == stateEstablished && other.remote.UID == h.UID {
 			return fmt.Errorf("already connected to %v(%s) via %v", h.Name, h.Nickname, other.ep.Remote)
@@ -690,6 +700,14 @@ func (m *Machine) settleDuplicates(ep netip.AddrPort, h *proto.Hello) error {
 		m.drop(other, fmt.Errorf("peer %v now connected at %v", h.Name, ep))
 	}
 	return nil
+}
+
+// KeyError refuses, in password mode, a peer that claims the name of a
+// connected peer with another identity key.
+type KeyError struct{ Name proto.PeerName }
+
+func (e *KeyError) Error() string {
+	return fmt.Sprintf("peer name %v is connected with another identity key: refusing a second key for it (a spoofed name, or a peer with a new key whose old connection has not timed out yet)", e.Name)
 }
 
 // adoptTarget links an inbound connection to the target with its endpoint.

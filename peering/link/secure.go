@@ -254,7 +254,8 @@ func (m *Machine) onResponse(from Endpoint, hs []byte) error {
 		m.drop(cn, err)
 		return nil
 	}
-	if err := m.settleDuplicates(from.Remote, &h); err != nil {
+	if err := m.settleDuplicates(from.Remote, &h, cn.init.PeerKey()); err != nil {
+		m.event(Event{Kind: EventRefused, Peer: h.Name, Nick: h.Nickname, Endpoint: from.Remote.String(), Err: err})
 		m.drop(cn, err)
 		return nil
 	}
@@ -288,7 +289,7 @@ func (m *Machine) onFinish(from Endpoint, hs []byte) error {
 		return fmt.Errorf("%w: %w", ErrRefused, err) // the real one may follow
 	}
 	delete(m.responding, from.Remote)
-	cn := m.admit(from, &rs.hello, rs.configured)
+	cn := m.admit(from, &rs.hello, rs.configured, sess.Peer())
 	if cn == nil {
 		return nil
 	}

@@ -334,3 +334,34 @@ func TestSecureRestart(t *testing.T) {
 		t.Errorf("b knows UID %d, want the new incarnation's", uid)
 	}
 }
+
+// TestSecureSpoofedName: a member with the password but its own key claims
+// a connected peer's name from another address. It is refused with a
+// KeyError; the real peer's connection stays.
+func TestSecureSpoofedName(t *testing.T) {
+	n, a, b := secureMesh(t, "pw", "pw")
+	n.run(5)
+	spoof := n.addWith(3, 0xa, 7, testRange, secureConfig(t, 3, "pw"))
+	if err := spoof.Connect([]string{addr(2).String()}); err != nil {
+		t.Fatal(err)
+	}
+	n.run(20)
+	var refused bool
+	for _, e := range n.events[addr(2)] {
+		var ke *KeyError
+		refused = refused || e.Kind == EventRefused && errors.As(e.Err, &ke) && e.Endpoint == ep(3).Remote.String()
+	}
+	if !refused {
+		t.Errorf("b did not refuse the spoofed name:\n%s", n.dump())
+	}
+	var toA []string
+	for _, c := range b.Status().Connections {
+		if c.Name == 0xa {
+			toA = append(toA, c.Address+" "+c.State)
+		}
+	}
+	if len(toA) != 1 || toA[0] != ep(1).Remote.String()+" established" {
+		t.Errorf("b's connections to the name 0xa: %v\n%s", toA, n.dump())
+	}
+	_ = a
+}
