@@ -166,9 +166,14 @@ func (c *control) applyLink(ctx context.Context) bool {
 	}
 	if rd.Routing != nil {
 		c.neighbours = make(map[proto.PeerName]link.PeerPath, len(rd.Routing.Peers))
+		keys := map[proto.PeerName][proto.TopoKeyLen]byte{}
 		for _, p := range rd.Routing.Peers {
 			c.neighbours[p.Name] = p
+			if p.SignKey != ([proto.TopoKeyLen]byte{}) {
+				keys[p.Name] = p.SignKey
+			}
 		}
+		c.topo.Prove(keys) // before setLocal: entries under other keys go first
 		c.setLocal()
 		c.publish() // endpoints may have changed even where the topology did not
 	}

@@ -69,6 +69,10 @@ type Config struct {
 	DataPlane DataPlane
 	// DataPort is the port of that plane, told to peers in the handshake.
 	DataPort uint16
+	// Signing signs our topology entry (password mode): its public key
+	// goes in the handshake and the entry, and entries of other peers must
+	// be signed by theirs. Nil: plaintext.
+	Signing *secure.SigningKey
 
 	Discovery bool // dial the peers the topology tells of
 	// Channels are the gossip channels other subsystems serve: a message
@@ -209,7 +213,7 @@ func New(cfg Config, dev tun.Device, pc conn.PacketConn) (*Router, error) {
 	}
 	m, err := link.New(link.Config{
 		Self: handshake.Config{Name: cfg.Name, UID: cfg.UID, Nickname: cfg.Nickname,
-			Port: pc.LocalPort(), Range: cfg.Range, DataPort: cfg.DataPort},
+			Port: pc.LocalPort(), Range: cfg.Range, DataPort: cfg.DataPort, SignKey: signKey(cfg.Signing)},
 		Rand:              cfg.Rand,
 		Secure:            cfg.Secure,
 		HeartbeatTicks:    cfg.toTicks(cfg.HeartbeatInterval),
@@ -224,8 +228,11 @@ func New(cfg Config, dev tun.Device, pc conn.PacketConn) (*Router, error) {
 	if err != nil {
 		return nil, err
 	}
-	topo, err := topology.New(topology.Config{Self: cfg.Name, UID: cfg.UID, Nickname: cfg.Nickname,
-		Port: pc.LocalPort(), Rand: cfg.Rand})
+	tcfg := topology.Config{Self: cfg.Name, UID: cfg.UID, Nickname: cfg.Nickname, Port: pc.LocalPort(), Rand: cfg.Rand}
+	if k := cfg.Signing; k != nil {
+		tcfg.Signer = &topology.Signer{Key: k.Public, Sign: k.Sign}
+	}
+	topo, err := topology.New(tcfg)
 	if err != nil {
 		return nil, err
 	}
@@ -251,6 +258,14 @@ func New(cfg Config, dev tun.Device, pc conn.PacketConn) (*Router, error) {
 	}
 	r.snap.Store(&snapshot{routes: routes.New[*path](nil)})
 	return r, nil
+}
+
+// signKey is the public half of k; zero without one.
+func signKey(k *secure.SigningKey) [proto.TopoKeyLen]byte {
+	if k == nil {
+		return [proto.TopoKeyLen]byte{}
+	}
+	return k.Public
 }
 
 // UID is this process's random incarnation number.

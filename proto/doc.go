@@ -55,6 +55,8 @@
 //	28      n   nickname (UTF-8)
 //	28+n    2   optional: the sender's WireGuard data port (password
 //	            mode); absent or zero: none
+//	30+n   32   optional: the sender's Ed25519 public key, which signs
+//	            its topology entries (password mode); absent: none
 //
 // A peer dials by sending hello; the other side validates it and answers
 // accept (same layout, its own identity) or reject. On a hello, flags bit 0
@@ -153,6 +155,10 @@
 //	2 digest request, 3 digest reply
 //	           n (2) | n × (peer name 6 | UID 8 | version 8)
 //	4 entries  n (2) | n × entry
+//	5 signed entries (password mode; kind 4 is refused there)
+//	           n (2) | n × (entry | Ed25519 public key 32 | signature 64),
+//	           the signature over "overlayd topology entry v1" | 0x00 |
+//	           the entry | the key
 //
 // An entry:
 //

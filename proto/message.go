@@ -129,6 +129,10 @@ type Hello struct {
 	// (password mode); 0: it has none. Sent after the nickname, and only
 	// when not zero, so that older peers read the same hello.
 	DataPort uint16
+	// SignKey is the sender's Ed25519 public key (password mode), which
+	// signs its gossip; zero: none. Sent after DataPort (then always
+	// present, zero or not), and only when not zero.
+	SignKey [32]byte
 }
 
 // AppendHello appends a hello (t == TypeHello) or accept (t == TypeAccept)
@@ -143,8 +147,11 @@ func AppendHello(b []byte, t Type, h *Hello) []byte {
 	b = appendPrefix(b, h.Range)
 	b = append(b, byte(len(nick)))
 	b = append(b, nick...)
-	if h.DataPort != 0 {
+	if h.DataPort != 0 || h.SignKey != [32]byte{} {
 		b = binary.BigEndian.AppendUint16(b, h.DataPort)
+	}
+	if h.SignKey != [32]byte{} {
+		b = append(b, h.SignKey[:]...)
 	}
 	return b
 }
@@ -184,6 +191,9 @@ func ParseHello(b []byte) (Hello, error) {
 	h.Nickname = string(nick)
 	if rest := p[24+n:]; len(rest) >= 2 {
 		h.DataPort = binary.BigEndian.Uint16(rest)
+		if rest = rest[2:]; len(rest) >= len(h.SignKey) {
+			h.SignKey = [32]byte(rest)
+		}
 	}
 	switch {
 	case h.Name == 0:

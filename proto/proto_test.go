@@ -39,6 +39,17 @@ func goldenMessages(t *testing.T) map[string][]byte {
 	if err != nil {
 		t.Fatal(err)
 	}
+	signedEntry := TopoPeer{Name: name, UID: 9, Version: 2, Port: 6783, Nickname: "h1"}
+	for i := range signedEntry.Key {
+		signedEntry.Key[i] = 0xaa
+	}
+	for i := range signedEntry.Sig {
+		signedEntry.Sig[i] = 0xbb
+	}
+	topoSigned, err := AppendTopoMsg(nil, &TopoMsg{Kind: TopoSignedEntries, Entries: []TopoPeer{signedEntry}})
+	if err != nil {
+		t.Fatal(err)
+	}
 	digest, err := AppendTopoMsg(nil, &TopoMsg{Kind: TopoDigestRequest, Digest: []TopoDigestItem{{Name: name, UID: 9, Version: 2}}})
 	if err != nil {
 		t.Fatal(err)
@@ -84,6 +95,7 @@ func goldenMessages(t *testing.T) map[string][]byte {
 		"ipam-hold-ack":      ipam(IPAMMsg{Kind: IPAMHoldAck, Start: 0xac1010e0, Last: 0xac1010ff, Hash: 0x1122334455667788}),
 		"gossip-chunk":       chunked,
 		"topo-entries":       topo,
+		"topo-signed":        topoSigned,
 		"topo-digest":        digest,
 		"topo-hash":          hash,
 		"hello":              AppendHello(nil, TypeHello, &hello),
@@ -142,9 +154,27 @@ func TestRoundTrip(t *testing.T) {
 	if got, err := ParseHello(b); err != nil || !reflect.DeepEqual(got, hello) {
 		t.Errorf("hello with a data port: got %+v, %v; want %+v", got, err, hello)
 	}
+	hello.SignKey = [32]byte{1, 2, 3}
+	if got, err := ParseHello(AppendHello(nil, TypeHello, &hello)); err != nil || !reflect.DeepEqual(got, hello) {
+		t.Errorf("hello with a signing key: got %+v, %v; want %+v", got, err, hello)
+	}
+	hello.SignKey = [32]byte{}
 	// One byte of a data port is a later field we do not know: ignored.
 	if got, err := ParseHello(b[:len(b)-1]); err != nil || got.DataPort != 0 {
 		t.Errorf("hello with a cut data port: got %+v, %v", got, err)
+	}
+	signed := TopoMsg{Kind: TopoSignedEntries, Entries: []TopoPeer{{Name: 1, UID: 2, Version: 3, Key: [32]byte{4}, Sig: [64]byte{5}},
+		{Name: 6, UID: 7, Version: MaxTopoVersion, Key: [32]byte{8}}, {Name: 9, UID: 10, Version: 11, Key: [32]byte{12}, Sig: [64]byte{13}}}}
+	sb, err := AppendTopoMsg(nil, &signed)
+	if err != nil || len(sb) != TopoMsgSize(&signed) {
+		t.Fatalf("signed entries: %d bytes (size says %d), %v", len(sb), TopoMsgSize(&signed), err)
+	}
+	if got, err := ParseTopoMsg(sb); err != nil || got.Skipped != 1 || len(got.Entries) != 2 ||
+		got.Entries[0].Key != signed.Entries[0].Key || got.Entries[1].Sig != signed.Entries[2].Sig {
+		t.Errorf("signed entries: got %+v, %v", got, err)
+	}
+	if _, err := ParseTopoMsg(sb[:len(sb)-1]); err == nil {
+		t.Error("signed entries cut short parsed")
 	}
 	rej := Reject{Code: RejectCollision, Name: 5, Message: "local and remote peer names collision"}
 	if got, err := ParseReject(AppendReject(nil, &rej)); err != nil || !reflect.DeepEqual(got, rej) {

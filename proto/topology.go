@@ -38,6 +38,31 @@ type TopoPeer struct {
 	Nickname string
 	Conns    []TopoConn
 	Prefixes []netip.Prefix // IPv4 prefixes the peer serves
+	// Key and Sig are carried in signed entries (password mode): the
+	// peer's Ed25519 public key and its signature of TopoSigned(entry).
+	Key [TopoKeyLen]byte
+	Sig [TopoSigLen]byte
+}
+
+// Sizes of a signed entry's key and signature (Ed25519).
+const (
+	TopoKeyLen = 32
+	TopoSigLen = 64
+)
+
+// topoSignContext starts what a topology signature covers, so that no
+// other signed message of the project can pass for an entry.
+const topoSignContext = "overlayd topology entry v1\x00"
+
+// TopoSigned is what the signature of a signed entry covers: a context
+// string, the entry as kind 4 encodes it, and the key.
+func TopoSigned(p *TopoPeer) ([]byte, error) {
+	b := append(make([]byte, 0, len(topoSignContext)+TopoPeerSize(p)+TopoKeyLen), topoSignContext...)
+	b, err := appendTopoPeer(b, p)
+	if err != nil {
+		return nil, err
+	}
+	return append(b, p.Key[:]...), nil
 }
 
 // TopoKind is the first byte of a topology gossip payload.
@@ -49,6 +74,7 @@ const (
 	TopoDigestRequest TopoKind = 2 // our digest; send what is newer, and ask back if we are newer
 	TopoDigestReply   TopoKind = 3 // our digest; send what is newer
 	TopoEntries       TopoKind = 4 // peer entries
+	TopoSignedEntries TopoKind = 5 // peer entries, each with its key and signature (password mode)
 )
 
 // TopoDigestItem says which incarnation and version of a peer's entry we
@@ -102,15 +128,19 @@ func AppendTopoMsg(b []byte, m *TopoMsg) ([]byte, error) {
 			b = binary.BigEndian.AppendUint64(b, d.Version)
 		}
 		return b, nil
-	case TopoEntries:
+	case TopoEntries, TopoSignedEntries:
 		if len(m.Entries) > MaxTopoEntries {
 			return b, fmt.Errorf("%w: %d entries", ErrTooLarge, len(m.Entries))
 		}
 		b = binary.BigEndian.AppendUint16(b, uint16(len(m.Entries)))
 		for i := range m.Entries {
+			e := &m.Entries[i]
 			var err error
-			if b, err = appendTopoPeer(b, &m.Entries[i]); err != nil {
+			if b, err = appendTopoPeer(b, e); err != nil {
 				return b, err
+			}
+			if m.Kind == TopoSignedEntries {
+				b = append(append(b, e.Key[:]...), e.Sig[:]...)
 			}
 		}
 		return b, nil
@@ -195,18 +225,29 @@ func ParseTopoMsg(b []byte) (TopoMsg, error) {
 			}
 		}
 		return m, nil
-	case TopoEntries:
+	case TopoEntries, TopoSignedEntries:
 		if len(p) < 2 {
 			return m, fmt.Errorf("%w: entries", ErrShort)
 		}
 		n := int(binary.BigEndian.Uint16(p))
 		p = p[2:]
-		if n > len(p)/topoPeerFixed {
+		fixed := topoPeerFixed
+		if m.Kind == TopoSignedEntries {
+			fixed += TopoKeyLen + TopoSigLen
+		}
+		if n > len(p)/fixed {
 			return m, fmt.Errorf("%w: %d entries in %d bytes", ErrMalform, n, len(p))
 		}
 		m.Entries = make([]TopoPeer, 0, n)
 		for range n {
 			e, rest, err := parseTopoPeer(p)
+			if m.Kind == TopoSignedEntries && (err == nil || errors.Is(err, errTopoVersion)) {
+				if len(rest) < TopoKeyLen+TopoSigLen {
+					return TopoMsg{}, fmt.Errorf("%w: signed entry without its key and signature", ErrShort)
+				}
+				e.Key, e.Sig = [TopoKeyLen]byte(rest), [TopoSigLen]byte(rest[TopoKeyLen:])
+				rest = rest[TopoKeyLen+TopoSigLen:]
+			}
 			switch {
 			case errors.Is(err, errTopoVersion):
 				m.Skipped++
@@ -305,10 +346,13 @@ func TopoMsgSize(m *TopoMsg) int {
 		return 1 + 12
 	case TopoDigestRequest, TopoDigestReply:
 		return 1 + 2 + len(m.Digest)*topoDigestLen
-	case TopoEntries:
+	case TopoEntries, TopoSignedEntries:
 		n := 1 + 2
 		for i := range m.Entries {
 			n += TopoPeerSize(&m.Entries[i])
+		}
+		if m.Kind == TopoSignedEntries {
+			n += len(m.Entries) * (TopoKeyLen + TopoSigLen)
 		}
 		return n
 	}

@@ -16,6 +16,7 @@ package daemon
 import (
 	"context"
 	crand "crypto/rand"
+	"encoding/base64"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -105,9 +106,10 @@ type Daemon struct {
 	cfg      Config
 	log      *zap.Logger
 	name     proto.PeerName
-	mtu      int            // of the TUN device
-	secure   *secure.Config // password mode; nil: plaintext
-	underlay int            // smallest MTU of the links peers' packets may leave by
+	mtu      int                // of the TUN device
+	secure   *secure.Config     // password mode; nil: plaintext
+	signing  *secure.SigningKey // password mode: signs our topology entry
+	underlay int                // smallest MTU of the links peers' packets may leave by
 
 	pc     conn.PacketConn
 	plane  *wgplane.Plane // password mode: WireGuard carries the data; nil otherwise
@@ -193,6 +195,14 @@ func (d *Daemon) prepare() error {
 			d.log.Info("created a new identity key", zap.Stringer("public_key", id.Public))
 		}
 		d.secure = &secure.Config{Identity: id, PSK: secure.DeriveKey(d.cfg.Password), Random: crand.Reader}
+		sk, created, err := loadOrCreateSigningKey(d.cfg.StateDir)
+		if err != nil {
+			return err
+		}
+		if created {
+			d.log.Info("created a new signing key", zap.String("public_key", base64.StdEncoding.EncodeToString(sk.Public[:])))
+		}
+		d.signing = &sk
 	}
 	if netconf.LinkExists(d.cfg.Iface) {
 		return fmt.Errorf("interface %s already exists: is another overlayd running in this network namespace? (choose another with --iface)", d.cfg.Iface)
@@ -238,8 +248,8 @@ func (d *Daemon) openDevice() error {
 	crand.Read(seed[:])
 	channels := map[string]func(proto.PeerName, []byte){proto.ChannelIPAM: d.deliverIPAM, proto.ChannelNames: d.deliverNames}
 	rcfg := peering.Config{
-		Secure: d.secure,
-		Name:   d.name, Nickname: d.cfg.Nickname, Range: d.cfg.Range, MTU: d.mtu,
+		Secure: d.secure, Signing: d.signing,
+		Name: d.name, Nickname: d.cfg.Nickname, Range: d.cfg.Range, MTU: d.mtu,
 		Discovery: d.cfg.Discovery, ConnLimit: d.cfg.ConnLimit,
 		Rand:     rand.New(rand.NewPCG(binary.LittleEndian.Uint64(seed[:8]), binary.LittleEndian.Uint64(seed[8:]))),
 		Log:      d.log.Named("router"),

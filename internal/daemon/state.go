@@ -116,34 +116,55 @@ func encodeExposed(ps []netip.Prefix) ([]byte, error) {
 // WireGuard's text form), so that it survives restarts.
 const identityFile = "identity.key"
 
+// signingKeyFile holds the Ed25519 key that signs our topology entries in
+// password mode (its seed, in base64).
+const signingKeyFile = "signing.key"
+
 // loadOrCreateIdentity returns the key pair stored in dir, or makes one and
 // stores it with mode 0600. A stored key that does not parse, or that
 // others may read, is an error, never silently replaced or used.
 func loadOrCreateIdentity(dir string) (secure.Identity, bool, error) {
-	path := filepath.Join(dir, identityFile)
+	return loadOrCreateSecret(filepath.Join(dir, identityFile), secure.ParseIdentity, func() (secure.Identity, []byte, error) {
+		id, err := secure.NewIdentity(rand.Reader)
+		return id, id.MarshalText(), err
+	})
+}
+
+// loadOrCreateSigningKey returns the Ed25519 key that signs our gossip in
+// password mode, kept in the state directory like the identity key.
+func loadOrCreateSigningKey(dir string) (secure.SigningKey, bool, error) {
+	return loadOrCreateSecret(filepath.Join(dir, signingKeyFile), secure.ParseSigningKey, func() (secure.SigningKey, []byte, error) {
+		k, err := secure.NewSigningKey(rand.Reader)
+		return k, k.MarshalText(), err
+	})
+}
+
+// loadOrCreateSecret reads the key at path, which only its owner may read,
+// or makes one and saves it (mode 0600); created says which.
+func loadOrCreateSecret[K any](path string, parse func([]byte) (K, error), create func() (K, []byte, error)) (k K, created bool, err error) {
 	b, err := os.ReadFile(path)
 	switch {
 	case err == nil:
 		if err := checkPrivate(path); err != nil {
-			return secure.Identity{}, false, err
+			return k, false, err
 		}
-		id, err := secure.ParseIdentity(b)
+		k, err := parse(b)
 		if err != nil {
-			return secure.Identity{}, false, fmt.Errorf("state file %s is corrupt (%v): restore it, or remove it to make a new key (peers then see a new key for this name)", path, err)
+			return k, false, fmt.Errorf("state file %s is corrupt (%v): restore it, or remove it to make a new key (peers then see a new key for this name)", path, err)
 		}
-		return id, false, nil
+		return k, false, nil
 	case !errors.Is(err, os.ErrNotExist):
-		return secure.Identity{}, false, fmt.Errorf("reading %s: %w", path, err)
+		return k, false, fmt.Errorf("reading %s: %w", path, err)
 	}
-	id, err := secure.NewIdentity(rand.Reader)
+	k, text, err := create()
 	if err != nil {
-		return secure.Identity{}, false, err
+		return k, false, err
 	}
 	// atomicfile writes through os.CreateTemp: mode 0600.
-	if err := atomicfile.Write(path, id.MarshalText()); err != nil {
-		return secure.Identity{}, false, err
+	if err := atomicfile.Write(path, text); err != nil {
+		return k, false, err
 	}
-	return id, true, nil
+	return k, true, nil
 }
 
 // checkPrivate refuses a secret file that its group or others may read.

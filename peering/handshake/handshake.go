@@ -23,6 +23,7 @@ type Config struct {
 	Port       uint16
 	Range      netip.Prefix // our IPAM range; invalid when IPAM is off
 	DataPort   uint16       // our WireGuard data port; 0: none
+	SignKey    [32]byte     // our Ed25519 gossip signing key; zero: none
 	MinVersion uint8        // 0 means proto.MinVersion
 	MaxVersion uint8        // 0 means proto.MaxVersion
 }
@@ -42,7 +43,7 @@ func (c *Config) versions() (uint8, uint8) {
 func (c *Config) Hello() proto.Hello {
 	lo, hi := c.versions()
 	return proto.Hello{MinVersion: lo, MaxVersion: hi, Name: c.Name, UID: c.UID,
-		Port: c.Port, Range: c.Range, Nickname: c.Nickname, DataPort: c.DataPort}
+		Port: c.Port, Range: c.Range, Nickname: c.Nickname, DataPort: c.DataPort, SignKey: c.SignKey}
 }
 
 // RangeError refuses a peer whose allocation range differs from ours. Its

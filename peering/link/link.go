@@ -152,6 +152,9 @@ type PeerPath struct {
 	// plane listens on (0: none).
 	Key      secure.Key
 	DataPort uint16
+	// SignKey is the Ed25519 key that signs the peer's gossip, from its
+	// hello (password mode only: there the hello is authenticated).
+	SignKey [32]byte
 }
 
 // Routing is the set of established peers, rebuilt whole on every change.
@@ -825,7 +828,7 @@ func (m *Machine) reroute() {
 			p := PeerPath{Name: cn.remote.Name, UID: cn.remote.UID, Nickname: cn.remote.Nickname,
 				Via: cn.ep, Outbound: cn.outbound, DataPort: cn.remote.DataPort}
 			if cn.sess != nil {
-				p.Key = cn.sess.Peer()
+				p.Key, p.SignKey = cn.sess.Peer(), cn.remote.SignKey
 			}
 			rt.Peers = append(rt.Peers, p)
 		}

@@ -23,6 +23,7 @@ package secure
 
 import (
 	"bytes"
+	"crypto/ed25519"
 	"crypto/hkdf"
 	"crypto/hmac"
 	"crypto/sha256"
@@ -89,6 +90,47 @@ func ParseIdentity(text []byte) (Identity, error) {
 		return Identity{}, errors.New("secure: not a key: want 32 bytes in base64 on one line")
 	}
 	return identityFrom(Key(raw))
+}
+
+// SigningKey is a peer's Ed25519 key, which signs the gossip it originates
+// (password mode); its public half travels in the handshake and in the
+// peer's topology entry.
+type SigningKey struct {
+	Private ed25519.PrivateKey
+	Public  [ed25519.PublicKeySize]byte
+}
+
+// NewSigningKey draws a new signing key from rand.
+func NewSigningKey(rand io.Reader) (SigningKey, error) {
+	seed := make([]byte, ed25519.SeedSize)
+	if _, err := io.ReadFull(rand, seed); err != nil {
+		return SigningKey{}, fmt.Errorf("secure: drawing a key: %w", err)
+	}
+	return signingKeyFrom(seed), nil
+}
+
+func signingKeyFrom(seed []byte) SigningKey {
+	priv := ed25519.NewKeyFromSeed(seed)
+	return SigningKey{Private: priv, Public: [ed25519.PublicKeySize]byte(priv.Public().(ed25519.PublicKey))}
+}
+
+// MarshalText is the key's seed in base64 on one line.
+func (k SigningKey) MarshalText() []byte {
+	return []byte(base64.StdEncoding.EncodeToString(k.Private.Seed()) + "\n")
+}
+
+// ParseSigningKey reads what MarshalText wrote.
+func ParseSigningKey(text []byte) (SigningKey, error) {
+	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(string(text)))
+	if err != nil || len(raw) != ed25519.SeedSize {
+		return SigningKey{}, errors.New("secure: not a signing key: want a 32-byte seed in base64 on one line")
+	}
+	return signingKeyFrom(raw), nil
+}
+
+// Sign signs msg.
+func (k SigningKey) Sign(msg []byte) [ed25519.SignatureSize]byte {
+	return [ed25519.SignatureSize]byte(ed25519.Sign(k.Private, msg))
 }
 
 // PSK is the key every peer derives from the shared password.

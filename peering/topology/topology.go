@@ -31,6 +31,7 @@ package topology
 
 import (
 	"cmp"
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"maps"
@@ -58,6 +59,18 @@ type Config struct {
 	// MaxPeers bounds the entries kept (10,000); entries of unknown peers
 	// beyond it are refused.
 	MaxPeers int
+
+	// Signer turns on signed entries (password mode): ours are signed and
+	// sent as kind 5; a received entry is taken only if it carries a valid
+	// signature by the key its peer is known by (see Node.Prove), and
+	// unsigned entries are refused. Nil: plaintext.
+	Signer *Signer
+}
+
+// A Signer signs our own entry.
+type Signer struct {
+	Key  [proto.TopoKeyLen]byte // Ed25519 public key
+	Sign func(msg []byte) [proto.TopoSigLen]byte
 }
 
 // Msg is a topology message for one neighbour.
@@ -104,6 +117,13 @@ type Node struct {
 	synced map[proto.PeerName]int64
 	rd     Ready
 	hash   uint64
+	// keys are the signing keys peers are known by (signed mode): the key
+	// of the entry we hold, or the key a neighbour proved in its handshake
+	// (proven), which wins. An entry signed by another key is refused
+	// until the peer's entry is gone: a peer whose key changes needs its
+	// old entries gone first, as a new incarnation does.
+	keys   map[proto.PeerName][proto.TopoKeyLen]byte
+	proven map[proto.PeerName][proto.TopoKeyLen]byte
 	// Rejected counts entries refused by Step.
 	Rejected uint64
 }
@@ -120,9 +140,99 @@ func New(cfg Config) (*Node, error) {
 		cfg.MaxPeers = 10000
 	}
 	n := &Node{cfg: cfg, peers: map[proto.PeerName]*proto.TopoPeer{}, news: map[proto.PeerName]int{},
-		unreachable: map[proto.PeerName]int{}, removed: map[proto.PeerName]tomb{}, synced: map[proto.PeerName]int64{}}
-	n.put(&proto.TopoPeer{Name: cfg.Self, UID: cfg.UID, Version: 1, Port: cfg.Port, Nickname: cfg.Nickname})
+		unreachable: map[proto.PeerName]int{}, removed: map[proto.PeerName]tomb{}, synced: map[proto.PeerName]int64{},
+		keys: map[proto.PeerName][proto.TopoKeyLen]byte{}, proven: map[proto.PeerName][proto.TopoKeyLen]byte{}}
+	if cfg.Signer != nil {
+		n.proven[cfg.Self] = cfg.Signer.Key
+	}
+	if err := n.putSelf(&proto.TopoPeer{Name: cfg.Self, UID: cfg.UID, Version: 1, Port: cfg.Port, Nickname: cfg.Nickname}); err != nil {
+		return nil, err
+	}
 	return n, nil
+}
+
+// putSelf signs our entry e (in signed mode) and stores it.
+func (n *Node) putSelf(e *proto.TopoPeer) error {
+	if s := n.cfg.Signer; s != nil {
+		e.Key = s.Key
+		msg, err := proto.TopoSigned(e)
+		if err != nil {
+			return fmt.Errorf("topology: signing our entry: %w", err)
+		}
+		e.Sig = s.Sign(msg)
+	}
+	n.put(e)
+	return nil
+}
+
+// signed reports whether entries are signed (password mode).
+func (n *Node) signed() bool { return n.cfg.Signer != nil }
+
+// entriesKind is the kind our entries go in.
+func (n *Node) entriesKind() proto.TopoKind {
+	if n.signed() {
+		return proto.TopoSignedEntries
+	}
+	return proto.TopoEntries
+}
+
+// entrySize is the encoded size of e in our entries messages.
+func (n *Node) entrySize(e *proto.TopoPeer) int {
+	if n.signed() {
+		return proto.TopoPeerSize(e) + proto.TopoKeyLen + proto.TopoSigLen
+	}
+	return proto.TopoPeerSize(e)
+}
+
+// Prove records the signing keys our neighbours proved in their
+// handshakes (signed mode), replacing those recorded before. An entry we
+// hold of such a peer under another key is dropped: the neighbour sends
+// its own.
+func (n *Node) Prove(keys map[proto.PeerName][proto.TopoKeyLen]byte) {
+	if !n.signed() {
+		return
+	}
+	clear(n.proven)
+	n.proven[n.cfg.Self] = n.cfg.Signer.Key
+	for name, k := range keys {
+		if name == n.cfg.Self {
+			continue
+		}
+		n.proven[name] = k
+		if e := n.peers[name]; e != nil && e.Key != k {
+			n.hash ^= entryHash(e)
+			delete(n.keys, name)
+			delete(n.peers, name)
+			delete(n.news, name)
+			delete(n.unreachable, name)
+			n.rd.Changed = true
+		}
+	}
+}
+
+// KeyOf is the signing key peer name is known by (signed mode).
+func (n *Node) KeyOf(name proto.PeerName) ([proto.TopoKeyLen]byte, bool) {
+	if k, ok := n.proven[name]; ok {
+		return k, true
+	}
+	k, ok := n.keys[name]
+	return k, ok
+}
+
+// ErrSignature refuses an entry in signed mode: unsigned, badly signed, or
+// signed by another key than its peer is known by.
+var ErrSignature = errors.New("topology: entry not signed by its peer")
+
+// checkSigned verifies e in signed mode.
+func (n *Node) checkSigned(e *proto.TopoPeer) error {
+	msg, err := proto.TopoSigned(e)
+	if err != nil || e.Key == ([proto.TopoKeyLen]byte{}) || !ed25519.Verify(e.Key[:], msg, e.Sig[:]) {
+		return fmt.Errorf("%w: the signature of %v's entry does not verify", ErrSignature, e.Name)
+	}
+	if k, ok := n.KeyOf(e.Name); ok && k != e.Key {
+		return fmt.Errorf("%w: %v's entry is signed by another key than the one it is known by (a key changes only once the peer's old entry is gone)", ErrSignature, e.Name)
+	}
+	return nil
 }
 
 // Ready returns the work produced since the last Advance.
@@ -139,6 +249,9 @@ func (n *Node) put(e *proto.TopoPeer) {
 		n.hash ^= entryHash(old)
 	}
 	n.peers[e.Name] = e
+	if n.signed() {
+		n.keys[e.Name] = e.Key
+	}
 	n.hash ^= entryHash(e)
 	n.news[e.Name] = n.retransmits()
 	n.rd.Changed = true
@@ -167,12 +280,14 @@ func (n *Node) SetLocal(conns []proto.TopoConn, prefixes []netip.Prefix) {
 	e := *old
 	e.Version++
 	e.Conns, e.Prefixes = cs, ps
-	n.put(&e)
+	if err := n.putSelf(&e); err != nil {
+		return // an entry too large to encode: nothing sends it either
+	}
 	// Our neighbours hear of it at once (new ones need it to route to us);
 	// the rest through news and anti-entropy. A new neighbour also gets our
 	// hash, so that the two of us sync everything now, not by chance later.
 	for _, nb := range n.Neighbours() {
-		n.send(nb, proto.TopoMsg{Kind: proto.TopoEntries, Entries: []proto.TopoPeer{e}})
+		n.send(nb, proto.TopoMsg{Kind: n.entriesKind(), Entries: []proto.TopoPeer{e}})
 		if _, known := slices.BinarySearch(before, nb); !known {
 			n.send(nb, proto.TopoMsg{Kind: proto.TopoHash, Count: uint32(len(n.peers)), Hash: n.hash})
 		}
@@ -228,6 +343,12 @@ func (n *Node) Step(from proto.PeerName, fromUID uint64, m *proto.TopoMsg) error
 			n.send(from, proto.TopoMsg{Kind: proto.TopoDigestReply, Digest: n.digest()})
 		}
 	case proto.TopoEntries:
+		if n.signed() {
+			n.Rejected += uint64(len(m.Entries))
+			return fmt.Errorf("%w: %d unsigned entries from %v in password mode", ErrSignature, len(m.Entries), from)
+		}
+		return n.merge(from, fromUID, m.Entries)
+	case proto.TopoSignedEntries:
 		return n.merge(from, fromUID, m.Entries)
 	default:
 		return fmt.Errorf("topology: unknown message kind %d", m.Kind)
@@ -239,6 +360,15 @@ func (n *Node) merge(from proto.PeerName, fromUID uint64, entries []proto.TopoPe
 	var first error
 	for i := range entries {
 		e := &entries[i]
+		if n.signed() {
+			if err := n.checkSigned(e); err != nil {
+				n.Rejected++
+				if first == nil {
+					first = err
+				}
+				continue
+			}
+		}
 		switch {
 		case e.Name == from && e.UID != fromUID:
 			n.Rejected++
@@ -260,7 +390,9 @@ func (n *Node) merge(from proto.PeerName, fromUID uint64, entries []proto.TopoPe
 				}
 				mine := *self
 				mine.Version = e.Version + 1
-				n.put(&mine)
+				if err := n.putSelf(&mine); err != nil && first == nil {
+					first = err
+				}
 			}
 			continue
 		}
@@ -299,11 +431,11 @@ const MaxEntriesBytes = 48 << 10
 func (n *Node) sendEntries(to proto.PeerName, es []proto.TopoPeer) {
 	for len(es) > 0 {
 		k, size := 0, 3
-		for k < len(es) && (k == 0 || size+proto.TopoPeerSize(&es[k]) <= MaxEntriesBytes) {
-			size += proto.TopoPeerSize(&es[k])
+		for k < len(es) && (k == 0 || size+n.entrySize(&es[k]) <= MaxEntriesBytes) {
+			size += n.entrySize(&es[k])
 			k++
 		}
-		n.send(to, proto.TopoMsg{Kind: proto.TopoEntries, Entries: es[:k:k]})
+		n.send(to, proto.TopoMsg{Kind: n.entriesKind(), Entries: es[:k:k]})
 		es = es[k:]
 	}
 }
@@ -412,6 +544,7 @@ func (n *Node) collect() {
 			delete(n.peers, name)
 			delete(n.news, name)
 			delete(n.unreachable, name)
+			delete(n.keys, name) // its next entry may bring a new key
 			n.rd.Removed = append(n.rd.Removed, name)
 			n.rd.Changed = true
 		}
