@@ -100,8 +100,8 @@ func TestSignedEntries(t *testing.T) {
 		t.Errorf("the proven key's entry: %v", err)
 	}
 
-	// Peer 3 gone (unreachable for two rounds): its next entry may come
-	// with a new key.
+	// Peer 3 gone (unreachable for two rounds): while its tomb lasts it
+	// is taken back with its key only; then with a new key too.
 	n.SetLocal([]proto.TopoConn{conn(2, true)}, nil)
 	n.Step(2, 200, signedEntries(sign(t, entry(3, 300, 6), 3))) // 3 reports no connection: unreachable
 	n.Tick()
@@ -109,7 +109,11 @@ func TestSignedEntries(t *testing.T) {
 	if n.Peer(3) != nil {
 		t.Fatalf("3 not collected")
 	}
+	refused("a new key while the tomb lasts", signedEntries(sign(t, entry(3, 301, 1, conn(2, true)), 33)))
+	for range TombRounds + 1 {
+		n.Tick()
+	}
 	if err := n.Step(2, 200, signedEntries(sign(t, entry(3, 301, 1, conn(2, true)), 33))); err != nil || n.Peer(3) == nil {
-		t.Errorf("a new key after the old entry went: %v", err)
+		t.Errorf("a new key after the old entry and its tomb went: %v", err)
 	}
 }

@@ -118,10 +118,10 @@ type Node struct {
 	rd     Ready
 	hash   uint64
 	// keys are the signing keys peers are known by (signed mode): the key
-	// of the entry we hold, or the key a neighbour proved in its handshake
-	// (proven), which wins. An entry signed by another key is refused
-	// until the peer's entry is gone: a peer whose key changes needs its
-	// old entries gone first, as a new incarnation does.
+	// of the entry we hold (or held, until its tomb expires), or the key a
+	// neighbour proved in its handshake (proven), which wins. An entry
+	// signed by another key is refused until the peer's entry and tomb are
+	// gone: a peer whose key changes needs its old entries gone first.
 	keys   map[proto.PeerName][proto.TopoKeyLen]byte
 	proven map[proto.PeerName][proto.TopoKeyLen]byte
 	// Rejected counts entries refused by Step.
@@ -513,6 +513,9 @@ func (n *Node) collect() {
 	for name, t := range n.removed {
 		if n.round > t.until {
 			delete(n.removed, name)
+			if n.peers[name] == nil {
+				delete(n.keys, name)
+			}
 		}
 	}
 	reach := map[proto.PeerName]bool{n.cfg.Self: true}
@@ -539,12 +542,17 @@ func (n *Node) collect() {
 		if n.unreachable[name] >= 2 {
 			if len(n.removed) < n.cfg.MaxPeers {
 				n.removed[name] = tomb{uid: n.peers[name].UID, version: n.peers[name].Version, until: n.round + TombRounds}
+			} else {
+				delete(n.keys, name) // no tomb to keep it with
 			}
 			n.hash ^= entryHash(n.peers[name])
 			delete(n.peers, name)
 			delete(n.news, name)
 			delete(n.unreachable, name)
-			delete(n.keys, name) // its next entry may bring a new key
+			// Its key is kept as long as the tomb: the peer back with the
+			// same key is taken at once, a new key only once the tomb
+			// expires (or a neighbour proves it), so that nobody can claim
+			// the name with a key of its own while the peer restarts.
 			n.rd.Removed = append(n.rd.Removed, name)
 			n.rd.Changed = true
 		}

@@ -5,6 +5,8 @@
 package topotest
 
 import (
+	"crypto/ed25519"
+	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
@@ -31,6 +33,16 @@ type Sim struct {
 	Dup       float64 // probability that a message is delivered twice
 	MaxDelay  int     // messages arrive 0..MaxDelay rounds late (reordering them)
 	ConnLimit int     // connections per peer; 0 = unlimited
+	// Signed runs the nodes in signed mode (password mode), each peer with
+	// an Ed25519 key of its own, kept across restarts.
+	Signed bool
+	// Adversary, in signed mode, is the peer (1-based; 0: none) that also
+	// sends, every round, to each neighbour: the entries of others it
+	// knows re-signed with its own key at a higher version announcing a
+	// /32, the same with their signature kept (tampered), the same
+	// unsigned, at the version limit, and replays of old entries. It
+	// holds the password, so its messages arrive on real connections.
+	Adversary int
 
 	rand  *rand.Rand
 	seed  uint64
@@ -43,6 +55,21 @@ type Sim struct {
 	trace []string
 	// LastChange is the last round a connection came or went.
 	LastChange int64
+	// old are entries the adversary saw, replayed later.
+	old []proto.TopoPeer
+}
+
+// keyOf is peer name's signing key: the same for every incarnation.
+func keyOf(name proto.PeerName) ed25519.PrivateKey {
+	seed := make([]byte, ed25519.SeedSize)
+	binary.BigEndian.PutUint64(seed, uint64(name))
+	return ed25519.NewKeyFromSeed(seed)
+}
+
+func signer(name proto.PeerName) *topology.Signer {
+	priv := keyOf(name)
+	return &topology.Signer{Key: [proto.TopoKeyLen]byte(priv.Public().(ed25519.PublicKey)),
+		Sign: func(m []byte) [proto.TopoSigLen]byte { return [proto.TopoSigLen]byte(ed25519.Sign(priv, m)) }}
 }
 
 type peer struct {
@@ -77,8 +104,11 @@ func (s *Sim) Round() int64 { return s.round }
 func (s *Sim) Join(i int, target proto.PeerName) {
 	name := Name(i)
 	uid := s.rand.Uint64() | 1
-	node, err := topology.New(topology.Config{Self: name, UID: uid, Nickname: fmt.Sprintf("p%d", i),
-		Port: 6783, Rand: rand.New(rand.NewPCG(s.seed, uid))})
+	cfg := topology.Config{Self: name, UID: uid, Nickname: fmt.Sprintf("p%d", i), Port: 6783, Rand: rand.New(rand.NewPCG(s.seed, uid))}
+	if s.Signed {
+		cfg.Signer = signer(name)
+	}
+	node, err := topology.New(cfg)
 	if err != nil {
 		panic(err) // cannot happen: the config is complete
 	}
@@ -152,6 +182,13 @@ func (s *Sim) Step() {
 		if p.target != 0 {
 			s.dial(p, p.target, true) // a configured peer, kept and retried
 		}
+		if s.Signed {
+			keys := map[proto.PeerName][proto.TopoKeyLen]byte{}
+			for other := range p.conns {
+				keys[other] = signer(other).Key // proven in the handshake
+			}
+			p.node.Prove(keys)
+		}
 		p.node.SetLocal(s.conns(p), nil)
 	}
 	for _, name := range s.order {
@@ -168,7 +205,88 @@ func (s *Sim) Step() {
 			s.dial(p, c.Name, false)
 		}
 	}
+	if a := s.peers[Name(s.Adversary)]; s.Signed && a != nil && a.up {
+		s.attack(a)
+	}
 	s.deliver()
+}
+
+// attack sends the adversary's forgeries to each of its neighbours, each
+// through the wire format (so that what the decoder skips is skipped).
+func (s *Sim) attack(a *peer) {
+	sign := signer(a.name)
+	var forged []proto.TopoMsg
+	for _, e := range a.node.Peers() {
+		if e.Name == a.name {
+			continue
+		}
+		if len(s.old) < 1000 && s.rand.IntN(4) == 0 {
+			s.old = append(s.old, *e)
+		}
+		f := *e
+		f.Version += 1000
+		f.Prefixes = []netip.Prefix{netip.PrefixFrom(a.addr.Addr(), 32)}
+		tampered := f // e's key and signature, other content
+		unsigned := f
+		f.Key = sign.Key
+		msg, _ := proto.TopoSigned(&f)
+		f.Sig = sign.Sign(msg)
+		limit := f
+		limit.Version = proto.MaxTopoVersion
+		forged = append(forged, proto.TopoMsg{Kind: proto.TopoSignedEntries, Entries: []proto.TopoPeer{f, tampered, limit}},
+			proto.TopoMsg{Kind: proto.TopoEntries, Entries: []proto.TopoPeer{unsigned}})
+	}
+	if len(s.old) > 0 {
+		forged = append(forged, proto.TopoMsg{Kind: proto.TopoSignedEntries, Entries: []proto.TopoPeer{s.old[s.rand.IntN(len(s.old))]}})
+	}
+	for _, m := range forged {
+		b, err := proto.AppendTopoMsg(nil, &m)
+		if err != nil {
+			panic(err) // the entries came from a node: they encode
+		}
+		wire, err := proto.ParseTopoMsg(b)
+		if err != nil {
+			panic(err)
+		}
+		for nb := range a.conns {
+			if s.reachable(a.name, nb) {
+				s.net.Send(a.name, nb, wire)
+			}
+		}
+	}
+}
+
+// Honest reports nil when no live peer holds an entry of an honest peer
+// other than one that peer signed itself, or announcing a prefix (honest
+// peers announce none here): the adversary forged nothing that stuck.
+func (s *Sim) Honest() error {
+	for _, name := range s.order {
+		p := s.peers[name]
+		if !p.up || name == Name(s.Adversary) {
+			continue
+		}
+		for _, e := range p.node.Peers() {
+			if e.Name == Name(s.Adversary) {
+				continue
+			}
+			msg, err := proto.TopoSigned(e)
+			if e.Key != signer(e.Name).Key || err != nil || !ed25519.Verify(e.Key[:], msg, e.Sig[:]) || len(e.Prefixes) > 0 {
+				return fmt.Errorf("%v holds a forged entry of %v: %s, prefixes %v", name, e.Name, describe(e), e.Prefixes)
+			}
+		}
+	}
+	return nil
+}
+
+// Rejected is the number of entries the live peers refused.
+func (s *Sim) Rejected() uint64 {
+	var n uint64
+	for _, p := range s.peers {
+		if p.up {
+			n += p.node.Rejected
+		}
+	}
+	return n
 }
 
 // conns is what p reports: its connections, with the address it knows the
