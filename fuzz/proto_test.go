@@ -182,6 +182,8 @@ func FuzzProtoTopology(f *testing.F) {
 		{Kind: proto.TopoEntries, Entries: []proto.TopoPeer{{Name: seedName, UID: 1, Version: 1, Nickname: "a",
 			Conns:    []proto.TopoConn{{Peer: 7, Addr: netip.MustParseAddrPort("10.0.0.1:6783"), Established: true}},
 			Prefixes: []netip.Prefix{netip.MustParsePrefix("10.40.0.1/32")}}}},
+		{Kind: proto.TopoSignedEntries, Entries: []proto.TopoPeer{{Name: seedName, UID: 1, Version: 1, Nickname: "a",
+			Key: [32]byte{1}, Sig: [64]byte{2}}, {Name: 9, UID: 2, Version: proto.MaxTopoVersion}}},
 	} {
 		b, _ := proto.AppendTopoMsg(nil, &m)
 		f.Add(b)
