@@ -65,6 +65,14 @@ type Config struct {
 	// origin, ours included: 65536 when zero.
 	MaxOriginEntries int
 
+	// Sign and Verify, set together, turn on signed entries (password
+	// mode): ours are signed with Sign and sent as kind 4, an entry of any
+	// origin is taken only if Verify says its origin signed it (false for
+	// an origin whose key is not known yet: it comes again by
+	// anti-entropy), and unsigned entries are refused.
+	Sign   func(msg []byte) [proto.NameSigLen]byte
+	Verify func(origin proto.PeerName, msg []byte, sig [proto.NameSigLen]byte) bool
+
 	Infof func(format string, a ...any) // optional; must not block
 }
 
@@ -96,6 +104,8 @@ func (c *Config) validate() error {
 		return errors.New("names: no random source")
 	case c.MaxMsgBytes < 1024:
 		return fmt.Errorf("names: MaxMsgBytes %d is below 1024", c.MaxMsgBytes)
+	case (c.Sign == nil) != (c.Verify == nil):
+		return errors.New("names: Sign and Verify go together")
 	}
 	if c.Infof == nil {
 		c.Infof = func(string, ...any) {}
@@ -167,6 +177,7 @@ type Stats struct {
 	Purged    uint64 // entries deleted because their origin went away
 	Expired   uint64 // tombstones dropped
 	Overflow  uint64 // new entries dropped because their origin holds MaxOriginEntries
+	Forged    uint64 // entries refused in signed mode: not signed by their origin (or its key is not known yet)
 }
 
 // Store holds the entries. Make one with New.
@@ -290,7 +301,9 @@ func (s *Store) Add(hostname string, addr netip.Addr, id string) (proto.NameEntr
 		}
 		e.Version = r.Version + 1
 	}
-	s.put(&record{NameEntry: e})
+	r = &record{NameEntry: e}
+	s.put(r) // signs it, in password mode
+	e = r.NameEntry
 	s.broadcast([]proto.NameEntry{e})
 	s.cfg.Infof("Registered %s %v %s", fqdn, addr, id)
 	return e, nil
@@ -455,7 +468,15 @@ func (s *Store) known(name proto.PeerName) bool {
 // the store is unchanged.
 func (s *Store) Step(from proto.PeerName, m *proto.NamesMsg) error {
 	switch m.Kind {
-	case proto.NamesEntries:
+	case proto.NamesEntries, proto.NamesSignedEntries:
+		if s.signed() {
+			if m.Kind == proto.NamesEntries {
+				s.stats.Rejected++
+				s.stats.Forged += uint64(len(m.Entries))
+				return fmt.Errorf("%w: %d from %v", ErrUnsigned, len(m.Entries), from)
+			}
+			m.Entries = s.verified(m.Entries)
+		}
 		for i := range m.Entries {
 			e := &m.Entries[i]
 			if err := checkName(e.Hostname); err != nil {
@@ -633,17 +654,21 @@ func (s *Store) broadcast(es []proto.NameEntry) {
 
 // sendEntries splits entries into messages of at most MaxMsgBytes.
 func (s *Store) sendEntries(to proto.PeerName, es []proto.NameEntry) {
+	kind := proto.NamesEntries
+	if s.signed() {
+		kind = proto.NamesSignedEntries
+	}
 	for len(es) > 0 {
 		size, n := 3, 0
 		for n < len(es) && n < proto.MaxNameEntries {
-			l := 21 + len(es[n].Hostname) + len(es[n].ContainerID)
+			l := proto.NameEntrySize(&es[n], kind)
 			if n > 0 && size+l > s.cfg.MaxMsgBytes {
 				break
 			}
 			size += l
 			n++
 		}
-		s.send(to, &proto.NamesMsg{Kind: proto.NamesEntries, Entries: es[:n]})
+		s.send(to, &proto.NamesMsg{Kind: kind, Entries: es[:n]})
 		es = es[n:]
 	}
 }
@@ -683,12 +708,38 @@ func (s *Store) put(r *record) {
 	if old != nil {
 		o.hash -= entryHash(&old.NameEntry)
 	}
+	if k.origin == s.cfg.Self && s.signed() {
+		if msg, err := proto.NameSigned(&r.NameEntry); err == nil { // our entries were checked
+			r.Sig = s.cfg.Sign(msg)
+		}
+	}
 	o.entries[k] = r
 	o.hash += entryHash(&r.NameEntry)
 	s.viewChanged = true
 	if k.origin == s.cfg.Self {
 		s.stateChanged = true
 	}
+}
+
+// signed reports whether entries are signed (password mode).
+func (s *Store) signed() bool { return s.cfg.Sign != nil }
+
+// ErrUnsigned refuses unsigned entries in signed mode.
+var ErrUnsigned = errors.New("names: unsigned entries in password mode")
+
+// verified keeps the entries of es that their origins signed, counting
+// the others; es is reused.
+func (s *Store) verified(es []proto.NameEntry) []proto.NameEntry {
+	out := es[:0]
+	for i := range es {
+		msg, err := proto.NameSigned(&es[i])
+		if err != nil || !s.cfg.Verify(es[i].Origin, msg, es[i].Sig) {
+			s.stats.Forged++
+			continue
+		}
+		out = append(out, es[i])
+	}
+	return out
 }
 
 func (s *Store) remove(o *origin, k key) {

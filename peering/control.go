@@ -481,6 +481,19 @@ func (c *control) publish() {
 		Path: func(p proto.PeerName) (*path, bool) { v := snap.byName[p]; return v, v != nil },
 	}
 	snap.nicks = map[proto.PeerName]string{}
+	if c.r.cfg.Signing != nil {
+		snap.keys = map[proto.PeerName][proto.TopoKeyLen]byte{}
+		for _, e := range c.topo.Peers() {
+			if k, ok := c.topo.KeyOf(e.Name); ok {
+				snap.keys[e.Name] = k
+			}
+		}
+		for name := range c.neighbours {
+			if k, ok := c.topo.KeyOf(name); ok {
+				snap.keys[name] = k
+			}
+		}
+	}
 	for _, e := range c.topo.Peers() {
 		if e.Name == self || snap.byName[e.Name] == nil {
 			continue

@@ -268,6 +268,14 @@ func signKey(k *secure.SigningKey) [proto.TopoKeyLen]byte {
 	return k.Public
 }
 
+// SigningKey is the key peer name signs its gossip with, as the topology
+// knows it (password mode); false if not known (yet). Safe from any
+// goroutine.
+func (r *Router) SigningKey(name proto.PeerName) ([proto.TopoKeyLen]byte, bool) {
+	k, ok := r.snap.Load().keys[name]
+	return k, ok
+}
+
 // UID is this process's random incarnation number.
 func (r *Router) UID() uint64 { return r.cfg.UID }
 
@@ -327,6 +335,8 @@ type snapshot struct {
 	// nicks are the nicknames of the reachable peers whose topology
 	// entry arrived.
 	nicks map[proto.PeerName]string
+	// keys are the signing keys peers are known by (password mode).
+	keys map[proto.PeerName][proto.TopoKeyLen]byte
 }
 
 // path is where packets for one peer go. Immutable once published.

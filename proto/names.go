@@ -32,7 +32,28 @@ const (
 	NamesEntries NamesKind = 1 // entries to merge
 	NamesDigest  NamesKind = 2 // a hash per origin: send back the origins whose hashes differ
 	NamesSummary NamesKind = 3 // one hash of every origin's: answer with a digest if yours differs
+	// NamesSignedEntries are entries each signed by its origin (password
+	// mode, where NamesEntries are refused).
+	NamesSignedEntries NamesKind = 4
 )
+
+// NameSigLen is the size of an entry's signature (Ed25519).
+const NameSigLen = 64
+
+// nameSignContext starts what an entry's signature covers.
+const nameSignContext = "overlayd name entry v1\x00"
+
+// NameSigned is what the signature of a signed entry covers: a context
+// string and the entry as kind 1 encodes it, but with age zero (the age of
+// a tombstone grows as it travels, so it is not signed).
+func NameSigned(e *NameEntry) ([]byte, error) {
+	c := *e
+	c.AgeMillis = 0
+	if err := checkNameEntry(&c); err != nil {
+		return nil, err
+	}
+	return appendNameEntry([]byte(nameSignContext), &c), nil
+}
 
 // NameEntry is one registration: Hostname has Addr, for ContainerID, as
 // registered at the peer Origin. Only the origin changes its entries; a
@@ -48,6 +69,9 @@ type NameEntry struct {
 	// sender knows; the receiver expires it that much sooner. It is a
 	// duration, never a clock reading, so clocks need not agree.
 	AgeMillis uint32
+	// Sig is the origin's signature of NameSigned(entry), in signed
+	// entries (password mode).
+	Sig [NameSigLen]byte
 }
 
 // NameDigest summarises the entries of one origin.
@@ -77,7 +101,7 @@ const (
 func AppendNamesMsg(b []byte, m *NamesMsg) ([]byte, error) {
 	b = append(b, byte(m.Kind))
 	switch m.Kind {
-	case NamesEntries:
+	case NamesEntries, NamesSignedEntries:
 		if len(m.Entries) > MaxNameEntries {
 			return b, fmt.Errorf("%w: %d name entries", ErrTooLarge, len(m.Entries))
 		}
@@ -87,20 +111,10 @@ func AppendNamesMsg(b []byte, m *NamesMsg) ([]byte, error) {
 			if err := checkNameEntry(e); err != nil {
 				return b, err
 			}
-			b = append(b, byte(len(e.Hostname)))
-			b = append(b, e.Hostname...)
-			a := e.Addr.As4()
-			b = append(b, a[:]...)
-			b = append(b, byte(len(e.ContainerID)))
-			b = append(b, e.ContainerID...)
-			b = appendName(b, e.Origin)
-			b = binary.BigEndian.AppendUint32(b, e.Version)
-			var flags byte
-			if e.Tombstone {
-				flags |= nameTombstone
+			b = appendNameEntry(b, e)
+			if m.Kind == NamesSignedEntries {
+				b = append(b, e.Sig[:]...)
 			}
-			b = append(b, flags)
-			b = binary.BigEndian.AppendUint32(b, e.AgeMillis)
 		}
 		return b, nil
 	case NamesDigest:
@@ -121,6 +135,34 @@ func AppendNamesMsg(b []byte, m *NamesMsg) ([]byte, error) {
 		return binary.BigEndian.AppendUint64(b, m.Hash), nil
 	}
 	return b, fmt.Errorf("%w: name message kind %d", ErrMalform, m.Kind)
+}
+
+// NameEntrySize is the encoded size of e in a message of kind k (its
+// signature included in signed entries).
+func NameEntrySize(e *NameEntry, k NamesKind) int {
+	n := nameEntryFixedLen + len(e.Hostname) + len(e.ContainerID)
+	if k == NamesSignedEntries {
+		n += NameSigLen
+	}
+	return n
+}
+
+// appendNameEntry appends one checked entry (without its signature).
+func appendNameEntry(b []byte, e *NameEntry) []byte {
+	b = append(b, byte(len(e.Hostname)))
+	b = append(b, e.Hostname...)
+	a := e.Addr.As4()
+	b = append(b, a[:]...)
+	b = append(b, byte(len(e.ContainerID)))
+	b = append(b, e.ContainerID...)
+	b = appendName(b, e.Origin)
+	b = binary.BigEndian.AppendUint32(b, e.Version)
+	var flags byte
+	if e.Tombstone {
+		flags |= nameTombstone
+	}
+	b = append(b, flags)
+	return binary.BigEndian.AppendUint32(b, e.AgeMillis)
 }
 
 // checkNameEntry checks what the encoding can carry; what the name means
@@ -152,7 +194,7 @@ func ParseNamesMsg(b []byte) (NamesMsg, error) {
 	}
 	m.Kind, b = NamesKind(b[0]), b[1:]
 	switch m.Kind {
-	case NamesEntries:
+	case NamesEntries, NamesSignedEntries:
 		if len(b) < 2 {
 			return m, fmt.Errorf("%w: name entries of %d bytes", ErrShort, len(b))
 		}
@@ -161,7 +203,11 @@ func ParseNamesMsg(b []byte) (NamesMsg, error) {
 		if n > MaxNameEntries {
 			return m, fmt.Errorf("%w: %d name entries", ErrMalform, n)
 		}
-		if len(b) < n*(nameEntryFixedLen+1) {
+		fixed := nameEntryFixedLen + 1
+		if m.Kind == NamesSignedEntries {
+			fixed += NameSigLen
+		}
+		if len(b) < n*fixed {
 			return m, fmt.Errorf("%w: %d name entries in %d bytes", ErrShort, n, len(b))
 		}
 		m.Entries = make([]NameEntry, n)
@@ -192,6 +238,12 @@ func ParseNamesMsg(b []byte) (NamesMsg, error) {
 			b = b[PeerNameLen+9:]
 			if err := checkNameEntry(e); err != nil {
 				return m, err
+			}
+			if m.Kind == NamesSignedEntries {
+				if len(b) < NameSigLen {
+					return m, fmt.Errorf("%w: name entry without its signature", ErrShort)
+				}
+				e.Sig, b = [NameSigLen]byte(b), b[NameSigLen:]
 			}
 		}
 		if len(b) != 0 {

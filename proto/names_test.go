@@ -31,6 +31,9 @@ func TestNamesGolden(t *testing.T) {
 			" 10 7765622e77656176652e6c6f63616c2e 0a200001 02 6331 12d2fe7ac1f2 00000003 01 0000003c" +
 			" 04 412e622e 0a200002 00 7e214a702f45 80000000 00 00000000"},
 		{"no entries", NamesMsg{Kind: NamesEntries}, "01 0000"},
+		{"signed entries", NamesMsg{Kind: NamesSignedEntries, Entries: []NameEntry{
+			{Hostname: "A.b.", Addr: netip.MustParseAddr("10.32.0.2"), Origin: 0x7e214a702f45, Version: 1, Sig: [NameSigLen]byte{0xee}},
+		}}, "04 0001 04 412e622e 0a200002 00 7e214a702f45 00000001 00 00000000 ee" + strings.Repeat("00", NameSigLen-1)},
 		{"digest", NamesMsg{Kind: NamesDigest, Echo: true, Digests: []NameDigest{
 			{Origin: 0x12d2fe7ac1f2, Hash: 0x1122334455667788}, {Origin: 0x7e214a702f45, Hash: 1}}},
 			"02 01 0002 12d2fe7ac1f2 1122334455667788 7e214a702f45 0000000000000001"},
@@ -94,6 +97,8 @@ func TestNamesRoundTrip(t *testing.T) {
 		}}},
 		{"no entries", NamesMsg{Kind: NamesEntries}},
 		{"most entries", NamesMsg{Kind: NamesEntries, Entries: many}},
+		{"signed tombstone", NamesMsg{Kind: NamesSignedEntries, Entries: []NameEntry{
+			{Hostname: "a.", Addr: a, ContainerID: "1", Origin: 5, Version: 2, Tombstone: true, AgeMillis: 3, Sig: [NameSigLen]byte{1, 2}}}}},
 		{"digest with echo", NamesMsg{Kind: NamesDigest, Echo: true, Digests: []NameDigest{{Origin: 1, Hash: 2}, {Origin: 3, Hash: 0}}}},
 		{"digest without echo", NamesMsg{Kind: NamesDigest, Digests: []NameDigest{{Origin: maxPeerName, Hash: ^uint64(0)}}}},
 		{"empty digest with echo", NamesMsg{Kind: NamesDigest, Echo: true}},
@@ -109,10 +114,10 @@ func TestNamesRoundTrip(t *testing.T) {
 			}
 			b = b[6:]
 			// names.Store splits messages by this size.
-			if tc.msg.Kind == NamesEntries {
+			if tc.msg.Kind == NamesEntries || tc.msg.Kind == NamesSignedEntries {
 				size := 3
 				for _, e := range tc.msg.Entries {
-					size += 21 + len(e.Hostname) + len(e.ContainerID)
+					size += NameEntrySize(&e, tc.msg.Kind)
 				}
 				if len(b) != size {
 					t.Errorf("%d bytes, want %d", len(b), size)
@@ -194,7 +199,7 @@ func TestNamesRejectMalformed(t *testing.T) {
 	}{
 		{"empty", nil, ErrShort},
 		{"kind zero", []byte{0}, ErrMalform},
-		{"kind four", []byte{4, 0, 0}, ErrMalform},
+		{"kind five", []byte{5, 0, 0}, ErrMalform},
 		{"summary cut short", []byte{3, 0, 0}, ErrMalform},
 		{"summary too long", []byte{3, 0, 0, 0, 0, 0, 0, 0, 0, 0}, ErrMalform},
 		{"kind 255", append([]byte{255}, rawEntries(1, good)[1:]...), ErrMalform},
@@ -300,7 +305,7 @@ func TestNamesEncoderRefuses(t *testing.T) {
 		{"digests out of order", NamesMsg{Kind: NamesDigest, Digests: []NameDigest{{Origin: 2}, {Origin: 1}}}, ErrMalform},
 		{"digests repeated", NamesMsg{Kind: NamesDigest, Digests: []NameDigest{{Origin: 2}, {Origin: 2}}}, ErrMalform},
 		{"kind zero", NamesMsg{}, ErrMalform},
-		{"kind four", NamesMsg{Kind: 4, Entries: []NameEntry{ok}}, ErrMalform},
+		{"kind five", NamesMsg{Kind: 5, Entries: []NameEntry{ok}}, ErrMalform},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if b, err := AppendNamesMsg(nil, &tc.msg); !errors.Is(err, tc.want) {

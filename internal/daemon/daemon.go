@@ -354,7 +354,8 @@ func (d *Daemon) newServices() error {
 	}
 	if d.cfg.DNS {
 		rnd := rand.New(rand.NewPCG(binary.LittleEndian.Uint64(seed[16:]), 1))
-		d.names, err = startNames(d.cfg, d.name, channelRouter{d.router.Outbox(proto.ChannelNames), d.router}, rnd, d.log.Named("dns"))
+		d.names, err = startNames(d.cfg, d.name, channelRouter{d.router.Outbox(proto.ChannelNames), d.router}, d.signing,
+			d.router.SigningKey, rnd, d.log.Named("dns"))
 		if err != nil {
 			return err
 		}

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -16,6 +17,7 @@ import (
 	"github.com/overlayd/overlayd/names"
 	"github.com/overlayd/overlayd/names/namesrv"
 	"github.com/overlayd/overlayd/names/resolver"
+	"github.com/overlayd/overlayd/peering/secure"
 	"github.com/overlayd/overlayd/proto"
 )
 
@@ -32,7 +34,12 @@ type nameService struct {
 
 // startNames makes the name service and opens its sockets; nothing runs
 // until run.
-func startNames(cfg Config, self proto.PeerName, router namesrv.Router, rnd *rand.Rand, log *zap.Logger) (*nameService, error) {
+//
+// With a signing key (password mode) our entries are signed with it and an
+// entry of another origin is taken only if signed by the key the topology
+// knows that origin by (keyOf).
+func startNames(cfg Config, self proto.PeerName, router namesrv.Router, signing *secure.SigningKey,
+	keyOf func(proto.PeerName) ([32]byte, bool), rnd *rand.Rand, log *zap.Logger) (*nameService, error) {
 	listen := cfg.DNSListen
 	if !listen.IsValid() {
 		listen = netip.AddrPortFrom(netip.IPv4Unspecified(), 53)
@@ -40,8 +47,16 @@ func startNames(cfg Config, self proto.PeerName, router namesrv.Router, rnd *ran
 			listen = netip.AddrPortFrom(a, 53)
 		}
 	}
+	store := names.Config{Self: self, Domain: cfg.DNSDomain}
+	if signing != nil {
+		store.Sign = func(msg []byte) [proto.NameSigLen]byte { return signing.Sign(msg) }
+		store.Verify = func(origin proto.PeerName, msg []byte, sig [proto.NameSigLen]byte) bool {
+			k, ok := keyOf(origin)
+			return ok && ed25519.Verify(k[:], msg, sig[:])
+		}
+	}
 	st, err := namesrv.New(namesrv.Config{
-		Store:    names.Config{Self: self, Domain: cfg.DNSDomain},
+		Store:    store,
 		StateDir: cfg.StateDir,
 		Router:   router,
 		Rand:     rnd,
@@ -211,6 +226,9 @@ func (n *nameService) collector() prometheus.Collector {
 			ConstLabels: prometheus.Labels{"result": "dropped"}}, func() float64 { return float64(n.store.Dropped.Load()) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "overlayd_dns_messages_total", Help: "Name messages from peers that were dropped (the store lagged) or rejected.",
 			ConstLabels: prometheus.Labels{"result": "rejected"}}, func() float64 { return float64(n.store.Rejected.Load()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "overlayd_dns_unsigned_entries_total",
+			Help: "Name entries refused in password mode: not signed by their origin (or its key not known yet; they come again)."},
+			func() float64 { return float64(n.store.Forged.Load()) }),
 	}
 }
 

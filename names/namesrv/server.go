@@ -79,6 +79,9 @@ type Server struct {
 
 	Dropped  atomic.Uint64 // peer messages dropped: the server lagged
 	Rejected atomic.Uint64 // peer messages refused: undecodable or against the rules
+	// Forged counts entries refused in password mode: not signed by their
+	// origin, or its key not known yet (names.Stats.Forged).
+	Forged atomic.Uint64
 }
 
 // ErrStopped is returned by calls once Run has ended.
@@ -234,6 +237,7 @@ func (s *Server) step(m inbound) {
 	msg, err := proto.ParseNamesMsg(m.payload)
 	if err == nil {
 		err = s.store.Step(m.from, &msg)
+		s.Forged.Store(s.store.Stats().Forged)
 	}
 	if err != nil {
 		s.Rejected.Add(1)
