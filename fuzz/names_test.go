@@ -56,6 +56,13 @@ func namesMsgSeeds() [][]byte {
 			namesEntry("x.example.com.", "10.32.0.9", "c9", a, 0, false, 0),
 		}}),
 		encodeNames(&proto.NamesMsg{Kind: proto.NamesEntries}),
+		encodeNames(&proto.NamesMsg{Kind: proto.NamesSignedEntries, Entries: []proto.NameEntry{
+			func() proto.NameEntry {
+				e := namesEntry("web.weave.local.", "10.32.0.1", "c1", a, 1, true, 5)
+				e.Sig[0], e.Sig[63] = 1, 2
+				return e
+			}(),
+		}}),
 		encodeNames(&proto.NamesMsg{Kind: proto.NamesDigest, Echo: true, Digests: []proto.NameDigest{
 			{Origin: namesSelf, Hash: 0x0123456789abcdef}, {Origin: a, Hash: 1}, {Origin: b, Hash: 2}}}),
 		encodeNames(&proto.NamesMsg{Kind: proto.NamesDigest}),

@@ -18,6 +18,8 @@ package namestest
 
 import (
 	"cmp"
+	"crypto/ed25519"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"maps"
@@ -42,6 +44,8 @@ type Counts struct {
 	Fresh                              int // restarts without state
 	Gone                               int // messages lost because sender or receiver went away
 	Entries, Digests, Summaries        int // delivered, by kind
+	Forgeries                          int // messages the Adversary's Attack sent
+	AdversaryRefused                   int // of the Adversary's messages, those refused whole
 }
 
 // Key identifies an entry as the store does: Weave's (hostname, origin,
@@ -74,6 +78,14 @@ type Sim struct {
 	Counts Counts
 	// Sniff, if set, sees every message delivered, before the receiver.
 	Sniff func(from, to proto.PeerName, m *proto.NamesMsg)
+	// Signed turns on password mode's signed entries: each peer signs
+	// with an Ed25519 key of its own (the same across restarts), and every
+	// store knows every peer's key, as the topology tells it. Set it
+	// before adding peers.
+	Signed bool
+	// Adversary is a peer whose refused messages are counted rather than
+	// failing the run: see Attack.
+	Adversary proto.PeerName
 
 	rand    *rand.Rand
 	peers   map[proto.PeerName]*Peer
@@ -177,6 +189,13 @@ func (s *Sim) start(p *Peer) error {
 	cfg.Rand = rand.New(rand.NewPCG(s.rand.Uint64(), s.rand.Uint64()))
 	name := p.Name
 	cfg.Infof = func(f string, a ...any) { s.Tracef("%v: "+f, append([]any{name}, a...)...) }
+	if s.Signed {
+		priv := signingKey(name)
+		cfg.Sign = func(m []byte) [proto.NameSigLen]byte { return [proto.NameSigLen]byte(ed25519.Sign(priv, m)) }
+		cfg.Verify = func(origin proto.PeerName, m []byte, sig [proto.NameSigLen]byte) bool {
+			return ed25519.Verify(signingKey(origin).Public().(ed25519.PublicKey), m, sig[:])
+		}
+	}
 	st, err := names.New(cfg, p.state)
 	if err != nil {
 		return fmt.Errorf("namestest: starting %v: %w", p.Name, err)
@@ -216,6 +235,69 @@ func (s *Sim) retireStats(p *Peer) {
 	s.retire.Purged += st.Purged
 	s.retire.Expired += st.Expired
 	s.retire.Overflow += st.Overflow
+	s.retire.Forged += st.Forged
+}
+
+// signingKey is peer name's Ed25519 key in signed mode.
+func signingKey(name proto.PeerName) ed25519.PrivateKey {
+	seed := make([]byte, ed25519.SeedSize)
+	binary.BigEndian.PutUint64(seed, uint64(name))
+	return ed25519.NewKeyFromSeed(seed)
+}
+
+// Attack has the Adversary, a live peer that holds the password but
+// misbehaves, send every other live peer, for every live entry of the
+// others it holds: a tombstone at a higher version signed with its own
+// key, the same tombstone with the live entry's signature (tampered), the
+// same unsigned, and the name pointed at another address under the
+// origin's name, signed with its own key.
+func (s *Sim) Attack() {
+	a := s.peers[s.Adversary]
+	if a == nil || !a.live {
+		return
+	}
+	own := signingKey(a.Name)
+	sign := func(e proto.NameEntry) proto.NameEntry {
+		msg, err := proto.NameSigned(&e)
+		if err == nil {
+			e.Sig = [proto.NameSigLen]byte(ed25519.Sign(own, msg))
+		}
+		return e
+	}
+	var signed, unsigned []proto.NameEntry
+	live := a.LiveEntries()
+	for _, k := range slices.SortedFunc(maps.Keys(live), Key.compare) {
+		e := live[k]
+		if e.Origin == a.Name || e.Version+2 >= proto.MaxNameVersion {
+			continue
+		}
+		tomb := e
+		tomb.Version++
+		tomb.Tombstone = true
+		tampered := tomb // e's signature
+		moved := e
+		moved.Version++
+		moved.Addr = netip.AddrFrom4([4]byte{192, 0, 2, byte(s.rand.IntN(256))})
+		signed = append(signed, sign(tomb), tampered, sign(moved))
+		tomb.Sig = [proto.NameSigLen]byte{}
+		unsigned = append(unsigned, tomb)
+	}
+	for _, m := range []proto.NamesMsg{{Kind: proto.NamesSignedEntries, Entries: signed}, {Kind: proto.NamesEntries, Entries: unsigned}} {
+		if len(m.Entries) == 0 || len(m.Entries) > proto.MaxNameEntries {
+			continue
+		}
+		b, err := proto.AppendNamesMsg(nil, &m)
+		if err != nil {
+			s.fail("the adversary's message does not encode: %v", err)
+			return
+		}
+		for _, q := range s.Live() {
+			if q != a && s.Reaches(a.Name, q.Name) {
+				s.Net.Send(a.Name, q.Name, message{a.inc, q.inc, b})
+				s.Counts.Forgeries++
+			}
+		}
+	}
 }
 
 // Restart starts a stopped peer again from its last saved state.
@@ -438,7 +520,7 @@ func (s *Sim) drain(p *Peer) {
 			s.fail("%v sent a message to itself", p.Name)
 			continue
 		}
-		if len(m.Payload) > limit && m.Payload[0] == byte(proto.NamesEntries) &&
+		if len(m.Payload) > limit && (m.Payload[0] == byte(proto.NamesEntries) || m.Payload[0] == byte(proto.NamesSignedEntries)) &&
 			int(m.Payload[1])<<8|int(m.Payload[2]) > 1 {
 			s.fail("%v sent %d bytes, above MaxMsgBytes %d", p.Name, len(m.Payload), limit)
 		}
@@ -483,7 +565,7 @@ func (s *Sim) deliver(d simnet.Delivery[message]) error {
 		return fmt.Errorf("t=%d %v sent %v a message that does not re-encode to itself (%v)", s.ticks, d.From, d.To, err)
 	}
 	switch m.Kind {
-	case proto.NamesEntries:
+	case proto.NamesEntries, proto.NamesSignedEntries:
 		s.Counts.Entries++
 	case proto.NamesDigest:
 		s.Counts.Digests++
@@ -494,6 +576,11 @@ func (s *Sim) deliver(d simnet.Delivery[message]) error {
 		s.Sniff(d.From, d.To, &m)
 	}
 	if err := p.Store.Step(d.From, &m); err != nil {
+		if d.From == s.Adversary && s.Adversary != 0 {
+			s.Counts.AdversaryRefused++
+			s.drain(p)
+			return nil
+		}
 		return fmt.Errorf("t=%d %v refused a message from %v: %w", s.ticks, d.To, d.From, err)
 	}
 	s.drain(p)
@@ -559,6 +646,7 @@ func (s *Sim) Stats() names.Stats {
 		t.Purged += st.Purged
 		t.Expired += st.Expired
 		t.Overflow += st.Overflow
+		t.Forged += st.Forged
 	}
 	return t
 }
@@ -777,13 +865,16 @@ func (s *Sim) checkView(p *Peer, v *names.View, sc *scratch) error {
 		p.decoded, p.decodedFrom = saved, p.state
 	}
 	// The View lists every entry held, tombstones too: our own are the
-	// saved state (ages aside, which grow).
+	// saved state (ages aside, which grow, and signatures, made again at
+	// load).
 	for _, e := range p.decoded {
 		if e.Origin != p.Name {
 			return fmt.Errorf("saved state holds %v of another peer", KeyOf(&e))
 		}
 		e.AgeMillis = 0
-		if o, ok := sc.ownAll[KeyOf(&e)]; !ok || o != e {
+		o, ok := sc.ownAll[KeyOf(&e)]
+		o.Sig = [proto.NameSigLen]byte{}
+		if !ok || o != e {
 			return fmt.Errorf("saved state holds %+v, its view %+v", e, o)
 		}
 	}

@@ -758,3 +758,69 @@ func TestReachableNotPurged(t *testing.T) {
 		}
 	}
 }
+
+// TestAdversary: in password mode (signed entries), a member that
+// misbehaves sends, every tick, forged tombstones of everyone's names,
+// tampered and unsigned copies, and the names moved to addresses of its
+// choosing, while the honest peers add and delete names over a lossy
+// network. Nothing of it is taken: every honest peer ends with exactly
+// the live entries their origins hold, and the refusals are counted.
+func TestAdversary(t *testing.T) {
+	cfg := directed
+	for seed := uint64(1); seed <= 5; seed++ {
+		s := namestest.New(seed)
+		s.Signed = true
+		s.Net.Loss = 0.05
+		for i := 1; i <= 6; i++ {
+			if err := s.AddPeer(namestest.Name(i), cfg); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for i, p := range s.Live() {
+			mustAdd(t, s, p.Name, fmt.Sprintf("host%d", i), addr(i), "c01")
+			mustAdd(t, s, p.Name, "web", addr(i), "c02")
+		}
+		settleUntil(t, s, seed, 10*cfg.DigestTicks, "converged", converged(s))
+		s.Adversary = namestest.Name(6)
+		for tick := range 40 {
+			s.Attack()
+			if tick == 10 {
+				if _, err := s.Delete(namestest.Name(2), "web", netip.Addr{}, ""); err != nil {
+					t.Fatal(err)
+				}
+				mustAdd(t, s, namestest.Name(3), "late", addr(30), "c03")
+			}
+			if err := s.Step(); err != nil {
+				t.Fatalf("%v\n%s", err, replay(t, s, seed))
+			}
+			if err := s.Check(); err != nil {
+				t.Fatalf("%v\n%s", err, replay(t, s, seed))
+			}
+			// At every tick: no honest name stops resolving anywhere, and
+			// none points at an address the adversary chose.
+			for i := range 5 {
+				if !resolves(s, fmt.Sprintf("host%d.weave.local.", i), addr(i)) {
+					t.Fatalf("tick %d: host%d no longer resolves everywhere\n%s", tick, i, replay(t, s, seed))
+				}
+			}
+			for _, p := range s.Live() {
+				for k := range p.LiveEntries() {
+					if k.Addr.As4()[0] == 192 {
+						t.Fatalf("tick %d: %v holds the forged %v\n%s", tick, p.Name, k, replay(t, s, seed))
+					}
+				}
+			}
+		}
+		s.Net.Loss = 0
+		settleUntil(t, s, seed, 10*cfg.DigestTicks, "converged under attack", func() bool {
+			s.Attack()
+			return s.Converged() == nil
+		})
+		if !resolves(s, "web.weave.local.", addr(0)) || !resolves(s, "late.weave.local.", addr(30)) {
+			t.Fatalf("honest names do not resolve everywhere\n%s", replay(t, s, seed))
+		}
+		if st := s.Stats(); st.Forged == 0 || s.Counts.AdversaryRefused == 0 {
+			t.Fatalf("forged %d entries, %d messages refused whole: the attack did not arrive", st.Forged, s.Counts.AdversaryRefused)
+		}
+	}
+}
