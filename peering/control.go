@@ -201,7 +201,8 @@ func (c *control) applyLink(ctx context.Context) bool {
 func (c *control) setLocal() {
 	conns := make([]proto.TopoConn, 0, len(c.neighbours))
 	for _, p := range c.neighbours {
-		conns = append(conns, proto.TopoConn{Peer: p.Name, Addr: p.Via.Remote, Outbound: p.Outbound, Established: true})
+		conns = append(conns, proto.TopoConn{Peer: p.Name, Addr: p.Via.Remote, Outbound: p.Outbound, Established: true,
+			Key: p.SignKey}) // vouched for in signed entries
 	}
 	c.topo.SetLocal(conns, c.local)
 }

@@ -157,8 +157,10 @@
 //	4 entries  n (2) | n × entry
 //	5 signed entries (password mode; kind 4 is refused there)
 //	           n (2) | n × (entry | Ed25519 public key 32 | signature 64),
-//	           the signature over "overlayd topology entry v1" | 0x00 |
-//	           the entry | the key
+//	           where each connection of the entry is followed by the
+//	           signing key (32) that neighbour proved in its handshake;
+//	           the signature is over "overlayd topology entry v1" | 0x00 |
+//	           the entry (so encoded) | the key
 //
 // An entry:
 //

@@ -26,6 +26,10 @@ type TopoConn struct {
 	Addr        netip.AddrPort // the remote end as the reporting peer sees it
 	Outbound    bool
 	Established bool
+	// Key (signed entries only) is the signing key the reporting peer's
+	// neighbour proved in their handshake: the reporting peer vouches for
+	// it.
+	Key [TopoKeyLen]byte
 }
 
 // TopoPeer is one peer's entry in the topology: who it is and the
@@ -55,10 +59,11 @@ const (
 const topoSignContext = "overlayd topology entry v1\x00"
 
 // TopoSigned is what the signature of a signed entry covers: a context
-// string, the entry as kind 4 encodes it, and the key.
+// string, the entry as kind 5 encodes it (connections with their keys),
+// and the key.
 func TopoSigned(p *TopoPeer) ([]byte, error) {
-	b := append(make([]byte, 0, len(topoSignContext)+TopoPeerSize(p)+TopoKeyLen), topoSignContext...)
-	b, err := appendTopoPeer(b, p)
+	b := append(make([]byte, 0, len(topoSignContext)+TopoSignedPeerSize(p)), topoSignContext...)
+	b, err := appendTopoPeer(b, p, true)
 	if err != nil {
 		return nil, err
 	}
@@ -105,9 +110,15 @@ const (
 	topoPeerFixed = PeerNameLen + 8 + 8 + 2 + 1 + 2 + 2 // plus nickname, conns, prefixes
 )
 
-// TopoPeerSize is the encoded size of p.
+// TopoPeerSize is the encoded size of p in plain entries (kind 4).
 func TopoPeerSize(p *TopoPeer) int {
 	return topoPeerFixed + len(truncate(p.Nickname, MaxNicknameLen)) + len(p.Conns)*topoConnLen + len(p.Prefixes)*prefixLen
+}
+
+// TopoSignedPeerSize is the encoded size of p in signed entries (kind 5):
+// a key with each connection, then the entry's key and signature.
+func TopoSignedPeerSize(p *TopoPeer) int {
+	return TopoPeerSize(p) + len(p.Conns)*TopoKeyLen + TopoKeyLen + TopoSigLen
 }
 
 // AppendTopoMsg appends the encoded payload of m to b.
@@ -136,7 +147,7 @@ func AppendTopoMsg(b []byte, m *TopoMsg) ([]byte, error) {
 		for i := range m.Entries {
 			e := &m.Entries[i]
 			var err error
-			if b, err = appendTopoPeer(b, e); err != nil {
+			if b, err = appendTopoPeer(b, e, m.Kind == TopoSignedEntries); err != nil {
 				return b, err
 			}
 			if m.Kind == TopoSignedEntries {
@@ -148,7 +159,8 @@ func AppendTopoMsg(b []byte, m *TopoMsg) ([]byte, error) {
 	return b, fmt.Errorf("%w: topology message kind %d", ErrMalform, m.Kind)
 }
 
-func appendTopoPeer(b []byte, p *TopoPeer) ([]byte, error) {
+// appendTopoPeer appends p; signed adds each connection's key.
+func appendTopoPeer(b []byte, p *TopoPeer, signed bool) ([]byte, error) {
 	if len(p.Conns) > MaxTopoConns || len(p.Prefixes) > MaxPrefixes {
 		return b, fmt.Errorf("%w: entry of %v with %d connections, %d prefixes", ErrTooLarge, p.Name, len(p.Conns), len(p.Prefixes))
 	}
@@ -173,6 +185,9 @@ func appendTopoPeer(b []byte, p *TopoPeer) ([]byte, error) {
 			f |= 2
 		}
 		b = append(b, f)
+		if signed {
+			b = append(b, c.Key[:]...)
+		}
 	}
 	b = binary.BigEndian.AppendUint16(b, uint16(len(p.Prefixes)))
 	for _, pf := range p.Prefixes {
@@ -240,7 +255,7 @@ func ParseTopoMsg(b []byte) (TopoMsg, error) {
 		}
 		m.Entries = make([]TopoPeer, 0, n)
 		for range n {
-			e, rest, err := parseTopoPeer(p)
+			e, rest, err := parseTopoPeer(p, m.Kind == TopoSignedEntries)
 			if m.Kind == TopoSignedEntries && (err == nil || errors.Is(err, errTopoVersion)) {
 				if len(rest) < TopoKeyLen+TopoSigLen {
 					return TopoMsg{}, fmt.Errorf("%w: signed entry without its key and signature", ErrShort)
@@ -270,7 +285,13 @@ func ParseTopoMsg(b []byte) (TopoMsg, error) {
 // the rest of the message read.
 var errTopoVersion = fmt.Errorf("%w: topology entry version at the limit", ErrMalform)
 
-func parseTopoPeer(p []byte) (TopoPeer, []byte, error) {
+// parseTopoPeer reads one entry; signed entries carry a key with each
+// connection.
+func parseTopoPeer(p []byte, signed bool) (TopoPeer, []byte, error) {
+	connLen := topoConnLen
+	if signed {
+		connLen += TopoKeyLen
+	}
 	var e TopoPeer
 	if len(p) < topoPeerFixed {
 		return e, nil, fmt.Errorf("%w: topology entry", ErrShort)
@@ -291,14 +312,14 @@ func parseTopoPeer(p []byte) (TopoPeer, []byte, error) {
 	p = p[nl:]
 	nc := int(binary.BigEndian.Uint16(p))
 	p = p[2:]
-	if nc > MaxTopoConns || len(p) < nc*topoConnLen+2 {
+	if nc > MaxTopoConns || len(p) < nc*connLen+2 {
 		return e, nil, fmt.Errorf("%w: %d connections", ErrMalform, nc)
 	}
 	if nc > 0 {
 		e.Conns = make([]TopoConn, nc)
 	}
 	for i := range nc {
-		q := p[i*topoConnLen:]
+		q := p[i*connLen:]
 		a := netip.AddrFrom16([16]byte(q[6:22])).Unmap()
 		f := q[24]
 		e.Conns[i] = TopoConn{Peer: getName(q), Addr: netip.AddrPortFrom(a, binary.BigEndian.Uint16(q[22:])),
@@ -306,11 +327,14 @@ func parseTopoPeer(p []byte) (TopoPeer, []byte, error) {
 		if f&^3 != 0 {
 			return e, nil, fmt.Errorf("%w: connection flags %#x", ErrMalform, f)
 		}
+		if signed {
+			e.Conns[i].Key = [TopoKeyLen]byte(q[topoConnLen:])
+		}
 		if e.Conns[i].Peer == 0 || e.Conns[i].Peer == e.Name || (i > 0 && e.Conns[i].Peer <= e.Conns[i-1].Peer) {
 			return e, nil, fmt.Errorf("%w: connections of %v not sorted and distinct", ErrMalform, e.Name)
 		}
 	}
-	p = p[nc*topoConnLen:]
+	p = p[nc*connLen:]
 	np := int(binary.BigEndian.Uint16(p))
 	p = p[2:]
 	if np > MaxPrefixes || len(p) < np*prefixLen {
@@ -349,10 +373,11 @@ func TopoMsgSize(m *TopoMsg) int {
 	case TopoEntries, TopoSignedEntries:
 		n := 1 + 2
 		for i := range m.Entries {
-			n += TopoPeerSize(&m.Entries[i])
-		}
-		if m.Kind == TopoSignedEntries {
-			n += len(m.Entries) * (TopoKeyLen + TopoSigLen)
+			if m.Kind == TopoSignedEntries {
+				n += TopoSignedPeerSize(&m.Entries[i])
+			} else {
+				n += TopoPeerSize(&m.Entries[i])
+			}
 		}
 		return n
 	}

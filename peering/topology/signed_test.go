@@ -117,3 +117,60 @@ func TestSignedEntries(t *testing.T) {
 		t.Errorf("a new key after the old entry and its tomb went: %v", err)
 	}
 }
+
+// TestRekey: a peer known by one key comes back with another (its state
+// lost). Its entry under the new key is taken, whatever its version, once
+// the peers connected to it vouch for the new key and none for the old;
+// not while one still vouches for the old, and never against a key a
+// neighbour of ours proved.
+func TestRekey(t *testing.T) {
+	n := signedNode(t, 1, 100, 1)
+	n.SetLocal([]proto.TopoConn{conn(2, true)}, nil)
+	s2, _ := signer(2)
+	n.Prove(map[proto.PeerName][proto.TopoKeyLen]byte{2: s2.Key})
+	s3, _ := signer(3)
+	s33, _ := signer(33)
+	s4, _ := signer(4)
+	vouch := func(p proto.PeerName, k [proto.TopoKeyLen]byte) proto.TopoConn {
+		c := conn(p, true)
+		c.Key = k
+		return c
+	}
+	// 2 is connected to 3 and 4; 4 to 3.
+	must := func(what string, es ...proto.TopoPeer) {
+		t.Helper()
+		if err := n.Step(2, 200, signedEntries(es...)); err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+	}
+	must("the mesh", sign(t, entry(2, 200, 5, vouch(1, [32]byte{}), vouch(3, s3.Key), vouch(4, s4.Key)), 2),
+		sign(t, entry(3, 300, 9, conn(2, true), conn(4, true)), 3),
+		sign(t, entry(4, 400, 1, conn(2, true), vouch(3, s3.Key)), 4))
+
+	// 3 comes back with key 33, at version 1. 2 has reconnected and
+	// vouches for the new key; 4 still for the old: refused.
+	reborn := sign(t, entry(3, 301, 1, conn(2, true), conn(4, true)), 33)
+	must("2 vouches for the new key", sign(t, entry(2, 200, 6, vouch(1, [32]byte{}), vouch(3, s33.Key), vouch(4, s4.Key)), 2))
+	if err := n.Step(2, 200, signedEntries(reborn)); !errors.Is(err, ErrSignature) || n.Peer(3).UID != 300 {
+		t.Fatalf("taken while 4 still vouches for the old key: %v, %+v", err, n.Peer(3))
+	}
+	// 4 reconnects too: the new key is vouched for alone.
+	must("4 vouches for the new key", sign(t, entry(4, 400, 2, conn(2, true), vouch(3, s33.Key)), 4))
+	must("the reborn entry", reborn)
+	if e := n.Peer(3); e.UID != 301 || e.Key != s33.Key {
+		t.Fatalf("3 is %+v", e)
+	}
+	// Entries under the old key are refused from now on.
+	if err := n.Step(2, 200, signedEntries(sign(t, entry(3, 300, 10, conn(2, true)), 3))); !errors.Is(err, ErrSignature) {
+		t.Errorf("the old key's entry: %v", err)
+	}
+
+	// A neighbour's proven key is never replaced by vouching.
+	s5, _ := signer(5)
+	n.Prove(map[proto.PeerName][proto.TopoKeyLen]byte{2: s2.Key, 5: s5.Key})
+	s55, _ := signer(55)
+	must("2 vouches for a made-up key of 5", sign(t, entry(2, 200, 7, vouch(1, [32]byte{}), vouch(3, s33.Key), vouch(4, s4.Key), vouch(5, s55.Key)), 2))
+	if err := n.Step(2, 200, signedEntries(sign(t, entry(5, 500, 1, conn(2, true)), 55))); !errors.Is(err, ErrSignature) {
+		t.Errorf("a proven key replaced: %v", err)
+	}
+}

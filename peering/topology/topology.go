@@ -179,7 +179,7 @@ func (n *Node) entriesKind() proto.TopoKind {
 // entrySize is the encoded size of e in our entries messages.
 func (n *Node) entrySize(e *proto.TopoPeer) int {
 	if n.signed() {
-		return proto.TopoPeerSize(e) + proto.TopoKeyLen + proto.TopoSigLen
+		return proto.TopoSignedPeerSize(e)
 	}
 	return proto.TopoPeerSize(e)
 }
@@ -223,16 +223,41 @@ func (n *Node) KeyOf(name proto.PeerName) ([proto.TopoKeyLen]byte, bool) {
 // signed by another key than its peer is known by.
 var ErrSignature = errors.New("topology: entry not signed by its peer")
 
-// checkSigned verifies e in signed mode.
-func (n *Node) checkSigned(e *proto.TopoPeer) error {
+// checkSigned verifies e in signed mode. rekey says e is signed by a new
+// key for its peer that we take in place of the one it was known by: the
+// peers that report a connection to it vouch for the new key (each proved
+// it in the handshake, see proto.TopoConn.Key) and none for the old, and
+// no neighbour of ours proved another. That is a peer that lost its keys
+// and came back, whose old entry would otherwise never go while its name
+// stays reachable.
+func (n *Node) checkSigned(e *proto.TopoPeer) (rekey bool, err error) {
 	msg, err := proto.TopoSigned(e)
 	if err != nil || e.Key == ([proto.TopoKeyLen]byte{}) || !ed25519.Verify(e.Key[:], msg, e.Sig[:]) {
-		return fmt.Errorf("%w: the signature of %v's entry does not verify", ErrSignature, e.Name)
+		return false, fmt.Errorf("%w: the signature of %v's entry does not verify", ErrSignature, e.Name)
 	}
-	if k, ok := n.KeyOf(e.Name); ok && k != e.Key {
-		return fmt.Errorf("%w: %v's entry is signed by another key than the one it is known by (a key changes only once the peer's old entry is gone)", ErrSignature, e.Name)
+	k, ok := n.KeyOf(e.Name)
+	if !ok || k == e.Key {
+		return false, nil
 	}
-	return nil
+	if _, proven := n.proven[e.Name]; !proven && n.vouched(e.Name, e.Key) && !n.vouched(e.Name, k) {
+		return true, nil
+	}
+	return false, fmt.Errorf("%w: %v's entry is signed by another key than the one it is known by (a key changes once the peer's old entry is gone, or once the peers connected to it vouch for the new one)", ErrSignature, e.Name)
+}
+
+// vouched reports whether an entry we hold, other than name's own, reports
+// a connection to name with key k.
+func (n *Node) vouched(name proto.PeerName, k [proto.TopoKeyLen]byte) bool {
+	for _, p := range n.peers {
+		if p.Name == name {
+			continue
+		}
+		i, ok := slices.BinarySearchFunc(p.Conns, name, func(c proto.TopoConn, t proto.PeerName) int { return cmp.Compare(c.Peer, t) })
+		if ok && p.Conns[i].Key == k {
+			return true
+		}
+	}
+	return false
 }
 
 // Ready returns the work produced since the last Advance.
@@ -360,8 +385,10 @@ func (n *Node) merge(from proto.PeerName, fromUID uint64, entries []proto.TopoPe
 	var first error
 	for i := range entries {
 		e := &entries[i]
+		rekey := false
 		if n.signed() {
-			if err := n.checkSigned(e); err != nil {
+			var err error
+			if rekey, err = n.checkSigned(e); err != nil {
 				n.Rejected++
 				if first == nil {
 					first = err
@@ -397,8 +424,8 @@ func (n *Node) merge(from proto.PeerName, fromUID uint64, entries []proto.TopoPe
 			continue
 		}
 		cur := n.peers[e.Name]
-		if cur != nil && !newer(e, cur) {
-			continue
+		if cur != nil && !newer(e, cur) && !rekey {
+			continue // (an entry under a key given up goes whatever its version)
 		}
 		if t, ok := n.removed[e.Name]; ok && e.UID == t.uid && e.Version <= t.version {
 			continue // a copy of what we removed, from a peer that has not yet

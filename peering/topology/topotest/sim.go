@@ -8,6 +8,7 @@ import (
 	"crypto/ed25519"
 	"encoding/binary"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"slices"
@@ -57,19 +58,32 @@ type Sim struct {
 	LastChange int64
 	// old are entries the adversary saw, replayed later.
 	old []proto.TopoPeer
+	// keyGen counts, by peer, the keys it lost (RestartNewKey).
+	keyGen map[proto.PeerName]int
 }
 
-// keyOf is peer name's signing key: the same for every incarnation.
-func keyOf(name proto.PeerName) ed25519.PrivateKey {
+// keyOf is peer name's signing key of generation gen.
+func keyOf(name proto.PeerName, gen int) ed25519.PrivateKey {
 	seed := make([]byte, ed25519.SeedSize)
 	binary.BigEndian.PutUint64(seed, uint64(name))
+	binary.BigEndian.PutUint64(seed[8:], uint64(gen))
 	return ed25519.NewKeyFromSeed(seed)
 }
 
-func signer(name proto.PeerName) *topology.Signer {
-	priv := keyOf(name)
+// signer is peer name's current signer: the same for every incarnation,
+// until RestartNewKey.
+func (s *Sim) signer(name proto.PeerName) *topology.Signer {
+	priv := keyOf(name, s.keyGen[name])
 	return &topology.Signer{Key: [proto.TopoKeyLen]byte(priv.Public().(ed25519.PublicKey)),
 		Sign: func(m []byte) [proto.TopoSigLen]byte { return [proto.TopoSigLen]byte(ed25519.Sign(priv, m)) }}
+}
+
+// RestartNewKey restarts peer i as a new incarnation with a new signing
+// key (its state directory lost), dialling target.
+func (s *Sim) RestartNewKey(i int, target proto.PeerName) {
+	s.Stop(i)
+	s.keyGen[Name(i)]++
+	s.Join(i, target)
 }
 
 type peer struct {
@@ -91,7 +105,7 @@ func New(seed uint64) *Sim {
 	r := rand.New(rand.NewPCG(seed, seed^0x5eed))
 	net := simnet.New[proto.TopoMsg](r)
 	net.Reorder = true // delayed messages are shuffled in with the current ones
-	return &Sim{rand: r, seed: seed, peers: map[proto.PeerName]*peer{}, net: net}
+	return &Sim{rand: r, seed: seed, peers: map[proto.PeerName]*peer{}, net: net, keyGen: map[proto.PeerName]int{}}
 }
 
 // Name is the peer name of the i-th peer (1-based).
@@ -106,7 +120,7 @@ func (s *Sim) Join(i int, target proto.PeerName) {
 	uid := s.rand.Uint64() | 1
 	cfg := topology.Config{Self: name, UID: uid, Nickname: fmt.Sprintf("p%d", i), Port: 6783, Rand: rand.New(rand.NewPCG(s.seed, uid))}
 	if s.Signed {
-		cfg.Signer = signer(name)
+		cfg.Signer = s.signer(name)
 	}
 	node, err := topology.New(cfg)
 	if err != nil {
@@ -185,7 +199,7 @@ func (s *Sim) Step() {
 		if s.Signed {
 			keys := map[proto.PeerName][proto.TopoKeyLen]byte{}
 			for other := range p.conns {
-				keys[other] = signer(other).Key // proven in the handshake
+				keys[other] = s.signer(other).Key // proven in the handshake
 			}
 			p.node.Prove(keys)
 		}
@@ -214,7 +228,7 @@ func (s *Sim) Step() {
 // attack sends the adversary's forgeries to each of its neighbours, each
 // through the wire format (so that what the decoder skips is skipped).
 func (s *Sim) attack(a *peer) {
-	sign := signer(a.name)
+	sign := s.signer(a.name)
 	var forged []proto.TopoMsg
 	for _, e := range a.node.Peers() {
 		if e.Name == a.name {
@@ -248,7 +262,7 @@ func (s *Sim) attack(a *peer) {
 		if err != nil {
 			panic(err)
 		}
-		for nb := range a.conns {
+		for _, nb := range slices.Sorted(maps.Keys(a.conns)) {
 			if s.reachable(a.name, nb) {
 				s.net.Send(a.name, nb, wire)
 			}
@@ -270,7 +284,7 @@ func (s *Sim) Honest() error {
 				continue
 			}
 			msg, err := proto.TopoSigned(e)
-			if e.Key != signer(e.Name).Key || err != nil || !ed25519.Verify(e.Key[:], msg, e.Sig[:]) || len(e.Prefixes) > 0 {
+			if e.Key != s.signer(e.Name).Key || err != nil || !ed25519.Verify(e.Key[:], msg, e.Sig[:]) || len(e.Prefixes) > 0 {
 				return fmt.Errorf("%v holds a forged entry of %v: %s, prefixes %v", name, e.Name, describe(e), e.Prefixes)
 			}
 		}
@@ -294,7 +308,11 @@ func (s *Sim) Rejected() uint64 {
 func (s *Sim) conns(p *peer) []proto.TopoConn {
 	cs := make([]proto.TopoConn, 0, len(p.conns))
 	for other := range p.conns {
-		cs = append(cs, proto.TopoConn{Peer: other, Addr: s.peers[other].addr, Outbound: p.out[other], Established: true})
+		c := proto.TopoConn{Peer: other, Addr: s.peers[other].addr, Outbound: p.out[other], Established: true}
+		if s.Signed {
+			c.Key = s.signer(other).Key // proven in the handshake
+		}
+		cs = append(cs, c)
 	}
 	return cs
 }
