@@ -261,3 +261,74 @@ func startCapture(t *testing.T, l *lab.Lab) func() []byte {
 		return b
 	}
 }
+
+// TestPasswordNewKey: h2 and h3 cannot reach each other on the underlay,
+// so h1 relays between them. h3 loses its keys (its identity and signing
+// keys are deleted) and restarts: h2, which never talks to h3 directly,
+// takes h3's entry and names under the new key (h1, connected to h3,
+// vouches for it), resolves a name h3 registers then, and reaches it again
+// through h1.
+func TestPasswordNewKey(t *testing.T) {
+	l := lab.New(t, bin, 3)
+	h1, h2, h3 := l.Host(1), l.Host(2), l.Host(3)
+	if err := h2.Block(h3.Addr); err != nil {
+		t.Fatal(err)
+	}
+	if err := h3.Block(h2.Addr); err != nil {
+		t.Fatal(err)
+	}
+	start := func(h *lab.Host) *lab.Daemon {
+		d := h.Start("--range", testRange, "--init-peer-count", "3", "--iface", fmt.Sprintf("ovpk%d", h.Index),
+			"--password", "correct horse", "--peer", h1.Addr.String())
+		t.Cleanup(func() { d.Stop(5 * time.Second) })
+		return d
+	}
+	d1, d2, d3 := start(h1), start(h2), start(h3)
+	waitConnected(t, d1, 2, 10*time.Second)
+	for i, d := range []*lab.Daemon{d1, d2, d3} {
+		expose(t, d, i+1)
+	}
+	d3.MustCtl("dns-add", overlayAddr(3).String(), "k3", "--container", "c3")
+	reached := func(what string) {
+		t.Helper()
+		lab.Eventually(t, 15*time.Second, what, func() error {
+			if out, errOut, _ := d2.Ctl("dns-lookup", "k3"); !strings.Contains(out, overlayAddr(3).String()) {
+				return fmt.Errorf("h2 does not resolve k3: %q %q", out, errOut)
+			}
+			_, err := lab.TransferTCP(h2, h3, overlayAddr(3), 5004, 256<<10, 5*time.Second)
+			return err
+		})
+	}
+	reached("h2 resolves and reaches h3 through h1")
+
+	if _, _, err := d3.Stop(5 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"identity.key", "signing.key"} {
+		if err := os.Remove(filepath.Join(d3.StateDir, f)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	restarted := time.Now()
+	d3 = start(h3)
+	if !strings.Contains(d3.Log(), "created a new signing key") {
+		t.Fatalf("h3 did not make new keys:\n%s", d3.Log())
+	}
+	reached("h2 resolves and reaches h3, back with new keys")
+	t.Logf("h3 back with new keys: resolved and reached from h2 through h1 %v after its restart", time.Since(restarted).Round(time.Millisecond))
+	// A name registered under the new key resolves on h2, and h2 knows
+	// h3's new incarnation (not its old entry, under the old key).
+	d3.MustCtl("dns-add", overlayAddr(3).String(), "k3new", "--container", "c3new")
+	uid3 := mustStatus(t, d3).Router.UID
+	lab.Eventually(t, 10*time.Second, "h2 takes h3's new entry and names", func() error {
+		if out, errOut, _ := d2.Ctl("dns-lookup", "k3new"); !strings.Contains(out, overlayAddr(3).String()) {
+			return fmt.Errorf("h2 does not resolve k3new: %q %q", out, errOut)
+		}
+		for _, p := range mustStatus(t, d2).Router.Peers {
+			if p.Name == mustStatus(t, d3).Router.Name && p.UID != uid3 {
+				return fmt.Errorf("h2 holds h3 at UID %d, h3 runs as %d", p.UID, uid3)
+			}
+		}
+		return nil
+	})
+}
