@@ -39,6 +39,12 @@ type Sim struct {
 	moved    bool                     // peers started, stopped or partitioned since the last step
 	Log      []string                 // Warnf lines, for failure reports
 	Sent     [8]int                   // deliveries by message kind
+	// Adversary is a peer whose refused messages are counted in Refused
+	// rather than failing the run: see Attack.
+	Adversary proto.PeerName
+	Refused   int
+	// replays are rings the Adversary saw, sent again later.
+	replays [][]byte
 }
 
 // Peer is one simulated overlayd.
@@ -260,9 +266,46 @@ func (s *Sim) deliver(d simnet.Delivery[[]byte]) error {
 		s.parsed[&d.Msg[0]] = m
 	}
 	if err := p.Node.Step(d.From, m); err != nil {
-		return fmt.Errorf("%v refused a message from %v: %w", d.To, d.From, err)
+		if d.From != s.Adversary || s.Adversary == 0 {
+			return fmt.Errorf("%v refused a message from %v: %w", d.To, d.From, err)
+		}
+		s.Refused++
 	}
 	s.drain(p)
+	return nil
+}
+
+// Attack has the Adversary, a live peer on the network, send every other
+// live peer: its ring with every range made its own at the version limit
+// (proto.MaxRingVersion, which no honest peer reaches), and a ring it
+// recorded earlier, replayed. (A forged ring under the limit is not sent:
+// without signed ring changes it would win, see the README.)
+func (s *Sim) Attack() error {
+	a := s.peers[s.Adversary]
+	if a == nil || !a.live || a.Node.Ring().Empty() {
+		return nil
+	}
+	pr := a.Node.Ring().Proto()
+	if len(s.replays) < 50 {
+		b, err := proto.AppendIPAMMsg(nil, &proto.IPAMMsg{Kind: proto.IPAMRing, Ring: pr})
+		if err != nil {
+			return err
+		}
+		s.replays = append(s.replays, b)
+	}
+	for i := range pr.Entries {
+		pr.Entries[i].Peer, pr.Entries[i].Version = a.Name, proto.MaxRingVersion
+	}
+	forged, err := proto.AppendIPAMMsg(nil, &proto.IPAMMsg{Kind: proto.IPAMRing, Ring: pr})
+	if err != nil {
+		return err
+	}
+	for _, q := range s.Live() {
+		if q != a && s.reaches(a.Name, q.Name) {
+			s.Net.Send(a.Name, q.Name, forged)
+			s.Net.Send(a.Name, q.Name, s.replays[s.rand.IntN(len(s.replays))])
+		}
+	}
 	return nil
 }
 

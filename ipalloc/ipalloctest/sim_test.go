@@ -6,6 +6,7 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -237,4 +238,78 @@ func runSchedule(seed uint64) (tot totals, err error) {
 		}
 	}
 	return tot, nil
+}
+
+// TestAdversary: a peer on the network sends, every tick, its ring with
+// every range made its own at the version limit, and replays of rings it
+// saw earlier, while five voters reach consensus, allocate from every
+// peer, and a newcomer joins (its empty ring must not take the forgery).
+// After every tick: no honest ring gives the adversary any space, no
+// address is allocated twice, no space is usable by two; at the end every
+// request is answered, the rings agree and the forgeries were refused.
+func TestAdversary(t *testing.T) {
+	for seed := uint64(1); seed <= 5; seed++ {
+		s := ipalloctest.New(seed, netip.MustParsePrefix("10.32.0.0/22"))
+		s.Net.Loss = 0.05
+		voters := ipalloc.Config{Quorum: 3, RetryTicks: 5, SettleTicks: 10}
+		observer := voters
+		observer.Mode = ipalloc.Observer
+		for i := range 5 {
+			if err := s.Add(ipalloctest.Name(i), voters); err != nil {
+				t.Fatal(err)
+			}
+		}
+		adversary := ipalloctest.Name(5)
+		if err := s.Add(adversary, observer); err != nil {
+			t.Fatal(err)
+		}
+		s.Adversary = adversary
+		var ids []uint64
+		fail := func(format string, a ...any) {
+			t.Helper()
+			t.Fatalf("seed %d: %s\nlog:\n%s\nreplay: go test ./ipalloc/ipalloctest -run TestAdversary", seed, fmt.Sprintf(format, a...), strings.Join(s.Log[max(0, len(s.Log)-20):], "\n"))
+		}
+		for tick := range 300 {
+			if err := s.Attack(); err != nil {
+				t.Fatal(err)
+			}
+			if tick == 150 {
+				if err := s.Add(ipalloctest.Name(6), observer); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if tick%3 == 0 && tick < 250 {
+				honest := slices.DeleteFunc(slices.Clone(s.Live()), func(p *ipalloctest.Peer) bool { return p.Name == adversary })
+				p := honest[tick/3%len(honest)]
+				ids = append(ids, s.Submit(p.Name, ipalloc.Request{Op: ipalloc.OpAlloc, Ident: fmt.Sprintf("c%d", tick)}))
+			}
+			if err := s.Step(); err != nil {
+				fail("tick %d: %v", tick, err)
+			}
+			if err := s.Check(); err != nil {
+				fail("tick %d: %v", tick, err)
+			}
+			for _, p := range s.Live() {
+				if p.Name != adversary && len(p.Node.Ring().OwnedBy(adversary)) > 0 {
+					fail("tick %d: %v's ring gives the adversary %v", tick, p.Name, p.Node.Ring().OwnedBy(adversary))
+				}
+			}
+		}
+		for _, id := range ids {
+			if d, ok := s.Answer(id); !ok || d.Err != nil {
+				fail("request %d: answered %v, %+v", id, ok, d)
+			}
+		}
+		if err := s.Converged(); err != nil {
+			fail("%v", err)
+		}
+		var atLimit uint64
+		for _, p := range s.Live() {
+			atLimit += p.Node.Stats().AtLimit
+		}
+		if atLimit == 0 {
+			fail("no entry at the version limit was counted: the attack did not arrive")
+		}
+		t.Logf("seed %d: %d allocations, %d entries at the limit refused, %d messages refused whole", seed, len(ids), atLimit, s.Refused)
+	}
 }
