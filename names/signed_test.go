@@ -118,3 +118,27 @@ func TestSignedEntries(t *testing.T) {
 		t.Error("a's own tombstone was not taken")
 	}
 }
+
+// TestSignedOwnCopies: a copy of one of our entries signed by a key we no
+// longer have (an earlier run of ours, before our state was lost) is not
+// refused: we answer it with a tombstone of ours, signed now, so that the
+// stale name goes everywhere.
+func TestSignedOwnCopies(t *testing.T) {
+	a := newStore(t, peerA, nil, signed(peerA, peerB))
+	a.SetReachable([]proto.PeerName{peerA, peerB})
+	stale := signEntry(t, entry("old.weave.local.", "10.0.0.7", "c7", peerA, 3, false, 0), peerC) // "our old key"
+	if err := a.Step(peerB, &proto.NamesMsg{Kind: proto.NamesSignedEntries, Entries: []proto.NameEntry{stale}}); err != nil {
+		t.Fatal(err)
+	}
+	var answer []proto.NameEntry
+	for _, m := range drain(t, a) {
+		answer = append(answer, m.Msg.Entries...)
+	}
+	if len(answer) != 1 || !answer[0].Tombstone || answer[0].Version != 4 || answer[0].Hostname != "old.weave.local." {
+		t.Fatalf("a answered %+v", answer)
+	}
+	msg, _ := proto.NameSigned(&answer[0])
+	if !ed25519.Verify(keyFor(peerA).Public().(ed25519.PublicKey), msg, answer[0].Sig[:]) {
+		t.Error("the tombstone is not signed with a's current key")
+	}
+}

@@ -732,6 +732,13 @@ var ErrUnsigned = errors.New("names: unsigned entries in password mode")
 func (s *Store) verified(es []proto.NameEntry) []proto.NameEntry {
 	out := es[:0]
 	for i := range es {
+		if es[i].Origin == s.cfg.Self {
+			// A copy of one of ours (perhaps from an earlier run with other
+			// keys): merge only ever answers it with an entry of ours,
+			// signed now, so that stale copies get tombstoned.
+			out = append(out, es[i])
+			continue
+		}
 		msg, err := proto.NameSigned(&es[i])
 		if err != nil || !s.cfg.Verify(es[i].Origin, msg, es[i].Sig) {
 			s.stats.Forged++

@@ -282,7 +282,7 @@ func (d *Daemon) openPlane(dev tun.Device) error {
 	d.plane = plane
 	d.undo = append(d.undo, plane.Close)
 	if err := netconf.EnableForwarding(); err != nil {
-		return err
+		d.log.Warn("IPv4 forwarding could not be turned on: this host cannot relay encrypted traffic between peers without a direct connection", zap.Error(err))
 	}
 	d.log.Info("WireGuard data plane started: data to peers is encrypted; IPv4 forwarding is on so that this host can relay",
 		zap.Uint16("wg_port", d.cfg.WGPort), zap.Stringer("public_key", d.secure.Identity.Public), zap.String("socket", wgplane.SocketPath(d.cfg.Iface)))

@@ -40,6 +40,7 @@ func (r *Rules) rules() [][]string {
 		{"-i", r.tun, "-o", ContainerIfaces, "-j", "ACCEPT"},
 		{"-i", ContainerIfaces, "-o", r.tun, "-j", "ACCEPT"},
 		{"-i", ContainerIfaces, "-o", ContainerIfaces, "-j", "ACCEPT"},
+		{"-i", r.tun, "-o", r.tun, "-j", "ACCEPT"}, // relayed between peers (password mode)
 	}
 }
 

@@ -690,12 +690,16 @@ func (m *Machine) establish(cn *connection) {
 // one is refused (a member spoofing another's name; a peer that really got
 // a new key is let in once its old connection has timed out).
 func (m *Machine) settleDuplicates(ep netip.AddrPort, h *proto.Hello, key secure.Key) error {
-	for _, other := range m.sorted() {
+	others := m.sorted()
+	for _, other := range others { // refuse before dropping anything
+		if key != (secure.Key{}) && other.ep.Remote != ep && other.remote.Name == h.Name &&
+			other.state == stateEstablished && other.sess != nil && other.sess.Peer() != key {
+			return &KeyError{Name: h.Name}
+		}
+	}
+	for _, other := range others {
 		if other.ep.Remote == ep || other.remote.Name != h.Name {
 			continue
-		}
-		if key != (secure.Key{}) && other.state == stateEstablished && other.sess != nil && other.sess.Peer() != key {
-			return &KeyError{Name: h.Name}
 		}
 		if other.state == stateEstablished && other.remote.UID == h.UID {
 			return fmt.Errorf("already connected to %v(%s) via %v", h.Name, h.Nickname, other.ep.Remote)

@@ -317,12 +317,18 @@ func (i *Initiator) ReadResponse(msg []byte) ([]byte, error) {
 	return hello, nil
 }
 
-// Finish writes the last handshake message and returns it with the
-// session it opens.
 // PeerKey is the responder's identity key, known once ReadResponse has
 // succeeded (zero before).
-func (i *Initiator) PeerKey() Key { return Key(i.hs.PeerStatic()) }
+func (i *Initiator) PeerKey() Key {
+	var k Key
+	if ps := i.hs.PeerStatic(); len(ps) == len(k) {
+		k = Key(ps)
+	}
+	return k
+}
 
+// Finish writes the last handshake message and returns it with the
+// session it opens.
 func (i *Initiator) Finish() ([]byte, *Session, error) {
 	if i.hs.MessageIndex() != 2 {
 		return nil, nil, fmt.Errorf("%w: out of turn", ErrHandshake)

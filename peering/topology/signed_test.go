@@ -82,7 +82,13 @@ func TestSignedEntries(t *testing.T) {
 	tampered.Prefixes = append(tampered.Prefixes, netip.MustParsePrefix("10.40.0.2/32"))
 	refused("tampered", signedEntries(tampered))
 	refused("unsigned", entries(entry(3, 300, 9)))
-	refused("a copy of ours by another key", signedEntries(sign(t, entry(1, 100, 50), 66)))
+	// A copy of our name under another key (an earlier run of ours with
+	// other keys, or made up) is refused and answered with ours.
+	n.Advance()
+	refused("a copy of ours by another key", signedEntries(sign(t, entry(1, 99, 50), 66)))
+	if ms := n.Ready().Msgs; len(ms) != 1 || ms[0].To != 2 || len(ms[0].Msg.Entries) != 1 || ms[0].Msg.Entries[0].UID != 100 {
+		t.Errorf("the copy of ours was not answered with ours: %+v", ms)
+	}
 
 	// A neighbour proves another key than the entry we took: the entry
 	// goes, and only entries under the proven key are taken.

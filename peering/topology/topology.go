@@ -124,6 +124,9 @@ type Node struct {
 	// gone: a peer whose key changes needs its old entries gone first.
 	keys   map[proto.PeerName][proto.TopoKeyLen]byte
 	proven map[proto.PeerName][proto.TopoKeyLen]byte
+	// answered maps peers whose entry we sent back to a holder of it under
+	// another key to the round we did: once a round each.
+	answered map[proto.PeerName]int64
 	// Rejected counts entries refused by Step.
 	Rejected uint64
 }
@@ -141,7 +144,8 @@ func New(cfg Config) (*Node, error) {
 	}
 	n := &Node{cfg: cfg, peers: map[proto.PeerName]*proto.TopoPeer{}, news: map[proto.PeerName]int{},
 		unreachable: map[proto.PeerName]int{}, removed: map[proto.PeerName]tomb{}, synced: map[proto.PeerName]int64{},
-		keys: map[proto.PeerName][proto.TopoKeyLen]byte{}, proven: map[proto.PeerName][proto.TopoKeyLen]byte{}}
+		keys: map[proto.PeerName][proto.TopoKeyLen]byte{}, proven: map[proto.PeerName][proto.TopoKeyLen]byte{},
+		answered: map[proto.PeerName]int64{}}
 	if cfg.Signer != nil {
 		n.proven[cfg.Self] = cfg.Signer.Key
 	}
@@ -224,10 +228,10 @@ func (n *Node) KeyOf(name proto.PeerName) ([proto.TopoKeyLen]byte, bool) {
 var ErrSignature = errors.New("topology: entry not signed by its peer")
 
 // checkSigned verifies e in signed mode. rekey says e is signed by a new
-// key for its peer that we take in place of the one it was known by: the
-// peers that report a connection to it vouch for the new key (each proved
-// it in the handshake, see proto.TopoConn.Key) and none for the old, and
-// no neighbour of ours proved another. That is a peer that lost its keys
+// key for its peer that we take in place of the one it was known by: a
+// neighbour of ours, connected to it, vouches for the new key (it proved
+// it in the handshake, see proto.TopoConn.Key), no entry we hold vouches
+// for the old, and no neighbour of ours proved another. That is a peer that lost its keys
 // and came back, whose old entry would otherwise never go while its name
 // stays reachable.
 func (n *Node) checkSigned(e *proto.TopoPeer) (rekey bool, err error) {
@@ -239,17 +243,27 @@ func (n *Node) checkSigned(e *proto.TopoPeer) (rekey bool, err error) {
 	if !ok || k == e.Key {
 		return false, nil
 	}
-	if _, proven := n.proven[e.Name]; !proven && n.vouched(e.Name, e.Key) && !n.vouched(e.Name, k) {
+	if _, proven := n.proven[e.Name]; !proven && n.vouched(e.Name, e.Key, true) && !n.vouched(e.Name, k, false) {
 		return true, nil
 	}
-	return false, fmt.Errorf("%w: %v's entry is signed by another key than the one it is known by (a key changes once the peer's old entry is gone, or once the peers connected to it vouch for the new one)", ErrSignature, e.Name)
+	return false, fmt.Errorf("%w: %v's entry is signed by another key than the one it is known by (a key changes once the peer's old entry is gone, or once the peers connected to it vouch for the new one)", errOtherKey, e.Name)
 }
 
+// errOtherKey is an ErrSignature for an entry signed by another key than
+// its peer is known by: the sender may hold an entry made under a key the
+// peer gave up, and is answered with ours.
+var errOtherKey = fmt.Errorf("%w", ErrSignature)
+
 // vouched reports whether an entry we hold, other than name's own, reports
-// a connection to name with key k.
-func (n *Node) vouched(name proto.PeerName, k [proto.TopoKeyLen]byte) bool {
+// a connection to name with key k. With anchored, only the entries of our
+// neighbours count: their keys they proved to us in the handshake, so a
+// member cannot vouch through an entry it made up for a name of its own.
+func (n *Node) vouched(name proto.PeerName, k [proto.TopoKeyLen]byte, anchored bool) bool {
 	for _, p := range n.peers {
-		if p.Name == name {
+		if p.Name == name || p.Name == n.cfg.Self {
+			continue
+		}
+		if pk, ok := n.proven[p.Name]; anchored && (!ok || pk != p.Key) {
 			continue
 		}
 		i, ok := slices.BinarySearchFunc(p.Conns, name, func(c proto.TopoConn, t proto.PeerName) int { return cmp.Compare(c.Peer, t) })
@@ -383,6 +397,12 @@ func (n *Node) Step(from proto.PeerName, fromUID uint64, m *proto.TopoMsg) error
 
 func (n *Node) merge(from proto.PeerName, fromUID uint64, entries []proto.TopoPeer) error {
 	var first error
+	var ours []proto.TopoPeer // answers to copies under a key given up
+	defer func() {
+		if len(ours) > 0 {
+			n.sendEntries(from, ours)
+		}
+	}()
 	for i := range entries {
 		e := &entries[i]
 		rekey := false
@@ -392,6 +412,15 @@ func (n *Node) merge(from proto.PeerName, fromUID uint64, entries []proto.TopoPe
 				n.Rejected++
 				if first == nil {
 					first = err
+				}
+				// The sender holds this peer under another key than we
+				// do: answer with our entry, so that anti-entropy (which
+				// compares versions, not keys) cannot leave it stuck on
+				// an entry made under a key given up.
+				last, done := n.answered[e.Name]
+				if cur := n.peers[e.Name]; errors.Is(err, errOtherKey) && cur != nil && (!done || last != n.round) {
+					n.answered[e.Name] = n.round // once a round: no amplifier
+					ours = append(ours, *cur)
 				}
 				continue
 			}
@@ -535,6 +564,11 @@ func (n *Node) collect() {
 	for name, last := range n.synced {
 		if last < n.round-1 {
 			delete(n.synced, name)
+		}
+	}
+	for name, last := range n.answered {
+		if last < n.round {
+			delete(n.answered, name)
 		}
 	}
 	for name, t := range n.removed {
