@@ -258,7 +258,25 @@ func (n *Node) stepRing(from proto.PeerName, m *proto.Ring, reply, partial bool)
 	if partial {
 		target = n.ring.Clone()
 	}
-	changed, err := target.Merge(m, partial)
+	var authors []proto.PeerName   // of the changes refused: who may make them
+	var reassert []proto.RingEntry // our space the sender took over
+	changed, refused, err := target.MergeAllowed(m, partial, func(c ring.Change) bool {
+		ok, author := n.mayChange(from, c)
+		switch {
+		case ok:
+		case c.Old.Peer == n.cfg.Self && c.New.Peer == from && !c.Split &&
+			c.New.Version > c.Old.Version+ring.TransferBump/2 && c.New.Version <= c.Old.Version+ring.TransferBump:
+			reassert = append(reassert, c.New) // shaped as a takeover: see reassert
+		case author != 0 && len(authors) < maxAskAuthors && !slices.Contains(authors, author):
+			authors = append(authors, author)
+		}
+		return ok
+	})
+	if err == nil && refused > 0 {
+		n.stats.NotOwner += uint64(refused)
+		n.cfg.Infof("ring from %v: %d entries move space that the sender may not move; skipped", from, refused)
+		n.askAuthors(authors)
+	}
 	if err == nil && partial && n.ownedSizeIn(target) > before {
 		// A partial ring never gives us space: it may lack the token
 		// that ends the range (we missed an earlier change). The whole
@@ -276,6 +294,9 @@ func (n *Node) stepRing(from proto.PeerName, m *proto.Ring, reply, partial bool)
 		return err
 	}
 	n.ring = target
+	if len(reassert) > 0 {
+		n.reassert(from, reassert)
+	}
 	if changed {
 		if n.awaiting {
 			n.awaiting = false
@@ -295,6 +316,89 @@ func (n *Node) stepRing(from proto.PeerName, m *proto.Ring, reply, partial bool)
 		n.sendRing(from, false)
 	}
 	return nil
+}
+
+// maxAskAuthors bounds the peers asked for their rings after one refusal.
+const maxAskAuthors = 3
+
+// mayChange says whether a ring from peer `from` may make change c, as the
+// owner of the space could: the owner changes its own entries; space
+// moves to another peer by a grant of its owner, or by a takeover (rmpeer)
+// made by the new owner of the space of a peer we cannot reach. Our own
+// space moves only where we took it over by rmpeer and it has not settled
+// (see hold): the dead peer may have given some of it away before it
+// died, or another peer may have taken it over at the same time (the
+// ring's order picks one). A move made by another peer than the sender
+// is refused, and names the peer to ask instead (0: none).
+//
+// This holds without signatures: a peer can still give itself space only
+// by pretending to be its owner, that is by sending from the owner's
+// name, which a direct neighbour cannot do (link.ErrImpostor).
+func (n *Node) mayChange(from proto.PeerName, c ring.Change) (ok bool, author proto.PeerName) {
+	self := n.cfg.Self
+	switch {
+	case !c.Moves() || from == c.Old.Peer:
+		return true, 0
+	case from == c.New.Peer && c.Old.Peer != self && !n.reach[c.Old.Peer]:
+		return true, 0
+	case c.Old.Peer == self && n.heldToken(c.New.Token):
+		return true, 0
+	case c.Old.Peer != self && n.reach[c.Old.Peer]:
+		return false, c.Old.Peer
+	case n.reach[c.New.Peer]:
+		return false, c.New.Peer
+	}
+	return false, 0
+}
+
+// reassert answers a takeover of our space by a live peer (rmpeer run
+// for us while that peer could not reach us, maybe before a grant of ours
+// reached it): our entries are raised above its own, so that it yields
+// (its takeover is held: see mayChange) and every peer keeps ours. Only a
+// change shaped as a takeover (a jump of about ring.TransferBump on an
+// existing token) is answered, at most once per retry interval, so that
+// no one can drive our versions to the limit quickly or split our ranges.
+func (n *Node) reassert(from proto.PeerName, es []proto.RingEntry) {
+	if n.ticks < n.nextReassert {
+		return
+	}
+	n.nextReassert = n.ticks + int64(n.cfg.RetryTicks)
+	before := n.ring.Clone()
+	changed := false
+	for _, e := range es {
+		ok, err := n.ring.Reassert(n.cfg.Self, e.Token, e.Version)
+		changed = changed || ok && err == nil
+	}
+	if !changed {
+		return
+	}
+	n.cfg.Warnf("peer %v took over %d ranges of ours (rmpeer while it could not reach us?); kept, and announced at a higher version", from, len(es))
+	n.reportFree()
+	n.broadcastSince(before)
+}
+
+// heldToken reports whether token a is in space we took over by rmpeer
+// that has not settled.
+func (n *Node) heldToken(a uint32) bool {
+	for _, h := range n.holds {
+		if a >= h.Start && uint64(a) < h.End {
+			return true
+		}
+	}
+	return false
+}
+
+// askAuthors asks the peers that may make changes we refused from a relay
+// for their rings (at most once per retry interval): anti-entropy with a
+// third peer cannot bring them.
+func (n *Node) askAuthors(authors []proto.PeerName) {
+	if len(authors) == 0 || n.ticks < n.nextAuthorAsk {
+		return
+	}
+	n.nextAuthorAsk = n.ticks + int64(n.cfg.RetryTicks)
+	for _, a := range authors {
+		n.send(a, proto.IPAMMsg{Kind: proto.IPAMRingRequest})
+	}
 }
 
 func (n *Node) ownedSize() uint64 { return n.ownedSizeIn(n.ring) }

@@ -175,6 +175,9 @@ type Stats struct {
 	// AtLimit counts received ring entries at the version limit, which
 	// no honest peer reaches: never merged.
 	AtLimit uint64
+	// NotOwner counts received ring entries that moved space the sender
+	// may not move (see Node.mayChange): skipped.
+	NotOwner uint64
 }
 
 // hold is space taken over by rmpeer, kept unused until Until and until
@@ -227,6 +230,8 @@ type Node struct {
 	// in answer to a digest.
 	nextRingRequest int64
 	nextExchange    int64 // when a digest that differs may next be answered with our ring
+	nextAuthorAsk   int64 // when the peers that may make refused changes may next be asked for their rings
+	nextReassert    int64 // when a takeover of our space may next be answered
 
 	owned  map[string][]netip.Prefix // ident → addresses with their prefix length
 	holder map[uint32]string         // in-range address → ident

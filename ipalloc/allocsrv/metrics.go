@@ -26,8 +26,9 @@ var (
 		"Addresses allocated here in space a merge gave to another peer (each is asked back).", nil, nil)
 	duplicatesDesc = prometheus.NewDesc("overlayd_ipam_duplicates_total",
 		"Of the conflicts, addresses the other peer had allocated too (in use twice).", nil, nil)
-	atLimitDesc = prometheus.NewDesc("overlayd_ipam_refused_entries_total",
-		"Received ring entries at the version limit, which no honest peer reaches: never merged.", nil, nil)
+	refusedDesc = prometheus.NewDesc("overlayd_ipam_refused_entries_total",
+		"Received ring entries not merged, by reason: version_limit (a version no honest peer reaches), not_owner (space moved by a peer that may not move it).",
+		[]string{"reason"}, nil)
 	donationsDesc = prometheus.NewDesc("overlayd_ipam_donations_total",
 		"Space given to peers that asked for it.", nil, nil)
 	messagesDesc = prometheus.NewDesc("overlayd_ipam_messages_total",
@@ -45,7 +46,7 @@ func (s *Server) Collector() Collector { return Collector{s} }
 // Describe implements prometheus.Collector.
 func (c Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{activeDesc, maxDesc, ownedDesc, unreachableDesc, pendingDesc, conflictsDesc,
-		duplicatesDesc, donationsDesc, messagesDesc, atLimitDesc} {
+		duplicatesDesc, donationsDesc, messagesDesc, refusedDesc} {
 		ch <- d
 	}
 }
@@ -81,11 +82,12 @@ func (c Collector) Collect(ch chan<- prometheus.Metric) {
 	gauge(unreachableDesc, float64(unreachable))
 	gauge(pendingDesc, float64(st.PendingAllocs), "allocate")
 	gauge(pendingDesc, float64(st.PendingClaims), "claim")
-	counter := func(d *prometheus.Desc, v uint64) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v))
+	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
 	}
 	counter(conflictsDesc, st.Stats.Conflicts)
 	counter(duplicatesDesc, st.Stats.Duplicates)
-	counter(atLimitDesc, st.Stats.AtLimit)
+	counter(refusedDesc, st.Stats.AtLimit, "version_limit")
+	counter(refusedDesc, st.Stats.NotOwner, "not_owner")
 	counter(donationsDesc, st.Stats.Donations)
 }

@@ -12,6 +12,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"slices"
+	"strings"
 
 	"github.com/overlayd/overlayd/internal/ipv4"
 	"github.com/overlayd/overlayd/internal/simnet"
@@ -278,8 +279,11 @@ func (s *Sim) deliver(d simnet.Delivery[[]byte]) error {
 // Attack has the Adversary, a live peer on the network, send every other
 // live peer: its ring with every range made its own at the version limit
 // (proto.MaxRingVersion, which no honest peer reaches), and a ring it
-// recorded earlier, replayed. (A forged ring under the limit is not sent:
-// without signed ring changes it would win, see the README.)
+// recorded earlier, replayed; and every peer that holds a ring already:
+// its ring with every range made its own one version up, and its ring
+// with a token of its own in the middle of every range (a peer without a
+// ring takes the first one it gets whole: it has nothing to judge a change
+// against, see the README).
 func (s *Sim) Attack() error {
 	a := s.peers[s.Adversary]
 	if a == nil || !a.live || a.Node.Ring().Empty() {
@@ -293,17 +297,53 @@ func (s *Sim) Attack() error {
 		}
 		s.replays = append(s.replays, b)
 	}
-	for i := range pr.Entries {
-		pr.Entries[i].Peer, pr.Entries[i].Version = a.Name, proto.MaxRingVersion
+	forge := func(f func(es []proto.RingEntry, sizes []uint64) []proto.RingEntry) ([]byte, error) {
+		m := a.Node.Ring().Proto()
+		_, sizes := a.Node.Ring().Entries()
+		m.Entries = f(m.Entries, sizes)
+		return proto.AppendIPAMMsg(nil, &proto.IPAMMsg{Kind: proto.IPAMRing, Ring: m})
 	}
-	forged, err := proto.AppendIPAMMsg(nil, &proto.IPAMMsg{Kind: proto.IPAMRing, Ring: pr})
+	atLimit, err := forge(func(es []proto.RingEntry, _ []uint64) []proto.RingEntry {
+		for i := range es {
+			es[i].Peer, es[i].Version = a.Name, proto.MaxRingVersion
+		}
+		return es
+	})
+	if err != nil {
+		return err
+	}
+	bumped, err := forge(func(es []proto.RingEntry, _ []uint64) []proto.RingEntry {
+		for i := range es {
+			es[i].Peer, es[i].Version = a.Name, es[i].Version+1
+		}
+		return es
+	})
+	if err != nil {
+		return err
+	}
+	split, err := forge(func(es []proto.RingEntry, sizes []uint64) []proto.RingEntry {
+		var out []proto.RingEntry
+		for i, e := range es {
+			out = append(out, e)
+			if sizes[i] > 1 && len(out) < proto.MaxRingEntries-1 {
+				mid := e.Token + uint32(sizes[i]/2)
+				out = append(out, proto.RingEntry{Token: mid, Peer: a.Name})
+			}
+		}
+		return out
+	})
 	if err != nil {
 		return err
 	}
 	for _, q := range s.Live() {
-		if q != a && s.reaches(a.Name, q.Name) {
-			s.Net.Send(a.Name, q.Name, forged)
-			s.Net.Send(a.Name, q.Name, s.replays[s.rand.IntN(len(s.replays))])
+		if q == a || !s.reaches(a.Name, q.Name) {
+			continue
+		}
+		s.Net.Send(a.Name, q.Name, atLimit)
+		s.Net.Send(a.Name, q.Name, s.replays[s.rand.IntN(len(s.replays))])
+		if !q.Node.Ring().Empty() {
+			s.Net.Send(a.Name, q.Name, bumped)
+			s.Net.Send(a.Name, q.Name, split)
 		}
 	}
 	return nil
@@ -351,7 +391,20 @@ func (s *Sim) Converged() error {
 	live := s.Live()
 	for _, p := range live[1:] {
 		if !p.Node.Ring().Equal(live[0].Node.Ring()) {
-			return fmt.Errorf("%v and %v hold different rings", live[0].Name, p.Name)
+			a, _ := live[0].Node.Ring().Entries()
+			b, _ := p.Node.Ring().Entries()
+			var diff []string
+			for _, e := range a {
+				if !slices.Contains(b, e) && len(diff) < 6 {
+					diff = append(diff, fmt.Sprintf("%v has %v@%d v%d", live[0].Name, ipv4.Addr(e.Token), e.Peer, e.Version))
+				}
+			}
+			for _, e := range b {
+				if !slices.Contains(a, e) && len(diff) < 12 {
+					diff = append(diff, fmt.Sprintf("%v has %v@%d v%d", p.Name, ipv4.Addr(e.Token), e.Peer, e.Version))
+				}
+			}
+			return fmt.Errorf("%v and %v hold different rings: %s", live[0].Name, p.Name, strings.Join(diff, "; "))
 		}
 	}
 	return nil

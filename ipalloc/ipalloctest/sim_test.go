@@ -204,6 +204,16 @@ func runSchedule(seed uint64) (tot totals, err error) {
 		}
 	}
 	if err := s.Converged(); err != nil {
+		if *seedFlag != 0 { // a replay: show what differs
+			for _, l := range s.Log {
+				fmt.Println(l)
+			}
+			for _, p := range s.Live() {
+				es, _ := p.Node.Ring().Entries()
+				fmt.Println("RING", p.Name, es)
+			}
+			fmt.Println("DEAD", dead)
+		}
 		return tot, err
 	}
 	tot.Peers, tot.MaxPeers = added, added
@@ -241,8 +251,8 @@ func runSchedule(seed uint64) (tot totals, err error) {
 }
 
 // TestAdversary: a peer on the network sends, every tick, its ring with
-// every range made its own at the version limit, and replays of rings it
-// saw earlier, while five voters reach consensus, allocate from every
+// every range made its own at the version limit, one version up, and
+// split by tokens of its own, and replays of rings it saw earlier, while five voters reach consensus, allocate from every
 // peer, and a newcomer joins (its empty ring must not take the forgery).
 // After every tick: no honest ring gives the adversary any space, no
 // address is allocated twice, no space is usable by two; at the end every
@@ -303,13 +313,14 @@ func TestAdversary(t *testing.T) {
 		if err := s.Converged(); err != nil {
 			fail("%v", err)
 		}
-		var atLimit uint64
+		var atLimit, notOwner uint64
 		for _, p := range s.Live() {
 			atLimit += p.Node.Stats().AtLimit
+			notOwner += p.Node.Stats().NotOwner
 		}
-		if atLimit == 0 {
-			fail("no entry at the version limit was counted: the attack did not arrive")
+		if atLimit == 0 || notOwner == 0 {
+			fail("refused: %d entries at the version limit, %d moves by a non-owner: the attack did not arrive", atLimit, notOwner)
 		}
-		t.Logf("seed %d: %d allocations, %d entries at the limit refused, %d messages refused whole", seed, len(ids), atLimit, s.Refused)
+		t.Logf("seed %d: %d allocations, %d entries at the limit refused, %d moves by a non-owner refused, %d messages refused whole", seed, len(ids), atLimit, notOwner, s.Refused)
 	}
 }

@@ -436,6 +436,33 @@ func (r *Ring) ReportFree(self proto.PeerName, free func(start uint32, end uint6
 	return changed
 }
 
+// Reassert makes the space at token a, which self owns, win over an entry
+// at version `over` there: a token is made at a if there is none, and its
+// version raised above over (at most to the highest our changes reach).
+// It reports whether the ring changed; it fails if self does not own a.
+func (r *Ring) Reassert(self proto.PeerName, a uint32, over uint32) (bool, error) {
+	if r.Empty() || r.Owner(a) != self {
+		return false, ErrNotOwner
+	}
+	r.hashed = false
+	i := r.find(a)
+	if r.entries[i].Token != a {
+		if len(r.entries)+1 > proto.MaxRingEntries {
+			return false, fmt.Errorf("ring: %d tokens, at the limit", len(r.entries))
+		}
+		// Free counts are the owner's to report: the caller reports
+		// them again.
+		i = r.insert(a, proto.RingEntry{Peer: self, Version: min(over+1, maxOwnVersion)})
+		return true, nil
+	}
+	e := &r.entries[i]
+	if v := min(max(e.Version, over+1), maxOwnVersion); v != e.Version {
+		e.Version = v
+		return true, nil
+	}
+	return false, nil
+}
+
 // less orders two entries at the same token: the greater one wins a merge.
 func less(a, b proto.RingEntry) bool {
 	if a.Version != b.Version {
@@ -474,15 +501,35 @@ var ErrNeedWhole = errors.New("ring: a partial ring needs a ring to merge into")
 // token ours stays, where we do not the token is not taken (AtLimit
 // counts them).
 func (r *Ring) Merge(m *proto.Ring, partial bool) (bool, error) {
+	changed, _, err := r.MergeAllowed(m, partial, nil)
+	return changed, err
+}
+
+// A Change is a received entry that would win over ours: Old is the entry
+// we hold at its token or, for a token new to us (Split), the entry whose
+// range it falls in.
+type Change struct {
+	Old, New proto.RingEntry
+	Split    bool
+}
+
+// Moves reports whether c gives space to another peer.
+func (c Change) Moves() bool { return c.New.Peer != c.Old.Peer }
+
+// MergeAllowed merges as Merge does, but takes only the changes that
+// allowed (nil: all) accepts into a ring that is not empty; the others are
+// skipped, and counted in refused. An empty ring takes a received ring
+// whole: there is nothing yet to judge a change against.
+func (r *Ring) MergeAllowed(m *proto.Ring, partial bool, allowed func(Change) bool) (changed bool, refused int, err error) {
 	if err := check(m, r.universe, partial); err != nil {
-		return false, err
+		return false, 0, err
 	}
 	if len(m.Entries) == 0 {
-		return false, nil
+		return false, 0, nil
 	}
 	if partial {
 		if r.Empty() {
-			return false, ErrNeedWhole
+			return false, 0, ErrNeedWhole
 		}
 		// Bound markers: we must hold those tokens already.
 		entries := make([]proto.RingEntry, 0, len(m.Entries))
@@ -492,25 +539,31 @@ func (r *Ring) Merge(m *proto.Ring, partial bool) (bool, error) {
 				continue
 			}
 			if i := r.find(e.Token); i < 0 || r.entries[i].Token != e.Token {
-				return false, ErrNeedWhole
+				return false, 0, ErrNeedWhole
 			}
 		}
 		m = &proto.Ring{Range: m.Range, Seeds: m.Seeds, Entries: entries}
 	}
 	if !r.Empty() && !slices.Equal(r.seeds, m.Seeds) {
-		return false, &SeedsError{Received: slices.Clone(m.Seeds), Ours: slices.Clone(r.seeds)}
+		return false, 0, &SeedsError{Received: slices.Clone(m.Seeds), Ours: slices.Clone(r.seeds)}
 	}
 	if r.Empty() && AtLimit(m) > 0 {
-		return false, ErrAtLimit
+		return false, 0, ErrAtLimit
 	}
 	r.hashed = false
 	if r.Empty() {
 		r.seeds = slices.Clone(m.Seeds)
 		r.entries = slices.Clone(m.Entries)
-		return true, nil
+		return true, 0, nil
 	}
 	out := make([]proto.RingEntry, 0, max(len(r.entries), len(m.Entries)))
-	changed := false
+	allow := func(c Change) bool {
+		if allowed == nil || allowed(c) {
+			return true
+		}
+		refused++
+		return false
+	}
 	i, j := 0, 0
 	for i < len(r.entries) || j < len(m.Entries) {
 		switch {
@@ -518,14 +571,16 @@ func (r *Ring) Merge(m *proto.Ring, partial bool) (bool, error) {
 			out = append(out, r.entries[i])
 			i++
 		case i == len(r.entries) || m.Entries[j].Token < r.entries[i].Token:
-			if m.Entries[j].Version < proto.MaxRingVersion {
-				out = append(out, m.Entries[j])
+			// A new token splits the range of the entry before it
+			// (there is one: our first token is the range's start).
+			if e := m.Entries[j]; e.Version < proto.MaxRingVersion && allow(Change{Old: r.entries[max(i-1, 0)], New: e, Split: true}) {
+				out = append(out, e)
 				changed = true
 			}
 			j++
 		default:
 			e := r.entries[i]
-			if m.Entries[j].Version < proto.MaxRingVersion && less(e, m.Entries[j]) {
+			if m.Entries[j].Version < proto.MaxRingVersion && less(e, m.Entries[j]) && allow(Change{Old: e, New: m.Entries[j]}) {
 				e = m.Entries[j]
 				changed = true
 			}
@@ -535,10 +590,10 @@ func (r *Ring) Merge(m *proto.Ring, partial bool) (bool, error) {
 		}
 	}
 	if len(out) > proto.MaxRingEntries {
-		return false, fmt.Errorf("ring: merging would make %d tokens, over the limit of %d", len(out), proto.MaxRingEntries)
+		return false, 0, fmt.Errorf("ring: merging would make %d tokens, over the limit of %d", len(out), proto.MaxRingEntries)
 	}
 	r.entries = out
-	return changed, nil
+	return changed, refused, nil
 }
 
 // Diff returns the entries of r that old lacks or holds older: what a
