@@ -407,8 +407,12 @@ func FuzzNamesStep(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) {
 		const max = 1024
 		cfg := func(self proto.PeerName) names.Config {
+			// TrustRelays: the end checks that one digest exchange
+			// hands over every origin's entries (without it only the
+			// origins' own copies are taken: see names.TestFromOriginOnly
+			// and the namestest simulations).
 			return names.Config{Self: self, Rand: rand.New(rand.NewPCG(1, uint64(self))), DigestTicks: 1,
-				Fanout: len(namesPeers) + 1, PurgeTicks: 20, TombstoneTicks: 100, MaxMsgBytes: max}
+				Fanout: len(namesPeers) + 1, PurgeTicks: 20, TombstoneTicks: 100, MaxMsgBytes: max, TrustRelays: true}
 		}
 		s, err := names.New(cfg(namesSelf), nil)
 		if err != nil {

@@ -9,7 +9,10 @@
 //
 // The rules:
 //   - only the origin peer changes its entries (add, resurrect, tombstone),
-//     and every change bumps the version;
+//     and every change bumps the version; an entry is taken only if its
+//     origin signed it (password mode) or, without signatures, sent it;
+//     anti-entropy then asks an origin whose entries differ to compare
+//     with us, rather than passing its entries on;
 //   - on merge the higher version wins; at equal versions a tombstone wins,
 //     then the greater hostname bytes (the same on every peer);
 //   - an entry that claims our origin but disagrees with ours is answered
@@ -72,6 +75,12 @@ type Config struct {
 	// anti-entropy), and unsigned entries are refused.
 	Sign   func(msg []byte) [proto.NameSigLen]byte
 	Verify func(origin proto.PeerName, msg []byte, sig [proto.NameSigLen]byte) bool
+
+	// TrustRelays, without signatures, takes an entry from any peer, as
+	// Weave did, rather than only from its origin (a peer that is not
+	// the origin cannot then replace or tombstone its names). Anti-entropy
+	// passes on every origin's entries instead of asking the origins.
+	TrustRelays bool
 
 	Infof func(format string, a ...any) // optional; must not block
 }
@@ -178,6 +187,7 @@ type Stats struct {
 	Expired   uint64 // tombstones dropped
 	Overflow  uint64 // new entries dropped because their origin holds MaxOriginEntries
 	Forged    uint64 // entries refused in signed mode: not signed by their origin (or its key is not known yet)
+	NotOrigin uint64 // entries refused in plaintext mode: sent by another peer than their origin
 }
 
 // Store holds the entries. Make one with New.
@@ -193,6 +203,7 @@ type Store struct {
 	viewChanged  bool
 	view         *View
 	stats        Stats
+	asked        map[proto.PeerName]int64 // plaintext: when an origin may next be asked to compare digests
 }
 
 // New makes a Store with the local entries of a saved state, if any.
@@ -201,7 +212,7 @@ func New(cfg Config, state []byte) (*Store, error) {
 		return nil, err
 	}
 	s := &Store{cfg: cfg, origins: map[proto.PeerName]*origin{}, reach: map[proto.PeerName]bool{},
-		gone: map[proto.PeerName]int64{}}
+		gone: map[proto.PeerName]int64{}, asked: map[proto.PeerName]int64{}}
 	if state != nil {
 		es, err := DecodeState(state)
 		if err != nil {
@@ -357,6 +368,11 @@ func (s *Store) SetReachable(peers []proto.PeerName) {
 			delete(s.gone, name)
 		}
 	}
+	for name := range s.asked {
+		if !s.reach[name] {
+			delete(s.asked, name)
+		}
+	}
 	for name := range s.origins {
 		if name != s.cfg.Self && !s.reach[name] {
 			if _, ok := s.gone[name]; !ok {
@@ -476,6 +492,8 @@ func (s *Store) Step(from proto.PeerName, m *proto.NamesMsg) error {
 				return fmt.Errorf("%w: %d from %v", ErrUnsigned, len(m.Entries), from)
 			}
 			m.Entries = s.verified(m.Entries)
+		} else if !s.cfg.TrustRelays {
+			m.Entries = s.fromOrigin(from, m.Entries)
 		}
 		for i := range m.Entries {
 			e := &m.Entries[i]
@@ -610,12 +628,22 @@ func (s *Store) stepDigest(from proto.PeerName, m *proto.NamesMsg) {
 		}
 	}
 	var send []proto.NameEntry
+	var ask []proto.PeerName
 	for _, name := range slices.Sorted(maps.Keys(s.origins)) {
 		o := s.origins[name]
 		if !s.known(name) || o.hash == theirs[name] {
 			continue
 		}
 		differ = true
+		if !s.signed() && !s.cfg.TrustRelays && name != s.cfg.Self && name != from {
+			// Only the origin's own copy will be taken (and a peer's
+			// own entries it corrects): ask the origin to compare.
+			if len(ask) < maxAskOrigins && s.tick >= s.asked[name] {
+				s.asked[name] = s.tick + int64(s.cfg.DigestTicks)
+				ask = append(ask, name)
+			}
+			continue
+		}
 		for _, k := range sortedKeys(o.entries) {
 			send = append(send, s.outgoing(o.entries[k]))
 		}
@@ -624,7 +652,17 @@ func (s *Store) stepDigest(from proto.PeerName, m *proto.NamesMsg) {
 	if m.Echo && differ {
 		s.send(from, s.digest(false))
 	}
+	if len(ask) > 0 {
+		d := s.digest(true)
+		for _, o := range ask {
+			s.send(o, d)
+		}
+	}
 }
+
+// maxAskOrigins bounds the origins asked for their entries after one
+// digest, in plaintext mode.
+const maxAskOrigins = 3
 
 // ageTicks turns a tombstone's age into ticks, rounded up, so that a
 // tombstone passed from peer to peer never grows younger: a peer that has
@@ -742,6 +780,22 @@ func (s *Store) verified(es []proto.NameEntry) []proto.NameEntry {
 		msg, err := proto.NameSigned(&es[i])
 		if err != nil || !s.cfg.Verify(es[i].Origin, msg, es[i].Sig) {
 			s.stats.Forged++
+			continue
+		}
+		out = append(out, es[i])
+	}
+	return out
+}
+
+// fromOrigin keeps the entries of es that their origin sent (or that
+// claim to be ours: merge only ever answers those with ours), counting
+// the others; es is reused. Without signatures, the sender is the only
+// proof of origin there is.
+func (s *Store) fromOrigin(from proto.PeerName, es []proto.NameEntry) []proto.NameEntry {
+	out := es[:0]
+	for i := range es {
+		if o := es[i].Origin; o != from && o != s.cfg.Self {
+			s.stats.NotOrigin++
 			continue
 		}
 		out = append(out, es[i])

@@ -30,7 +30,9 @@ const (
 
 func newStore(t testing.TB, name proto.PeerName, state []byte, edit ...func(*names.Config)) *names.Store {
 	t.Helper()
-	cfg := names.Config{Self: name, Rand: rand.New(rand.NewPCG(1, uint64(name)))}
+	// The merge rules are tested with entries from any peer; the rule
+	// that takes them only from their origin, in TestFromOriginOnly.
+	cfg := names.Config{Self: name, Rand: rand.New(rand.NewPCG(1, uint64(name))), TrustRelays: true}
 	for _, f := range edit {
 		f(&cfg)
 	}

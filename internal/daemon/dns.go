@@ -229,6 +229,9 @@ func (n *nameService) collector() prometheus.Collector {
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "overlayd_dns_unsigned_entries_total",
 			Help: "Name entries refused in password mode: not signed by their origin (or its key not known yet; they come again)."},
 			func() float64 { return float64(n.store.Forged.Load()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "overlayd_dns_relayed_entries_total",
+			Help: "Name entries refused in plaintext mode: sent by another peer than their origin (the origin is asked instead)."},
+			func() float64 { return float64(n.store.NotOrigin.Load()) }),
 	}
 }
 

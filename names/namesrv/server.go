@@ -82,6 +82,9 @@ type Server struct {
 	// Forged counts entries refused in password mode: not signed by their
 	// origin, or its key not known yet (names.Stats.Forged).
 	Forged atomic.Uint64
+	// NotOrigin counts entries refused in plaintext mode: sent by another
+	// peer than their origin (names.Stats.NotOrigin).
+	NotOrigin atomic.Uint64
 }
 
 // ErrStopped is returned by calls once Run has ended.
@@ -237,7 +240,9 @@ func (s *Server) step(m inbound) {
 	msg, err := proto.ParseNamesMsg(m.payload)
 	if err == nil {
 		err = s.store.Step(m.from, &msg)
-		s.Forged.Store(s.store.Stats().Forged)
+		st := s.store.Stats()
+		s.Forged.Store(st.Forged)
+		s.NotOrigin.Store(st.NotOrigin)
 	}
 	if err != nil {
 		s.Rejected.Add(1)

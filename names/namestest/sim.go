@@ -647,6 +647,7 @@ func (s *Sim) Stats() names.Stats {
 		t.Expired += st.Expired
 		t.Overflow += st.Overflow
 		t.Forged += st.Forged
+		t.NotOrigin += st.NotOrigin
 	}
 	return t
 }

@@ -759,17 +759,23 @@ func TestReachableNotPurged(t *testing.T) {
 	}
 }
 
-// TestAdversary: in password mode (signed entries), a member that
-// misbehaves sends, every tick, forged tombstones of everyone's names,
-// tampered and unsigned copies, and the names moved to addresses of its
-// choosing, while the honest peers add and delete names over a lossy
-// network. Nothing of it is taken: every honest peer ends with exactly
-// the live entries their origins hold, and the refusals are counted.
+// TestAdversary: in password mode (signed entries) a member that
+// misbehaves, in plaintext mode a peer, sends every tick forged
+// tombstones of everyone's names, tampered and unsigned copies, and the
+// names moved to addresses of its choosing, while the honest peers add
+// and delete names over a lossy network. Nothing of it is taken: every
+// honest peer ends with exactly the live entries their origins hold, and
+// the refusals are counted.
 func TestAdversary(t *testing.T) {
+	t.Run("signed", func(t *testing.T) { adversary(t, true) })
+	t.Run("plaintext", func(t *testing.T) { adversary(t, false) })
+}
+
+func adversary(t *testing.T, signed bool) {
 	cfg := directed
 	for seed := uint64(1); seed <= 5; seed++ {
 		s := namestest.New(seed)
-		s.Signed = true
+		s.Signed = signed
 		s.Net.Loss = 0.05
 		for i := 1; i <= 6; i++ {
 			if err := s.AddPeer(namestest.Name(i), cfg); err != nil {
@@ -819,8 +825,12 @@ func TestAdversary(t *testing.T) {
 		if !resolves(s, "web.weave.local.", addr(0)) || !resolves(s, "late.weave.local.", addr(30)) {
 			t.Fatalf("honest names do not resolve everywhere\n%s", replay(t, s, seed))
 		}
-		if st := s.Stats(); st.Forged == 0 || s.Counts.AdversaryRefused == 0 {
+		st := s.Stats()
+		if signed && (st.Forged == 0 || s.Counts.AdversaryRefused == 0) {
 			t.Fatalf("forged %d entries, %d messages refused whole: the attack did not arrive", st.Forged, s.Counts.AdversaryRefused)
+		}
+		if !signed && st.NotOrigin == 0 {
+			t.Fatalf("no entry refused as not from its origin: the attack did not arrive")
 		}
 	}
 }
