@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -126,11 +127,12 @@ func (p *hostile) gossip(channel string, dst proto.PeerName, payload []byte) {
 }
 
 // TestHostilePeer: in plaintext mode a peer on the underlay, driven by
-// hand, joins one honest host and sends a ring that gives it the whole
-// range at the version limit, and a topology entry of its own announcing
-// another host's exposed address as a /32. Nothing changes on the honest
-// hosts: the ring's owners, the route to the address, traffic to it; each
-// refusal is counted.
+// hand, joins one honest host and sends rings that give it the whole
+// range at the version limit and one version up, tombstones and moved
+// copies of another host's DNS name, and a topology entry of its own
+// announcing another host's exposed address as a /32. Nothing changes on
+// the honest hosts: the ring's owners, the names, the route to the
+// address, traffic to it; each refusal is counted.
 func TestHostilePeer(t *testing.T) {
 	l := lab.New(t, bin, 4)
 	h1, h2, h3, h4 := l.Host(1), l.Host(2), l.Host(3), l.Host(4)
@@ -165,6 +167,15 @@ func TestHostilePeer(t *testing.T) {
 		return nil
 	})
 	waitPing(t, h1, overlayAddr(2), 5*time.Second)
+	d2.MustCtl("dns-add", overlayAddr(2).String(), "victim")
+	lab.Eventually(t, 10*time.Second, "h2's name on every host", func() error {
+		for _, d := range honest {
+			if out := d.MustCtl("dns"); !strings.Contains(out, "victim") {
+				return fmt.Errorf("%s: %q", d.Host.NS, out)
+			}
+		}
+		return nil
+	})
 
 	stop := make(chan struct{})
 	defer close(stop)
@@ -187,10 +198,35 @@ func TestHostilePeer(t *testing.T) {
 		ring = *p.ring
 		return nil
 	})
+	// Every range ours one version up (what wins a merge), and every
+	// range ours at the version limit.
+	bumped := ring
+	bumped.Entries = slices.Clone(ring.Entries)
+	for i := range bumped.Entries {
+		bumped.Entries[i].Peer, bumped.Entries[i].Version = p.name, bumped.Entries[i].Version+1
+	}
+	forgedBumped, err := proto.AppendIPAMMsg(nil, &proto.IPAMMsg{Kind: proto.IPAMRing, Ring: bumped})
+	if err != nil {
+		t.Fatal(err)
+	}
 	for i := range ring.Entries {
 		ring.Entries[i].Peer, ring.Entries[i].Version = p.name, proto.MaxRingVersion
 	}
 	forgedRing, err := proto.AppendIPAMMsg(nil, &proto.IPAMMsg{Kind: proto.IPAMRing, Ring: ring})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// h2's name, tombstoned and moved, at every version it may have.
+	name2 := mustStatus(t, d2).Router.Name
+	var forgedNames []proto.NameEntry
+	for v := range uint32(8) {
+		e := proto.NameEntry{Hostname: "victim.weave.local.", Addr: overlayAddr(2), ContainerID: "weave:extern", Origin: name2, Version: v}
+		tomb, moved := e, e
+		tomb.Tombstone = true
+		moved.Addr = netip.MustParseAddr("10.99.0.1")
+		forgedNames = append(forgedNames, tomb, moved)
+	}
+	namesMsg, err := proto.AppendNamesMsg(nil, &proto.NamesMsg{Kind: proto.NamesEntries, Entries: forgedNames})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -205,7 +241,9 @@ func TestHostilePeer(t *testing.T) {
 	}
 	for range 10 {
 		p.gossip(proto.ChannelIPAM, name1, forgedRing)
+		p.gossip(proto.ChannelIPAM, name1, forgedBumped)
 		p.gossip(proto.ChannelTopology, name1, topo)
+		p.gossip(proto.ChannelNames, name1, namesMsg)
 		time.Sleep(200 * time.Millisecond)
 	}
 
@@ -215,8 +253,14 @@ func TestHostilePeer(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if v := metricValue(m, "overlayd_ipam_refused_entries_total"); v < float64(len(ring.Entries)) {
-			return fmt.Errorf("overlayd_ipam_refused_entries_total %v, want at least %d", v, len(ring.Entries))
+		for _, reason := range []string{"version_limit", "not_owner"} {
+			name := `overlayd_ipam_refused_entries_total{reason="` + reason + `"}`
+			if v := metricValue(m, name); v < float64(len(ring.Entries)) {
+				return fmt.Errorf("%s %v, want at least %d", name, v, len(ring.Entries))
+			}
+		}
+		if v := metricValue(m, "overlayd_dns_relayed_entries_total"); v < float64(len(forgedNames)) {
+			return fmt.Errorf("overlayd_dns_relayed_entries_total %v, want at least %d", v, len(forgedNames))
 		}
 		if v := metricValue(m, "overlayd_routes_refused_announcements"); v < 1 {
 			return fmt.Errorf("overlayd_routes_refused_announcements %v", v)
@@ -238,10 +282,13 @@ func TestHostilePeer(t *testing.T) {
 			t.Errorf("h1 routes %v to the hostile peer", r.Prefix)
 		}
 	}
-	// ... and no honest host's ring changed.
+	// ... and no honest host's ring or names changed.
 	for i, d := range honest {
 		if got := owners(d); got != before[i] {
 			t.Errorf("%s's ring changed:\n%s\nwas:\n%s", d.Host.NS, got, before[i])
+		}
+		if out := d.MustCtl("dns"); !strings.Contains(out, overlayAddr(2).String()) || strings.Contains(out, "10.99.0.1") {
+			t.Errorf("%s's names after the forgeries:\n%s", d.Host.NS, out)
 		}
 	}
 	if _, err := lab.TransferTCP(h1, h2, overlayAddr(2), 5001, 1<<20, 20*time.Second); err != nil {
