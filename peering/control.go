@@ -3,6 +3,7 @@ package peering
 import (
 	"cmp"
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"maps"
@@ -241,9 +242,14 @@ func (c *control) sendTopology(m topology.Msg) {
 // unicast sends payload on channel to peer dst: straight to it if it is a
 // neighbour, else to the first hop of the shortest path, which relays it.
 // A payload that does not fit in one datagram goes in chunks, each relayed
-// on its own and put back together by dst. It reports false if dst is
-// unreachable.
+// on its own and put back together by dst. In password mode the payload of
+// a channel other than topology ends with our signature (see verified).
+// It reports false if dst is unreachable.
 func (c *control) unicast(channel string, dst proto.PeerName, payload []byte) bool {
+	if k := c.r.cfg.Signing; k != nil && channel != proto.ChannelTopology {
+		sig := k.Sign(proto.GossipSigned(channel, c.r.cfg.Name, dst, payload))
+		payload = append(slices.Clip(payload), sig[:]...)
+	}
 	if len(payload) > gossip.MaxMessageBytes {
 		c.log.Error("gossip message too large to send", zap.String("kind", channel), zap.Int("bytes", len(payload)))
 		return false
@@ -328,6 +334,11 @@ func (c *control) onGossip(g link.Gossip) {
 		payload = full
 	}
 	if g.Msg.Channel != proto.ChannelTopology {
+		if c.r.cfg.Signing != nil {
+			if payload = c.verified(&g.Msg, payload); payload == nil {
+				return
+			}
+		}
 		handler(g.Msg.Src, payload)
 		return
 	}
@@ -341,6 +352,21 @@ func (c *control) onGossip(g link.Gossip) {
 		c.r.stats.GossipRejected.Add(1)
 		c.log.Warn("topology entries refused", zap.Stringer("peer", g.From), zap.Error(err))
 	}
+}
+
+// verified returns payload without its signature if its origin signed it
+// (password mode), else nil, counted: a relay can then neither forge a
+// message of another peer nor redirect one. A message whose origin's key
+// is not known yet is dropped too; its origin sends again.
+func (c *control) verified(g *proto.Gossip, payload []byte) []byte {
+	key, known := c.r.snap.Load().keys[g.Src]
+	n := len(payload) - proto.GossipSigLen
+	if !known || n < 0 || !ed25519.Verify(key[:], proto.GossipSigned(g.Channel, g.Src, g.Dst, payload[:n]), payload[n:]) {
+		c.r.stats.GossipUnsigned.Add(1)
+		c.log.Debug("gossip not signed by its origin", zap.String("kind", g.Channel), zap.Stringer("peer", g.Src), zap.Bool("key_known", known))
+		return nil
+	}
+	return payload[:n]
 }
 
 // relayGossip passes on unicast gossip for another peer, one hop closer.

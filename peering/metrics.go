@@ -45,7 +45,7 @@ func (r *Router) Collector() *Collector {
 		refusedAnn: prometheus.NewDesc("overlayd_routes_refused_announcements",
 			"Prefixes peers announce in ring space another peer owns, left out of the route table.", nil, nil),
 		gossipErrs: prometheus.NewDesc("overlayd_gossip_rejected_total",
-			"Gossip refused, by kind: bad chunks or entries, forged origin, unknown channel.", []string{"kind"}, nil),
+			"Gossip refused, by kind: bad chunks or entries, forged origin, unknown channel, unsigned (password mode: not signed by its origin).", []string{"kind"}, nil),
 	}
 }
 
@@ -76,6 +76,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.gossip, &s.OtherReceivedBytes, "other", "received")
 	counter(c.gossipErrs, &s.GossipRejected, "rejected")
 	counter(c.gossipErrs, &s.GossipUnknownChannel, "unknown_channel")
+	counter(c.gossipErrs, &s.GossipUnsigned, "unsigned")
 	for kind, v := range s.DecodeErrorCounts() {
 		ch <- prometheus.MustNewConstMetric(c.decode, prometheus.CounterValue, float64(v), kind)
 	}

@@ -377,7 +377,11 @@ type Stats struct {
 	OtherReceivedBytes   atomic.Uint64
 	GossipRejected       atomic.Uint64 // gossip refused: bad chunks, bad entries, forged origin
 	GossipUnknownChannel atomic.Uint64
-	GossipRelayed        atomic.Uint64 // unicast gossip passed on to another peer
+	// GossipUnsigned counts messages for us on a channel other than
+	// topology, in password mode, without a valid signature of their
+	// origin (or whose origin's key is not known yet).
+	GossipUnsigned atomic.Uint64
+	GossipRelayed  atomic.Uint64 // unicast gossip passed on to another peer
 }
 
 // Connect adds targets (HOST[:PORT]) and dials them at once. A target we

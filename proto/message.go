@@ -518,3 +518,24 @@ func truncate(s string, n int) string {
 	}
 	return s
 }
+
+// GossipSigLen is the length of the Ed25519 signature that ends the
+// payload of a gossip message on a channel other than topology in password
+// mode: its origin signs GossipSigned, after any chunks are put together.
+const GossipSigLen = 64
+
+// gossipSignContext starts what a gossip signature covers.
+const gossipSignContext = "overlayd gossip v1\x00"
+
+// GossipSigned is what the origin of a gossip message signs: the channel,
+// the origin, the destination and the payload, so that a relay can
+// neither forge a message nor hand one to another peer.
+func GossipSigned(channel string, src, dst PeerName, payload []byte) []byte {
+	b := make([]byte, 0, len(gossipSignContext)+1+len(channel)+12+len(payload))
+	b = append(b, gossipSignContext...)
+	b = append(b, byte(len(channel)))
+	b = append(b, channel...)
+	b = appendName(b, src)
+	b = appendName(b, dst)
+	return append(b, payload...)
+}
