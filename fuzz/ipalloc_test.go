@@ -136,7 +136,7 @@ func ipamState() []byte {
 			{Ident: "weave:expose", Addr: netip.MustParsePrefix("172.16.16.98/24")},
 			{Ident: "m", Addr: netip.MustParsePrefix("1.1.1.1/24")},
 		},
-		Holds:     []ring.Span{{Start: start + 192, End: uint64(start) + 256}},
+		Holds:     []ipalloc.Hold{{Start: start + 192, End: uint64(start) + 256}},
 		Nicknames: []ipalloc.Nickname{{Peer: ipamPeers[0], Nickname: "host1"}, {Peer: ipamPeers[1], Nickname: "h2"}},
 	})
 	if err != nil {
@@ -158,6 +158,11 @@ func FuzzIpallocState(f *testing.F) {
 	f.Add(append(bytes.Clone(st), 0))
 	empty, _ := ipalloc.MarshalState(&ipalloc.State{Self: ipamPeers[0], Ring: proto.Ring{Range: ipamRange}})
 	f.Add(empty)
+	start, _ := ipv4.Bounds(ipamRange)
+	v3, _ := ipalloc.MarshalState(&ipalloc.State{Self: ipamPeers[0], Ring: ipamRing().Proto(),
+		Holds:     []ipalloc.Hold{{Start: start + 192, End: uint64(start) + 256, InUse: true}},
+		Takeovers: []ring.Span{{Start: start + 192, End: uint64(start) + 256, Peer: ipamPeers[1]}}})
+	f.Add(v3)
 	f.Add([]byte("OVLIPAM"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		try := func(b []byte) {
@@ -176,7 +181,7 @@ func FuzzIpallocState(f *testing.F) {
 		}
 		try(b)
 		if len(b) >= 12 {
-			for _, magic := range []string{"OVLIPAM\x01", "OVLIPAM\x02"} { // formats 1 and 2
+			for _, magic := range []string{"OVLIPAM\x01", "OVLIPAM\x02", "OVLIPAM\x03"} { // formats 1, 2 and 3
 				c := bytes.Clone(b)
 				copy(c, magic)
 				binary.BigEndian.PutUint32(c[8:], crc32.Checksum(c[12:], castagnoli))

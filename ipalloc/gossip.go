@@ -265,7 +265,7 @@ func (n *Node) stepRing(from proto.PeerName, m *proto.Ring, reply, partial bool)
 		switch {
 		case ok:
 		case c.Old.Peer == n.cfg.Self && c.New.Peer == from && !c.Split &&
-			c.New.Version > c.Old.Version+ring.TransferBump/2 && c.New.Version <= c.Old.Version+ring.TransferBump:
+			c.New.Version > c.Old.Version+ring.TransferBump/2 && c.New.Version <= c.Old.Version+maxReassertJump:
 			reassert = append(reassert, c.New) // shaped as a takeover: see reassert
 		case author != 0 && len(authors) < maxAskAuthors && !slices.Contains(authors, author):
 			authors = append(authors, author)
@@ -319,31 +319,53 @@ func (n *Node) stepRing(from proto.PeerName, m *proto.Ring, reply, partial bool)
 }
 
 // maxAskAuthors bounds the peers asked for their rings after one refusal.
-const maxAskAuthors = 3
+const maxAskAuthors = 16
 
 // mayChange says whether a ring from peer `from` may make change c, as the
-// owner of the space could: the owner changes its own entries; space
-// moves to another peer by a grant of its owner, or by a takeover (rmpeer)
-// made by the new owner of the space of a peer we cannot reach. Our own
-// space moves only where we took it over by rmpeer and it has not settled
-// (see hold): the dead peer may have given some of it away before it
-// died, or another peer may have taken it over at the same time (the
-// ring's order picks one). A move made by another peer than the sender
-// is refused, and names the peer to ask instead (0: none).
+// owner of the space could:
 //
-// This holds without signatures: a peer can still give itself space only
-// by pretending to be its owner, that is by sending from the owner's
-// name, which a direct neighbour cannot do (link.ErrImpostor).
+//   - the owner changes its own entries and gives its space away (a grant);
+//   - another peer's entries change only in a ring from that peer, while we
+//     reach it (a relay's copy may be stale or forged: we ask the owner);
+//     those of a peer we cannot reach come from whoever has them, as they
+//     cannot come from it;
+//   - space moves to another peer by a grant of its owner, or by a takeover
+//     (rmpeer) sent by the new owner of the space of a peer we cannot
+//     reach;
+//   - our own space moves only where we took it over by rmpeer: in a ring
+//     from the peer it moves to (see retake), or, while not every peer has
+//     confirmed the takeover, as a new token older than the takeover (a
+//     grant the dead peer made before it died).
+//
+// A refused change names the peer to ask for its ring instead (0: none).
+//
+// Without signatures `from` is only the name the message came under: a
+// direct neighbour cannot send under another connected peer's name
+// (link.ErrImpostor), but a relay can, and anyone can speak for a peer that
+// is gone. With a password it is the peer that signed the message.
 func (n *Node) mayChange(from proto.PeerName, c ring.Change) (ok bool, author proto.PeerName) {
 	self := n.cfg.Self
 	switch {
-	case !c.Moves() || from == c.Old.Peer:
+	case from == c.Old.Peer:
 		return true, 0
-	case from == c.New.Peer && c.Old.Peer != self && !n.reach[c.Old.Peer]:
+	case c.Old.Peer == self && from == c.New.Peer:
+		return n.retake(from, c), 0
+	case c.Old.Peer == self && c.Split && c.Moves() && n.heldToken(c.New.Token) && c.New.Version+ring.TransferBump/2 < c.Old.Version:
+		// Made before our takeover: a grant of the dead peer that
+		// reached the sender and not us. Its grantee may not know of it
+		// (the dead peer's message to it was lost).
 		return true, 0
-	case c.Old.Peer == self && n.heldToken(c.New.Token):
+	case c.Old.Peer == self && n.heldToken(c.New.Token) && n.reach[c.New.Peer]:
+		return false, c.New.Peer // a relay's copy: ask the peer it names
+	case c.Old.Peer == self:
+		return false, 0
+	case !c.Moves() && !n.reach[c.Old.Peer]:
 		return true, 0
-	case c.Old.Peer != self && n.reach[c.Old.Peer]:
+	case !c.Moves():
+		return false, c.Old.Peer
+	case from == c.New.Peer && !n.reach[c.Old.Peer]:
+		return true, 0
+	case n.reach[c.Old.Peer]:
 		return false, c.Old.Peer
 	case n.reach[c.New.Peer]:
 		return false, c.New.Peer
@@ -351,12 +373,42 @@ func (n *Node) mayChange(from proto.PeerName, c ring.Change) (ok bool, author pr
 	return false, 0
 }
 
-// reassert answers a takeover of our space by a live peer (rmpeer run
-// for us while that peer could not reach us, maybe before a grant of ours
-// reached it): our entries are raised above its own, so that it yields
-// (its takeover is held: see mayChange) and every peer keeps ours. Only a
-// change shaped as a takeover (a jump of about ring.TransferBump on an
-// existing token) is answered, at most once per retry interval, so that
+// retake says whether peer p may take the token of change c from our
+// space. Where we took the space over from p by rmpeer, p may win it
+// back: rmpeer was run for a peer that was only cut off, and p answers
+// with its ring at a higher version (see reassert). While a takeover of
+// ours is not confirmed by every peer (a hold), another peer that took
+// over the same dead peer at the same time wins it if the ring's order
+// says so, and a grant the dead peer made before it died shows as a new
+// token of its grantee. Neither may jump the version further than a
+// takeover does, so that no one can push ours to the limit this way.
+func (n *Node) retake(p proto.PeerName, c ring.Change) bool {
+	a := c.New.Token
+	switch {
+	case n.takenFrom(a) == p:
+		return c.New.Version <= c.Old.Version+ring.TransferBump
+	case n.heldToken(a):
+		return c.New.Version <= c.Old.Version+ring.TransferBump/2
+	}
+	return false
+}
+
+// takenFrom returns the peer we last took token a over from by rmpeer, or 0.
+func (n *Node) takenFrom(a uint32) proto.PeerName {
+	for _, t := range slices.Backward(n.taken) {
+		if a >= t.Start && uint64(a) < t.End {
+			return t.From
+		}
+	}
+	return 0
+}
+
+// reassert answers a takeover of our space by a live peer (rmpeer run for
+// us while that peer could not reach us): our entries are raised above
+// its own, so that it yields (it took the space from us: see retake) and
+// every peer keeps ours. Only a change shaped as a takeover (a jump of at
+// least half ring.TransferBump on an existing token, and not more than
+// maxReassertJump) is answered, at most once per retry interval, so that
 // no one can drive our versions to the limit quickly or split our ranges.
 func (n *Node) reassert(from proto.PeerName, es []proto.RingEntry) {
 	if n.ticks < n.nextReassert {
@@ -364,21 +416,27 @@ func (n *Node) reassert(from proto.PeerName, es []proto.RingEntry) {
 	}
 	n.nextReassert = n.ticks + int64(n.cfg.RetryTicks)
 	before := n.ring.Clone()
-	changed := false
+	k := 0
 	for _, e := range es {
-		ok, err := n.ring.Reassert(n.cfg.Self, e.Token, e.Version)
-		changed = changed || ok && err == nil
+		if ok, err := n.ring.Reassert(n.cfg.Self, e.Token, e.Version); ok && err == nil {
+			k++
+		}
 	}
-	if !changed {
+	if k == 0 {
 		return
 	}
-	n.cfg.Warnf("peer %v took over %d ranges of ours (rmpeer while it could not reach us?); kept, and announced at a higher version", from, len(es))
+	n.cfg.Warnf("peer %v took over %d ranges of ours (rmpeer while it could not reach us?); kept, and announced at a higher version", from, k)
 	n.reportFree()
 	n.broadcastSince(before)
 }
 
+// maxReassertJump is the largest version jump that reassert answers: a
+// takeover adds ring.TransferBump to the version it saw, and its new owner
+// may have changed the entries since.
+const maxReassertJump = 10 * ring.TransferBump
+
 // heldToken reports whether token a is in space we took over by rmpeer
-// that has not settled.
+// that not every peer has confirmed.
 func (n *Node) heldToken(a uint32) bool {
 	for _, h := range n.holds {
 		if a >= h.Start && uint64(a) < h.End {

@@ -181,15 +181,31 @@ type Stats struct {
 }
 
 // hold is space taken over by rmpeer, kept unused until Until and until
-// every reachable peer has confirmed that its ring equals ours (so that a
-// peer that ran rmpeer for the same dead peer at the same time has settled
-// with us on one owner).
+// every peer that must confirm it (see confirmers) has said that its ring
+// equals ours there, so that a peer that ran rmpeer for the same dead peer
+// at the same time settles with us on one owner. After MaxHoldTicks
+// without every confirmation the space is used (inUse) but the hold stays
+// until they come: until then another peer's concurrent takeover of it
+// may still win by the ring's order (see retake).
 type hold struct {
 	Start uint32
 	End   uint64
 	Until int64
+	inUse bool
 	acked map[proto.PeerName]bool
 }
+
+// takeover records space we took over from peer From by rmpeer: From may
+// win it back (see retake), for rmpeer may have been run for a peer that
+// was only cut off. Kept across restarts, the last maxTakeovers of them.
+type takeover struct {
+	Start uint32
+	End   uint64
+	From  proto.PeerName
+}
+
+// maxTakeovers bounds the takeovers kept.
+const maxTakeovers = 256
 
 // pending is a request waiting for the ring or for space.
 type pending struct {
@@ -238,6 +254,7 @@ type Node struct {
 	used   used                      // the keys of holder, sorted
 	manual map[netip.Addr]string     // out-of-range address → ident
 	holds  []hold
+	taken  []takeover
 
 	pend       []*pending
 	retrying   bool                   // retry is running
@@ -331,7 +348,10 @@ func (n *Node) restore(st *State) error {
 		n.record(o.Ident, o.Addr)
 	}
 	for _, h := range st.Holds {
-		n.addHold(h.Start, h.End)
+		n.addHold(h.Start, h.End, h.InUse)
+	}
+	for _, t := range st.Takeovers {
+		n.taken = append(n.taken, takeover{Start: t.Start, End: t.End, From: t.Peer})
 	}
 	for _, k := range st.Nicknames {
 		n.nicks[k.Peer] = k.Nickname

@@ -615,11 +615,14 @@ func TestStateRoundTrip(t *testing.T) {
 			{Ident: strings.Repeat("i", ipalloc.MaxIdentLen), Addr: netip.MustParsePrefix("1.1.1.1/32")},
 			{Ident: "y", Addr: netip.MustParsePrefix("172.16.16.130/26")},
 		},
-		Holds:     []ring.Span{{Start: ipv4.Value(netip.MustParseAddr("172.16.16.192")), End: uint64(ipv4.Value(netip.MustParseAddr("172.16.16.255"))) + 1}},
+		Holds:     []ipalloc.Hold{{Start: ipv4.Value(netip.MustParseAddr("172.16.16.192")), End: uint64(ipv4.Value(netip.MustParseAddr("172.16.16.255"))) + 1}},
 		Nicknames: []ipalloc.Nickname{{Peer: na, Nickname: "host1"}, {Peer: nc, Nickname: strings.Repeat("n", proto.MaxNicknameLen)}},
 	}
 	empty := &ipalloc.State{Self: na, Ring: proto.Ring{Range: slash24}}
-	for _, st := range []*ipalloc.State{full, empty} {
+	full3 := *full // format 3: a hold in use, takeovers
+	full3.Holds = []ipalloc.Hold{{Start: full.Holds[0].Start, End: full.Holds[0].End, InUse: true}}
+	full3.Takeovers = []ring.Span{{Start: full.Holds[0].Start, End: full.Holds[0].End, Peer: nc}, {Start: 7, End: 9, Peer: na}}
+	for _, st := range []*ipalloc.State{full, empty, &full3} {
 		b, err := ipalloc.MarshalState(st)
 		must(t, err)
 		got, err := ipalloc.ParseState(b)
@@ -690,6 +693,9 @@ func normState(st *ipalloc.State) ipalloc.State {
 	}
 	if len(c.Nicknames) == 0 {
 		c.Nicknames = nil
+	}
+	if len(c.Takeovers) == 0 {
+		c.Takeovers = nil
 	}
 	return c
 }

@@ -366,22 +366,25 @@ func (n *Node) failClaim(p *pending, owner proto.PeerName, why string) {
 	n.done(Done{ID: p.req.ID, Err: err})
 }
 
-func (n *Node) addHold(start uint32, end uint64) {
-	n.holds = append(n.holds, hold{Start: start, End: end, Until: n.ticks + int64(n.cfg.SettleTicks), acked: map[proto.PeerName]bool{}})
+func (n *Node) addHold(start uint32, end uint64, inUse bool) {
+	n.holds = append(n.holds, hold{Start: start, End: end, Until: n.ticks + int64(n.cfg.SettleTicks), inUse: inUse, acked: map[proto.PeerName]bool{}})
 	slices.SortFunc(n.holds, func(a, b hold) int { return cmp.Compare(a.Start, b.Start) })
 	n.dirty = true
 }
 
-// settleHolds releases the holds that have settled, and asks the peers
-// that have not confirmed our ring yet to do so.
+// settleHolds releases the holds that every confirmer has confirmed, puts
+// in use those that have waited MaxHoldTicks, and asks the peers that have
+// not confirmed our ring yet to do so.
 func (n *Node) settleHolds() {
 	if len(n.holds) == 0 {
 		return
 	}
-	before := len(n.holds)
-	n.holds = slices.DeleteFunc(n.holds, func(h hold) bool {
+	changed := false
+	kept := n.holds[:0]
+	for _, h := range n.holds {
 		if h.Until > n.ticks {
-			return false
+			kept = append(kept, h)
+			continue
 		}
 		var missing []proto.PeerName
 		for _, p := range n.confirmers() {
@@ -390,16 +393,19 @@ func (n *Node) settleHolds() {
 			}
 		}
 		if len(missing) == 0 {
-			return true
+			changed = true
+			continue
 		}
-		if n.ticks-h.Until >= int64(n.cfg.MaxHoldTicks) {
-			n.cfg.Warnf("space %v-%v taken over by rmpeer is used although %v have not confirmed who owns it (unreachable, a different ring, or too busy): if one of them ran rmpeer for the same peer, a conflict may follow and is resolved then",
+		if !h.inUse && n.ticks-h.Until >= int64(n.cfg.MaxHoldTicks) {
+			n.cfg.Warnf("space %v-%v taken over by rmpeer is used although %v have not confirmed who owns it (unreachable, a different ring, or too busy): if one of them took it over too, the ring's order picks one owner when they meet, and addresses allocated on both sides are reported as duplicates",
 				ipv4.Addr(h.Start), ipv4.Addr(uint32(h.End-1)), missing)
-			return true
+			h.inUse, changed = true, true
 		}
-		return false
-	})
-	if len(n.holds) != before {
+		kept = append(kept, h)
+	}
+	clear(n.holds[len(kept):])
+	n.holds = kept
+	if changed {
 		n.dirty = true
 		n.cfg.Infof("space taken over by rmpeer is settled and in use")
 		n.retry()
@@ -432,7 +438,7 @@ func (n *Node) confirmers() []proto.PeerName {
 
 func (n *Node) inHold(v uint32) bool {
 	for _, h := range n.holds {
-		if v >= h.Start && uint64(v) < h.End {
+		if !h.inUse && v >= h.Start && uint64(v) < h.End {
 			return true
 		}
 	}
@@ -496,7 +502,11 @@ func (n *Node) rmpeer(r Request) Done {
 		return Done{ID: r.ID}
 	}
 	for _, s := range spans {
-		n.addHold(s.Start, s.End)
+		n.addHold(s.Start, s.End, false)
+		n.taken = append(n.taken, takeover{Start: s.Start, End: s.End, From: r.Peer})
+	}
+	if k := len(n.taken) - maxTakeovers; k > 0 {
+		n.taken = slices.Delete(n.taken, 0, k)
 	}
 	n.cfg.Infof("%d IPs taken over from %v", taken, r.Peer)
 	n.reportFree()

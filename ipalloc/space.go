@@ -83,7 +83,8 @@ func biggestAligned(s ring.Span) ring.Span {
 	return ring.Span{}
 }
 
-// subtract removes the holds from spans (both sorted by start).
+// subtract removes the holds not yet in use from spans (both sorted by
+// start).
 func subtract(spans []ring.Span, holds []hold) []ring.Span {
 	if len(holds) == 0 {
 		return spans
@@ -92,7 +93,7 @@ func subtract(spans []ring.Span, holds []hold) []ring.Span {
 	for _, s := range spans {
 		cur := s
 		for _, h := range holds {
-			if h.End <= uint64(cur.Start) || uint64(h.Start) >= cur.End {
+			if h.inUse || h.End <= uint64(cur.Start) || uint64(h.Start) >= cur.End {
 				continue
 			}
 			if uint64(h.Start) > uint64(cur.Start) {

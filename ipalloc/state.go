@@ -16,24 +16,31 @@ import (
 
 // The durable state, as Ready.State carries it and New reads it back:
 //
-//	8  magic "OVLIPAM" and format version 2
+//	8  magic "OVLIPAM" and format version 3
 //	4  CRC-32C of everything after it
 //	6  peer name
 //	4  length of the ring, then the ring as an IPAM ring message
 //	4  number of addresses, then each: ident length (1), ident, IPv4 prefix (5)
-//	4  number of holds (space taken over by rmpeer, not yet settled), then
-//	   each: first address (4), last address (4)
+//	4  number of holds (space taken over by rmpeer, not yet confirmed), then
+//	   each: first address (4), last address (4), 1 if in use (1)
 //	4  number of nicknames, then each: peer name (6), length (1), nickname
+//	4  number of takeovers (space taken over by rmpeer), then each: first
+//	   address (4), last address (4), the peer it was taken from (6)
 //
-// Format 1 is format 2 without the nicknames: it is still read, and
-// written when there is no nickname to keep (so that an earlier overlayd
-// can still read the state).
+// Format 2 is format 3 without the takeovers, and with holds of 8 bytes
+// (not in use); format 1 is format 2 without the nicknames. Both are still
+// read, and written when there is nothing that needs the later format (so
+// that an earlier overlayd can still read the state).
 // A file that is cut short or altered fails the checksum: ParseState says
 // so rather than returning less than was saved.
-var stateMagic = [8]byte{'O', 'V', 'L', 'I', 'P', 'A', 'M', 2}
+var stateMagic = [8]byte{'O', 'V', 'L', 'I', 'P', 'A', 'M', 3}
 
-// stateMagicV1 starts a state saved before nicknames were kept.
-var stateMagicV1 = [8]byte{'O', 'V', 'L', 'I', 'P', 'A', 'M', 1}
+// stateMagicV2 starts a state saved before takeovers were kept, and
+// stateMagicV1 one saved before nicknames were.
+var (
+	stateMagicV2 = [8]byte{'O', 'V', 'L', 'I', 'P', 'A', 'M', 2}
+	stateMagicV1 = [8]byte{'O', 'V', 'L', 'I', 'P', 'A', 'M', 1}
+)
 
 // MaxIdentLen bounds an allocation ID (a container ID is 64 bytes).
 const MaxIdentLen = 255
@@ -54,8 +61,16 @@ type State struct {
 	Self      proto.PeerName
 	Ring      proto.Ring
 	Owned     []Owned
-	Holds     []ring.Span // Peer unused
+	Holds     []Hold
 	Nicknames []Nickname  // by peer name
+	Takeovers []ring.Span // Peer: the peer the space was taken from
+}
+
+// Hold is space taken over by rmpeer that not every peer has confirmed.
+type Hold struct {
+	Start uint32
+	End   uint64
+	InUse bool // used although not confirmed (MaxHoldTicks passed)
 }
 
 // Nickname is the last nickname known of a peer that owns space.
@@ -79,7 +94,10 @@ func (n *Node) marshal() []byte {
 		st.Owned = append(st.Owned, Owned{Ident: n.manual[m.Addr()], Addr: m})
 	}
 	for _, h := range n.holds {
-		st.Holds = append(st.Holds, ring.Span{Start: h.Start, End: h.End})
+		st.Holds = append(st.Holds, Hold{Start: h.Start, End: h.End, InUse: h.inUse})
+	}
+	for _, t := range n.taken {
+		st.Takeovers = append(st.Takeovers, ring.Span{Start: t.Start, End: t.End, Peer: t.From})
 	}
 	owners := n.spaceOwners()
 	for _, p := range slices.Sorted(maps.Keys(n.nicks)) {
@@ -98,8 +116,12 @@ func (n *Node) marshal() []byte {
 
 // MarshalState encodes st.
 func MarshalState(st *State) ([]byte, error) {
+	v3 := len(st.Takeovers) > 0 || slices.ContainsFunc(st.Holds, func(h Hold) bool { return h.InUse })
 	magic := stateMagic
-	if len(st.Nicknames) == 0 {
+	switch {
+	case !v3 && len(st.Nicknames) > 0:
+		magic = stateMagicV2
+	case !v3:
 		magic = stateMagicV1
 	}
 	b := append([]byte(nil), magic[:]...)
@@ -129,8 +151,11 @@ func MarshalState(st *State) ([]byte, error) {
 		}
 		b = binary.BigEndian.AppendUint32(b, h.Start)
 		b = binary.BigEndian.AppendUint32(b, uint32(h.End-1))
+		if v3 {
+			b = append(b, boolByte(h.InUse))
+		}
 	}
-	if len(st.Nicknames) > 0 {
+	if magic != stateMagicV1 {
 		b = binary.BigEndian.AppendUint32(b, uint32(len(st.Nicknames)))
 	}
 	for _, k := range st.Nicknames {
@@ -141,16 +166,27 @@ func MarshalState(st *State) ([]byte, error) {
 		b = append(b, byte(len(k.Nickname)))
 		b = append(b, k.Nickname...)
 	}
+	if v3 {
+		b = binary.BigEndian.AppendUint32(b, uint32(len(st.Takeovers)))
+	}
+	for _, t := range st.Takeovers {
+		if t.End <= uint64(t.Start) || t.Peer == 0 {
+			return nil, fmt.Errorf("ipalloc: cannot store takeover %d-%d from %v", t.Start, t.End, t.Peer)
+		}
+		b = binary.BigEndian.AppendUint32(b, t.Start)
+		b = binary.BigEndian.AppendUint32(b, uint32(t.End-1))
+		b = binary.BigEndian.AppendUint64(b, uint64(t.Peer)<<16)[:len(b)+proto.PeerNameLen]
+	}
 	binary.BigEndian.PutUint32(b[8:], crc32.Checksum(b[12:], castagnoli))
 	return b, nil
 }
 
 // ParseState decodes a saved state, checking its checksum and encoding.
 func ParseState(b []byte) (*State, error) {
-	if len(b) < 12+6+4 || [8]byte(b[:8]) != stateMagic && [8]byte(b[:8]) != stateMagicV1 {
-		return nil, fmt.Errorf("%w: not an overlayd IPAM state of format 1 or 2 (%d bytes)", ErrCorruptState, len(b))
+	if len(b) < 12+6+4 || [8]byte(b[:8]) != stateMagic && [8]byte(b[:8]) != stateMagicV2 && [8]byte(b[:8]) != stateMagicV1 {
+		return nil, fmt.Errorf("%w: not an overlayd IPAM state of format 1, 2 or 3 (%d bytes)", ErrCorruptState, len(b))
 	}
-	v1 := [8]byte(b[:8]) == stateMagicV1
+	v1, v3 := [8]byte(b[:8]) == stateMagicV1, [8]byte(b[:8]) == stateMagic
 	if crc32.Checksum(b[12:], castagnoli) != binary.BigEndian.Uint32(b[8:]) {
 		return nil, fmt.Errorf("%w: checksum mismatch (truncated or altered)", ErrCorruptState)
 	}
@@ -197,20 +233,24 @@ func ParseState(b []byte) (*State, error) {
 	}
 	k = binary.BigEndian.Uint32(p)
 	p = p[4:]
-	if uint64(k)*8 > uint64(len(p)) || v1 && uint64(k)*8 != uint64(len(p)) {
+	size := uint64(8)
+	if v3 {
+		size = 9
+	}
+	if uint64(k)*size > uint64(len(p)) || v1 && uint64(k)*size != uint64(len(p)) {
 		return nil, fmt.Errorf("%w: %d holds in %d bytes", ErrCorruptState, k, len(p))
 	}
-	for i := range int(k) {
-		start, last := binary.BigEndian.Uint32(p[8*i:]), binary.BigEndian.Uint32(p[8*i+4:])
-		if last < start {
+	for range k {
+		start, last := binary.BigEndian.Uint32(p), binary.BigEndian.Uint32(p[4:])
+		if last < start || v3 && p[8] > 1 {
 			return nil, fmt.Errorf("%w: hold %d-%d", ErrCorruptState, start, last)
 		}
-		st.Holds = append(st.Holds, ring.Span{Start: start, End: uint64(last) + 1})
+		st.Holds = append(st.Holds, Hold{Start: start, End: uint64(last) + 1, InUse: v3 && p[8] == 1})
+		p = p[size:]
 	}
 	if v1 {
 		return st, nil
 	}
-	p = p[8*k:]
 	if len(p) < 4 {
 		return nil, fmt.Errorf("%w: no nickname list", ErrCorruptState)
 	}
@@ -231,8 +271,34 @@ func ParseState(b []byte) (*State, error) {
 		st.Nicknames = append(st.Nicknames, Nickname{Peer: peer, Nickname: string(p[proto.PeerNameLen+1 : proto.PeerNameLen+1+l])})
 		p = p[proto.PeerNameLen+1+l:]
 	}
+	if v3 {
+		if len(p) < 4 {
+			return nil, fmt.Errorf("%w: no takeover list", ErrCorruptState)
+		}
+		k = binary.BigEndian.Uint32(p)
+		p = p[4:]
+		if uint64(k)*14 != uint64(len(p)) || k > maxTakeovers {
+			return nil, fmt.Errorf("%w: %d takeovers in %d bytes", ErrCorruptState, k, len(p))
+		}
+		for range k {
+			start, last := binary.BigEndian.Uint32(p), binary.BigEndian.Uint32(p[4:])
+			peer := proto.PeerName(binary.BigEndian.Uint64(append([]byte{0, 0}, p[8:8+proto.PeerNameLen]...)))
+			if last < start || peer == 0 {
+				return nil, fmt.Errorf("%w: takeover %d-%d from %v", ErrCorruptState, start, last, peer)
+			}
+			st.Takeovers = append(st.Takeovers, ring.Span{Start: start, End: uint64(last) + 1, Peer: peer})
+			p = p[14:]
+		}
+	}
 	if len(p) != 0 {
-		return nil, fmt.Errorf("%w: %d bytes after the nickname list", ErrCorruptState, len(p))
+		return nil, fmt.Errorf("%w: %d bytes after the last list", ErrCorruptState, len(p))
 	}
 	return st, nil
+}
+
+func boolByte(b bool) byte {
+	if b {
+		return 1
+	}
+	return 0
 }
