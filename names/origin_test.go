@@ -74,3 +74,22 @@ func TestFromOriginOnly(t *testing.T) {
 		t.Fatalf("asked peerA %v, sent peerB ours %v", askedA, toB)
 	}
 }
+
+// TestAskMissingOrigin: a digest that lists entries of an origin we have
+// none of (we are new) makes us ask that origin, not wait for it to change.
+func TestAskMissingOrigin(t *testing.T) {
+	s := newStore(t, self, nil, func(c *names.Config) { c.TrustRelays = false })
+	s.SetReachable([]proto.PeerName{peerA, peerB})
+	drain(t, s)
+	d := &proto.NamesMsg{Kind: proto.NamesDigest, Digests: []proto.NameDigest{{Origin: peerA, Hash: 42}}}
+	if err := s.Step(peerB, d); err != nil {
+		t.Fatal(err)
+	}
+	asked := false
+	for _, m := range drain(t, s) {
+		asked = asked || m.To == peerA && m.Msg.Kind == proto.NamesDigest
+	}
+	if !asked {
+		t.Fatal("peerA, whose entries peerB has and we lack, not asked")
+	}
+}

@@ -648,6 +648,17 @@ func (s *Store) stepDigest(from proto.PeerName, m *proto.NamesMsg) {
 			send = append(send, s.outgoing(o.entries[k]))
 		}
 	}
+	if !s.signed() && !s.cfg.TrustRelays {
+		// Origins the sender has entries of and we have none: ask them
+		// too, or a newcomer would learn them only when they change.
+		for _, d := range m.Digests {
+			if s.origins[d.Origin] == nil && d.Hash != 0 && s.known(d.Origin) && d.Origin != s.cfg.Self && d.Origin != from &&
+				len(ask) < maxAskOrigins && s.tick >= s.asked[d.Origin] {
+				s.asked[d.Origin] = s.tick + int64(s.cfg.DigestTicks)
+				ask = append(ask, d.Origin)
+			}
+		}
+	}
 	s.sendEntries(from, send)
 	if m.Echo && differ {
 		s.send(from, s.digest(false))
