@@ -65,7 +65,8 @@ func sameRing(t *testing.T, ds ...*lab.Daemon) {
 // higher peer's free block and gets .224; a peer with another range is
 // refused; manual claims outside the range work; a kill -9 in the middle
 // of allocations loses no address and gives none twice; rmpeer takes over
-// a stopped peer's space, also when two survivors run it at once.
+// a stopped peer's space, also when two survivors run it at once, and
+// gives it back when that peer returns.
 func TestIPAMSeedSession(t *testing.T) {
 	l := lab.New(t, bin, 4)
 	h1, h2, h3, h4 := l.Host(1), l.Host(2), l.Host(3), l.Host(4)
@@ -313,6 +314,55 @@ func TestIPAMSeedSession(t *testing.T) {
 			}
 			seen[o.Address.Addr().String()] = o.ID
 		}
+	}
+
+	// h3 was only down: back with its state, it answers the takeover
+	// with its own ring, and the peer that took its space yields it
+	// back, also once the takeover has settled. Its address and every
+	// other stay where they were, once each.
+	for _, d := range []*lab.Daemon{d1, d2} {
+		if strings.Contains(d.Log(), "32 IPs taken over") {
+			lab.Eventually(t, 30*time.Second, d.Host.NS+"'s takeover settles", func() error {
+				if !strings.Contains(d.Log(), "space taken over by rmpeer is settled and in use") {
+					return fmt.Errorf("not yet")
+				}
+				return nil
+			})
+		}
+	}
+	d3 = h3.Start("--range", seedRange, "--name", name3, "--peer", h1.Addr.String())
+	start = time.Now()
+	lab.Eventually(t, 20*time.Second, "h3 owns its space again on every host", func() error {
+		for _, d := range []*lab.Daemon{d1, d2, d3} {
+			var got uint64
+			for _, o := range ipam(t, d).Owners {
+				if o.Peer.String() == name3 {
+					got = o.Size
+				}
+			}
+			if got != 32 {
+				return fmt.Errorf("%s: h3 owns %d", d.Host.NS, got)
+			}
+		}
+		return nil
+	})
+	t.Logf("h3 back after rmpeer: its space returned in %v", time.Since(start).Round(time.Millisecond))
+	sameRing(t, d1, d2, d3)
+	seen = map[string]string{}
+	kept := 0
+	for _, d := range []*lab.Daemon{d1, d2, d3} {
+		for _, o := range ipam(t, d).Owned {
+			if other, dup := seen[o.Address.Addr().String()]; dup {
+				t.Errorf("%v held twice after h3's return: %s and %s", o.Address, other, o.ID)
+			}
+			seen[o.Address.Addr().String()] = d.Host.NS + "/" + o.ID
+			if strings.HasPrefix(o.ID, "after-") || o.ID == "c3" {
+				kept++
+			}
+		}
+	}
+	if kept != 7 {
+		t.Errorf("after h3's return %d of c3 and the six after-* allocations are kept, want 7: %v", kept, seen)
 	}
 }
 
