@@ -344,21 +344,11 @@ const maxAskAuthors = 16
 // (link.ErrImpostor), but a relay can, and anyone can speak for a peer that
 // is gone. With a password it is the peer that signed the message.
 func (n *Node) mayChange(from proto.PeerName, c ring.Change) (ok bool, author proto.PeerName) {
-	self := n.cfg.Self
 	switch {
 	case from == c.Old.Peer:
 		return true, 0
-	case c.Old.Peer == self && from == c.New.Peer:
-		return n.retake(from, c), 0
-	case c.Old.Peer == self && c.Split && c.Moves() && n.heldToken(c.New.Token) && c.New.Version+ring.TransferBump/2 < c.Old.Version:
-		// Made before our takeover: a grant of the dead peer that
-		// reached the sender and not us. Its grantee may not know of it
-		// (the dead peer's message to it was lost).
-		return true, 0
-	case c.Old.Peer == self && n.heldToken(c.New.Token) && n.reach[c.New.Peer]:
-		return false, c.New.Peer // a relay's copy: ask the peer it names
-	case c.Old.Peer == self:
-		return false, 0
+	case c.Old.Peer == n.cfg.Self:
+		return n.retake(from, c)
 	case !c.Moves() && !n.reach[c.Old.Peer]:
 		return true, 0
 	case !c.Moves():
@@ -373,24 +363,32 @@ func (n *Node) mayChange(from proto.PeerName, c ring.Change) (ok bool, author pr
 	return false, 0
 }
 
-// retake says whether peer p may take the token of change c from our
-// space. Where we took the space over from p by rmpeer, p may win it
-// back: rmpeer was run for a peer that was only cut off, and p answers
-// with its ring at a higher version (see reassert). While a takeover of
-// ours is not confirmed by every peer (a hold), another peer that took
-// over the same dead peer at the same time wins it if the ring's order
-// says so, and a grant the dead peer made before it died shows as a new
-// token of its grantee. Neither may jump the version further than a
-// takeover does, so that no one can push ours to the limit this way.
-func (n *Node) retake(p proto.PeerName, c ring.Change) bool {
+// retake says whether a ring from peer `from` may take the token of change
+// c from our space, and whom to ask if not. Where we took the space over
+// from `from` by rmpeer, it may win it back: rmpeer was run for a peer
+// that was only cut off, and it answers with its ring at a higher version
+// (see reassert). While a takeover of ours is not confirmed by every peer
+// (a hold), another peer that took over the same dead peer at the same
+// time wins it if the ring's order says so, and a grant the dead peer made
+// before it died shows as a new token of its grantee, older than our
+// takeover: it may reach us through a third peer only, its grantee never
+// having heard of it (the dead peer's message to it was lost). No move may
+// jump the version further than a takeover does, so that no one can push
+// ours to the limit this way.
+func (n *Node) retake(from proto.PeerName, c ring.Change) (ok bool, author proto.PeerName) {
 	a := c.New.Token
+	held := n.holdAt(a) != nil
 	switch {
-	case n.takenFrom(a) == p:
-		return c.New.Version <= c.Old.Version+ring.TransferBump
-	case n.heldToken(a):
-		return c.New.Version <= c.Old.Version+ring.TransferBump/2
+	case from == c.New.Peer && n.takenFrom(a) == from:
+		return c.New.Version <= c.Old.Version+ring.TransferBump, 0
+	case from == c.New.Peer && held:
+		return c.New.Version <= c.Old.Version+ring.TransferBump/2, 0
+	case held && c.Split && c.Moves() && c.New.Version+ring.TransferBump/2 < c.Old.Version:
+		return true, 0
+	case held && n.reach[c.New.Peer]:
+		return false, c.New.Peer // a relay's copy: ask the peer it names
 	}
-	return false
+	return false, 0
 }
 
 // takenFrom returns the peer we last took token a over from by rmpeer, or 0.
@@ -435,15 +433,14 @@ func (n *Node) reassert(from proto.PeerName, es []proto.RingEntry) {
 // may have changed the entries since.
 const maxReassertJump = 10 * ring.TransferBump
 
-// heldToken reports whether token a is in space we took over by rmpeer
-// that not every peer has confirmed.
-func (n *Node) heldToken(a uint32) bool {
-	for _, h := range n.holds {
-		if a >= h.Start && uint64(a) < h.End {
-			return true
+// holdAt returns the hold over address or token a, or nil.
+func (n *Node) holdAt(a uint32) *hold {
+	for i := range n.holds {
+		if h := &n.holds[i]; a >= h.Start && uint64(a) < h.End {
+			return h
 		}
 	}
-	return false
+	return nil
 }
 
 // askAuthors asks the peers that may make changes we refused from a relay

@@ -302,7 +302,7 @@ func (n *Node) tryClaim(p *pending) bool {
 	v := ipv4.Value(r.Addr.Addr())
 	owner := n.ring.Owner(v)
 	if owner == n.cfg.Self {
-		if n.inHold(v) {
+		if h := n.holdAt(v); h != nil && !h.inUse {
 			return false
 		}
 		if id, ok := n.holder[v]; ok {
@@ -434,15 +434,6 @@ func (n *Node) confirmers() []proto.PeerName {
 		}
 	}
 	return ps
-}
-
-func (n *Node) inHold(v uint32) bool {
-	for _, h := range n.holds {
-		if !h.inUse && v >= h.Start && uint64(v) < h.End {
-			return true
-		}
-	}
-	return false
 }
 
 // release frees Ident's addresses, or only r.Addr.

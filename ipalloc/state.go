@@ -126,7 +126,7 @@ func MarshalState(st *State) ([]byte, error) {
 	}
 	b := append([]byte(nil), magic[:]...)
 	b = append(b, 0, 0, 0, 0)
-	b = binary.BigEndian.AppendUint64(b, uint64(st.Self)<<16)[:len(b)+proto.PeerNameLen] // the low 48 bits
+	b = proto.AppendPeerName(b, st.Self)
 	ringStart := len(b)
 	b = append(b, 0, 0, 0, 0)
 	b, err := proto.AppendIPAMMsg(b, &proto.IPAMMsg{Kind: proto.IPAMRing, Ring: st.Ring})
@@ -162,7 +162,7 @@ func MarshalState(st *State) ([]byte, error) {
 		if k.Nickname == "" || len(k.Nickname) > proto.MaxNicknameLen {
 			return nil, fmt.Errorf("ipalloc: cannot store nickname %q", k.Nickname)
 		}
-		b = binary.BigEndian.AppendUint64(b, uint64(k.Peer)<<16)[:len(b)+proto.PeerNameLen]
+		b = proto.AppendPeerName(b, k.Peer)
 		b = append(b, byte(len(k.Nickname)))
 		b = append(b, k.Nickname...)
 	}
@@ -175,7 +175,7 @@ func MarshalState(st *State) ([]byte, error) {
 		}
 		b = binary.BigEndian.AppendUint32(b, t.Start)
 		b = binary.BigEndian.AppendUint32(b, uint32(t.End-1))
-		b = binary.BigEndian.AppendUint64(b, uint64(t.Peer)<<16)[:len(b)+proto.PeerNameLen]
+		b = proto.AppendPeerName(b, t.Peer)
 	}
 	binary.BigEndian.PutUint32(b[8:], crc32.Checksum(b[12:], castagnoli))
 	return b, nil
@@ -192,7 +192,7 @@ func ParseState(b []byte) (*State, error) {
 	}
 	st := &State{}
 	p := b[12:]
-	st.Self = proto.PeerName(binary.BigEndian.Uint64(append([]byte{0, 0}, p[:proto.PeerNameLen]...)))
+	st.Self = proto.PeerNameAt(p)
 	p = p[6:]
 	n := binary.BigEndian.Uint32(p)
 	p = p[4:]
@@ -267,7 +267,7 @@ func ParseState(b []byte) (*State, error) {
 		if l == 0 || l > proto.MaxNicknameLen || len(p) < proto.PeerNameLen+1+l {
 			return nil, fmt.Errorf("%w: nickname of %d bytes", ErrCorruptState, l)
 		}
-		peer := proto.PeerName(binary.BigEndian.Uint64(append([]byte{0, 0}, p[:proto.PeerNameLen]...)))
+		peer := proto.PeerNameAt(p)
 		st.Nicknames = append(st.Nicknames, Nickname{Peer: peer, Nickname: string(p[proto.PeerNameLen+1 : proto.PeerNameLen+1+l])})
 		p = p[proto.PeerNameLen+1+l:]
 	}
@@ -282,7 +282,7 @@ func ParseState(b []byte) (*State, error) {
 		}
 		for range k {
 			start, last := binary.BigEndian.Uint32(p), binary.BigEndian.Uint32(p[4:])
-			peer := proto.PeerName(binary.BigEndian.Uint64(append([]byte{0, 0}, p[8:8+proto.PeerNameLen]...)))
+			peer := proto.PeerNameAt(p[8:])
 			if last < start || peer == 0 {
 				return nil, fmt.Errorf("%w: takeover %d-%d from %v", ErrCorruptState, start, last, peer)
 			}

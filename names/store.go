@@ -629,6 +629,12 @@ func (s *Store) stepDigest(from proto.PeerName, m *proto.NamesMsg) {
 	}
 	var send []proto.NameEntry
 	var ask []proto.PeerName
+	askOrigin := func(o proto.PeerName) {
+		if len(ask) < maxAskOrigins && s.tick >= s.asked[o] {
+			s.asked[o] = s.tick + int64(s.cfg.DigestTicks)
+			ask = append(ask, o)
+		}
+	}
 	for _, name := range slices.Sorted(maps.Keys(s.origins)) {
 		o := s.origins[name]
 		if !s.known(name) || o.hash == theirs[name] {
@@ -638,10 +644,7 @@ func (s *Store) stepDigest(from proto.PeerName, m *proto.NamesMsg) {
 		if !s.signed() && !s.cfg.TrustRelays && name != s.cfg.Self && name != from {
 			// Only the origin's own copy will be taken (and a peer's
 			// own entries it corrects): ask the origin to compare.
-			if len(ask) < maxAskOrigins && s.tick >= s.asked[name] {
-				s.asked[name] = s.tick + int64(s.cfg.DigestTicks)
-				ask = append(ask, name)
-			}
+			askOrigin(name)
 			continue
 		}
 		for _, k := range sortedKeys(o.entries) {
@@ -652,10 +655,8 @@ func (s *Store) stepDigest(from proto.PeerName, m *proto.NamesMsg) {
 		// Origins the sender has entries of and we have none: ask them
 		// too, or a newcomer would learn them only when they change.
 		for _, d := range m.Digests {
-			if s.origins[d.Origin] == nil && d.Hash != 0 && s.known(d.Origin) && d.Origin != s.cfg.Self && d.Origin != from &&
-				len(ask) < maxAskOrigins && s.tick >= s.asked[d.Origin] {
-				s.asked[d.Origin] = s.tick + int64(s.cfg.DigestTicks)
-				ask = append(ask, d.Origin)
+			if s.origins[d.Origin] == nil && d.Hash != 0 && s.known(d.Origin) && d.Origin != s.cfg.Self && d.Origin != from {
+				askOrigin(d.Origin)
 			}
 		}
 	}

@@ -126,3 +126,10 @@ func getName(b []byte) PeerName {
 	return PeerName(uint64(b[0])<<40 | uint64(b[1])<<32 | uint64(b[2])<<24 |
 		uint64(b[3])<<16 | uint64(b[4])<<8 | uint64(b[5]))
 }
+
+// AppendPeerName appends n's 6 bytes, as every message carries it.
+func AppendPeerName(b []byte, n PeerName) []byte { return appendName(b, n) }
+
+// PeerNameAt reads a peer name from the first 6 bytes of b, which must
+// hold them.
+func PeerNameAt(b []byte) PeerName { return getName(b) }
