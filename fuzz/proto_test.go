@@ -37,6 +37,10 @@ func seedData() []byte {
 func addSeeds(f *testing.F) {
 	for _, b := range [][]byte{
 		seedHello(proto.TypeHello), seedHello(proto.TypeAccept),
+		// A password-mode accept with every optional field: data port,
+		// signing key and the trusted flag.
+		proto.AppendHello(nil, proto.TypeAccept, &proto.Hello{MinVersion: 1, MaxVersion: 1, Name: seedName, UID: 42,
+			Port: 6783, Range: seedRange, Nickname: "host1", DataPort: 6784, SignKey: [32]byte{5}, Trusted: true}),
 		proto.AppendReject(nil, &proto.Reject{Code: proto.RejectRange, Name: seedName, Range: seedRange, Message: "no"}),
 		proto.AppendHeartbeat(nil, proto.Heartbeat{Name: seedName, UID: 42, Established: true}),
 		seedGossip(), seedData(),

@@ -57,6 +57,12 @@
 //	            mode); absent or zero: none
 //	30+n   32   optional: the sender's Ed25519 public key, which signs
 //	            its topology entries (password mode); absent: none
+//	62+n    1   optional (the fields before it are then present, zero
+//	            or not): flags; bit 0 (0x01): the sender trusts the
+//	            receiver's underlay address (it is in the sender's
+//	            --trusted-subnets), so data may go in clear if the
+//	            receiver trusts the sender's too (password mode); other
+//	            bits are ignored; absent: 0
 //
 // A peer dials by sending hello; the other side validates it and answers
 // accept (same layout, its own identity) or reject. On a hello, flags bit 0

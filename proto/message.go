@@ -131,9 +131,18 @@ type Hello struct {
 	DataPort uint16
 	// SignKey is the sender's Ed25519 public key (password mode), which
 	// signs its gossip; zero: none. Sent after DataPort (then always
-	// present, zero or not), and only when not zero.
+	// present, zero or not), and only when not zero or Trusted is set.
 	SignKey [32]byte
+	// Trusted says the sender trusts the receiver's underlay address (it
+	// lies in the sender's --trusted-subnets): data may cross in clear if
+	// the receiver trusts the sender's too (password mode). Sent after
+	// SignKey (then always present, zero or not), as a flags byte (bit
+	// 0), and only when set.
+	Trusted bool
 }
+
+// helloTrusted is bit 0 of the hello's optional flags byte.
+const helloTrusted = 0x01
 
 // AppendHello appends a hello (t == TypeHello) or accept (t == TypeAccept)
 // message to b. A nickname longer than MaxNicknameLen is cut.
@@ -147,11 +156,15 @@ func AppendHello(b []byte, t Type, h *Hello) []byte {
 	b = appendPrefix(b, h.Range)
 	b = append(b, byte(len(nick)))
 	b = append(b, nick...)
-	if h.DataPort != 0 || h.SignKey != [32]byte{} {
+	// Each optional field is sent if it or a later one is set.
+	if h.DataPort != 0 || h.SignKey != [32]byte{} || h.Trusted {
 		b = binary.BigEndian.AppendUint16(b, h.DataPort)
 	}
-	if h.SignKey != [32]byte{} {
+	if h.SignKey != [32]byte{} || h.Trusted {
 		b = append(b, h.SignKey[:]...)
+	}
+	if h.Trusted {
+		b = append(b, helloTrusted)
 	}
 	return b
 }
@@ -193,6 +206,9 @@ func ParseHello(b []byte) (Hello, error) {
 		h.DataPort = binary.BigEndian.Uint16(rest)
 		if rest = rest[2:]; len(rest) >= len(h.SignKey) {
 			h.SignKey = [32]byte(rest)
+			if rest = rest[len(h.SignKey):]; len(rest) >= 1 {
+				h.Trusted = rest[0]&helloTrusted != 0 // other bits: later flags
+			}
 		}
 	}
 	switch {

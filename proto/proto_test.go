@@ -158,6 +158,16 @@ func TestRoundTrip(t *testing.T) {
 	if got, err := ParseHello(AppendHello(nil, TypeHello, &hello)); err != nil || !reflect.DeepEqual(got, hello) {
 		t.Errorf("hello with a signing key: got %+v, %v; want %+v", got, err, hello)
 	}
+	hello.Trusted = true
+	tb := AppendHello(nil, TypeAccept, &hello)
+	if got, err := ParseHello(tb); err != nil || !reflect.DeepEqual(got, hello) {
+		t.Errorf("hello with trust: got %+v, %v; want %+v", got, err, hello)
+	}
+	tb[len(tb)-1] = 0xfe // later flags, not ours
+	if got, err := ParseHello(tb); err != nil || got.Trusted || got.SignKey != hello.SignKey {
+		t.Errorf("hello with other flags: got %+v, %v", got, err)
+	}
+	hello.Trusted = false
 	hello.SignKey = [32]byte{}
 	// One byte of a data port is a later field we do not know: ignored.
 	if got, err := ParseHello(b[:len(b)-1]); err != nil || got.DataPort != 0 {

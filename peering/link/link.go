@@ -55,6 +55,22 @@ type Config struct {
 	RejectBurst int
 	// CookieTicks is how often the cookie secret changes (1200).
 	CookieTicks int
+	// Trusted are the underlay subnets whose peers may exchange data in
+	// clear with us (password mode, Weave's --trusted-subnets): a
+	// connection's data is plaintext only if each side trusts the other's
+	// address. Control messages are sealed all the same.
+	Trusted []netip.Prefix
+}
+
+// trusts reports whether a is in a trusted subnet.
+func (c *Config) trusts(a netip.Addr) bool {
+	a = a.Unmap()
+	for _, p := range c.Trusted {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
 }
 
 func (c *Config) setDefaults() {
@@ -155,6 +171,10 @@ type PeerPath struct {
 	// SignKey is the Ed25519 key that signs the peer's gossip, from its
 	// hello (password mode only: there the hello is authenticated).
 	SignKey [32]byte
+	// Plaintext says data to and from this peer goes in clear, by the
+	// router, not the data plane: password mode, and each side trusts the
+	// other's address (Config.Trusted, Hello.Trusted).
+	Plaintext bool
 }
 
 // Routing is the set of established peers, rebuilt whole on every change.
@@ -833,6 +853,7 @@ func (m *Machine) reroute() {
 				Via: cn.ep, Outbound: cn.outbound, DataPort: cn.remote.DataPort}
 			if cn.sess != nil {
 				p.Key, p.SignKey = cn.sess.Peer(), cn.remote.SignKey
+				p.Plaintext = cn.plaintext(&m.cfg)
 			}
 			rt.Peers = append(rt.Peers, p)
 		}

@@ -76,6 +76,7 @@ func (m *Machine) tickSecure() {
 // sendInit starts a new handshake attempt on a dialling connection.
 func (m *Machine) sendInit(cn *connection) {
 	h := m.cfg.Self.Hello()
+	h.Trusted = m.cfg.trusts(cn.ep.Remote.Addr())
 	init, hs, err := secure.Initiate(m.cfg.Secure, proto.AppendHello(nil, proto.TypeHello, &h))
 	if err != nil {
 		m.drop(cn, err)
@@ -212,6 +213,7 @@ func (m *Machine) onInit(from Endpoint, in *proto.Init) error {
 		cn.init, cn.state, cn.lastHeard = nil, statePending, m.now
 	}
 	us := m.cfg.Self.Hello()
+	us.Trusted = m.cfg.trusts(from.Remote.Addr())
 	answer, err := rs.Answer(proto.AppendHello(nil, proto.TypeAccept, &us))
 	if err != nil {
 		return err
@@ -343,4 +345,10 @@ func (m *Machine) onSealed(from Endpoint, msg []byte) error {
 	}
 	m.malformed++
 	return fmt.Errorf("%w: %v sealed", proto.ErrType, hd.Type)
+}
+
+// plaintext reports whether cn's data may go in clear: an authenticated
+// session, and each side trusts the other's address.
+func (cn *connection) plaintext(cfg *Config) bool {
+	return cn.sess != nil && cn.remote.Trusted && cfg.trusts(cn.ep.Remote.Addr())
 }

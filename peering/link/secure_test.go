@@ -365,3 +365,58 @@ func TestSecureSpoofedName(t *testing.T) {
 	}
 	_ = a
 }
+
+// TestSecureTrustedSubnets: data goes in clear only where each side
+// trusts the other's address; one-sided trust, or none, keeps it
+// encrypted, and plaintext mode has no such thing.
+func TestSecureTrustedSubnets(t *testing.T) {
+	all := []netip.Prefix{netip.PrefixFrom(addr(1), 24)}
+	for _, c := range []struct {
+		name         string
+		trustA       []netip.Prefix
+		trustB       []netip.Prefix
+		noPassword   bool
+		wantPlain    bool
+		wantSentFlag [2]bool // a trusts b, b trusts a, as each hello said
+	}{
+		{"mutual", all, all, false, true, [2]bool{true, true}},
+		{"only the dialled side trusts", all, nil, false, false, [2]bool{true, false}},
+		{"only the dialler trusts", nil, all, false, false, [2]bool{false, true}},
+		{"another subnet", all, []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}, false, false, [2]bool{true, false}},
+		{"no password", all, all, true, false, [2]bool{false, false}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			n := newNet(t)
+			var sa, sb *secure.Config
+			if !c.noPassword {
+				sa, sb = secureConfig(t, 1, "pw"), secureConfig(t, 2, "pw")
+			}
+			a := n.addWith(1, 0xa, 1, testRange, sa)
+			b := n.addWith(2, 0xb, 2, testRange, sb)
+			a.cfg.Trusted, b.cfg.Trusted = c.trustA, c.trustB
+			if err := b.Connect([]string{addr(1).String()}); err != nil {
+				t.Fatal(err)
+			}
+			n.run(2)
+			for i, m := range []*Machine{a, b} {
+				cs := m.Status().Connections
+				if len(cs) != 1 || cs[0].State != "established" {
+					t.Fatalf("%+v\n%s", cs, n.dump())
+				}
+				if cs[0].Plaintext != c.wantPlain {
+					t.Errorf("machine %d: status says plaintext %v, want %v", i, cs[0].Plaintext, c.wantPlain)
+				}
+				m.reroute()
+				if ps := m.rd.Routing.Peers; len(ps) != 1 || ps[0].Plaintext != c.wantPlain {
+					t.Errorf("machine %d: routing %+v, want plaintext %v", i, ps, c.wantPlain)
+				}
+			}
+			// What each side heard the other say.
+			for i, heard := range []bool{b.conn[ep(1).Remote].remote.Trusted, a.conn[ep(2).Remote].remote.Trusted} {
+				if heard != c.wantSentFlag[i] {
+					t.Errorf("hello %d: trusted %v, want %v", i, heard, c.wantSentFlag[i])
+				}
+			}
+		})
+	}
+}

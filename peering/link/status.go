@@ -27,6 +27,9 @@ type ConnStatus struct {
 	RetryNever bool
 	Name       proto.PeerName // zero until the handshake
 	Nickname   string
+	// Plaintext: an established connection in password mode whose data
+	// goes in clear (each side trusts the other's address).
+	Plaintext bool
 }
 
 // PeerStatus is a peer with the connections it has.
@@ -59,7 +62,7 @@ func (m *Machine) Status() Status {
 	var others []PeerStatus
 	for _, cn := range m.sorted() {
 		cs := ConnStatus{Address: cn.ep.Remote.String(), Outbound: cn.outbound, State: cn.state.String(),
-			Name: cn.remote.Name, Nickname: cn.remote.Nickname}
+			Name: cn.remote.Name, Nickname: cn.remote.Nickname, Plaintext: cn.plaintext(&m.cfg)}
 		if cn.state == stateConnecting && cn.target != nil && cn.target.lastErr != nil {
 			cs.State, cs.Err = "retrying", cn.target.lastErr
 		}
