@@ -494,14 +494,14 @@ func (c *control) publish() {
 	}
 	snap := &snapshot{peers: make(map[netip.AddrPort]*path, len(c.neighbours)), byName: map[proto.PeerName]*path{}}
 	for name, nb := range c.neighbours {
-		snap.peers[nb.Via.Remote] = &path{name: name, hop: name, ep: conn.Endpoint(nb.Via)}
+		snap.peers[nb.Via.Remote] = &path{name: name, hop: name, ep: conn.Endpoint(nb.Via), plain: nb.Plaintext}
 	}
 	for dest, hop := range hops {
 		nb, ok := c.neighbours[hop]
 		if !ok {
 			continue
 		}
-		snap.byName[dest] = &path{name: dest, hop: hop, ep: conn.Endpoint(nb.Via), relayed: dest != hop}
+		snap.byName[dest] = &path{name: dest, hop: hop, ep: conn.Endpoint(nb.Via), relayed: dest != hop, plain: nb.Plaintext}
 	}
 	src := routes.Sources[proto.PeerName, *path]{
 		Self: self, Local: c.local, Owners: c.owners, Here: &path{name: self, local: true},
@@ -556,8 +556,8 @@ func (c *control) program(rt *routes.Table[*path]) {
 	peers := make([]DataPeer, 0, len(c.neighbours))
 	for _, name := range slices.Sorted(maps.Keys(c.neighbours)) {
 		nb := c.neighbours[name]
-		if nb.Key == (secure.Key{}) || nb.DataPort == 0 {
-			continue // no data plane there: nothing can be sent to it
+		if nb.Key == (secure.Key{}) || nb.DataPort == 0 || nb.Plaintext {
+			continue // no data plane there, or its data goes in clear
 		}
 		ps := byHop[name]
 		slices.SortFunc(ps, comparePrefix)

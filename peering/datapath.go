@@ -32,6 +32,7 @@ import (
 
 	"github.com/overlayd/overlayd/peering/conn"
 	"github.com/overlayd/overlayd/proto"
+	"github.com/overlayd/overlayd/tun"
 )
 
 // maxDatagram bounds one packet or datagram. Buffers have room for it so that
@@ -153,8 +154,9 @@ func (r *Router) forward(bufs [][]byte, sizes []int, b *batcher) {
 func (r *Router) peersToTun() error {
 	const hdr = proto.DataHeaderLen
 	batch := controlBatch // only control messages come here when a data plane carries the data
-	if r.dev != nil {
-		batch = r.dev.BatchSize()
+	dev := r.tunOut()
+	if dev != nil {
+		batch = dev.BatchSize()
 	}
 	bufs := make([][]byte, batch)
 	for i := range bufs {
@@ -183,7 +185,7 @@ func (r *Router) peersToTun() error {
 		}
 		relay.reset()
 		if len(out) > 0 {
-			if _, err := r.dev.Write(out, hdr); err != nil {
+			if _, err := dev.Write(out, hdr); err != nil {
 				if isClosed(err) {
 					return nil
 				}
@@ -194,6 +196,15 @@ func (r *Router) peersToTun() error {
 			clear(out)
 		}
 	}
+}
+
+// tunOut is the device data from peers is written to: ours, or the data
+// plane's through the Divert (nil: none).
+func (r *Router) tunOut() tun.Device {
+	if r.cfg.Divert != nil {
+		return r.cfg.Divert.Device
+	}
+	return r.dev
 }
 
 // controlBatch is how many datagrams one read takes when the socket carries
@@ -213,7 +224,7 @@ func (r *Router) receive(bufs [][]byte, sizes []int, eps []conn.Endpoint, out []
 	for i, buf := range bufs {
 		msg := buf[:sizes[i]]
 		if len(msg) >= 2 && msg[0] == proto.Version && proto.Type(msg[1]) == proto.TypeData {
-			if r.dev == nil {
+			if r.dev == nil && r.cfg.Divert == nil {
 				r.stats.DropPlainData.Add(1) // data goes by the data plane only
 				continue
 			}
@@ -222,8 +233,13 @@ func (r *Router) receive(bufs [][]byte, sizes []int, eps []conn.Endpoint, out []
 				r.stats.malformed(proto.TypeData)
 				continue
 			}
-			if _, ok := snap.peers[eps[i].Remote]; !ok || src == r.cfg.Name {
+			from, ok := snap.peers[eps[i].Remote]
+			if !ok || src == r.cfg.Name {
 				r.stats.DropUnknownPeer.Add(1)
+				continue
+			}
+			if r.dev == nil && !from.plain {
+				r.stats.DropPlainData.Add(1) // its data must come encrypted
 				continue
 			}
 			if dst != r.cfg.Name {
@@ -233,6 +249,19 @@ func (r *Router) receive(bufs [][]byte, sizes []int, eps []conn.Endpoint, out []
 					r.stats.DropUnroutable.Add(1)
 				case msg[3] >= MaxHops:
 					r.stats.DropHops.Add(1)
+				case r.dev == nil && !p.plain:
+					// The next hop takes only encrypted data: the kernel
+					// forwards the packet back into the device, where the
+					// plane reads it (forwarding is on in password mode).
+					// Only a packet our routes send that way goes to the
+					// kernel, never one for this host or elsewhere.
+					to, _ := proto.DstAddr(pkt)
+					if q, ok := snap.routes.Lookup(to); !ok || q.local || q.hop != p.hop {
+						r.stats.DropNotForUs.Add(1)
+						continue
+					}
+					out = append(out, msg)
+					bytes += uint64(len(pkt))
 				default:
 					msg[3]++
 					relay.add(p, msg)

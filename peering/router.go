@@ -69,6 +69,15 @@ type Config struct {
 	DataPlane DataPlane
 	// DataPort is the port of that plane, told to peers in the handshake.
 	DataPort uint16
+	// TrustedSubnets are the underlay subnets whose peers may exchange
+	// data with us in clear (password mode, Weave's --trusted-subnets):
+	// with a peer that trusts our address too, data goes by the router,
+	// not the plane. It needs Divert.
+	TrustedSubnets []netip.Prefix
+	// Divert is the TUN device as the data plane reads it when
+	// TrustedSubnets is set: the router takes the packets for plaintext
+	// peers out of the plane's reads and writes theirs into it.
+	Divert *Divert
 	// Signing signs our topology entry (password mode): its public key
 	// goes in the handshake and the entry, and entries of other peers must
 	// be signed by theirs. Nil: plaintext.
@@ -206,6 +215,9 @@ func New(cfg Config, dev tun.Device, pc conn.PacketConn) (*Router, error) {
 	if (dev == nil) != (cfg.DataPlane != nil) {
 		return nil, errors.New("peering: a router needs either a TUN device or a data plane, not both")
 	}
+	if (cfg.Divert != nil) != (cfg.DataPlane != nil && len(cfg.TrustedSubnets) > 0) {
+		return nil, errors.New("peering: trusted subnets need a data plane and a Divert, and a Divert needs them")
+	}
 	if cfg.UID == 0 {
 		for cfg.UID == 0 {
 			cfg.UID = cfg.Rand.Uint64()
@@ -224,6 +236,7 @@ func New(cfg Config, dev tun.Device, pc conn.PacketConn) (*Router, error) {
 		RetryMaxTicks:     cfg.toTicks(cfg.RetryMax),
 		LongLivedTicks:    cfg.toTicks(time.Minute),
 		ConnLimit:         cfg.ConnLimit,
+		Trusted:           cfg.TrustedSubnets,
 	})
 	if err != nil {
 		return nil, err
@@ -257,6 +270,9 @@ func New(cfg Config, dev tun.Device, pc conn.PacketConn) (*Router, error) {
 		r.channels = append(r.channels, name)
 	}
 	r.snap.Store(&snapshot{routes: routes.New[*path](nil)})
+	if cfg.Divert != nil {
+		cfg.Divert.r.Store(r)
+	}
 	return r, nil
 }
 
@@ -346,6 +362,9 @@ type path struct {
 	hop     proto.PeerName // the first hop: name itself unless relayed
 	local   bool           // the prefix is ours: packets for it belong to our TUN
 	relayed bool           // the first hop is not the destination
+	// plain: in password mode, the first hop takes data in clear from the
+	// router (trusted subnets); otherwise the data plane carries it.
+	plain bool
 }
 
 // Stats counts what the data path did. All fields are updated atomically.
@@ -367,7 +386,7 @@ type Stats struct {
 	DropTunWrite   atomic.Uint64 // batches the TUN device refused (in part)
 	DropTunRead    atomic.Uint64 // failed reads from the TUN device
 	DropHops       atomic.Uint64 // data that crossed too many relays (a routing loop)
-	DropPlainData  atomic.Uint64 // data messages in password mode, where data goes by WireGuard only
+	DropPlainData  atomic.Uint64 // data messages in password mode from a peer whose data goes by WireGuard
 	RelayedPackets atomic.Uint64 // data for other peers passed on
 	RelayedBytes   atomic.Uint64
 

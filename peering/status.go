@@ -25,6 +25,8 @@ type Status struct {
 	// refused, by reason (link.SealedStats).
 	Encryption bool
 	Refused    map[string]uint64
+	// TrustedSubnets are the subnets whose peers may send data in clear.
+	TrustedSubnets []netip.Prefix
 	// RefusedAnnouncements is the number of prefixes peers announce in
 	// ring space another peer owns, left out of the route table.
 	RefusedAnnouncements int
@@ -39,8 +41,10 @@ type ConnStatus struct {
 	RetryAt  *time.Time
 	Name     proto.PeerName
 	Nickname string
-	Overlay  string // "udp" for the plain data path
-	MTU      int
+	// Overlay is what carries the data: "udp" (the router, in clear) or
+	// "wg" (the WireGuard plane, encrypted).
+	Overlay string
+	MTU     int
 }
 
 // PeerStatus is a peer we know, with the connections it reports.
@@ -101,7 +105,7 @@ func (c *control) status() Status {
 	st := Status{
 		Targets: nonNil(ls.Targets), Exposed: nonNil(slices.Clone(c.local)),
 		Connections: []ConnStatus{}, Routes: []RouteStatus{}, GossipPartial: c.asm.Pending(),
-		Encryption: c.m.Secure(), RefusedAnnouncements: c.refused,
+		Encryption: c.m.Secure(), RefusedAnnouncements: c.refused, TrustedSubnets: nonNil(slices.Clone(cfg.TrustedSubnets)),
 	}
 	if st.Encryption {
 		st.Refused = c.m.Sealed.ByReason()
@@ -122,6 +126,9 @@ func (c *control) status() Status {
 		}
 		if c.Name != 0 && c.State != "connecting" && c.State != "retrying" {
 			cs.Overlay, cs.MTU = "udp", cfg.MTU
+			if cfg.DataPlane != nil && !c.Plaintext {
+				cs.Overlay = "wg"
+			}
 		}
 		st.Connections = append(st.Connections, cs)
 	}

@@ -49,9 +49,16 @@ func writeStatus(w io.Writer, st *api.Status) {
 	label(w, "Name", peerName(r.Name, r.Nickname))
 	label(w, "Encryption", encryption(r))
 	if r.Encryption {
-		// Weave's line: the subnets whose peers may send in clear. None
-		// may: every peer encrypts.
-		label(w, "TrustedSubnets", "none")
+		// Weave's line: the subnets whose peers may send in clear.
+		trusted := "none"
+		if len(r.TrustedSubnets) > 0 {
+			ps := make([]string, len(r.TrustedSubnets))
+			for i, p := range r.TrustedSubnets {
+				ps[i] = p.String()
+			}
+			trusted = strings.Join(ps, ",")
+		}
+		label(w, "TrustedSubnets", trusted)
 	}
 	if wg := r.WireGuard; wg != nil {
 		label(w, "WireGuard", fmt.Sprintf("UDP port %d, %d peers, %d with a session", wg.Port, wg.Peers, wg.Sessions))

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -61,6 +62,7 @@ type options struct {
 	noFirewall    bool
 	password      string
 	passwordFile  string
+	trusted       string
 }
 
 // passwordEnv holds the password when neither flag gives one.
@@ -181,6 +183,11 @@ func (o *options) validate(positional []string) (*config, error) {
 	if err := o.readPassword(c); err != nil {
 		return nil, err
 	}
+	trusted, err := parseTrusted(o.trusted)
+	if err != nil {
+		return nil, err
+	}
+	c.TrustedSubnets = trusted
 	if len(c.Password) > 0 && c.WGPort == c.Port {
 		return nil, badFlag("--wg-port %d is also --port: WireGuard needs a port of its own", c.WGPort)
 	}
@@ -193,6 +200,25 @@ func (o *options) validate(positional []string) (*config, error) {
 		c.MetricsAddr = o.metricsAddr
 	}
 	return c, nil
+}
+
+// parseTrusted reads --trusted-subnets: comma-separated CIDRs (host bits
+// are cleared, as Weave's net.ParseCIDR does), duplicates dropped.
+func parseTrusted(s string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for f := range strings.SplitSeq(s, ",") {
+		if f = strings.TrimSpace(f); f == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(f)
+		if err != nil {
+			return nil, badFlag("--trusted-subnets: %q is not a CIDR, such as 10.0.0.0/8", f)
+		}
+		if p = p.Masked(); !slices.Contains(out, p) {
+			out = append(out, p)
+		}
+	}
+	return out, nil
 }
 
 // readPassword takes the password from --password, --password-file or

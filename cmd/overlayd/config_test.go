@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -230,6 +231,36 @@ func TestPasswordFlags(t *testing.T) {
 			t.Errorf("%+v (env %q): %v; want password %q", o, tc.env, err, tc.want)
 		} else if string(c.Password) != tc.want {
 			t.Errorf("%+v (env %q): password %q; want %q", o, tc.env, c.Password, tc.want)
+		}
+	}
+}
+
+func TestTrustedSubnets(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want string // the subnets, or the error after "!"
+	}{
+		{"", "[]"},
+		{"10.0.0.0/8", "[10.0.0.0/8]"},
+		{" 192.168.1.7/24 , 10.0.0.0/8,192.168.1.0/24,", "[192.168.1.0/24 10.0.0.0/8]"}, // host bits cleared, duplicates dropped
+		{"fd00::/8", "[fd00::/8]"},
+		{"10.0.0.0", `!"10.0.0.0" is not a CIDR`},
+		{"10.0.0.0/33", `!"10.0.0.0/33" is not a CIDR`},
+		{"10.0.0.0/8;192.168.0.0/16", "!is not a CIDR"},
+	} {
+		o := defaults()
+		o.trusted = tc.in
+		c, err := o.validate(nil)
+		if want, isErr := strings.CutPrefix(tc.want, "!"); isErr {
+			if err == nil || !strings.Contains(err.Error(), want) {
+				t.Errorf("--trusted-subnets %q: got %v, want %q", tc.in, err, want)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("--trusted-subnets %q: %v", tc.in, err)
+		} else if got := fmt.Sprint(c.TrustedSubnets); got != tc.want {
+			t.Errorf("--trusted-subnets %q: %s, want %s", tc.in, got, tc.want)
 		}
 	}
 }

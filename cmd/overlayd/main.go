@@ -91,6 +91,7 @@ for --range and --default-subnet.`,
 	f.IntVar(&o.port, "port", peering.DefaultPort, "UDP port for control (and data, without a password)")
 	f.StringVar(&o.password, "password", "", "password every peer must share: peers are authenticated, control traffic is sealed and data goes by WireGuard (visible in ps: prefer --password-file or $"+passwordEnv+")")
 	f.StringVar(&o.passwordFile, "password-file", "", "file whose first line is the password; only its owner may read it")
+	f.StringVar(&o.trusted, "trusted-subnets", "", "with a password: underlay subnets, CIDR,..., whose peers may exchange data with us in clear, when they trust our address too (control traffic stays sealed)")
 	f.IntVar(&o.wgPort, "wg-port", daemon.DefaultWGPort, "UDP port of the WireGuard data plane (with a password)")
 	f.IntVar(&o.connLimit, "conn-limit", 200, "connections to other peers at most (0: no limit)")
 	f.BoolVar(&o.noDiscovery, "no-discovery", false, "do not dial the peers other peers tell of (only --peer and connect)")

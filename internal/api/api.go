@@ -332,6 +332,9 @@ type RouterStatus struct {
 	// sealed. DataEncryption: data packets are encrypted too.
 	Encryption     bool `json:"encryption"`
 	DataEncryption bool `json:"dataEncryption"`
+	// TrustedSubnets are the underlay subnets whose peers may exchange
+	// data with us in clear (password mode), if they trust us too.
+	TrustedSubnets []netip.Prefix `json:"trustedSubnets"`
 	// WireGuard is the data plane of password mode; nil without one.
 	WireGuard     *WireGuardStatus `json:"wireguard,omitempty"`
 	PeerDiscovery bool             `json:"peerDiscovery"`
@@ -363,7 +366,7 @@ type Connection struct {
 	RetryAt  *time.Time     `json:"retryAt,omitempty"`
 	Name     proto.PeerName `json:"name,omitempty"`
 	Nickname string         `json:"nickname,omitempty"`
-	Overlay  string         `json:"overlay,omitempty"` // "udp" for the plain data path
+	Overlay  string         `json:"overlay,omitempty"` // "udp": in clear, by the router; "wg": by WireGuard
 	MTU      int            `json:"mtu,omitempty"`
 }
 

@@ -87,6 +87,9 @@ type Config struct {
 	Password []byte
 	// WGPort is the UDP port of the WireGuard data plane (password mode).
 	WGPort uint16
+	// TrustedSubnets are the underlay subnets whose peers may exchange
+	// data in clear with us (password mode), when they trust us too.
+	TrustedSubnets []netip.Prefix
 }
 
 // DefaultWGPort is the WireGuard data plane's port when none is given.
@@ -256,10 +259,19 @@ func (d *Daemon) openDevice() error {
 		Channels: channels,
 	}
 	if d.secure != nil {
-		if err := d.openPlane(dev); err != nil {
+		planeDev := dev
+		if len(d.cfg.TrustedSubnets) > 0 {
+			// The router sends plaintext peers' data from the plane's
+			// reads, and writes theirs beside the plane.
+			rcfg.TrustedSubnets, rcfg.Divert = d.cfg.TrustedSubnets, peering.NewDivert(dev)
+			planeDev = rcfg.Divert
+		}
+		if err := d.openPlane(planeDev); err != nil {
 			return err
 		}
 		rcfg.DataPlane, rcfg.DataPort, dev = d.plane, d.cfg.WGPort, nil // the plane owns the device now
+	} else if len(d.cfg.TrustedSubnets) > 0 {
+		d.log.Warn("--trusted-subnets has no effect without a password: all traffic is in clear")
 	}
 	d.router, err = peering.New(rcfg, dev, pc)
 	if err != nil {
@@ -283,6 +295,10 @@ func (d *Daemon) openPlane(dev tun.Device) error {
 	d.undo = append(d.undo, plane.Close)
 	if err := netconf.EnableForwarding(); err != nil {
 		d.log.Warn("IPv4 forwarding could not be turned on: this host cannot relay encrypted traffic between peers without a direct connection", zap.Error(err))
+	}
+	// Weave's start line about trusted subnets, then ours.
+	if len(d.cfg.TrustedSubnets) > 0 {
+		d.log.Info("Communication between peers via untrusted networks is encrypted.", zap.Stringers("trusted_subnets", d.cfg.TrustedSubnets))
 	}
 	d.log.Info("WireGuard data plane started: data to peers is encrypted; IPv4 forwarding is on so that this host can relay",
 		zap.Uint16("wg_port", d.cfg.WGPort), zap.Stringer("public_key", d.secure.Identity.Public), zap.String("socket", wgplane.SocketPath(d.cfg.Iface)))

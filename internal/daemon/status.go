@@ -47,7 +47,8 @@ func (d *Daemon) routerStatus(rs peering.Status) api.RouterStatus {
 		PeerDiscovery: d.cfg.Discovery, ConnLimit: d.cfg.ConnLimit, MTU: d.mtu,
 		Targets: rs.Targets, Exposed: rs.Exposed, GossipPartial: rs.GossipPartial, Stats: routerStats(d.router.Stats()),
 		Encryption: rs.Encryption, DataEncryption: d.plane != nil, WireGuard: d.wireGuardStatus(), PasswordRefused: rs.Refused, RefusedAnnouncements: rs.RefusedAnnouncements,
-		Connections: make([]api.Connection, len(rs.Connections)), Peers: make([]api.Peer, len(rs.Peers)),
+		TrustedSubnets: rs.TrustedSubnets,
+		Connections:    make([]api.Connection, len(rs.Connections)), Peers: make([]api.Peer, len(rs.Peers)),
 		Routes: make([]api.Route, len(rs.Routes)),
 	}
 	for i, c := range rs.Connections {

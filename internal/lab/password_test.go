@@ -332,3 +332,126 @@ func TestPasswordNewKey(t *testing.T) {
 		return nil
 	})
 }
+
+// TestTrustedSubnets: three hosts with one password. h1 and h2 trust each
+// other's underlay address, so their data goes in clear, by the routers
+// (`status connections` says udp, `wg show` on h1 lists h3 only, and the
+// capture holds the payload); h2 trusts h3 but h3 trusts no member, and
+// h1 does not trust h3: those links go by WireGuard, and their payloads
+// never show. Control traffic is sealed on every link: a name registered
+// never crosses in clear. With h1 and h3 cut apart, h2 relays between
+// them both ways, in clear on one side and encrypted on the other.
+func TestTrustedSubnets(t *testing.T) {
+	l := lab.New(t, bin, 3)
+	h1, h2, h3 := l.Host(1), l.Host(2), l.Host(3)
+	one := func(h *lab.Host) string { return netip.PrefixFrom(h.Addr, 32).String() }
+	start := func(h *lab.Host, trusted string, args ...string) *lab.Daemon {
+		d := h.Start(append([]string{"--range", testRange, "--init-peer-count", "3", "--iface", fmt.Sprintf("ovts%d", h.Index),
+			"--password", "correct horse", "--trusted-subnets", trusted}, args...)...)
+		t.Cleanup(func() { d.Stop(5 * time.Second) })
+		return d
+	}
+	capture := startCapture(t, l)
+	d1 := start(h1, one(h2))
+	d2 := start(h2, one(h1)+","+one(h3), "--peer", h1.Addr.String())
+	d3 := start(h3, "192.0.2.0/24", "--peer", h1.Addr.String())
+	ds := []*lab.Daemon{d1, d2, d3}
+	for i, d := range ds {
+		waitConnected(t, d, 2, 10*time.Second)
+		expose(t, d, i+1)
+	}
+	if !strings.Contains(d1.Log(), "Communication between peers via untrusted networks is encrypted.") {
+		t.Errorf("h1 does not log Weave's line about trusted subnets:\n%s", d1.Log())
+	}
+	if out := d2.MustCtl("status"); !strings.Contains(out, "TrustedSubnets: "+one(h1)+","+one(h3)+"\n") || !strings.Contains(out, "Encryption: enabled\n") {
+		t.Errorf("h2 status:\n%s", out)
+	}
+	// Each side's view of each link: udp only where both trust.
+	names := map[string]string{}
+	for _, d := range ds {
+		names[mustStatus(t, d).Router.Name.String()] = d.Host.NS
+	}
+	want := map[[2]string]string{
+		{h1.NS, h2.NS}: "udp", {h2.NS, h1.NS}: "udp",
+		{h1.NS, h3.NS}: "wg", {h3.NS, h1.NS}: "wg", {h2.NS, h3.NS}: "wg", {h3.NS, h2.NS}: "wg",
+	}
+	for _, d := range ds {
+		for _, c := range mustStatus(t, d).Router.Connections {
+			link := [2]string{d.Host.NS, names[c.Name.String()]}
+			if c.State != "established" || c.Overlay != want[link] {
+				t.Errorf("%s -> %s: %s over %q, want established over %q", link[0], link[1], c.State, c.Overlay, want[link])
+			}
+		}
+	}
+	wg, err := h1.Exec(context.Background(), "wg", "show", fmt.Sprintf("ovts%d", h1.Index), "peers")
+	if err != nil {
+		t.Fatalf("wg show: %v\n%s", err, wg)
+	}
+	keyOf := func(d *lab.Daemon) string {
+		pub, err := exec.Command("sh", "-c", "wg pubkey <"+filepath.Join(d.StateDir, "identity.key")).Output()
+		if err != nil {
+			t.Fatalf("wg pubkey: %v", err)
+		}
+		return strings.TrimSpace(string(pub))
+	}
+	if !strings.Contains(wg, keyOf(d3)) || strings.Contains(wg, keyOf(d2)) {
+		t.Errorf("WireGuard peers on h1 (want h3's key %s only):\n%s", keyOf(d3), wg)
+	}
+
+	const secretName = "trusted-name-41c9"
+	d1.MustCtl("dns-add", overlayAddr(1).String(), secretName, "--container", "c1")
+	lab.Eventually(t, 5*time.Second, "h2 resolves the name h1 registered", func() error {
+		if out := d2.MustCtl("dns"); !strings.Contains(out, secretName) {
+			return fmt.Errorf("dns on h2:\n%s", out)
+		}
+		return nil
+	})
+	markers := map[string][]byte{}
+	for _, m := range []struct {
+		from, to *lab.Host
+		i        int
+	}{{h1, h2, 2}, {h2, h1, 1}, {h2, h3, 3}, {h1, h3, 3}, {h3, h1, 1}} {
+		marker := []byte(fmt.Sprintf("marker-%s-to-%s-6e0f", m.from.NS, m.to.NS))
+		markers[m.from.NS+" -> "+m.to.NS] = marker
+		waitPing(t, m.from, overlayAddr(m.i), 5*time.Second)
+		if _, err := lab.SendTCP(m.from, m.to, overlayAddr(m.i), uint16(5100+len(markers)), bytes.Repeat(marker, (256<<10)/len(marker)), 20*time.Second); err != nil {
+			t.Fatalf("TCP %s -> %s: %v", m.from.NS, m.to.NS, err)
+		}
+	}
+	if st := mustStatus(t, d2); st.Router.Stats.ReceivedPackets == 0 || st.Router.Stats.SentPackets == 0 {
+		t.Errorf("h2's router carried no data of its own: %+v", st.Router.Stats)
+	}
+	if st := mustStatus(t, d3); st.Router.Stats.ReceivedPackets != 0 || st.Router.Stats.SentPackets != 0 {
+		t.Errorf("h3's router carried data in clear: %+v", st.Router.Stats)
+	}
+	pcap := capture()
+	for link, m := range markers {
+		clear := link == h1.NS+" -> "+h2.NS || link == h2.NS+" -> "+h1.NS
+		if bytes.Contains(pcap, m) != clear {
+			t.Errorf("%s: payload in clear on the underlay: %v, want %v", link, !clear, clear)
+		}
+	}
+	if bytes.Contains(pcap, []byte(secretName)) {
+		t.Errorf("the name %q crossed the underlay in clear: control traffic must stay sealed", secretName)
+	}
+
+	// h1 and h3 lose their direct path: h2 relays, in clear on the h1
+	// side and by WireGuard on the h3 side, both ways.
+	if err := h1.Block(h3.Addr); err != nil {
+		t.Fatal(err)
+	}
+	if err := h3.Block(h1.Addr); err != nil {
+		t.Fatal(err)
+	}
+	waitConnected(t, d1, 1, 10*time.Second)
+	waitConnected(t, d3, 1, 10*time.Second)
+	for _, m := range []struct {
+		from, to *lab.Host
+		i        int
+	}{{h1, h3, 3}, {h3, h1, 1}} {
+		lab.Eventually(t, 15*time.Second, fmt.Sprintf("TCP %s -> %s through h2", m.from.NS, m.to.NS), func() error {
+			_, err := lab.TransferTCP(m.from, m.to, overlayAddr(m.i), uint16(5110+m.i), 1<<20, 10*time.Second)
+			return err
+		})
+	}
+}

@@ -1,0 +1,80 @@
+package peering
+
+import (
+	"sync/atomic"
+
+	"github.com/overlayd/overlayd/peering/conn"
+	"github.com/overlayd/overlayd/proto"
+	"github.com/overlayd/overlayd/tun"
+)
+
+// A Divert is the TUN device as the data plane (WireGuard) sees it in
+// password mode with trusted subnets. Packets whose first hop is a peer
+// that takes data in clear never reach the plane: on the plane's own read,
+// the router writes its data header into the headroom in front of each,
+// sends them, and reports their size as 0, which the plane skips. The rest
+// pass untouched, so encrypted traffic costs one route lookup per packet
+// more and no copy. Data from plaintext peers is written to the device by
+// the router, beside the plane's writes (the device serialises them).
+//
+// The router attaches itself in New; until then every packet passes.
+type Divert struct {
+	tun.Device
+	r atomic.Pointer[Router]
+	// Owned by the plane's reading goroutine (the device has one reader).
+	send conn.Sender
+	b    batcher
+}
+
+// NewDivert wraps dev; closing the Divert closes dev.
+func NewDivert(dev tun.Device) *Divert { return &Divert{Device: dev} }
+
+// Read reads a batch from the device and sends the packets of plaintext
+// peers itself; their sizes come back 0.
+func (d *Divert) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
+	n, err := d.Device.Read(bufs, sizes, offset)
+	if r := d.r.Load(); r != nil && n > 0 && offset >= proto.DataHeaderLen {
+		if d.send == nil {
+			d.send = r.pc.NewSender(d.Device.BatchSize())
+		}
+		r.divert(bufs[:n], sizes[:n], offset, &d.b)
+		for i := range d.b.n {
+			g := &d.b.groups[i]
+			if sent, _ := d.send.Send(g.bufs, g.p.ep); sent < len(g.bufs) {
+				r.stats.DropSendError.Add(uint64(len(g.bufs) - sent))
+			}
+		}
+		d.b.reset()
+	}
+	return n, err
+}
+
+// divert takes out of one batch read by the data plane the packets whose
+// first hop takes data in clear: each gets its data header in place, in
+// the headroom before offset, goes into b, and its size is set to 0.
+// Packets for no route or for us are left to the plane (which drops them).
+func (r *Router) divert(bufs [][]byte, sizes []int, offset int, b *batcher) {
+	const hdr = proto.DataHeaderLen
+	snap := r.snap.Load()
+	self := r.cfg.Name
+	var routed, bytes uint64
+	for i, buf := range bufs {
+		if sizes[i] <= 0 {
+			continue
+		}
+		pkt := buf[offset-hdr : offset+sizes[i]]
+		dst, ok := proto.DstAddr(pkt[hdr:])
+		p, found := snap.routes.Lookup(dst)
+		if !ok || !found || p.local || !p.plain {
+			continue
+		}
+		proto.PutDataHeader(pkt, self, p.name)
+		b.add(p, pkt)
+		sizes[i] = 0
+		routed++
+		bytes += uint64(len(pkt))
+	}
+	r.stats.TunPackets.Add(routed) // the ones the router took
+	r.stats.SentPackets.Add(routed)
+	r.stats.SentBytes.Add(bytes)
+}
