@@ -6,7 +6,7 @@
 # docker-up.sh starts if it is stopped. The daemons under test are built
 # with the race detector.
 #
-# The allocator's simulation (500 random schedules of 50-120 peers here, to
+# The allocator's simulation (400 random schedules of 50-120 peers here, to
 # keep the whole run under 15 minutes on 2 cores) runs without the race
 # detector: it is one goroutine per schedule, so the detector has nothing
 # to find and would only make it ten times slower.
@@ -18,4 +18,4 @@ cd "$(dirname "$0")/.."
 ./scripts/docker-up.sh
 go vet ./...
 OVERLAYD_RACE=1 go test -race -count=1 -timeout 15m $(go list ./... | grep -v /ipalloc/ipalloctest)
-go test -count=1 -timeout 15m -v ./ipalloc/ipalloctest -schedules 500 | grep -E '^(---|ok|FAIL|panic)|schedules in|replay'
+go test -count=1 -timeout 15m -v ./ipalloc/ipalloctest -schedules 400 | grep -E '^(---|ok|FAIL|panic)|schedules in|replay'
