@@ -340,11 +340,13 @@ type RouterStatus struct {
 	PeerDiscovery bool             `json:"peerDiscovery"`
 	ConnLimit     int              `json:"connLimit"`
 	MTU           int              `json:"mtu"`
-	Targets       []string         `json:"targets"`
-	Connections   []Connection     `json:"connections"`
-	Peers         []Peer           `json:"peers"`
-	Routes        []Route          `json:"routes"`
-	Exposed       []netip.Prefix   `json:"exposed"`
+	// UDPGSO says the socket sends runs of datagrams with UDP GSO.
+	UDPGSO      bool           `json:"udpGSO"`
+	Targets     []string       `json:"targets"`
+	Connections []Connection   `json:"connections"`
+	Peers       []Peer         `json:"peers"`
+	Routes      []Route        `json:"routes"`
+	Exposed     []netip.Prefix `json:"exposed"`
 	// GossipPartial is the number of chunked gossip messages waiting for
 	// their missing chunks.
 	GossipPartial int         `json:"gossipPartial"`

@@ -103,6 +103,7 @@ func (h *Host) Spawn(args ...string) *Daemon {
 		l.t.Fatal(err)
 	}
 	d.cmd = exec.Command("ip", append([]string{"netns", "exec", h.NS, l.Bin.Overlayd}, full...)...)
+	d.cmd.Env = append(os.Environ(), h.Env...)
 	d.cmd.Stdout, d.cmd.Stderr = logf, logf
 	if err := d.cmd.Start(); err != nil {
 		logf.Close()

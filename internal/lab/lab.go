@@ -89,6 +89,9 @@ type Host struct {
 	NS    string
 	Addr  netip.Addr // underlay address on eth0
 	port  string     // the host's port on the bridge, in the switch namespace
+	// Env is added to the environment of the daemons started in the host
+	// from then on.
+	Env []string
 }
 
 // aliasNS reports whether a lab namespace name is only a name for a

@@ -15,6 +15,13 @@
 //     (IPV6_PKTINFO / IP_PKTINFO), and a send can name the local address to
 //     send from: on a host with several addresses, a peer that dialled one
 //     of them hears back from that same address.
+//  5. Where the kernel has UDP GSO (UDP_SEGMENT, Linux 4.18), a Sender hands
+//     runs of equal-sized datagrams to one destination as one message: the
+//     datagrams stay in their own buffers (one iovec each) and the kernel
+//     cuts them apart late, so the stack is crossed once per run instead of
+//     once per datagram. If the kernel refuses (EIO: the device lacks
+//     checksum offload), the socket stops using GSO and sends them one by
+//     one, as it does without the feature.
 package conn
 
 import (
@@ -23,6 +30,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"sync/atomic"
 	"syscall"
 	"unsafe"
 
@@ -40,6 +49,8 @@ type PacketConn interface {
 	NewReader(batch int) Reader
 	NewSender(batch int) Sender
 	LocalPort() uint16
+	// GSO reports whether Senders coalesce datagrams with UDP GSO.
+	GSO() bool
 	Close() error
 }
 
@@ -75,7 +86,20 @@ type UDP struct {
 	rc   syscall.RawConn
 	v6   bool // the socket is AF_INET6 (dual-stack)
 	port uint16
+	// gso says Senders coalesce runs of datagrams with UDP_SEGMENT; it is
+	// cleared for good when the kernel refuses a coalesced send.
+	gso atomic.Bool
 }
+
+// OffloadEnv, set to "off", keeps the socket from using UDP GSO even where
+// the kernel has it (to compare, or to work around a broken driver).
+const OffloadEnv = "OVERLAYD_UDP_OFFLOAD"
+
+// GSO reports whether Senders coalesce datagrams with UDP GSO.
+func (u *UDP) GSO() bool { return u.gso.Load() }
+
+// DisableGSO makes Senders send every datagram as a message of its own.
+func (u *UDP) DisableGSO() { u.gso.Store(false) }
 
 var _ PacketConn = (*UDP)(nil)
 
@@ -121,7 +145,14 @@ func Listen(port uint16) (*UDP, error) {
 		return nil, fmt.Errorf("conn: %w", err)
 	}
 	la := c.LocalAddr().(*net.UDPAddr)
-	return &UDP{conn: c, rc: rc, v6: v6, port: uint16(la.Port)}, nil
+	u := &UDP{conn: c, rc: rc, v6: v6, port: uint16(la.Port)}
+	if os.Getenv(OffloadEnv) != "off" {
+		_ = rc.Control(func(fd uintptr) {
+			_, err := unix.GetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_SEGMENT)
+			u.gso.Store(err == nil)
+		})
+	}
+	return u, nil
 }
 
 // LocalPort is the port the socket is bound to.
@@ -136,17 +167,22 @@ type mmsgs struct {
 	hdrs  []unix.Mmsghdr
 	iovs  []unix.Iovec
 	names []unix.RawSockaddrInet6 // big enough for either family
-	oob   []byte                  // oobLen bytes of control messages per datagram
+	oob   []byte                  // oobLen bytes of control messages per message
+	oobN  int                     // that length
 	count int                     // messages offered to the current call
 	n     int                     // messages the call handled
 	errno syscall.Errno
 	fn    func(fd uintptr) bool // made once, so no call allocates a closure
 }
 
-// oobLen holds one packet-info control message of either family.
-var oobLen = unix.CmsgSpace(unix.SizeofInet6Pktinfo)
+// oobLen holds one packet-info control message of either family;
+// sendOOBLen one of those and a GSO segment size.
+var (
+	oobLen     = unix.CmsgSpace(unix.SizeofInet6Pktinfo)
+	sendOOBLen = oobLen + unix.CmsgSpace(2)
+)
 
-func newMmsgs(u *UDP, batch int) *mmsgs {
+func newMmsgs(u *UDP, batch, oobN int) *mmsgs {
 	if batch < 1 {
 		batch = 1
 	}
@@ -155,7 +191,8 @@ func newMmsgs(u *UDP, batch int) *mmsgs {
 		hdrs:  make([]unix.Mmsghdr, batch),
 		iovs:  make([]unix.Iovec, batch),
 		names: make([]unix.RawSockaddrInet6, batch),
-		oob:   make([]byte, batch*oobLen),
+		oob:   make([]byte, batch*oobN),
+		oobN:  oobN,
 	}
 	for i := range m.hdrs {
 		m.hdrs[i].Hdr.Iov = &m.iovs[i]
@@ -186,7 +223,7 @@ type udpReader struct{ *mmsgs }
 
 // NewReader makes a Reader that receives up to batch datagrams per call.
 func (u *UDP) NewReader(batch int) Reader {
-	r := udpReader{newMmsgs(u, batch)}
+	r := udpReader{newMmsgs(u, batch, oobLen)}
 	r.fn = func(fd uintptr) bool { return r.call(unix.SYS_RECVMMSG, fd) }
 	return r
 }
@@ -228,12 +265,23 @@ func (r udpReader) Read(bufs [][]byte, sizes []int, eps []Endpoint) (int, error)
 }
 
 // udpSender is the Sender of a UDP socket.
-type udpSender struct{ *mmsgs }
+type udpSender struct {
+	*mmsgs
+	segs []int // datagrams in each message of the current call
+}
+
+// GSO limits: the kernel takes at most maxSegments datagrams in one
+// message (UDP_MAX_SEGMENTS), whose payloads together must fit in one
+// IPv4 datagram.
+const (
+	maxSegments = 64
+	maxGSOBytes = 1<<16 - 1 - 20 - 8
+)
 
 // NewSender makes a Sender that hands up to batch datagrams to the kernel per
 // system call (larger batches take several calls).
 func (u *UDP) NewSender(batch int) Sender {
-	s := udpSender{newMmsgs(u, batch)}
+	s := udpSender{mmsgs: newMmsgs(u, batch, sendOOBLen), segs: make([]int, max(batch, 1))}
 	s.fn = func(fd uintptr) bool { return s.call(unix.SYS_SENDMMSG, fd) }
 	return s
 }
@@ -243,43 +291,118 @@ func (s udpSender) Send(bufs [][]byte, to Endpoint) (sent int, err error) {
 	if err != nil {
 		return 0, err
 	}
-	oob := s.putPktinfo(to)
+	// Every message carries the same packet info; GSO messages add their
+	// segment size after it.
+	pkt := s.putPktinfo(to, s.oob[:s.oobN])
+	single := 0 // datagrams to send one per message before coalescing again
 	for len(bufs) > 0 {
-		count := min(len(bufs), len(s.hdrs))
-		for i := range count {
-			if len(bufs[i]) == 0 {
-				s.iovs[i].Base = nil
-			} else {
-				s.iovs[i].Base = &bufs[i][0]
+		gso := s.u.gso.Load()
+		avail := min(len(bufs), len(s.iovs))
+		count, used := 0, 0
+		for used < avail {
+			n := 1
+			if gso && used >= single {
+				n = run(bufs[used:avail])
 			}
-			s.iovs[i].SetLen(len(bufs[i]))
-			h := &s.hdrs[i].Hdr
+			for k := range n {
+				b := bufs[used+k]
+				if len(b) == 0 {
+					s.iovs[used+k].Base = nil
+				} else {
+					s.iovs[used+k].Base = &b[0]
+				}
+				s.iovs[used+k].SetLen(len(b))
+			}
+			h := &s.hdrs[count].Hdr
+			h.Iov = &s.iovs[used]
+			h.SetIovlen(n)
 			h.Name = (*byte)(unsafe.Pointer(&s.names[0]))
 			h.Namelen = namelen
-			if oob > 0 {
-				h.Control = &s.oob[0]
+			oob := s.oob[count*s.oobN : (count+1)*s.oobN]
+			if count > 0 {
+				copy(oob, s.oob[:pkt])
+			}
+			olen := pkt
+			if n > 1 {
+				olen += putSegment(oob[pkt:], uint16(len(bufs[used])))
+			}
+			if olen > 0 {
+				h.Control = &oob[0]
 			} else {
 				h.Control = nil
 			}
-			h.SetControllen(oob)
+			h.SetControllen(olen)
+			s.segs[count] = n
+			count++
+			used += n
 		}
 		s.count = count
 		if werr := s.u.rc.Write(s.fn); werr != nil {
 			return sent, werr // the socket is closed
 		}
 		if s.errno != 0 && s.n <= 0 {
-			// The first message failed (too big, no route...): skip it so
-			// that one bad datagram does not block the rest.
-			if err == nil {
-				err = fmt.Errorf("conn: sendmmsg to %v: %w", to.Remote, s.errno)
+			switch {
+			case s.errno == unix.EIO && s.segs[0] > 1:
+				// The device cannot checksum for us, which GSO needs:
+				// never again on this socket.
+				s.u.gso.Store(false)
+			case s.segs[0] > 1:
+				// One datagram of the run may be the bad one: send the
+				// run again one by one.
+				single = s.segs[0]
+			default:
+				// The first datagram failed (too big, no route...): skip
+				// it so that one bad datagram does not block the rest.
+				if err == nil {
+					err = fmt.Errorf("conn: sendmmsg to %v: %w", to.Remote, s.errno)
+				}
+				bufs = bufs[1:]
+				single = max(0, single-1)
 			}
-			bufs = bufs[1:]
 			continue
 		}
-		sent += s.n
-		bufs = bufs[s.n:]
+		done := 0
+		for _, n := range s.segs[:s.n] {
+			done += n
+		}
+		sent += done
+		bufs = bufs[done:]
+		single = max(0, single-done)
 	}
 	return sent, err
+}
+
+// run is how many datagrams from the start of bufs go in one GSO message:
+// all as long as the first, but the last, which may be shorter; at most
+// maxSegments of them and maxGSOBytes in all.
+func run(bufs [][]byte) int {
+	size := len(bufs[0])
+	if size == 0 {
+		return 1
+	}
+	n, total := 1, size
+	for n < len(bufs) && n < maxSegments {
+		l := len(bufs[n])
+		if l == 0 || l > size || total+l > maxGSOBytes {
+			break
+		}
+		n++
+		total += l
+		if l < size {
+			break
+		}
+	}
+	return n
+}
+
+// putSegment writes the UDP_SEGMENT control message of a GSO message whose
+// datagrams are size bytes long into oob, and returns its length.
+func putSegment(oob []byte, size uint16) int {
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
+	h.Level, h.Type = unix.SOL_UDP, unix.UDP_SEGMENT
+	h.SetLen(unix.CmsgLen(2))
+	*(*uint16)(unsafe.Pointer(&oob[unix.CmsgLen(0)])) = size // host byte order
+	return unix.CmsgSpace(2)
 }
 
 // putSockaddr writes to into names[0] in the socket's family.
@@ -320,13 +443,13 @@ func parseSockaddr(sa *unix.RawSockaddrInet6) netip.AddrPort {
 
 // putPktinfo writes into oob[:n] the control message that makes the kernel
 // send from to.Local, and returns n (0 when Local is not set).
-func (s udpSender) putPktinfo(to Endpoint) int {
+func (s udpSender) putPktinfo(to Endpoint, oob []byte) int {
 	local := to.Local.Unmap()
 	if !local.IsValid() || local.IsUnspecified() {
 		return 0
 	}
-	h := (*unix.Cmsghdr)(unsafe.Pointer(&s.oob[0]))
-	data := s.oob[unix.CmsgLen(0):]
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
+	data := oob[unix.CmsgLen(0):]
 	if local.Is4() {
 		// IP_PKTINFO works on an AF_INET6 socket too, for IPv4 peers.
 		h.Level, h.Type = unix.IPPROTO_IP, unix.IP_PKTINFO

@@ -2,8 +2,10 @@ package conn
 
 import (
 	"bytes"
+	"encoding/binary"
 	"fmt"
 	"net/netip"
+	"os"
 	"testing"
 )
 
@@ -178,5 +180,109 @@ func TestParsePktinfoRejectsGarbage(t *testing.T) {
 		if a := parsePktinfo(b); a.IsValid() {
 			t.Errorf("% x -> %v", b, a)
 		}
+	}
+}
+
+// TestGSO sends runs of equal-sized datagrams, with shorter ones and more
+// than a GSO message holds between them, with UDP GSO and without: every
+// datagram arrives whole and in order, and with GSO a run goes as one
+// message.
+func TestGSO(t *testing.T) {
+	for _, gso := range []bool{true, false} {
+		t.Run(fmt.Sprintf("gso=%v", gso), func(t *testing.T) {
+			a, b := pair(t)
+			if gso && !a.GSO() {
+				if os.Getenv("CI") == "true" {
+					t.Fatal("this kernel has no UDP GSO (UDP_SEGMENT)")
+				}
+				t.Skip("no UDP GSO here")
+			}
+			if !gso {
+				a.DisableGSO()
+			}
+			to := Endpoint{Remote: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), b.LocalPort())}
+			var out [][]byte
+			add := func(n, size int) {
+				for range n {
+					d := make([]byte, size)
+					binary.BigEndian.PutUint32(d, uint32(len(out)))
+					for j := 4; j < size; j++ {
+						d[j] = byte(len(out) + j)
+					}
+					out = append(out, d)
+				}
+			}
+			add(3, 1400)
+			add(1, 300)   // ends the first run
+			add(70, 1200) // more than maxSegments
+			add(1, 1300)  // longer: a run of its own
+			add(2, 40)
+			s := a.NewSender(256).(udpSender)
+			if n, err := s.Send(out, to); err != nil || n != len(out) {
+				t.Fatalf("sent %d of %d: %v", n, len(out), err)
+			}
+			// Messages of the (one) call with GSO: 4 (a shorter one ends a
+			// run) | 54 (64 KiB) | 16 | 2 | 1.
+			want := len(out)
+			if gso {
+				want = 5
+			}
+			if s.count != want {
+				t.Errorf("%d messages in the call, want %d (segments %v)", s.count, want, s.segs[:s.count])
+			}
+			r := b.NewReader(64)
+			bufs, sizes, eps := make([][]byte, 64), make([]int, 64), make([]Endpoint, 64)
+			for i := range bufs {
+				bufs[i] = make([]byte, 2000)
+			}
+			for got := 0; got < len(out); {
+				n, err := r.Read(bufs, sizes, eps)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for i := range n {
+					if !bytes.Equal(bufs[i][:sizes[i]], out[got]) {
+						t.Fatalf("datagram %d: %d bytes, starting % x; want %d bytes", got, sizes[i], bufs[i][:min(8, sizes[i])], len(out[got]))
+					}
+					got++
+				}
+			}
+		})
+	}
+}
+
+func TestRun(t *testing.T) {
+	mk := func(sizes ...int) [][]byte {
+		var bs [][]byte
+		for _, s := range sizes {
+			bs = append(bs, make([]byte, s))
+		}
+		return bs
+	}
+	for _, c := range []struct {
+		sizes []int
+		want  int
+	}{
+		{[]int{100}, 1},
+		{[]int{100, 100, 100}, 3},
+		{[]int{100, 100, 50, 100}, 3},   // a shorter one ends the run
+		{[]int{100, 200}, 1},            // a longer one starts the next
+		{[]int{0, 0}, 1},                // empty datagrams go alone
+		{[]int{100, 0, 100}, 1},         //
+		{[]int{30000, 30000, 30000}, 2}, // 64 KiB at most
+	} {
+		if got := run(mk(c.sizes...)); got != c.want {
+			t.Errorf("run%v = %d, want %d", c.sizes, got, c.want)
+		}
+	}
+	if got := run(mk(make([]int, 100)...)); got != 1 {
+		t.Errorf("100 empty: %d", got)
+	}
+	many := make([]int, 100)
+	for i := range many {
+		many[i] = 10
+	}
+	if got := run(mk(many...)); got != maxSegments {
+		t.Errorf("100 equal: %d, want %d", got, maxSegments)
 	}
 }

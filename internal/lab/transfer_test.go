@@ -1,0 +1,57 @@
+package lab_test
+
+import (
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/overlayd/overlayd/internal/lab"
+)
+
+// TestLargeTransfers: 8 MiB TCP transfers, content checked, both ways
+// between neighbours and through a relay (h1 and h3 cannot reach each
+// other on the underlay, so h2 relays), with the socket's UDP GSO on and,
+// as on a kernel without it, off (OVERLAYD_UDP_OFFLOAD=off).
+func TestLargeTransfers(t *testing.T) {
+	for _, gso := range []bool{true, false} {
+		t.Run(fmt.Sprintf("gso=%v", gso), func(t *testing.T) {
+			l := lab.New(t, bin, 3)
+			h1, h2, h3 := l.Host(1), l.Host(2), l.Host(3)
+			if err := h1.Block(h3.Addr); err != nil {
+				t.Fatal(err)
+			}
+			if err := h3.Block(h1.Addr); err != nil {
+				t.Fatal(err)
+			}
+			if !gso {
+				for _, h := range []*lab.Host{h1, h2, h3} {
+					h.Env = []string{"OVERLAYD_UDP_OFFLOAD=off"}
+				}
+			}
+			d1 := h1.Start("--range", testRange)
+			d2 := h2.Start("--range", testRange, "--peer", h1.Addr.String())
+			d3 := h3.Start("--range", testRange, "--peer", h2.Addr.String())
+			waitConnected(t, d2, 2, 10*time.Second)
+			for i, d := range []*lab.Daemon{d1, d2, d3} {
+				expose(t, d, i+1)
+				if st := mustStatus(t, d); st.Router.UDPGSO != gso {
+					t.Errorf("%s: udpGSO %v, want %v", d.Host.NS, st.Router.UDPGSO, gso)
+				}
+			}
+			waitPing(t, h1, overlayAddr(3), 10*time.Second)
+			for i, c := range []struct {
+				from, to *lab.Host
+				dst      int
+			}{{h1, h2, 2}, {h2, h1, 1}, {h1, h3, 3}, {h3, h1, 1}} {
+				took, err := lab.TransferTCP(c.from, c.to, overlayAddr(c.dst), uint16(5200+i), 8<<20, 60*time.Second)
+				if err != nil {
+					t.Fatalf("TCP %s -> %s: %v", c.from.NS, c.to.NS, err)
+				}
+				t.Logf("8 MiB %s -> %s in %v", c.from.NS, c.to.NS, took.Round(time.Millisecond))
+			}
+			if s := mustStatus(t, d2).Router.Stats; s.RelayedBytes < 16<<20 {
+				t.Errorf("h2 relayed %d bytes, want the two 8 MiB transfers", s.RelayedBytes)
+			}
+		})
+	}
+}
