@@ -340,8 +340,10 @@ type RouterStatus struct {
 	PeerDiscovery bool             `json:"peerDiscovery"`
 	ConnLimit     int              `json:"connLimit"`
 	MTU           int              `json:"mtu"`
-	// UDPGSO says the socket sends runs of datagrams with UDP GSO.
+	// UDPGSO says the socket sends runs of datagrams with UDP GSO, UDPGRO
+	// that it receives them with UDP GRO.
 	UDPGSO      bool           `json:"udpGSO"`
+	UDPGRO      bool           `json:"udpGRO"`
 	Targets     []string       `json:"targets"`
 	Connections []Connection   `json:"connections"`
 	Peers       []Peer         `json:"peers"`

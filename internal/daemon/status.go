@@ -44,7 +44,7 @@ func (d *Daemon) routerStatus(rs peering.Status) api.RouterStatus {
 	st := api.RouterStatus{
 		Name: d.name, Nickname: d.cfg.Nickname, UID: d.router.UID(), Port: d.pc.LocalPort(),
 		ProtocolMinVersion: proto.MinVersion, ProtocolMaxVersion: proto.MaxVersion,
-		PeerDiscovery: d.cfg.Discovery, ConnLimit: d.cfg.ConnLimit, MTU: d.mtu, UDPGSO: d.pc.GSO(),
+		PeerDiscovery: d.cfg.Discovery, ConnLimit: d.cfg.ConnLimit, MTU: d.mtu, UDPGSO: d.pc.GSO(), UDPGRO: d.pc.GRO(),
 		Targets: rs.Targets, Exposed: rs.Exposed, GossipPartial: rs.GossipPartial, Stats: routerStats(d.router.Stats()),
 		Encryption: rs.Encryption, DataEncryption: d.plane != nil, WireGuard: d.wireGuardStatus(), PasswordRefused: rs.Refused, RefusedAnnouncements: rs.RefusedAnnouncements,
 		TrustedSubnets: rs.TrustedSubnets,

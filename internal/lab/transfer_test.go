@@ -10,8 +10,8 @@ import (
 
 // TestLargeTransfers: 8 MiB TCP transfers, content checked, both ways
 // between neighbours and through a relay (h1 and h3 cannot reach each
-// other on the underlay, so h2 relays), with the socket's UDP GSO on and,
-// as on a kernel without it, off (OVERLAYD_UDP_OFFLOAD=off).
+// other on the underlay, so h2 relays), with the socket's UDP GSO and GRO
+// on and, as on a kernel without them, off (OVERLAYD_UDP_OFFLOAD=off).
 func TestLargeTransfers(t *testing.T) {
 	for _, gso := range []bool{true, false} {
 		t.Run(fmt.Sprintf("gso=%v", gso), func(t *testing.T) {
@@ -34,8 +34,8 @@ func TestLargeTransfers(t *testing.T) {
 			waitConnected(t, d2, 2, 10*time.Second)
 			for i, d := range []*lab.Daemon{d1, d2, d3} {
 				expose(t, d, i+1)
-				if st := mustStatus(t, d); st.Router.UDPGSO != gso {
-					t.Errorf("%s: udpGSO %v, want %v", d.Host.NS, st.Router.UDPGSO, gso)
+				if st := mustStatus(t, d); st.Router.UDPGSO != gso || st.Router.UDPGRO != gso {
+					t.Errorf("%s: udpGSO %v, udpGRO %v, want both %v", d.Host.NS, st.Router.UDPGSO, st.Router.UDPGRO, gso)
 				}
 			}
 			waitPing(t, h1, overlayAddr(3), 10*time.Second)

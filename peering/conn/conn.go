@@ -22,6 +22,11 @@
 //     once per datagram. If the kernel refuses (EIO: the device lacks
 //     checksum offload), the socket stops using GSO and sends them one by
 //     one, as it does without the feature.
+//  6. Where the kernel has UDP GRO (Linux 5.0), the socket asks for it: a
+//     run of datagrams of one flow comes up as one message, so the stack is
+//     crossed once per run on receive too. A Reader receives such messages
+//     into buffers of its own and hands their datagrams out one per caller
+//     buffer (a copy), keeping what does not fit for the next Read.
 package conn
 
 import (
@@ -49,8 +54,10 @@ type PacketConn interface {
 	NewReader(batch int) Reader
 	NewSender(batch int) Sender
 	LocalPort() uint16
-	// GSO reports whether Senders coalesce datagrams with UDP GSO.
+	// GSO reports whether Senders coalesce datagrams with UDP GSO, GRO
+	// whether Readers receive runs of datagrams as one message.
 	GSO() bool
+	GRO() bool
 	Close() error
 }
 
@@ -89,10 +96,14 @@ type UDP struct {
 	// gso says Senders coalesce runs of datagrams with UDP_SEGMENT; it is
 	// cleared for good when the kernel refuses a coalesced send.
 	gso atomic.Bool
+	// gro says the socket has UDP_GRO on: a read may return several
+	// datagrams in one message. Fixed before the first Reader is made.
+	gro bool
 }
 
-// OffloadEnv, set to "off", keeps the socket from using UDP GSO even where
-// the kernel has it (to compare, or to work around a broken driver).
+// OffloadEnv limits the UDP offloads the socket uses where the kernel has
+// them: "off" none, "gso" or "gro" only that one; unset (or anything else)
+// both. To compare, or to work around a broken driver.
 const OffloadEnv = "OVERLAYD_UDP_OFFLOAD"
 
 // GSO reports whether Senders coalesce datagrams with UDP GSO.
@@ -100,6 +111,27 @@ func (u *UDP) GSO() bool { return u.gso.Load() }
 
 // DisableGSO makes Senders send every datagram as a message of its own.
 func (u *UDP) DisableGSO() { u.gso.Store(false) }
+
+// GRO reports whether the socket receives runs of datagrams as one message.
+func (u *UDP) GRO() bool { return u.gro }
+
+// DisableGRO turns UDP GRO off; only before the first Reader is made.
+func (u *UDP) DisableGRO() error {
+	if !u.gro {
+		return nil
+	}
+	var serr error
+	if err := u.rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_GRO, 0)
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("conn: turning UDP GRO off: %w", serr)
+	}
+	u.gro = false
+	return nil
+}
 
 var _ PacketConn = (*UDP)(nil)
 
@@ -146,12 +178,16 @@ func Listen(port uint16) (*UDP, error) {
 	}
 	la := c.LocalAddr().(*net.UDPAddr)
 	u := &UDP{conn: c, rc: rc, v6: v6, port: uint16(la.Port)}
-	if os.Getenv(OffloadEnv) != "off" {
-		_ = rc.Control(func(fd uintptr) {
+	env := os.Getenv(OffloadEnv)
+	_ = rc.Control(func(fd uintptr) {
+		if env != "off" && env != "gro" {
 			_, err := unix.GetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_SEGMENT)
 			u.gso.Store(err == nil)
-		})
-	}
+		}
+		if env != "off" && env != "gso" {
+			u.gro = unix.SetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_GRO, 1) == nil
+		}
+	})
 	return u, nil
 }
 
@@ -176,10 +212,12 @@ type mmsgs struct {
 }
 
 // oobLen holds one packet-info control message of either family;
-// sendOOBLen one of those and a GSO segment size.
+// sendOOBLen one of those and a GSO segment size (a uint16), groOOBLen one
+// of those and a GRO segment size (an int).
 var (
 	oobLen     = unix.CmsgSpace(unix.SizeofInet6Pktinfo)
 	sendOOBLen = oobLen + unix.CmsgSpace(2)
+	groOOBLen  = oobLen + unix.CmsgSpace(4)
 )
 
 func newMmsgs(u *UDP, batch, oobN int) *mmsgs {
@@ -221,8 +259,24 @@ func (m *mmsgs) call(trap, fd uintptr) bool {
 // udpReader is the Reader of a UDP socket.
 type udpReader struct{ *mmsgs }
 
+// groMessages is how many messages a GRO Reader receives per call, each
+// up to groBytes long: up to maxSegments datagrams each.
+const (
+	groMessages = 16
+	groBytes    = 1 << 16
+)
+
 // NewReader makes a Reader that receives up to batch datagrams per call.
 func (u *UDP) NewReader(batch int) Reader {
+	if u.gro {
+		k := max(1, min(batch, groMessages))
+		r := &groReader{mmsgs: newMmsgs(u, k, groOOBLen), big: make([][]byte, k), segs: make([]int, k), eps: make([]Endpoint, k)}
+		for i := range r.big {
+			r.big[i] = make([]byte, groBytes)
+		}
+		r.fn = func(fd uintptr) bool { return r.call(unix.SYS_RECVMMSG, fd) }
+		return r
+	}
 	r := udpReader{newMmsgs(u, batch, oobLen)}
 	r.fn = func(fd uintptr) bool { return r.call(unix.SYS_RECVMMSG, fd) }
 	return r
@@ -233,22 +287,8 @@ func (r udpReader) Read(bufs [][]byte, sizes []int, eps []Endpoint) (int, error)
 	if count == 0 {
 		return 0, errors.New("conn: Read with no buffers")
 	}
-	for i := range count {
-		r.iovs[i].Base = &bufs[i][0]
-		r.iovs[i].SetLen(len(bufs[i]))
-		h := &r.hdrs[i].Hdr
-		h.Name = (*byte)(unsafe.Pointer(&r.names[i]))
-		h.Namelen = unix.SizeofSockaddrInet6
-		h.Control = &r.oob[i*oobLen]
-		h.SetControllen(oobLen)
-		h.Flags = 0
-	}
-	r.count = count
-	if err := r.u.rc.Read(r.fn); err != nil {
+	if err := r.recv(bufs[:count]); err != nil {
 		return 0, err
-	}
-	if r.errno != 0 {
-		return 0, fmt.Errorf("conn: recvmmsg: %w", r.errno)
 	}
 	for i := range r.n {
 		h := &r.hdrs[i]
@@ -256,12 +296,102 @@ func (r udpReader) Read(bufs [][]byte, sizes []int, eps []Endpoint) (int, error)
 		if h.Hdr.Flags&unix.MSG_TRUNC != 0 {
 			sizes[i] = 0
 		}
-		eps[i] = Endpoint{
-			Remote: parseSockaddr(&r.names[i]),
-			Local:  parsePktinfo(r.oob[i*oobLen : i*oobLen+int(h.Hdr.Controllen)]),
-		}
+		local, _ := parseControl(r.oob[i*r.oobN : i*r.oobN+int(h.Hdr.Controllen)])
+		eps[i] = Endpoint{Remote: parseSockaddr(&r.names[i]), Local: local}
 	}
 	return r.n, nil
+}
+
+// recv runs one recvmmsg into bufs, one message each.
+func (m *mmsgs) recv(bufs [][]byte) error {
+	for i, b := range bufs {
+		m.iovs[i].Base = &b[0]
+		m.iovs[i].SetLen(len(b))
+		h := &m.hdrs[i].Hdr
+		h.Iov = &m.iovs[i]
+		h.SetIovlen(1)
+		h.Name = (*byte)(unsafe.Pointer(&m.names[i]))
+		h.Namelen = unix.SizeofSockaddrInet6
+		h.Control = &m.oob[i*m.oobN]
+		h.SetControllen(m.oobN)
+		h.Flags = 0
+	}
+	m.count = len(bufs)
+	if err := m.u.rc.Read(m.fn); err != nil {
+		return err
+	}
+	if m.errno != 0 {
+		return fmt.Errorf("conn: recvmmsg: %w", m.errno)
+	}
+	return nil
+}
+
+// groReader is the Reader of a socket with UDP GRO: messages, each one
+// datagram or a run of them, land in big; Read copies their datagrams out
+// one per caller buffer.
+type groReader struct {
+	*mmsgs
+	big  [][]byte
+	segs []int      // per message: its datagrams' size (the last may be shorter)
+	eps  []Endpoint // per message
+	// next is the message whose datagrams Read hands out next, from byte
+	// off; messages next..n-1 are still to go.
+	next, off int
+}
+
+func (r *groReader) Read(bufs [][]byte, sizes []int, eps []Endpoint) (int, error) {
+	count := min(len(bufs), len(sizes), len(eps))
+	if count == 0 {
+		return 0, errors.New("conn: Read with no buffers")
+	}
+	out := 0
+	for out < count {
+		if r.next >= r.n {
+			if out > 0 {
+				break // hand out what we have rather than wait
+			}
+			if err := r.fill(); err != nil {
+				return 0, err
+			}
+			continue
+		}
+		m := r.next
+		total := int(r.hdrs[m].Len)
+		seg := min(r.segs[m], total-r.off)
+		if seg <= 0 {
+			seg = total - r.off // one datagram (or an empty or cut one)
+		}
+		d := r.big[m][r.off : r.off+seg]
+		if r.hdrs[m].Hdr.Flags&unix.MSG_TRUNC != 0 || len(d) > len(bufs[out]) {
+			sizes[out] = 0
+		} else {
+			sizes[out] = copy(bufs[out], d)
+		}
+		eps[out] = r.eps[m]
+		out++
+		if r.off += seg; r.off >= total {
+			r.next, r.off = m+1, 0
+		}
+	}
+	return out, nil
+}
+
+// fill receives the next messages into big.
+func (r *groReader) fill() error {
+	r.next, r.off, r.n = 0, 0, 0
+	if err := r.recv(r.big); err != nil {
+		return err
+	}
+	for i := range r.n {
+		h := &r.hdrs[i]
+		local, seg := parseControl(r.oob[i*r.oobN : i*r.oobN+int(h.Hdr.Controllen)])
+		r.eps[i] = Endpoint{Remote: parseSockaddr(&r.names[i]), Local: local}
+		r.segs[i] = seg
+		if h.Hdr.Flags&unix.MSG_TRUNC != 0 {
+			r.segs[i], h.Len = 0, 0 // one datagram of size 0
+		}
+	}
+	return nil
 }
 
 // udpSender is the Sender of a UDP socket.
@@ -468,30 +598,33 @@ func (s udpSender) putPktinfo(to Endpoint, oob []byte) int {
 	return unix.CmsgSpace(unix.SizeofInet6Pktinfo)
 }
 
-// parsePktinfo finds the destination address in the control messages the
-// kernel wrote for one datagram; the zero Addr if there is none. It walks
-// the bytes itself, so that it does not allocate.
-func parsePktinfo(oob []byte) netip.Addr {
+// parseControl finds, in the control messages the kernel wrote for one
+// message, the destination address (the zero Addr if there is none) and
+// the GRO segment size (0 if there is none). It walks the bytes itself, so
+// that it does not allocate.
+func parseControl(oob []byte) (local netip.Addr, seg int) {
 	for len(oob) >= unix.CmsgLen(0) {
 		h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
 		n := int(h.Len)
 		if n < unix.CmsgLen(0) || n > len(oob) {
-			return netip.Addr{}
+			return local, seg
 		}
 		data := oob[unix.CmsgLen(0):n]
 		switch {
 		case h.Level == unix.IPPROTO_IPV6 && h.Type == unix.IPV6_PKTINFO && len(data) >= unix.SizeofInet6Pktinfo:
 			pi := (*unix.Inet6Pktinfo)(unsafe.Pointer(&data[0]))
-			return netip.AddrFrom16(pi.Addr).Unmap()
+			local = netip.AddrFrom16(pi.Addr).Unmap()
 		case h.Level == unix.IPPROTO_IP && h.Type == unix.IP_PKTINFO && len(data) >= unix.SizeofInet4Pktinfo:
 			pi := (*unix.Inet4Pktinfo)(unsafe.Pointer(&data[0]))
-			return netip.AddrFrom4(pi.Addr)
+			local = netip.AddrFrom4(pi.Addr)
+		case h.Level == unix.SOL_UDP && h.Type == unix.UDP_GRO && len(data) >= 4:
+			seg = int(*(*int32)(unsafe.Pointer(&data[0]))) // host byte order
 		}
 		next := unix.CmsgSpace(n - unix.CmsgLen(0))
 		if next > len(oob) {
-			return netip.Addr{}
+			return local, seg
 		}
 		oob = oob[next:]
 	}
-	return netip.Addr{}
+	return local, seg
 }

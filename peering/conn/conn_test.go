@@ -177,28 +177,35 @@ func TestReplyFromLocalAddress(t *testing.T) {
 
 func TestParsePktinfoRejectsGarbage(t *testing.T) {
 	for _, b := range [][]byte{nil, {1, 2, 3}, make([]byte, 16), {255, 255, 255, 255, 255, 255, 255, 255, 41, 0, 0, 0, 50, 0, 0, 0}} {
-		if a := parsePktinfo(b); a.IsValid() {
+		if a, seg := parseControl(b); a.IsValid() || seg != 0 {
 			t.Errorf("% x -> %v", b, a)
 		}
 	}
 }
 
 // TestGSO sends runs of equal-sized datagrams, with shorter ones and more
-// than a GSO message holds between them, with UDP GSO and without: every
-// datagram arrives whole and in order, and with GSO a run goes as one
-// message.
+// than a GSO message holds between them, with UDP GSO and without, to a
+// socket with UDP GRO and without: every datagram arrives whole and in
+// order; with GSO a run goes as one message, and with both it comes up as
+// one too.
 func TestGSO(t *testing.T) {
-	for _, gso := range []bool{true, false} {
-		t.Run(fmt.Sprintf("gso=%v", gso), func(t *testing.T) {
+	for _, c := range []struct{ gso, gro bool }{{true, true}, {true, false}, {false, true}, {false, false}} {
+		t.Run(fmt.Sprintf("gso=%v,gro=%v", c.gso, c.gro), func(t *testing.T) {
+			gso := c.gso
 			a, b := pair(t)
-			if gso && !a.GSO() {
+			if !a.GSO() || !b.GRO() {
 				if os.Getenv("CI") == "true" {
-					t.Fatal("this kernel has no UDP GSO (UDP_SEGMENT)")
+					t.Fatalf("this kernel lacks UDP GSO (%v) or GRO (%v)", a.GSO(), b.GRO())
 				}
-				t.Skip("no UDP GSO here")
+				t.Skip("no UDP GSO or GRO here")
 			}
 			if !gso {
 				a.DisableGSO()
+			}
+			if !c.gro {
+				if err := b.DisableGRO(); err != nil {
+					t.Fatal(err)
+				}
 			}
 			to := Endpoint{Remote: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), b.LocalPort())}
 			var out [][]byte
@@ -235,19 +242,80 @@ func TestGSO(t *testing.T) {
 			for i := range bufs {
 				bufs[i] = make([]byte, 2000)
 			}
+			coalesced := false
 			for got := 0; got < len(out); {
 				n, err := r.Read(bufs, sizes, eps)
 				if err != nil {
 					t.Fatal(err)
 				}
+				if gr, ok := r.(*groReader); ok {
+					for m := range gr.n {
+						coalesced = coalesced || gr.segs[m] > 0 && int(gr.hdrs[m].Len) > gr.segs[m]
+					}
+				}
 				for i := range n {
+					if want := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), a.LocalPort()); eps[i].Remote != want {
+						t.Fatalf("datagram %d from %v, want %v", got, eps[i].Remote, want)
+					}
 					if !bytes.Equal(bufs[i][:sizes[i]], out[got]) {
 						t.Fatalf("datagram %d: %d bytes, starting % x; want %d bytes", got, sizes[i], bufs[i][:min(8, sizes[i])], len(out[got]))
 					}
 					got++
 				}
 			}
+			if coalesced != (c.gso && c.gro) {
+				t.Errorf("runs came up as one message: %v", coalesced)
+			}
 		})
+	}
+}
+
+// TestGROCarriesOver: a Read with fewer buffers than a coalesced message
+// holds gets the first datagrams; the next Reads get the rest, without
+// waiting for the socket.
+func TestGROCarriesOver(t *testing.T) {
+	a, b := pair(t)
+	if !a.GSO() || !b.GRO() {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("this kernel lacks UDP GSO or GRO")
+		}
+		t.Skip("no UDP GSO or GRO here")
+	}
+	to := Endpoint{Remote: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), b.LocalPort())}
+	var out [][]byte
+	for i := range 10 {
+		out = append(out, bytes.Repeat([]byte{byte(i)}, 500))
+	}
+	if n, err := a.NewSender(16).Send(out, to); err != nil || n != len(out) {
+		t.Fatal(n, err)
+	}
+	r := b.NewReader(16)
+	bufs, sizes, eps := [][]byte{make([]byte, 600), make([]byte, 600), make([]byte, 100)}, make([]int, 3), make([]Endpoint, 3)
+	var got []int
+	for len(got) < len(out) {
+		n, err := r.Read(bufs, sizes, eps)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range n {
+			first := -1
+			if sizes[i] > 0 {
+				first = int(bufs[i][0])
+			}
+			got = append(got, first)
+			if sizes[i] != 0 && sizes[i] != 500 {
+				t.Fatalf("size %d", sizes[i])
+			}
+		}
+	}
+	if gr := r.(*groReader); gr.n != 1 || gr.segs[0] != 500 {
+		t.Errorf("the run came up as %d messages (segment %d), want one", gr.n, gr.segs[0])
+	}
+	// Every third datagram lands in the 100-byte buffer: size 0, as a
+	// datagram longer than its buffer always is.
+	want := []int{0, 1, -1, 3, 4, -1, 6, 7, -1, 9}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("got %v, want %v", got, want)
 	}
 }
 
