@@ -67,6 +67,17 @@ func waitConnected(t *testing.T, d *lab.Daemon, n int, timeout time.Duration) {
 	})
 }
 
+// cutApart makes a and b drop each other's underlay packets.
+func cutApart(t *testing.T, a, b *lab.Host) {
+	t.Helper()
+	if err := a.Block(b.Addr); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Block(a.Addr); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func waitPing(t *testing.T, from *lab.Host, to netip.Addr, timeout time.Duration) {
 	t.Helper()
 	lab.Eventually(t, timeout, fmt.Sprintf("ping %v from %s", to, from.NS), func() error {
@@ -789,12 +800,7 @@ func TestMetrics(t *testing.T) {
 func TestMeshRelay(t *testing.T) {
 	l := lab.New(t, bin, 5)
 	h := l.Hosts
-	// Hosts 1 and 5 drop each other's underlay packets.
-	for _, pair := range [][2]*lab.Host{{h[0], h[4]}, {h[4], h[0]}} {
-		if err := pair[0].Block(pair[1].Addr); err != nil {
-			t.Fatal(err)
-		}
-	}
+	cutApart(t, h[0], h[4])
 	ds := make([]*lab.Daemon, 5)
 	ds[0] = h[0].Start("--range", testRange)
 	for i := 1; i < 5; i++ {

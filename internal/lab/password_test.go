@@ -195,12 +195,7 @@ func TestPassword(t *testing.T) {
 
 	// h2 and h3 lose their direct path: h1 relays between them, decrypting
 	// and re-encrypting (hop by hop).
-	if err := l.Host(2).Block(l.Host(3).Addr); err != nil {
-		t.Fatal(err)
-	}
-	if err := l.Host(3).Block(l.Host(2).Addr); err != nil {
-		t.Fatal(err)
-	}
+	cutApart(t, l.Host(2), l.Host(3))
 	waitConnected(t, d2, 1, 10*time.Second)
 	lab.Eventually(t, 10*time.Second, "TCP h2 -> h3 through h1", func() error {
 		_, err := lab.TransferTCP(l.Host(2), l.Host(3), overlayAddr(3), 5003, 1<<20, 10*time.Second)
@@ -271,12 +266,7 @@ func startCapture(t *testing.T, l *lab.Lab) func() []byte {
 func TestPasswordNewKey(t *testing.T) {
 	l := lab.New(t, bin, 3)
 	h1, h2, h3 := l.Host(1), l.Host(2), l.Host(3)
-	if err := h2.Block(h3.Addr); err != nil {
-		t.Fatal(err)
-	}
-	if err := h3.Block(h2.Addr); err != nil {
-		t.Fatal(err)
-	}
+	cutApart(t, h2, h3)
 	start := func(h *lab.Host) *lab.Daemon {
 		d := h.Start("--range", testRange, "--init-peer-count", "3", "--iface", fmt.Sprintf("ovpk%d", h.Index),
 			"--password", "correct horse", "--peer", h1.Addr.String())
@@ -437,12 +427,7 @@ func TestTrustedSubnets(t *testing.T) {
 
 	// h1 and h3 lose their direct path: h2 relays, in clear on the h1
 	// side and by WireGuard on the h3 side, both ways.
-	if err := h1.Block(h3.Addr); err != nil {
-		t.Fatal(err)
-	}
-	if err := h3.Block(h1.Addr); err != nil {
-		t.Fatal(err)
-	}
+	cutApart(t, h1, h3)
 	waitConnected(t, d1, 1, 10*time.Second)
 	waitConnected(t, d3, 1, 10*time.Second)
 	for _, m := range []struct {

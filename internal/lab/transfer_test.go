@@ -17,12 +17,7 @@ func TestLargeTransfers(t *testing.T) {
 		t.Run(fmt.Sprintf("gso=%v", gso), func(t *testing.T) {
 			l := lab.New(t, bin, 3)
 			h1, h2, h3 := l.Host(1), l.Host(2), l.Host(3)
-			if err := h1.Block(h3.Addr); err != nil {
-				t.Fatal(err)
-			}
-			if err := h3.Block(h1.Addr); err != nil {
-				t.Fatal(err)
-			}
+			cutApart(t, h1, h3)
 			if !gso {
 				for _, h := range []*lab.Host{h1, h2, h3} {
 					h.Env = []string{"OVERLAYD_UDP_OFFLOAD=off"}
