@@ -238,7 +238,7 @@ func (r *Router) receive(bufs [][]byte, sizes []int, eps []conn.Endpoint, out []
 				r.stats.DropUnknownPeer.Add(1)
 				continue
 			}
-			if r.dev == nil && !from.plain {
+			if r.dev == nil && !r.plainSource(snap, from, pkt) {
 				r.stats.DropPlainData.Add(1) // its data must come encrypted
 				continue
 			}

@@ -49,6 +49,23 @@ func (d *Divert) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 	return n, err
 }
 
+// plainSource reports whether data in clear from neighbour from may carry
+// pkt, in password mode: from's data goes in clear, and pkt's source is an
+// address our routes send towards from, as WireGuard's allowed IPs would
+// require of an encrypted packet (so a trusted peer, or a datagram forged
+// with its address, cannot pass off another peer's address or ours).
+func (r *Router) plainSource(snap *snapshot, from *path, pkt []byte) bool {
+	if !from.plain {
+		return false
+	}
+	src, ok := proto.SrcAddr(pkt)
+	if !ok {
+		return false
+	}
+	p, ok := snap.routes.Lookup(src)
+	return ok && !p.local && p.hop == from.hop
+}
+
 // divert takes out of one batch read by the data plane the packets whose
 // first hop takes data in clear: each gets its data header in place, in
 // the headroom before offset, goes into b, and its size is set to 0.

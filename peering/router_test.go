@@ -539,3 +539,69 @@ func TestOutboxFull(t *testing.T) {
 		}
 	}
 }
+
+// nopPlane is a DataPlane that takes every program.
+type nopPlane struct{}
+
+func (nopPlane) Program([]DataPeer) error { return nil }
+
+// TestPlainDataSource: in password mode with trusted subnets, data in
+// clear is taken only from a neighbour whose connection is plaintext, and
+// only with a source address our routes send towards that neighbour, as
+// WireGuard's allowed IPs would require: not another peer's address, not
+// ours, not from an encrypted neighbour.
+func TestPlainDataSource(t *testing.T) {
+	pc, err := conn.Listen(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	div := NewDivert(tuntest.NewChannelTUN().TUN())
+	r, err := New(Config{Name: 1, MTU: 1420, Rand: rand.New(rand.NewPCG(1, 1)), Log: zap.NewNop(),
+		DataPlane: nopPlane{}, TrustedSubnets: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}, Divert: div}, nil, pc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plainEP := netip.MustParseAddrPort("127.0.0.2:6783")
+	encEP := netip.MustParseAddrPort("127.0.0.3:6783")
+	plain := &path{name: 2, hop: 2, ep: conn.Endpoint{Remote: plainEP}, plain: true}
+	enc := &path{name: 3, hop: 3, ep: conn.Endpoint{Remote: encEP}}
+	self := &path{name: 1, local: true}
+	r.snap.Store(&snapshot{
+		routes: routes.New([]routes.Route[*path]{
+			{Prefix: netip.MustParsePrefix("10.40.0.2/32"), Via: plain},
+			{Prefix: netip.MustParsePrefix("10.40.0.3/32"), Via: enc},
+			{Prefix: netip.MustParsePrefix("10.40.0.1/32"), Via: self},
+		}),
+		peers:  map[netip.AddrPort]*path{plainEP: plain, encEP: enc},
+		byName: map[proto.PeerName]*path{2: plain, 3: enc},
+	})
+	us := netip.MustParseAddr("10.40.0.1")
+	for _, c := range []struct {
+		name     string
+		from     netip.AddrPort
+		src      proto.PeerName
+		inner    string
+		accepted bool
+	}{
+		{"the plaintext peer's own address", plainEP, 2, "10.40.0.2", true},
+		{"another peer's address", plainEP, 2, "10.40.0.3", false},
+		{"our own address", plainEP, 2, "10.40.0.1", false},
+		{"an address nobody serves", plainEP, 2, "10.40.0.9", false},
+		{"from an encrypted neighbour", encEP, 3, "10.40.0.3", false},
+	} {
+		before := r.stats.DropPlainData.Load()
+		pkt := tuntest.Ping(us, netip.MustParseAddr(c.inner))
+		msg := make([]byte, proto.DataHeaderLen+len(pkt))
+		proto.PutDataHeader(msg, c.src, 1)
+		copy(msg[proto.DataHeaderLen:], pkt)
+		var relay batcher
+		out := r.receive([][]byte{msg}, []int{len(msg)}, []conn.Endpoint{{Remote: c.from}}, nil, &relay)
+		if got := len(out) == 1; got != c.accepted {
+			t.Errorf("%s: accepted %v, want %v", c.name, got, c.accepted)
+		}
+		if dropped := r.stats.DropPlainData.Load() - before; dropped != 0 == c.accepted {
+			t.Errorf("%s: %d counted as plaintext data refused", c.name, dropped)
+		}
+	}
+}

@@ -469,7 +469,15 @@ func ParseData(b []byte) (src, dst PeerName, packet []byte, err error) {
 // DstAddr returns the destination address of an IPv4 or IPv6 packet, and
 // false if the packet is too short or of another version. It does not
 // allocate.
-func DstAddr(packet []byte) (netip.Addr, bool) {
+func DstAddr(packet []byte) (netip.Addr, bool) { return ipAddr(packet, 16, 24) }
+
+// SrcAddr returns the source address of an IPv4 or IPv6 packet, like
+// DstAddr.
+func SrcAddr(packet []byte) (netip.Addr, bool) { return ipAddr(packet, 12, 8) }
+
+// ipAddr reads the address at offset at4 of an IPv4 header or at6 of an
+// IPv6 header.
+func ipAddr(packet []byte, at4, at6 int) (netip.Addr, bool) {
 	if len(packet) == 0 {
 		return netip.Addr{}, false
 	}
@@ -478,12 +486,12 @@ func DstAddr(packet []byte) (netip.Addr, bool) {
 		if len(packet) < 20 {
 			return netip.Addr{}, false
 		}
-		return netip.AddrFrom4([4]byte(packet[16:20])), true
+		return netip.AddrFrom4([4]byte(packet[at4 : at4+4])), true
 	case 6:
 		if len(packet) < 40 {
 			return netip.Addr{}, false
 		}
-		return netip.AddrFrom16([16]byte(packet[24:40])), true
+		return netip.AddrFrom16([16]byte(packet[at6 : at6+16])), true
 	}
 	return netip.Addr{}, false
 }

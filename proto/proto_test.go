@@ -142,6 +142,32 @@ func TestGolden(t *testing.T) {
 	}
 }
 
+func TestPacketAddrs(t *testing.T) {
+	v4 := make([]byte, 20)
+	v4[0] = 0x45
+	copy(v4[12:], []byte{10, 0, 0, 1})
+	copy(v4[16:], []byte{10, 0, 0, 2})
+	v6 := make([]byte, 40)
+	v6[0] = 0x60
+	v6[23], v6[39] = 1, 2
+	for _, c := range []struct {
+		pkt      []byte
+		src, dst string
+	}{
+		{v4, "10.0.0.1", "10.0.0.2"},
+		{v6, "::1", "::2"},
+		{v4[:19], "invalid IP", "invalid IP"},
+		{[]byte{0x20}, "invalid IP", "invalid IP"},
+		{nil, "invalid IP", "invalid IP"},
+	} {
+		s, _ := SrcAddr(c.pkt)
+		d, _ := DstAddr(c.pkt)
+		if s.String() != c.src || d.String() != c.dst {
+			t.Errorf("% x: %v -> %v, want %s -> %s", c.pkt, s, d, c.src, c.dst)
+		}
+	}
+}
+
 func TestRoundTrip(t *testing.T) {
 	hello := Hello{MinVersion: 1, MaxVersion: 3, Name: 0xabcdef012345, UID: 42, Port: 9,
 		Range: netip.MustParsePrefix("10.32.0.0/12"), Nickname: "ünïcode"}

@@ -434,7 +434,7 @@ func TestTrustedSubnets(t *testing.T) {
 		from, to *lab.Host
 		i        int
 	}{{h1, h3, 3}, {h3, h1, 1}} {
-		lab.Eventually(t, 15*time.Second, fmt.Sprintf("TCP %s -> %s through h2", m.from.NS, m.to.NS), func() error {
+		lab.Eventually(t, 30*time.Second, fmt.Sprintf("TCP %s -> %s through h2", m.from.NS, m.to.NS), func() error {
 			_, err := lab.TransferTCP(m.from, m.to, overlayAddr(m.i), uint16(5110+m.i), 1<<20, 10*time.Second)
 			return err
 		})

@@ -262,7 +262,7 @@ type udpReader struct{ *mmsgs }
 // groMessages is how many messages a GRO Reader receives per call, each
 // up to groBytes long: up to maxSegments datagrams each.
 const (
-	groMessages = 16
+	groMessages = 32
 	groBytes    = 1 << 16
 )
 
@@ -477,9 +477,10 @@ func (s udpSender) Send(bufs [][]byte, to Endpoint) (sent int, err error) {
 				// never again on this socket.
 				s.u.gso.Store(false)
 			case s.segs[0] > 1:
-				// One datagram of the run may be the bad one: send the
-				// run again one by one.
-				single = s.segs[0]
+				// One datagram of the run may be the bad one, or the
+				// run's segments do not fit the path (EINVAL): send the
+				// rest of this batch one by one.
+				single = len(bufs)
 			default:
 				// The first datagram failed (too big, no route...): skip
 				// it so that one bad datagram does not block the rest.
