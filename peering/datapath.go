@@ -93,13 +93,7 @@ func (r *Router) tunToPeers() error {
 		n, err := r.dev.Read(bufs, sizes, hdr)
 		if n > 0 {
 			r.forward(bufs[:n], sizes[:n], &b)
-			for i := range b.n {
-				g := &b.groups[i]
-				if sent, _ := send.Send(g.bufs, g.p.ep); sent < len(g.bufs) {
-					r.stats.DropSendError.Add(uint64(len(g.bufs) - sent))
-				}
-			}
-			b.reset()
+			r.flush(send, &b)
 		}
 		switch {
 		case err == nil:
@@ -124,27 +118,61 @@ func isClosed(err error) bool {
 	return errors.Is(err, os.ErrClosed) || errors.Is(err, net.ErrClosed)
 }
 
+// flush sends each group of b to its peer with one batched send, counts
+// what the socket refused, and empties b.
+func (r *Router) flush(send conn.Sender, b *batcher) {
+	for i := range b.n {
+		g := &b.groups[i]
+		if sent, _ := send.Send(g.bufs, g.p.ep); sent < len(g.bufs) {
+			r.stats.DropSendError.Add(uint64(len(g.bufs) - sent))
+		}
+	}
+	b.reset()
+}
+
 // forward routes one batch read from the TUN device into b: each packet's
 // data header is written in place and the packet is grouped by peer.
 func (r *Router) forward(bufs [][]byte, sizes []int, b *batcher) {
+	r.route(bufs, sizes, proto.DataHeaderLen, b, false)
+}
+
+// route groups the packets of one batch read from the TUN device, each at
+// offset in its buffer, by first hop into b, with the data header written
+// in place in the headroom before offset. With plainOnly (the data plane
+// reads the device: see Divert) it takes only the packets whose first hop
+// takes data in clear and sets their sizes to 0; the others stay for the
+// plane.
+func (r *Router) route(bufs [][]byte, sizes []int, offset int, b *batcher, plainOnly bool) {
 	const hdr = proto.DataHeaderLen
 	snap := r.snap.Load() // one atomic load per batch
 	self := r.cfg.Name
 	var routed, bytes uint64
 	for i, buf := range bufs {
-		pkt := buf[:hdr+sizes[i]]
+		if sizes[i] <= 0 {
+			continue
+		}
+		pkt := buf[offset-hdr : offset+sizes[i]]
 		dst, ok := proto.DstAddr(pkt[hdr:])
 		p, found := snap.routes.Lookup(dst)
-		if !ok || !found || p.local {
-			r.stats.DropUnroutable.Add(1)
+		if !ok || !found || p.local || plainOnly && !p.plain {
+			if !plainOnly {
+				r.stats.DropUnroutable.Add(1)
+			}
 			continue
 		}
 		proto.PutDataHeader(pkt, self, p.name)
 		b.add(p, pkt)
+		if plainOnly {
+			sizes[i] = 0
+		}
 		routed++
 		bytes += uint64(len(pkt))
 	}
-	r.stats.TunPackets.Add(uint64(len(bufs)))
+	read := uint64(len(bufs))
+	if plainOnly {
+		read = routed // the plane counts the rest
+	}
+	r.stats.TunPackets.Add(read)
 	r.stats.SentPackets.Add(routed)
 	r.stats.SentBytes.Add(bytes)
 }
@@ -177,13 +205,7 @@ func (r *Router) peersToTun() error {
 			return fmt.Errorf("peering: reading from the UDP socket: %w", err)
 		}
 		out = r.receive(bufs[:n], sizes[:n], eps[:n], out[:0], &relay)
-		for i := range relay.n {
-			g := &relay.groups[i]
-			if sent, _ := send.Send(g.bufs, g.p.ep); sent < len(g.bufs) {
-				r.stats.DropSendError.Add(uint64(len(g.bufs) - sent))
-			}
-		}
-		relay.reset()
+		r.flush(send, &relay)
 		if len(out) > 0 {
 			if _, err := dev.Write(out, hdr); err != nil {
 				if isClosed(err) {

@@ -37,14 +37,8 @@ func (d *Divert) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 		if d.send == nil {
 			d.send = r.pc.NewSender(d.Device.BatchSize())
 		}
-		r.divert(bufs[:n], sizes[:n], offset, &d.b)
-		for i := range d.b.n {
-			g := &d.b.groups[i]
-			if sent, _ := d.send.Send(g.bufs, g.p.ep); sent < len(g.bufs) {
-				r.stats.DropSendError.Add(uint64(len(g.bufs) - sent))
-			}
-		}
-		d.b.reset()
+		r.route(bufs[:n], sizes[:n], offset, &d.b, true)
+		r.flush(d.send, &d.b)
 	}
 	return n, err
 }
@@ -64,34 +58,4 @@ func (r *Router) plainSource(snap *snapshot, from *path, pkt []byte) bool {
 	}
 	p, ok := snap.routes.Lookup(src)
 	return ok && !p.local && p.hop == from.hop
-}
-
-// divert takes out of one batch read by the data plane the packets whose
-// first hop takes data in clear: each gets its data header in place, in
-// the headroom before offset, goes into b, and its size is set to 0.
-// Packets for no route or for us are left to the plane (which drops them).
-func (r *Router) divert(bufs [][]byte, sizes []int, offset int, b *batcher) {
-	const hdr = proto.DataHeaderLen
-	snap := r.snap.Load()
-	self := r.cfg.Name
-	var routed, bytes uint64
-	for i, buf := range bufs {
-		if sizes[i] <= 0 {
-			continue
-		}
-		pkt := buf[offset-hdr : offset+sizes[i]]
-		dst, ok := proto.DstAddr(pkt[hdr:])
-		p, found := snap.routes.Lookup(dst)
-		if !ok || !found || p.local || !p.plain {
-			continue
-		}
-		proto.PutDataHeader(pkt, self, p.name)
-		b.add(p, pkt)
-		sizes[i] = 0
-		routed++
-		bytes += uint64(len(pkt))
-	}
-	r.stats.TunPackets.Add(routed) // the ones the router took
-	r.stats.SentPackets.Add(routed)
-	r.stats.SentBytes.Add(bytes)
 }

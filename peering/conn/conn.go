@@ -220,7 +220,9 @@ var (
 	groOOBLen  = oobLen + unix.CmsgSpace(4)
 )
 
-func newMmsgs(u *UDP, batch, oobN int) *mmsgs {
+// newMmsgs makes the arrays for batch messages of system call trap
+// (recvmmsg or sendmmsg), with oobN bytes of control messages each.
+func newMmsgs(u *UDP, batch, oobN int, trap uintptr) *mmsgs {
 	if batch < 1 {
 		batch = 1
 	}
@@ -232,11 +234,15 @@ func newMmsgs(u *UDP, batch, oobN int) *mmsgs {
 		oob:   make([]byte, batch*oobN),
 		oobN:  oobN,
 	}
-	for i := range m.hdrs {
-		m.hdrs[i].Hdr.Iov = &m.iovs[i]
-		m.hdrs[i].Hdr.SetIovlen(1)
-	}
+	m.fn = func(fd uintptr) bool { return m.call(trap, fd) }
 	return m
+}
+
+// endpoint is the path message i of the last recvmmsg came along, and its
+// GRO segment size (0: one datagram).
+func (m *mmsgs) endpoint(i int) (Endpoint, int) {
+	local, seg := parseControl(m.oob[i*m.oobN : i*m.oobN+int(m.hdrs[i].Hdr.Controllen)])
+	return Endpoint{Remote: parseSockaddr(&m.names[i]), Local: local}, seg
 }
 
 // call runs one recvmmsg or sendmmsg (trap) on fd over the first count
@@ -270,16 +276,13 @@ const (
 func (u *UDP) NewReader(batch int) Reader {
 	if u.gro {
 		k := max(1, min(batch, groMessages))
-		r := &groReader{mmsgs: newMmsgs(u, k, groOOBLen), big: make([][]byte, k), segs: make([]int, k), eps: make([]Endpoint, k)}
+		r := &groReader{mmsgs: newMmsgs(u, k, groOOBLen, unix.SYS_RECVMMSG), big: make([][]byte, k), segs: make([]int, k), eps: make([]Endpoint, k)}
 		for i := range r.big {
 			r.big[i] = make([]byte, groBytes)
 		}
-		r.fn = func(fd uintptr) bool { return r.call(unix.SYS_RECVMMSG, fd) }
 		return r
 	}
-	r := udpReader{newMmsgs(u, batch, oobLen)}
-	r.fn = func(fd uintptr) bool { return r.call(unix.SYS_RECVMMSG, fd) }
-	return r
+	return udpReader{newMmsgs(u, batch, oobLen, unix.SYS_RECVMMSG)}
 }
 
 func (r udpReader) Read(bufs [][]byte, sizes []int, eps []Endpoint) (int, error) {
@@ -296,8 +299,7 @@ func (r udpReader) Read(bufs [][]byte, sizes []int, eps []Endpoint) (int, error)
 		if h.Hdr.Flags&unix.MSG_TRUNC != 0 {
 			sizes[i] = 0
 		}
-		local, _ := parseControl(r.oob[i*r.oobN : i*r.oobN+int(h.Hdr.Controllen)])
-		eps[i] = Endpoint{Remote: parseSockaddr(&r.names[i]), Local: local}
+		eps[i], _ = r.endpoint(i)
 	}
 	return r.n, nil
 }
@@ -384,9 +386,7 @@ func (r *groReader) fill() error {
 	}
 	for i := range r.n {
 		h := &r.hdrs[i]
-		local, seg := parseControl(r.oob[i*r.oobN : i*r.oobN+int(h.Hdr.Controllen)])
-		r.eps[i] = Endpoint{Remote: parseSockaddr(&r.names[i]), Local: local}
-		r.segs[i] = seg
+		r.eps[i], r.segs[i] = r.endpoint(i)
 		if h.Hdr.Flags&unix.MSG_TRUNC != 0 {
 			r.segs[i], h.Len = 0, 0 // one datagram of size 0
 		}
@@ -411,9 +411,7 @@ const (
 // NewSender makes a Sender that hands up to batch datagrams to the kernel per
 // system call (larger batches take several calls).
 func (u *UDP) NewSender(batch int) Sender {
-	s := udpSender{mmsgs: newMmsgs(u, batch, sendOOBLen), segs: make([]int, max(batch, 1))}
-	s.fn = func(fd uintptr) bool { return s.call(unix.SYS_SENDMMSG, fd) }
-	return s
+	return udpSender{mmsgs: newMmsgs(u, batch, sendOOBLen, unix.SYS_SENDMMSG), segs: make([]int, max(batch, 1))}
 }
 
 func (s udpSender) Send(bufs [][]byte, to Endpoint) (sent int, err error) {
