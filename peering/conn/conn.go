@@ -191,6 +191,21 @@ func Listen(port uint16) (*UDP, error) {
 	return u, nil
 }
 
+// SetMark makes the socket's packets carry mark (SO_MARK), for policy
+// routing; 0 is no mark.
+func (u *UDP) SetMark(mark uint32) error {
+	var serr error
+	if err := u.rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(mark))
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("conn: setting the socket's mark: %w", serr)
+	}
+	return nil
+}
+
 // LocalPort is the port the socket is bound to.
 func (u *UDP) LocalPort() uint16 { return u.port }
 

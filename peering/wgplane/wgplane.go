@@ -25,7 +25,6 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/ipc"
 	"golang.zx2c4.com/wireguard/tun"
@@ -94,7 +93,7 @@ func Open(cfg Config, tdev tun.Device) (*Plane, error) {
 		return nil, fmt.Errorf("wgplane: listening on %s: %w", SocketPath(cfg.Iface), err)
 	}
 	log := cfg.Log.WithOptions(zap.AddCallerSkip(1)).Sugar()
-	dev := device.NewDevice(tdev, conn.NewDefaultBind(), &device.Logger{
+	dev := device.NewDevice(tdev, newBind(), &device.Logger{
 		Verbosef: func(format string, args ...any) { log.Debugf("wireguard: "+format, args...) },
 		Errorf:   func(format string, args ...any) { log.Warnf("wireguard: "+format, args...) },
 	})

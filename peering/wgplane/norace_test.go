@@ -1,0 +1,5 @@
+//go:build !race
+
+package wgplane
+
+const raceEnabled = false
