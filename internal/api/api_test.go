@@ -220,6 +220,21 @@ func TestStaleSocketReplaced(t *testing.T) {
 	}
 }
 
+// TestFileNotReplaced: a --socket that names a file (a mistake) is
+// refused, and the file is neither removed nor changed.
+func TestFileNotReplaced(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "precious")
+	if err := os.WriteFile(path, []byte("data"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Listen(path, &fakeBackend{}, "test", zap.NewNop()); err == nil || !strings.Contains(err.Error(), "not a socket") {
+		t.Errorf("Listen on a file: %v", err)
+	}
+	if b, err := os.ReadFile(path); err != nil || string(b) != "data" {
+		t.Errorf("the file: %q, %v", b, err)
+	}
+}
+
 func TestClientErrors(t *testing.T) {
 	err := NewClient(filepath.Join(t.TempDir(), "none.sock")).Connect(context.Background(), []string{"a"})
 	if err == nil || !strings.Contains(err.Error(), "no socket at") {

@@ -35,20 +35,16 @@ type Server struct {
 
 // Listen creates the socket at path (mode 0600; the parent directory is
 // created mode 0755 if missing). A stale socket left by a dead daemon is
-// replaced; a live one is an error.
+// replaced; a live one is an error, and so is anything at path that is not
+// a socket.
 func Listen(path string, b Backend, version string, log *zap.Logger) (*Server, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, fmt.Errorf("api: creating the socket directory: %w", err)
 	}
-	if _, err := os.Lstat(path); err == nil {
-		c, err := net.DialTimeout("unix", path, time.Second)
-		if err == nil {
-			c.Close()
-			return nil, fmt.Errorf("api: another overlayd is listening on %s", path)
-		}
-		if err := os.Remove(path); err != nil {
-			return nil, fmt.Errorf("api: removing stale socket: %w", err)
-		}
+	if err := serve.ClaimSocket(path); errors.Is(err, serve.ErrSocketInUse) {
+		return nil, fmt.Errorf("api: another overlayd is listening on %s", path)
+	} else if err != nil {
+		return nil, fmt.Errorf("api: %w", err)
 	}
 	// Create the socket with no access for anyone but root from the start.
 	old := umask(0o177)
@@ -261,14 +257,14 @@ func ParseCIDR(s string) (netip.Prefix, error) {
 // Run serves until ctx ends, then shuts down and removes the socket.
 func (s *Server) Run(ctx context.Context) error {
 	err := serve.Run(ctx, s.http, s.ln)
-	os.Remove(s.path)
+	serve.RemoveSocket(s.path)
 	return err
 }
 
 // Close releases the socket when Run was never called.
 func (s *Server) Close() {
 	s.ln.Close()
-	os.Remove(s.path)
+	serve.RemoveSocket(s.path)
 }
 
 // handle decodes a JSON body into a Req, calls do, and replies with what

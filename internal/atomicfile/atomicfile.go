@@ -10,13 +10,20 @@ import (
 
 // Write writes data to path through a synced temporary file beside it and
 // a rename, then syncs the directory so that the rename is durable too.
-func Write(path string, data []byte) error {
+// The file's mode is 0600.
+func Write(path string, data []byte) error { return WriteMode(path, data, 0o600) }
+
+// WriteMode is Write with the file's mode perm.
+func WriteMode(path string, data []byte, perm os.FileMode) error {
 	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
 	tmp := f.Name()
-	_, err = f.Write(data)
+	err = f.Chmod(perm) // exactly perm, whatever the umask
+	if err == nil {
+		_, err = f.Write(data)
+	}
 	if err == nil {
 		err = f.Sync()
 	}

@@ -472,7 +472,8 @@ func (d *Daemon) writeResolvConf(ctx context.Context, name string) error {
 		return err
 	}
 	body := fmt.Sprintf("# written by overlayd attach\nnameserver %v\nsearch %s\n", addr, strings.TrimSuffix(d.cfg.DNSDomain, "."))
-	return atomicfile.Write(filepath.Join(dir, "resolv.conf"), []byte(body))
+	// Readable by every program in the namespace, as /etc/resolv.conf is.
+	return atomicfile.WriteMode(filepath.Join(dir, "resolv.conf"), []byte(body), 0o644)
 }
 
 // removeResolvConf undoes writeResolvConf, if it wrote the file.

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 
 	"github.com/overlayd/overlayd/internal/atomicfile"
 	"github.com/overlayd/overlayd/peering/secure"
@@ -20,10 +21,25 @@ import (
 const peerNameFile = "peer-name"
 
 // prepareStateDir creates dir (mode 0700) if needed and checks that it is a
-// writable directory.
+// writable directory that only we can write: owned by this process's user,
+// and writable by neither its group nor others (who could otherwise plant
+// or replace the state the daemon trusts).
 func prepareStateDir(dir string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("state directory %s: %w", dir, err)
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("state directory %s: %w", dir, err)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("state directory %s is not a directory", dir)
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() {
+		return fmt.Errorf("state directory %s belongs to user %d, not to this process's user %d: chown it or choose another --state-dir", dir, st.Uid, os.Geteuid())
+	}
+	if fi.Mode().Perm()&0o022 != 0 {
+		return fmt.Errorf("state directory %s has mode %#o: others can write to it; chmod go-w %s (0700 is what overlayd creates)", dir, fi.Mode().Perm(), dir)
 	}
 	f, err := os.CreateTemp(dir, ".probe-*")
 	if err != nil {

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -79,5 +80,46 @@ func TestIdentityPersists(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(path); string(b) != "garbage" {
 		t.Errorf("corrupt file overwritten with %q", b)
+	}
+}
+
+// TestStateDirChecked: a state directory others can write to is refused
+// (and left as it was), one only we can write to is taken, and a missing
+// one is made with mode 0700.
+func TestStateDirChecked(t *testing.T) {
+	base := t.TempDir()
+	for _, c := range []struct {
+		mode os.FileMode
+		ok   bool
+	}{{0o700, true}, {0o755, true}, {0o775, false}, {0o777, false}, {0o1777, false}} {
+		dir := filepath.Join(base, fmt.Sprintf("m%o", c.mode))
+		if err := os.Mkdir(dir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(dir, c.mode); err != nil {
+			t.Fatal(err)
+		}
+		err := prepareStateDir(dir)
+		if c.ok != (err == nil) {
+			t.Errorf("mode %#o: %v", c.mode, err)
+		}
+		if err != nil && !strings.Contains(err.Error(), "chmod go-w") {
+			t.Errorf("mode %#o: the error does not say what to do: %v", c.mode, err)
+		}
+		if fi, _ := os.Stat(dir); fi.Mode().Perm() != c.mode.Perm() {
+			t.Errorf("mode %#o changed to %v", c.mode, fi.Mode())
+		}
+	}
+	fresh := filepath.Join(base, "new", "state")
+	if err := prepareStateDir(fresh); err != nil {
+		t.Fatal(err)
+	}
+	if fi, _ := os.Stat(fresh); fi.Mode().Perm() != 0o700 {
+		t.Errorf("a new state directory has mode %v", fi.Mode().Perm())
+	}
+	file := filepath.Join(base, "file")
+	os.WriteFile(file, nil, 0o600)
+	if err := prepareStateDir(file); err == nil {
+		t.Error("a file was taken as the state directory")
 	}
 }

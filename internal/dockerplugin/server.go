@@ -3,6 +3,7 @@ package dockerplugin
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -13,6 +14,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/overlayd/overlayd/internal/serve"
 )
 
 // Dir is where Docker looks for plugin sockets: a driver's name is its
@@ -32,17 +35,18 @@ type Server struct {
 }
 
 // Listen opens dir/name.sock. A socket left by a process that is gone is
-// replaced; one that still answers is an error.
+// replaced; one that still answers is an error, and so is anything there
+// that is not a socket.
 func Listen(dir, name string, b Backend, log *zap.Logger) (*Server, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("docker plugin: %w", err)
 	}
 	path := filepath.Join(dir, name+".sock")
-	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-		c.Close()
+	if err := serve.ClaimSocket(path); errors.Is(err, serve.ErrSocketInUse) {
 		return nil, fmt.Errorf("docker plugin: %s is in use: another plugin named %q is running", path, name)
+	} else if err != nil {
+		return nil, fmt.Errorf("docker plugin: %w", err)
 	}
-	os.Remove(path)
 	ln, err := net.Listen("unix", path)
 	if err != nil {
 		return nil, fmt.Errorf("docker plugin: %w", err)
@@ -82,7 +86,7 @@ func (s *Server) Run(ctx context.Context) error {
 func (s *Server) Close() {
 	s.http.Close()
 	s.ln.Close()
-	os.Remove(s.path)
+	serve.RemoveSocket(s.path)
 }
 
 // Handler is the protocol's HTTP handler.

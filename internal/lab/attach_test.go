@@ -105,6 +105,10 @@ func TestAttach(t *testing.T) {
 	if out, err := c1.Exec(ctx, "dig", "+short", "+time=2", "+tries=1", "web2.weave.local"); err != nil || strings.TrimSpace(out) != a2.String() {
 		t.Errorf("dig web2 in c1: %v %q", err, out)
 	}
+	// A program that is not root reads the namespace's resolv.conf too.
+	if out, err := c1.Exec(ctx, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", "/etc/resolv.conf"); err != nil || !strings.Contains(out, "search weave.local") {
+		t.Errorf("resolv.conf as nobody in c1: %v %q", err, out)
+	}
 
 	ps := d2.MustCtl("ps")
 	lines := strings.Split(strings.TrimSpace(ps), "\n")

@@ -5,8 +5,11 @@ package serve
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io/fs"
 	"net"
 	"net/http"
+	"os"
 	"time"
 )
 
@@ -35,4 +38,41 @@ func Run(ctx context.Context, srv *http.Server, ln net.Listener) error {
 		err = nil
 	}
 	return err
+}
+
+// ErrSocketInUse says another process answers on a socket's path.
+var ErrSocketInUse = errors.New("in use by a live process")
+
+// ClaimSocket makes path free for a new Unix socket. Nothing there is
+// fine; a socket that answers is ErrSocketInUse; a socket that does not (a
+// process that died left it) is removed. Anything else at path, a file, a
+// directory or a symbolic link, is refused and left alone: a mistyped
+// --socket must not delete a file.
+func ClaimSocket(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if fi.Mode().Type() != fs.ModeSocket {
+		return fmt.Errorf("%s exists and is not a socket (%s): refusing to replace it", path, fi.Mode().Type())
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return fmt.Errorf("%s: %w", path, ErrSocketInUse)
+	}
+	if err := os.Remove(path); err != nil {
+		return fmt.Errorf("removing the stale socket %s: %w", path, err)
+	}
+	return nil
+}
+
+// RemoveSocket removes path if it is a socket (a file put there since is
+// left alone).
+func RemoveSocket(path string) {
+	if fi, err := os.Lstat(path); err == nil && fi.Mode().Type() == fs.ModeSocket {
+		os.Remove(path)
+	}
 }

@@ -162,7 +162,12 @@ func openStore(dir string, warn func(string)) (*store, []byte, error) {
 	}
 	good := jr.Good
 	_, statErr := os.Stat(jpath)
-	f, err := os.OpenFile(jpath, os.O_RDWR|os.O_CREATE, 0o600)
+	// Not through a symbolic link: whoever planted one would have the
+	// daemon append to, and truncate, a file of their choosing.
+	f, err := os.OpenFile(jpath, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
+	if errors.Is(err, syscall.ELOOP) {
+		return nil, nil, fmt.Errorf("journal %s is a symbolic link: refused (move the file it points to in its place)", jpath)
+	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("opening %s: %w", jpath, err)
 	}

@@ -106,3 +106,23 @@ func TestSnapshot(t *testing.T) {
 		}
 	}
 }
+
+// TestJournalSymlinkRefused: a journal that is a symbolic link is refused,
+// and the file it points to is left as it was.
+func TestJournalSymlinkRefused(t *testing.T) {
+	dir := t.TempDir()
+	victim := filepath.Join(t.TempDir(), "victim")
+	if err := os.WriteFile(victim, []byte("not a journal"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(victim, filepath.Join(dir, JournalFile)); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err := openStore(dir, func(string) {})
+	if err == nil || !strings.Contains(err.Error(), "symbolic link") {
+		t.Fatalf("a symlinked journal: %v", err)
+	}
+	if b, _ := os.ReadFile(victim); string(b) != "not a journal" {
+		t.Errorf("the link's target changed: %q", b)
+	}
+}
