@@ -63,6 +63,7 @@ type options struct {
 	password      string
 	passwordFile  string
 	trusted       string
+	dnsAllow      string
 }
 
 // passwordEnv holds the password when neither flag gives one.
@@ -204,7 +205,11 @@ func (o *options) validate(positional []string) (*config, error) {
 
 // parseTrusted reads --trusted-subnets: comma-separated CIDRs (host bits
 // are cleared, as Weave's net.ParseCIDR does), duplicates dropped.
-func parseTrusted(s string) ([]netip.Prefix, error) {
+func parseTrusted(s string) ([]netip.Prefix, error) { return parseCIDRs("--trusted-subnets", s) }
+
+// parseCIDRs reads flag's comma-separated CIDRs, host bits cleared,
+// duplicates dropped.
+func parseCIDRs(flag, s string) ([]netip.Prefix, error) {
 	var out []netip.Prefix
 	for f := range strings.SplitSeq(s, ",") {
 		if f = strings.TrimSpace(f); f == "" {
@@ -212,7 +217,7 @@ func parseTrusted(s string) ([]netip.Prefix, error) {
 		}
 		p, err := netip.ParsePrefix(f)
 		if err != nil {
-			return nil, badFlag("--trusted-subnets: %q is not a CIDR, such as 10.0.0.0/8", f)
+			return nil, badFlag("%s: %q is not a CIDR, such as 10.0.0.0/8", flag, f)
 		}
 		if p = p.Masked(); !slices.Contains(out, p) {
 			out = append(out, p)
@@ -319,6 +324,11 @@ func (o *options) dns(c *config) error {
 		}
 		c.DNSListen = ap
 	}
+	allow, err := parseCIDRs("--dns-allow", o.dnsAllow)
+	if err != nil {
+		return err
+	}
+	c.DNSAllow = allow
 	return nil
 }
 

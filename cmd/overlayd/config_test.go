@@ -68,6 +68,10 @@ func TestDNSFlags(t *testing.T) {
 		{func(o *options) { o.dnsListen = ":0" }, "invalid --dns-listen", nil},
 		{func(o *options) { o.dnsListen = "host:53" }, "invalid --dns-listen", nil},
 		{func(o *options) { o.dnsListen = "[::1]:53" }, "invalid --dns-listen", nil},
+		{func(o *options) { o.dnsAllow = "192.0.2.7/24, 198.51.100.0/24" }, "", func(c *config) bool {
+			return fmt.Sprint(c.DNSAllow) == "[192.0.2.0/24 198.51.100.0/24]"
+		}},
+		{func(o *options) { o.dnsAllow = "192.0.2.0" }, `--dns-allow: "192.0.2.0" is not a CIDR`, nil},
 		{func(o *options) { o.dnsDomain = "" }, "invalid --dns-domain", nil},
 		{func(o *options) { o.dnsDomain = "we ave.local" }, "invalid --dns-domain", nil},
 		{func(o *options) { o.dnsTTL = -1 }, "--dns-ttl", nil},

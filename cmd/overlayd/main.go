@@ -96,6 +96,7 @@ for --range and --default-subnet.`,
 	f.IntVar(&o.connLimit, "conn-limit", 200, "connections to other peers at most (0: no limit)")
 	f.BoolVar(&o.noDiscovery, "no-discovery", false, "do not dial the peers other peers tell of (only --peer and connect)")
 	f.BoolVar(&o.noDNS, "no-dns", false, "do not run the DNS server nor gossip names")
+	f.StringVar(&o.dnsAllow, "dns-allow", "", "more client subnets, CIDR,..., the DNS server answers (it answers loopback, the range, this host's addresses and its bridges' subnets; 0.0.0.0/0 makes it an open resolver)")
 	f.StringVar(&o.dnsListen, "dns-listen", "", "DNS server address, IP:PORT (default: the docker0 bridge's address, port 53, if it exists; else 0.0.0.0:53); alias --dns-listen-address")
 	f.StringVar(&o.dnsDomain, "dns-domain", names.DefaultDomain, "domain of the container names (a trailing dot is added)")
 	f.IntVar(&o.dnsTTL, "dns-ttl", 1, "TTL of DNS answers for container names, in seconds")

@@ -166,6 +166,9 @@ type DNSStatus struct {
 	Queries     uint64     `json:"queries"` // answered here, forwarded or failed
 	Forwarded   uint64     `json:"forwarded"`
 	ServerFails uint64     `json:"serverFailures"`
+	// Refused counts queries from clients the server does not answer
+	// (not local, not in the range, not --dns-allow).
+	Refused uint64 `json:"refusedClients"`
 }
 
 // DNSEntry is one registration, as Weave's report shows it.

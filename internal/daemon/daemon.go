@@ -74,6 +74,10 @@ type Config struct {
 	DNSListen     netip.AddrPort // invalid: docker0's address, port 53, if it exists; else 0.0.0.0:53
 	DNSDomain     string         // lower case, with its trailing dot
 	DNSTTL        uint32
+	// DNSAllow are client subnets the DNS server answers besides its
+	// own: loopback, the range, this host's addresses and its bridges'
+	// subnets.
+	DNSAllow      []netip.Prefix
 	ResolvConf    string
 	ReleaseGrace  time.Duration // a container gone this long loses its addresses
 	DockerPlugin  bool          // serve the network and IPAM drivers
@@ -465,7 +469,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		zap.Strings("targets", d.cfg.Targets), zap.String("metrics", d.cfg.MetricsAddr), zap.Bool("dns", d.cfg.DNS))
 	if d.names != nil {
 		d.log.Info("DNS server started", zap.String("endpoint", d.names.listen.String()), zap.String("name", d.cfg.DNSDomain),
-			zap.Uint32("ttl", d.cfg.DNSTTL), zap.String("resolv_conf", d.cfg.ResolvConf))
+			zap.Uint32("ttl", d.cfg.DNSTTL), zap.String("resolv_conf", d.cfg.ResolvConf), zap.Stringers("allow", d.cfg.DNSAllow))
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return d.router.Run(gctx) })

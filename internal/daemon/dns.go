@@ -8,6 +8,8 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"slices"
+	"sync"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
@@ -66,13 +68,55 @@ func startNames(cfg Config, self proto.PeerName, router namesrv.Router, signing 
 		return nil, err
 	}
 	up := resolver.NewUpstream(cfg.ResolvConf, listen, log)
-	res := resolver.New(resolver.Config{View: st.View, TTL: cfg.DNSTTL, Upstream: up, Log: log})
+	clients := newDNSClients(append(slices.Clone(cfg.DNSAllow), cfg.Range), netconf.LocalNets)
+	res := resolver.New(resolver.Config{View: st.View, TTL: cfg.DNSTTL, Upstream: up, Allow: clients.allow, Log: log})
 	srv, err := resolver.Listen(listen.String(), res)
 	if err != nil {
 		return nil, fmt.Errorf("DNS server: %w (choose another address with --dns-listen, or turn DNS off with --no-dns)",
 			errors.Unwrap(err))
 	}
 	return &nameService{store: st, resolver: res, upstream: up, server: srv, listen: listen, ttl: cfg.DNSTTL}, nil
+}
+
+// dnsClients decides whom the DNS server answers, so that it is not an
+// open resolver for whoever reaches its address: loopback, the fixed
+// subnets (the range, --dns-allow), this host's own addresses (the kernel
+// drops a packet from outside that claims one of them) and its bridges'
+// subnets (local containers). The host's addresses and bridges are read
+// again at most every dnsClientsRefresh, when a query from elsewhere comes.
+type dnsClients struct {
+	fixed []netip.Prefix
+	list  func() ([]netip.Addr, []netip.Prefix, error)
+
+	mu      sync.Mutex
+	read    time.Time // of own and bridges; guarded by mu
+	own     []netip.Addr
+	bridges []netip.Prefix
+}
+
+const dnsClientsRefresh = 5 * time.Second
+
+func newDNSClients(fixed []netip.Prefix, list func() ([]netip.Addr, []netip.Prefix, error)) *dnsClients {
+	fixed = slices.DeleteFunc(fixed, func(p netip.Prefix) bool { return !p.IsValid() })
+	return &dnsClients{fixed: fixed, list: list}
+}
+
+func (c *dnsClients) allow(a netip.Addr) bool {
+	if !a.IsValid() {
+		return false
+	}
+	if a.IsLoopback() || slices.ContainsFunc(c.fixed, func(p netip.Prefix) bool { return p.Contains(a) }) {
+		return true
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if now := time.Now(); now.Sub(c.read) >= dnsClientsRefresh {
+		if own, bridges, err := c.list(); err == nil {
+			c.own, c.bridges = own, bridges
+		}
+		c.read = now
+	}
+	return slices.Contains(c.own, a) || slices.ContainsFunc(c.bridges, func(p netip.Prefix) bool { return p.Contains(a) })
 }
 
 // deliverNames is the router's handler of the names channel.
@@ -112,7 +156,7 @@ func (d *Daemon) DNS(ctx context.Context) (api.DNSStatus, error) {
 		ResolvConf: n.upstream.Path(), Upstream: slices.Clone(n.upstream.Servers()), TTL: n.ttl,
 		Live: live, Local: local, Entries: apiEntries(v.Entries()),
 		Rejected: n.store.Rejected.Load(), Dropped: n.store.Dropped.Load(),
-		Forwarded: c.Forwarded.Load(), ServerFails: c.Failed.Load()}
+		Forwarded: c.Forwarded.Load(), ServerFails: c.Failed.Load(), Refused: c.Refused.Load()}
 	st.Queries = c.Answered.Load() + c.NoData.Load() + c.NXDomain.Load() + st.Forwarded + st.ServerFails
 	if st.Upstream == nil {
 		st.Upstream = []string{}

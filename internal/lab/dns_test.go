@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -383,4 +384,60 @@ func TestDNSOff(t *testing.T) {
 	if out, err := l.Host(1).Exec(ctx, "dig", "@127.0.0.1", "+time=1", "+tries=1", "web1.weave.local"); err == nil || strings.Contains(out, "status:") {
 		t.Errorf("something answers DNS with --no-dns:\n%s", out)
 	}
+}
+
+// TestDNSNotOpen: overlayd's DNS server, on every address by default (no
+// docker0 here), answers its own host but not a host outside the overlay:
+// over UDP it says nothing (an answer to a forged source would aim
+// traffic at someone else), over TCP REFUSED; both are counted. With that
+// host's subnet in --dns-allow, it is answered too. Answers over UDP are
+// never longer than 1232 bytes, whatever size the query offers.
+func TestDNSNotOpen(t *testing.T) {
+	l := lab.New(t, bin, 2)
+	h1, h2 := l.Host(1), l.Host(2)
+	resolv := filepath.Join(l.Dir(), "resolv-empty.conf")
+	if err := os.WriteFile(resolv, []byte("# no upstream\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d1 := h1.Start("--range", testRange, "--resolv-conf", resolv)
+	for i := range 200 { // an answer far larger than 1232 bytes
+		d1.MustCtl("dns-add", fmt.Sprintf("10.40.%d.%d", i/250, 1+i%250), "many")
+	}
+	server := h1.Addr.String()
+	ctx := t.Context()
+	query := func(h *lab.Host, args ...string) (string, error) {
+		return h.Exec(ctx, "dig", append([]string{"@" + server, "+time=1", "+tries=1", "many.weave.local"}, args...)...)
+	}
+	// Over UDP, offering 4096 bytes: cut (TC) to at most 1232.
+	out, err := query(h1, "+bufsize=4096", "+ignore")
+	if err != nil || !strings.Contains(out, "status: NOERROR") || !digFlags.MatchString(out) || !strings.Contains(digFlags.FindString(out), " tc") {
+		t.Errorf("h1 asking its own server over UDP: %v\n%s", err, out)
+	}
+	if m := regexp.MustCompile(`MSG SIZE\s+rcvd: (\d+)`).FindStringSubmatch(out); m == nil {
+		t.Errorf("no size in dig's output:\n%s", out)
+	} else if n, _ := strconv.Atoi(m[1]); n > 1232 || n < 512 {
+		t.Errorf("a UDP answer of %d bytes to a 4096-byte offer, want 512 to 1232", n)
+	}
+	if out, err := query(h1, "+tcp", "+short"); err != nil || len(strings.Fields(out)) != 200 {
+		t.Errorf("h1 over TCP: %v, %d addresses", err, len(strings.Fields(out)))
+	}
+	if out, err := query(h2); err == nil || strings.Contains(out, "status:") {
+		t.Errorf("h2, outside the overlay, was answered over UDP:\n%s", out)
+	}
+	if out, _ := query(h2, "+tcp"); !strings.Contains(out, "status: REFUSED") || strings.Contains(out, "10.40.") {
+		t.Errorf("h2 over TCP: want REFUSED and no address:\n%s", out)
+	}
+	if dns := mustStatus(t, d1).DNS; dns.Refused != 2 {
+		t.Errorf("the server counted %d refused queries, want 2", dns.Refused)
+	}
+
+	d1.Stop(5 * time.Second)
+	h1.Start("--range", testRange, "--resolv-conf", resolv, "--dns-allow", netip.PrefixFrom(h2.Addr, 24).Masked().String())
+	lab.Eventually(t, 5*time.Second, "h2 answered with --dns-allow", func() error {
+		out, err := query(h2, "+tcp", "+short")
+		if err != nil || len(strings.Fields(out)) != 200 {
+			return fmt.Errorf("%v: %q", err, out)
+		}
+		return nil
+	})
 }

@@ -162,3 +162,31 @@ func EnableForwarding() error {
 	}
 	return nil
 }
+
+// LocalNets lists this namespace's own IPv4 addresses, and the IPv4
+// subnets of its bridges (docker0, br-..., cni0: where local containers
+// sit).
+func LocalNets() (own []netip.Addr, bridges []netip.Prefix, err error) {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, nil, fmt.Errorf("listing links: %w", err)
+	}
+	for _, l := range links {
+		addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
+		if err != nil {
+			continue // the link went away meanwhile
+		}
+		for _, a := range addrs {
+			ip, ok := netip.AddrFromSlice(a.IP.To4())
+			if !ok {
+				continue
+			}
+			own = append(own, ip)
+			if l.Type() == "bridge" {
+				bits, _ := a.Mask.Size()
+				bridges = append(bridges, netip.PrefixFrom(ip, bits).Masked())
+			}
+		}
+	}
+	return own, bridges, nil
+}

@@ -15,8 +15,14 @@
 //
 // Only QUERY is served: other opcodes get NOTIMP.
 //
+// It is not an open resolver: a query from a client that Config.Allow
+// refuses gets no answer over UDP (whose source could be forged, to aim
+// the answer at someone else) and REFUSED over TCP. No client has more
+// than MaxForwardsPerClient queries waiting upstream.
+//
 // Answers over UDP are cut to 512 bytes, or the EDNS0 size the query
-// offers, with TC set; over TCP they are never cut. Names compare without
+// offers up to 1232 (no IP fragments on any usual path), with TC set;
+// over TCP they are never cut. Names compare without
 // regard to case. The resolver decides nothing about the entries: it
 // reads the View it is given, loading it once per query.
 package resolver
@@ -27,6 +33,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -45,7 +52,13 @@ type Config struct {
 	// MaxForwards bounds the queries waiting for upstream servers at
 	// once; more get SERVFAIL at once. 256 when zero.
 	MaxForwards int
-	Log         *zap.Logger
+	// MaxForwardsPerClient bounds those of one client address, so that
+	// one client cannot take them all. 32 when zero.
+	MaxForwardsPerClient int
+	// Allow says whether a client address may be answered; nil allows
+	// every client.
+	Allow func(netip.Addr) bool
+	Log   *zap.Logger
 }
 
 // Counts are the resolver's counters, safe for concurrent use.
@@ -56,6 +69,7 @@ type Counts struct {
 	Forwarded atomic.Uint64 // answered by an upstream server
 	Failed    atomic.Uint64 // SERVFAIL: no upstream server answered, or too many waiting
 	Truncated atomic.Uint64 // UDP answers cut, with TC set
+	Refused   atomic.Uint64 // queries from clients Allow refused
 }
 
 // Resolver is a dns.Handler. It is safe for concurrent use.
@@ -66,6 +80,8 @@ type Resolver struct {
 	udp      *dns.Client
 	tcp      *dns.Client
 	forwards chan struct{} // a token per query waiting upstream
+	mu       sync.Mutex
+	waiting  map[netip.Addr]int // queries waiting upstream, by client; guarded by mu
 	Counts   Counts
 }
 
@@ -82,8 +98,11 @@ func New(cfg Config) *Resolver {
 	if cfg.MaxForwards <= 0 {
 		cfg.MaxForwards = 256
 	}
+	if cfg.MaxForwardsPerClient <= 0 {
+		cfg.MaxForwardsPerClient = 32
+	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Resolver{cfg: cfg, ctx: ctx, cancel: cancel, forwards: make(chan struct{}, cfg.MaxForwards),
+	return &Resolver{cfg: cfg, ctx: ctx, cancel: cancel, forwards: make(chan struct{}, cfg.MaxForwards), waiting: map[netip.Addr]int{},
 		udp: &dns.Client{Net: "udp", Timeout: cfg.Timeout, UDPSize: 4096},
 		tcp: &dns.Client{Net: "tcp", Timeout: cfg.Timeout}}
 }
@@ -96,6 +115,13 @@ func (r *Resolver) Close() { r.cancel() }
 
 // ServeDNS implements dns.Handler.
 func (r *Resolver) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
+	if r.cfg.Allow != nil && !r.cfg.Allow(clientAddr(w)) {
+		r.Counts.Refused.Add(1)
+		if isTCP(w) {
+			r.reply(w, req, failure(req, dns.RcodeRefused))
+		}
+		return
+	}
 	if len(req.Question) != 1 {
 		// miekg/dns refuses these before they get here; this is a second
 		// line.
@@ -182,16 +208,16 @@ func reverseAddr(name string) (netip.Addr, bool) {
 // SERVFAIL or REFUSED moves on to the next server; if none does better,
 // the last such answer is relayed.
 func (r *Resolver) forward(w dns.ResponseWriter, req *dns.Msg) {
-	select {
-	case r.forwards <- struct{}{}:
-		defer func() { <-r.forwards }()
-	default:
-		// Too many queries wait upstream (a dead server, or a query
-		// that loops back to us): fail fast rather than pile up.
+	client := clientAddr(w)
+	if !r.take(client) {
+		// Too many queries wait upstream (a dead server, a query that
+		// loops back to us, or one client asking too much): fail fast
+		// rather than pile up.
 		r.Counts.Failed.Add(1)
 		r.reply(w, req, failure(req, dns.RcodeServerFailure))
 		return
 	}
+	defer r.give(client)
 	var servers []string
 	if r.cfg.Upstream != nil {
 		servers = r.cfg.Upstream.Servers()
@@ -225,6 +251,33 @@ func (r *Resolver) forward(w dns.ResponseWriter, req *dns.Msg) {
 	r.reply(w, req, last)
 }
 
+// take reserves a place upstream for one query of client, if the client
+// and the whole resolver are both under their bounds.
+func (r *Resolver) take(client netip.Addr) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.waiting[client] >= r.cfg.MaxForwardsPerClient {
+		return false
+	}
+	select {
+	case r.forwards <- struct{}{}:
+	default:
+		return false
+	}
+	r.waiting[client]++
+	return true
+}
+
+// give returns the place take reserved.
+func (r *Resolver) give(client netip.Addr) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	<-r.forwards
+	if r.waiting[client]--; r.waiting[client] == 0 {
+		delete(r.waiting, client)
+	}
+}
+
 // exchange asks one upstream server, for at most Timeout, and gives up at
 // once when the resolver is closed (miekg/dns heeds only a context's
 // deadline, so the socket is closed under it).
@@ -250,7 +303,7 @@ func (r *Resolver) reply(w dns.ResponseWriter, req *dns.Msg, m *dns.Msg) {
 	} else {
 		size := dns.MinMsgSize
 		if opt := req.IsEdns0(); opt != nil {
-			size = max(size, int(opt.UDPSize()))
+			size = min(max(size, int(opt.UDPSize())), MaxUDPAnswer)
 		}
 		m.Truncate(size)
 		if m.Truncated {
@@ -281,6 +334,24 @@ func failure(req *dns.Msg, rcode int) *dns.Msg {
 		m.SetEdns0(4096, false)
 	}
 	return m
+}
+
+// MaxUDPAnswer is the largest answer sent over UDP, whatever EDNS0 size
+// the query offers: the DNS flag day 2020's figure, which fits the usual
+// paths' MTU without fragments.
+const MaxUDPAnswer = 1232
+
+// clientAddr is the address a query came from (unmapped; the zero Addr if
+// the writer has none).
+func clientAddr(w dns.ResponseWriter) netip.Addr {
+	var a netip.Addr
+	switch ra := w.RemoteAddr().(type) {
+	case *net.UDPAddr:
+		a, _ = netip.AddrFromSlice(ra.IP)
+	case *net.TCPAddr:
+		a, _ = netip.AddrFromSlice(ra.IP)
+	}
+	return a.Unmap()
 }
 
 func isTCP(w dns.ResponseWriter) bool {

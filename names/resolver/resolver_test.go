@@ -553,11 +553,19 @@ func TestTCPLargeAnswer(t *testing.T) {
 		}
 	}
 	t.Logf("counts after the TCP queries: %+v", countsOf(s.r))
-	// Over UDP with the largest EDNS0 size it works, compressed.
+	// Over UDP, even with the largest EDNS0 size, the answer is cut to
+	// MaxUDPAnswer bytes with TC set: the client asks again over TCP.
 	q := query("many.weave.local.", dns.TypeA)
 	q.SetEdns0(65535, false)
-	if r := exchange(t, "udp", s.udp, q); len(r.Answer) != hugeCount {
-		t.Errorf("UDP many.weave.local.: %d records, want %d", len(r.Answer), hugeCount)
+	r := exchange(t, "udp", s.udp, q)
+	r.Compress = true // as it came on the wire
+	packed, err := r.Pack()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.Truncated || len(packed) > resolver.MaxUDPAnswer || len(r.Answer) == 0 {
+		t.Errorf("UDP many.weave.local. offering 65535: %d records in %d bytes, TC %v; want some, cut to at most %d bytes, TC set",
+			len(r.Answer), len(packed), r.Truncated, resolver.MaxUDPAnswer)
 	}
 }
 
@@ -1352,5 +1360,130 @@ func TestCloseEndsForwards(t *testing.T) {
 	checkRcode(t, "after Close", r, dns.RcodeServerFailure)
 	if d := time.Since(t0); d > 2*time.Second {
 		t.Errorf("answered after %v, want at once after Close", d)
+	}
+}
+
+// from is a client whose queries leave from ip.
+func from(network, ip string, timeout time.Duration) *dns.Client {
+	d := &net.Dialer{Timeout: timeout}
+	if network == "udp" {
+		d.LocalAddr = &net.UDPAddr{IP: net.ParseIP(ip)}
+	} else {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(ip)}
+	}
+	return &dns.Client{Net: network, Timeout: timeout, Dialer: d}
+}
+
+// TestForwardLimitPerClient: a client with MaxForwardsPerClient queries
+// waiting upstream gets SERVFAIL at once for the next; another client is
+// still forwarded.
+func TestForwardLimitPerClient(t *testing.T) {
+	release := make(chan struct{})
+	slow := startUpstream(t, func(req *dns.Msg) *dns.Msg {
+		<-release
+		return upstreamAnswer(req)
+	})
+	defer close(release)
+	path := writeResolvConf(t, filepath.Join(t.TempDir(), "resolv.conf"), "nameserver "+slow.ip)
+	s := start(t, "127.0.0.1:0", resolver.Config{MaxForwards: 10, MaxForwardsPerClient: 1, Timeout: 3 * time.Second,
+		Upstream: resolver.NewUpstream(path, netip.MustParseAddrPort("127.0.0.1:53"), nil)}, newStore(t, "").View())
+	answers := make(chan *dns.Msg, 2)
+	ask := func(ip, name string) {
+		r, _, _ := from("udp", ip, 5*time.Second).Exchange(query(name, dns.TypeA), s.addr("udp"))
+		answers <- r
+	}
+	go ask("127.0.0.5", "one.example.com.")
+	for len(slow.queries()) == 0 {
+		time.Sleep(10 * time.Millisecond)
+	}
+	t0 := time.Now()
+	r, _, err := from("udp", "127.0.0.5", 5*time.Second).Exchange(query("two.example.com.", dns.TypeA), s.addr("udp"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkRcode(t, "the same client over its limit", r, dns.RcodeServerFailure)
+	if d := time.Since(t0); d > time.Second {
+		t.Errorf("the query over the limit took %v", d)
+	}
+	go ask("127.0.0.6", "three.example.com.")
+	for len(slow.queries()) < 2 {
+		if time.Since(t0) > 3*time.Second {
+			t.Fatal("another client's query was not forwarded")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	release <- struct{}{}
+	release <- struct{}{}
+	for range 2 {
+		if r := <-answers; r == nil || len(r.Answer) != 1 {
+			t.Errorf("a forwarded query: %v", r)
+		}
+	}
+}
+
+// TestAllow: a client that Allow refuses gets no answer over UDP (whose
+// source could be forged) and REFUSED over TCP, and is counted; an allowed
+// client is answered.
+func TestAllow(t *testing.T) {
+	allowed := netip.MustParseAddr("127.0.0.1")
+	s := start(t, "127.0.0.1:0", resolver.Config{Allow: func(a netip.Addr) bool { return a == allowed }},
+		newStore(t, "", ent{"web1", "10.32.0.1", "c1"}).View())
+	q := query("web1.weave.local.", dns.TypeA)
+	if _, _, err := from("udp", "127.0.0.7", 500*time.Millisecond).Exchange(q, s.addr("udp")); err == nil {
+		t.Error("a refused client was answered over UDP")
+	}
+	r, _, err := from("tcp", "127.0.0.7", 2*time.Second).Exchange(q, s.addr("tcp"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkRcode(t, "a refused client over TCP", r, dns.RcodeRefused)
+	if len(r.Answer) != 0 {
+		t.Errorf("REFUSED carries %d records", len(r.Answer))
+	}
+	for _, network := range networks {
+		r, _, err := from(network, "127.0.0.1", 2*time.Second).Exchange(q, s.addr(network))
+		if err != nil || len(r.Answer) != 1 {
+			t.Errorf("%s from an allowed client: %v, %v", network, r, err)
+		}
+	}
+	if n := s.r.Counts.Refused.Load(); n != 2 {
+		t.Errorf("%d refused, want 2", n)
+	}
+}
+
+// TestTCPConnLimit: with MaxTCPConns connections open and idle, a new
+// connection's query waits; when one closes, it is answered.
+func TestTCPConnLimit(t *testing.T) {
+	s := start(t, "127.0.0.1:0", resolver.Config{}, newStore(t, "", ent{"web1", "10.32.0.1", "c1"}).View())
+	var idle []net.Conn
+	defer func() {
+		for _, c := range idle {
+			c.Close()
+		}
+	}()
+	for range resolver.MaxTCPConns {
+		c, err := net.Dial("tcp", s.addr("tcp"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		idle = append(idle, c)
+	}
+	time.Sleep(100 * time.Millisecond) // all accepted
+	done := make(chan error, 1)
+	go func() {
+		r, _, err := (&dns.Client{Net: "tcp", Timeout: 5 * time.Second}).Exchange(query("web1.weave.local.", dns.TypeA), s.addr("tcp"))
+		if err == nil && len(r.Answer) != 1 {
+			err = fmt.Errorf("answer %v", r)
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		t.Fatalf("a query past %d idle connections was served at once: %v", resolver.MaxTCPConns, err)
+	case <-time.After(500 * time.Millisecond):
+	}
+	idle[0].Close()
+	if err := <-done; err != nil {
+		t.Errorf("after one connection closed: %v", err)
 	}
 }

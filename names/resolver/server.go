@@ -8,8 +8,12 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+	"golang.org/x/net/netutil"
 	"golang.org/x/sync/errgroup"
 )
+
+// MaxTCPConns bounds the TCP connections served at once.
+const MaxTCPConns = 128
 
 // Server serves a handler on UDP and TCP at one address.
 type Server struct {
@@ -28,6 +32,10 @@ func Listen(addr string, h dns.Handler) (*Server, error) {
 		pc.Close()
 		return nil, fmt.Errorf("resolver: %w", err)
 	}
+	// Beyond this many connections, new ones wait in the kernel's
+	// backlog: a client that opens connections and sends nothing (each
+	// is held for ReadTimeout) cannot exhaust the process.
+	l = netutil.LimitListener(l, MaxTCPConns)
 	return &Server{
 		udp: &dns.Server{PacketConn: pc, Handler: h, UDPSize: dns.DefaultMsgSize},
 		tcp: &dns.Server{Listener: l, Handler: h, ReadTimeout: 5 * time.Second, WriteTimeout: 5 * time.Second},
