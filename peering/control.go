@@ -464,11 +464,22 @@ func (c *control) logEvent(e link.Event) {
 	case link.EventLost:
 		c.log.Info("connection lost", append(fields, zap.Error(e.Err))...)
 	case link.EventRefused:
-		var re *handshake.RangeError
-		if errors.As(e.Err, &re) {
+		var (
+			re *handshake.RangeError
+			ce *handshake.CollisionError
+			ve *handshake.VersionError
+		)
+		switch {
+		case errors.As(e.Err, &re):
+			// Weave's line, made of two parsed prefixes.
 			c.log.Error(e.Err.Error(), fields...)
-		} else {
+		case errors.As(e.Err, &ce), errors.As(e.Err, &ve):
+			// Weave's lines, the peer's words quoted (%q) or numbers.
 			c.log.Warn(e.Err.Error(), fields...)
+		default:
+			// The reason may carry the peer's own words: a field, not
+			// the message.
+			c.log.Warn("connection refused", append(fields, zap.Error(e.Err))...)
 		}
 	case link.EventRestarted:
 		c.log.Info("peer restarted", fields...)

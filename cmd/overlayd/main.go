@@ -27,6 +27,7 @@ import (
 	"github.com/overlayd/overlayd/internal/buildinfo"
 	"github.com/overlayd/overlayd/internal/daemon"
 	"github.com/overlayd/overlayd/internal/dockerplugin"
+	"github.com/overlayd/overlayd/internal/logx"
 	"github.com/overlayd/overlayd/names"
 	"github.com/overlayd/overlayd/peering"
 	"github.com/overlayd/overlayd/proto"
@@ -141,23 +142,6 @@ func oneLine(err error) string {
 	return strings.ReplaceAll(err.Error(), "\n", "; ")
 }
 
-// newLogger logs to stderr in a console format at level; sampling keeps a
-// flood of rejected datagrams from flooding the log.
-func newLogger(level zapcore.Level) *zap.Logger {
-	enc := zap.NewProductionEncoderConfig()
-	enc.EncodeTime = zapcore.ISO8601TimeEncoder
-	enc.EncodeLevel = zapcore.CapitalLevelEncoder
-	cfg := zap.Config{
-		Level:            zap.NewAtomicLevelAt(level),
-		Encoding:         "console",
-		EncoderConfig:    enc,
-		OutputPaths:      []string{"stderr"},
-		ErrorOutputPaths: []string{"stderr"},
-		Sampling:         &zap.SamplingConfig{Initial: 100, Thereafter: 100},
-	}
-	log, err := cfg.Build()
-	if err != nil {
-		return zap.NewNop()
-	}
-	return log
-}
+// newLogger logs to stderr in a console format at level, one line per
+// entry, sampled per message (internal/logx).
+func newLogger(level zapcore.Level) *zap.Logger { return logx.New(os.Stderr, level) }
