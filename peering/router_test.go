@@ -326,15 +326,20 @@ func newFakePeer(t *testing.T, to *node, name proto.PeerName, uid uint64) *fakeP
 	f.datagram(proto.AppendHello(nil, proto.TypeHello, &proto.Hello{MinVersion: 1, MaxVersion: 1, Name: name,
 		UID: uid, Port: pc.LocalPort(), Range: testRange, Nickname: "fake"}))
 	bufs, sizes, eps := [][]byte{make([]byte, 2000)}, make([]int, 1), make([]conn.Endpoint, 1)
+	var proof uint64
 	for {
 		if _, err := pc.NewReader(1).Read(bufs, sizes, eps); err != nil {
 			t.Fatal(err)
 		}
-		if hd, err := proto.ParseHeader(bufs[0][:sizes[0]]); err == nil && hd.Type == proto.TypeAccept {
+		if h, err := proto.ParseHello(bufs[0][:sizes[0]]); err == nil {
+			proof = h.Proof
 			break
 		}
 	}
-	f.datagram(proto.AppendHeartbeat(nil, proto.Heartbeat{Name: name, UID: uid, Established: true}))
+	if proof == 0 {
+		t.Fatal("the accept carries no proof")
+	}
+	f.datagram(proto.AppendHeartbeat(nil, proto.Heartbeat{Name: name, UID: uid, Established: true, Proof: proof}))
 	return f
 }
 

@@ -63,6 +63,13 @@
 //	            --trusted-subnets), so data may go in clear if the
 //	            receiver trusts the sender's too (password mode); other
 //	            bits are ignored; absent: 0
+//	63+n    8   optional (the fields before it are then present): in an
+//	            accept in plaintext mode, the proof, which the dialler
+//	            sends back in its heartbeats; absent: 0
+//
+// A hello is padded with zeros to 288 bytes (HelloMinLen); in plaintext
+// mode a hello shorter than that is not answered, so that no accept or
+// reject is larger than the hello it answers.
 //
 // A peer dials by sending hello; the other side validates it and answers
 // accept (same layout, its own identity) or reject. On a hello, flags bit 0
@@ -93,8 +100,14 @@
 //	            connection established
 //	 4      6   sender peer name
 //	10      8   sender UID
+//	18      8   optional: the proof of the accept the sender received
+//	            (plaintext mode); absent: 0
 //
-// Sent every 400 ms on every accepted connection. A connection that has heard
+// Sent every 400 ms on every accepted connection. In plaintext mode a
+// peer that accepted a hello counts the connection established, and takes
+// gossip over it, only once a heartbeat brings back the proof it put in
+// its accept: a hello from a forged source address opens nothing that
+// answers to that address more than a hello's worth. A connection that has heard
 // nothing from its peer for 2 s is dead.
 //
 // # Gossip (type 5)

@@ -30,6 +30,11 @@ const (
 // Limits on variable-length fields.
 const (
 	MaxNicknameLen      = 64
+	// HelloMinLen is the least size of a hello: AppendHello pads hellos
+	// with zeros to it, and a plaintext peer answers none shorter, so that
+	// no accept or reject (at most 17+255 bytes) is larger than the hello
+	// it answers, whoever forged its source address.
+	HelloMinLen = 288
 	MaxRejectMessageLen = 255
 	MaxChannelLen       = 32
 	MaxGossipPayload    = 60000
@@ -139,6 +144,12 @@ type Hello struct {
 	// SignKey (then always present, zero or not), as a flags byte (bit
 	// 0), and only when set.
 	Trusted bool
+	// Proof, in an accept (plaintext mode), is what the dialler must send
+	// back in its heartbeats before we take its gossip or count it
+	// established: only a dialler that receives at the address it claims
+	// learns it, so a hello from a forged address opens nothing. Sent
+	// after the flags byte (then always present), and only when not zero.
+	Proof uint64
 }
 
 // helloTrusted is bit 0 of the hello's optional flags byte.
@@ -148,6 +159,7 @@ const helloTrusted = 0x01
 // message to b. A nickname longer than MaxNicknameLen is cut.
 func AppendHello(b []byte, t Type, h *Hello) []byte {
 	nick := truncate(h.Nickname, MaxNicknameLen)
+	start := len(b)
 	b = appendHeader(b, t, 0)
 	b = append(b, h.MinVersion, h.MaxVersion)
 	b = appendName(b, h.Name)
@@ -157,14 +169,28 @@ func AppendHello(b []byte, t Type, h *Hello) []byte {
 	b = append(b, byte(len(nick)))
 	b = append(b, nick...)
 	// Each optional field is sent if it or a later one is set.
-	if h.DataPort != 0 || h.SignKey != [32]byte{} || h.Trusted {
+	if h.DataPort != 0 || h.SignKey != [32]byte{} || h.Trusted || h.Proof != 0 {
 		b = binary.BigEndian.AppendUint16(b, h.DataPort)
 	}
-	if h.SignKey != [32]byte{} || h.Trusted {
+	if h.SignKey != [32]byte{} || h.Trusted || h.Proof != 0 {
 		b = append(b, h.SignKey[:]...)
 	}
-	if h.Trusted {
-		b = append(b, helloTrusted)
+	if h.Trusted || h.Proof != 0 {
+		var flags byte
+		if h.Trusted {
+			flags |= helloTrusted
+		}
+		b = append(b, flags)
+	}
+	if h.Proof != 0 {
+		b = binary.BigEndian.AppendUint64(b, h.Proof)
+	}
+	if t == TypeHello {
+		// Zeros read as absent optional fields, then as ignored trailing
+		// bytes.
+		for len(b) < start+HelloMinLen {
+			b = append(b, 0)
+		}
 	}
 	return b
 }
@@ -208,6 +234,9 @@ func ParseHello(b []byte) (Hello, error) {
 			h.SignKey = [32]byte(rest)
 			if rest = rest[len(h.SignKey):]; len(rest) >= 1 {
 				h.Trusted = rest[0]&helloTrusted != 0 // other bits: later flags
+				if rest = rest[1:]; len(rest) >= 8 {
+					h.Proof = binary.BigEndian.Uint64(rest)
+				}
 			}
 		}
 	}
@@ -296,6 +325,9 @@ type Heartbeat struct {
 	Name        PeerName
 	UID         uint64
 	Established bool // the sender considers the connection established
+	// Proof is the accept's proof, sent back by the dialler (plaintext
+	// mode); sent after the UID only when not zero.
+	Proof uint64
 }
 
 // AppendHeartbeat appends a heartbeat message to b.
@@ -306,7 +338,11 @@ func AppendHeartbeat(b []byte, h Heartbeat) []byte {
 	}
 	b = appendHeader(b, TypeHeartbeat, flags)
 	b = appendName(b, h.Name)
-	return binary.BigEndian.AppendUint64(b, h.UID)
+	b = binary.BigEndian.AppendUint64(b, h.UID)
+	if h.Proof != 0 {
+		b = binary.BigEndian.AppendUint64(b, h.Proof)
+	}
+	return b
 }
 
 // ParseHeartbeat decodes a heartbeat message (header included).
@@ -321,11 +357,15 @@ func ParseHeartbeat(b []byte) (Heartbeat, error) {
 	if len(b) < HeartbeatLen {
 		return Heartbeat{}, fmt.Errorf("%w: heartbeat of %d bytes", ErrShort, len(b))
 	}
-	return Heartbeat{
+	hb := Heartbeat{
 		Name:        getName(b[HeaderLen:]),
 		UID:         binary.BigEndian.Uint64(b[HeaderLen+PeerNameLen:]),
 		Established: hd.Flags&FlagEstablished != 0,
-	}, nil
+	}
+	if len(b) >= HeartbeatLen+8 {
+		hb.Proof = binary.BigEndian.Uint64(b[HeartbeatLen:])
+	}
+	return hb, nil
 }
 
 // Gossip carries opaque control-plane state for one named channel.

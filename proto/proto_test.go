@@ -176,7 +176,7 @@ func TestRoundTrip(t *testing.T) {
 		t.Errorf("hello: got %+v, %v; want %+v", got, err, hello)
 	}
 	hello.DataPort = 6784
-	b := AppendHello(nil, TypeHello, &hello)
+	b := AppendHello(nil, TypeAccept, &hello) // unpadded: its fields end the message
 	if got, err := ParseHello(b); err != nil || !reflect.DeepEqual(got, hello) {
 		t.Errorf("hello with a data port: got %+v, %v; want %+v", got, err, hello)
 	}
@@ -254,7 +254,7 @@ func TestDecodersRejectMalformed(t *testing.T) {
 		{"type zero", []byte{1, 0, 0, 0}, hdr, ErrType},
 		{"type twelve", []byte{1, 12, 0, 0}, hdr, ErrType},
 		{"hello truncated", msgs["hello"][:20], hello, ErrShort},
-		{"hello nickname cut", msgs["hello"][:len(msgs["hello"])-1], hello, ErrShort},
+		{"hello nickname cut", msgs["hello"][:helloFixedLen+4], hello, ErrShort},
 		{"hello as reject", msgs["hello"], reject, ErrType},
 		{"hello zero name", patch(msgs["hello"], 6, 0, 0, 0, 0, 0, 0), hello, ErrMalform},
 		{"hello zero uid", patch(msgs["hello"], 12, 0, 0, 0, 0, 0, 0, 0, 0), hello, ErrMalform},
@@ -358,5 +358,30 @@ func TestDataPathAllocatesNothing(t *testing.T) {
 	})
 	if allocs != 0 {
 		t.Errorf("%v allocations per packet", allocs)
+	}
+}
+
+// TestHelloPadding: a hello is padded to HelloMinLen and reads back the
+// same; no accept or reject, at their largest, is longer than that; a
+// proof in an accept and a heartbeat round-trips.
+func TestHelloPadding(t *testing.T) {
+	h := Hello{MinVersion: 1, MaxVersion: 1, Name: 1, UID: 2, Range: netip.MustParsePrefix("10.32.0.0/12"), Nickname: "x"}
+	b := AppendHello(nil, TypeHello, &h)
+	if got, err := ParseHello(b); len(b) != HelloMinLen || err != nil || !reflect.DeepEqual(got, h) {
+		t.Errorf("padded hello: %d bytes, %+v, %v", len(b), got, err)
+	}
+	big := Hello{MinVersion: 1, MaxVersion: 1, Name: 1, UID: 2, Nickname: strings.Repeat("n", MaxNicknameLen),
+		DataPort: 1, SignKey: [32]byte{1}, Trusted: true, Proof: 1 << 60}
+	acc := AppendHello(nil, TypeAccept, &big)
+	if got, err := ParseHello(acc); err != nil || !reflect.DeepEqual(got, big) {
+		t.Errorf("accept with a proof: %+v, %v", got, err)
+	}
+	rej := AppendReject(nil, &Reject{Code: RejectOther, Name: 1, Message: strings.Repeat("m", 300)})
+	if len(acc) > HelloMinLen || len(rej) > HelloMinLen {
+		t.Errorf("the largest accept is %d bytes and reject %d, more than a hello's %d", len(acc), len(rej), HelloMinLen)
+	}
+	hb := Heartbeat{Name: 1, UID: 2, Established: true, Proof: 99}
+	if got, err := ParseHeartbeat(AppendHeartbeat(nil, hb)); err != nil || got != hb {
+		t.Errorf("heartbeat with a proof: %+v, %v", got, err)
 	}
 }

@@ -27,6 +27,7 @@ type hostile struct {
 	uid    uint64
 	mu     sync.Mutex
 	remote proto.PeerName // the honest host's name, from its accept
+	proof  uint64         // what its accept asks us to send back
 	ring   *proto.Ring    // the latest ring the honest host sent us
 }
 
@@ -63,7 +64,7 @@ func (p *hostile) read() {
 		case proto.TypeAccept:
 			if h, err := proto.ParseHello(msg); err == nil {
 				p.mu.Lock()
-				p.remote = h.Name
+				p.remote, p.proof = h.Name, h.Proof
 				p.mu.Unlock()
 			}
 		case proto.TypeGossip:
@@ -103,8 +104,11 @@ func (p *hostile) join(stop <-chan struct{}) proto.PeerName {
 		}
 		return nil
 	})
+	p.mu.Lock()
+	proof := p.proof
+	p.mu.Unlock()
 	go func() {
-		hb := proto.AppendHeartbeat(nil, proto.Heartbeat{Name: p.name, UID: p.uid, Established: true})
+		hb := proto.AppendHeartbeat(nil, proto.Heartbeat{Name: p.name, UID: p.uid, Established: true, Proof: proof})
 		for {
 			p.send(hb)
 			select {

@@ -16,6 +16,9 @@ package link
 
 import (
 	"cmp"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -55,6 +58,10 @@ type Config struct {
 	RejectBurst int
 	// CookieTicks is how often the cookie secret changes (1200).
 	CookieTicks int
+	// ProofKey keys the proofs of plaintext accepts (see
+	// proto.Hello.Proof); zero: drawn from Rand, which must then be
+	// seeded unpredictably.
+	ProofKey [32]byte
 	// Trusted are the underlay subnets whose peers may exchange data in
 	// clear with us (password mode, Weave's --trusted-subnets): a
 	// connection's data is plaintext only if each side trusts the other's
@@ -234,6 +241,11 @@ type connection struct {
 	// configured is set on an inbound connection whose peer dialled us
 	// because we are one of its configured targets (hello flag).
 	configured bool
+	// Plaintext mode: proof is what our accept asked an inbound dialler
+	// to send back (proven once it has), echo what an accept asked of us.
+	proof  uint64
+	proven bool
+	echo   uint64
 
 	// Password mode (secure.go).
 	init        *secure.Initiator // our handshake attempt while connecting
@@ -285,6 +297,11 @@ type Machine struct {
 	malformed uint64 // control messages that did not decode
 	// Impostors counts gossip from a peer that claims another's name.
 	Impostors uint64
+	// Unproven counts what a plaintext peer does not answer or take from
+	// an address nobody has proven: hellos shorter than
+	// proto.HelloMinLen, and heartbeats of inbound connections that did
+	// not bring back our accept's proof.
+	Unproven uint64
 
 	// Password mode (secure.go).
 	cookies    *secure.Cookies
@@ -312,7 +329,31 @@ func New(cfg Config) (*Machine, error) {
 			return nil, err
 		}
 	}
+	if m.cfg.ProofKey == [32]byte{} {
+		for i := 0; i < len(m.cfg.ProofKey); i += 8 {
+			binary.LittleEndian.PutUint64(m.cfg.ProofKey[i:], cfg.Rand.Uint64())
+		}
+	}
 	return m, nil
+}
+
+// proofFor is the proof our accept asks of the dialler h at ep: a keyed
+// hash of both, so it needs no state and a retransmitted accept carries
+// the same one.
+func (m *Machine) proofFor(ep netip.AddrPort, h *proto.Hello) uint64 {
+	mac := hmac.New(sha256.New, m.cfg.ProofKey[:])
+	b, _ := ep.MarshalBinary()
+	mac.Write(b)
+	mac.Write(binary.BigEndian.AppendUint64(nil, uint64(h.Name)))
+	mac.Write(binary.BigEndian.AppendUint64(nil, h.UID))
+	return max(binary.BigEndian.Uint64(mac.Sum(nil)), 1) // 0 is "none"
+}
+
+// unproven says cn is an inbound plaintext connection whose dialler has
+// not yet sent back our accept's proof: we do not know it receives at the
+// address it claims, so it gets no gossip taken and no establishment.
+func (m *Machine) unproven(cn *connection) bool {
+	return m.cfg.Secure == nil && !cn.outbound && !cn.proven
 }
 
 // Now is the number of ticks since New.
@@ -336,6 +377,9 @@ func (m *Machine) send(to Endpoint, msg []byte) {
 
 func (m *Machine) sendHello(cn *connection, t proto.Type) {
 	h := m.cfg.Self.Hello()
+	if t == proto.TypeAccept {
+		h.Proof = cn.proof
+	}
 	msg := proto.AppendHello(nil, t, &h)
 	if t == proto.TypeHello && cn.target != nil && !cn.target.discovered {
 		msg[2] |= proto.FlagConfigured
@@ -345,7 +389,7 @@ func (m *Machine) sendHello(cn *connection, t proto.Type) {
 
 func (m *Machine) sendHeartbeat(cn *connection) {
 	msg := proto.AppendHeartbeat(nil, proto.Heartbeat{
-		Name: m.cfg.Self.Name, UID: m.cfg.Self.UID, Established: cn.state == stateEstablished})
+		Name: m.cfg.Self.Name, UID: m.cfg.Self.UID, Established: cn.state == stateEstablished, Proof: cn.echo})
 	if m.cfg.Secure != nil {
 		var ok bool
 		if msg, ok = m.seal(cn, msg); !ok {
@@ -485,6 +529,12 @@ func (m *Machine) Step(from Endpoint, msg []byte) error {
 			m.malformed++
 			return err
 		}
+		if hd.Type == proto.TypeHello && len(msg) < proto.HelloMinLen {
+			// Unpadded: our answer could be larger than the hello, to an
+			// address nobody has proven.
+			m.Unproven++
+			return ErrShortHello
+		}
 		if hd.Type == proto.TypeHello {
 			m.onHello(from, &h, hd.Flags&proto.FlagConfigured != 0)
 		} else {
@@ -524,6 +574,9 @@ func (m *Machine) onHello(from Endpoint, h *proto.Hello, configured bool) {
 	cn := m.admit(from, h, configured, secure.Key{})
 	if cn == nil {
 		return
+	}
+	if !cn.outbound {
+		cn.proof = m.proofFor(from.Remote, h)
 	}
 	m.sendHello(cn, proto.TypeAccept)
 	if cn.state == stateConnecting {
@@ -616,6 +669,7 @@ func (m *Machine) onAccept(from Endpoint, h *proto.Hello) {
 	cn.remote = *h
 	cn.lastHeard = m.now
 	cn.ep.Local = from.Local
+	cn.echo = h.Proof
 	if cn.started == 0 {
 		cn.started = m.now
 	}
@@ -636,6 +690,13 @@ func (m *Machine) onHeartbeat(from Endpoint, hb proto.Heartbeat) {
 	cn := m.conn[from.Remote]
 	if cn == nil || cn.remote.Name == 0 {
 		return
+	}
+	if m.unproven(cn) {
+		if hb.Proof != cn.proof {
+			m.Unproven++ // forged, or from a dialler that never got our accept
+			return
+		}
+		cn.proven = true
 	}
 	if hb.Name != cn.remote.Name || hb.UID != cn.remote.UID {
 		m.drop(cn, errors.New("heartbeat from another incarnation of the peer"))
@@ -660,6 +721,10 @@ func (m *Machine) onHeartbeat(from Endpoint, hb proto.Heartbeat) {
 // it came from, though it claims to come straight from it.
 var ErrImpostor = errors.New("link: gossip from a peer that claims another peer's name")
 
+// ErrShortHello is returned by Step for a plaintext hello shorter than
+// proto.HelloMinLen: it is not answered.
+var ErrShortHello = errors.New("link: hello shorter than proto.HelloMinLen: not answered")
+
 // ErrStranger is returned by Step for gossip from an endpoint we have no
 // connection with.
 var ErrStranger = errors.New("link: gossip from a peer we are not connected to")
@@ -667,8 +732,10 @@ var ErrStranger = errors.New("link: gossip from a peer we are not connected to")
 func (m *Machine) onGossip(from Endpoint, g *proto.Gossip) error {
 	cn := m.conn[from.Remote]
 	// Pending is enough: the handshake has told us who the peer is, and its
-	// gossip may overtake the heartbeat that establishes us.
-	if cn == nil || cn.state == stateConnecting {
+	// gossip may overtake the heartbeat that establishes us. But not from
+	// a dialler that has not proven its address (plaintext): answers to
+	// gossip can be far larger than a forged hello.
+	if cn == nil || cn.state == stateConnecting || m.unproven(cn) {
 		return ErrStranger
 	}
 	if g.Hops == 0 && g.Src != cn.remote.Name {

@@ -437,3 +437,66 @@ func TestParseTarget(t *testing.T) {
 		}
 	}
 }
+
+// TestForgedHelloOpensNothing: in plaintext mode, a hello and heartbeats
+// from a forged source (the sender never sees our accept) leave the
+// connection pending and its gossip refused, so nothing larger than the
+// accept goes to that address; the heartbeat that brings back the
+// accept's proof establishes it and lets its gossip in.
+func TestForgedHelloOpensNothing(t *testing.T) {
+	n := newNet(t)
+	a := n.add(1, 0xa, 1, testRange)
+	victim := Endpoint{Remote: netip.MustParseAddrPort("192.168.0.99:6783")}
+	hello := proto.AppendHello(nil, proto.TypeHello, &proto.Hello{MinVersion: 1, MaxVersion: 1, Name: 0xf, UID: 15, Range: testRange})
+	// Unpadded, it is not answered at all.
+	short := hello[:proto.HelloMinLen-1]
+	if err := a.Step(victim, short); !errors.Is(err, ErrShortHello) || len(a.Ready().Sends) != 0 || a.Unproven != 1 {
+		t.Fatalf("a short hello: %v, %d answers", err, len(a.Ready().Sends))
+	}
+	if err := a.Step(victim, hello); err != nil {
+		t.Fatal(err)
+	}
+	var proof uint64
+	for _, d := range a.Ready().Sends {
+		if h, err := proto.ParseHello(d.Msg); err == nil && d.To == victim {
+			proof = h.Proof
+			if len(d.Msg) > len(hello) {
+				t.Errorf("the accept is %d bytes for a hello of %d", len(d.Msg), len(hello))
+			}
+		}
+	}
+	a.Advance()
+	if proof == 0 {
+		t.Fatal("the accept carries no proof")
+	}
+	gossip, _ := proto.AppendGossip(nil, &proto.Gossip{Channel: "topology", Src: 0xf, Payload: []byte("digest request")})
+	for _, guess := range []uint64{0, proof + 1, proof ^ 1<<63} {
+		a.Step(victim, proto.AppendHeartbeat(nil, proto.Heartbeat{Name: 0xf, UID: 15, Established: true, Proof: guess}))
+		if err := a.Step(victim, gossip); !errors.Is(err, ErrStranger) {
+			t.Errorf("gossip after a heartbeat with proof %#x: %v", guess, err)
+		}
+	}
+	if got := n.connState(a, victim.Remote.String()); got != "pending" {
+		t.Errorf("the forged connection is %s", got)
+	}
+	if a.Unproven != 4 || len(a.Ready().Gossip) != 0 {
+		t.Errorf("unproven %d, gossip handed up %d", a.Unproven, len(a.Ready().Gossip))
+	}
+	// Unproven, it times out like any silent connection.
+	for range 25 {
+		a.Tick()
+	}
+	if got := n.connState(a, victim.Remote.String()); got != "none" {
+		t.Errorf("after the timeout the forged connection is %s", got)
+	}
+
+	// A real dialler sends the proof back.
+	a.Step(victim, hello)
+	a.Step(victim, proto.AppendHeartbeat(nil, proto.Heartbeat{Name: 0xf, UID: 15, Established: true, Proof: proof}))
+	if got := n.connState(a, victim.Remote.String()); got != "established" {
+		t.Errorf("with the proof the connection is %s", got)
+	}
+	if err := a.Step(victim, gossip); err != nil || len(a.Ready().Gossip) != 1 {
+		t.Errorf("gossip from a proven dialler: %v", err)
+	}
+}
