@@ -29,12 +29,12 @@ const (
 
 // Limits on variable-length fields.
 const (
-	MaxNicknameLen      = 64
+	MaxNicknameLen = 64
 	// HelloMinLen is the least size of a hello: AppendHello pads hellos
 	// with zeros to it, and a plaintext peer answers none shorter, so that
 	// no accept or reject (at most 17+255 bytes) is larger than the hello
 	// it answers, whoever forged its source address.
-	HelloMinLen = 288
+	HelloMinLen         = 288
 	MaxRejectMessageLen = 255
 	MaxChannelLen       = 32
 	MaxGossipPayload    = 60000
