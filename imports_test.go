@@ -59,7 +59,7 @@ var allowed = []struct {
 }{
 	{"tun", nil},
 	{"peering/conn", nil},
-	{"peering/wgplane", []string{"peering", "peering/secure"}},
+	{"peering/wgplane", []string{"peering", "peering/conn", "peering/secure"}},
 	{"peering/topology/topotest", []string{"proto", "peering/topology", "internal/simnet"}},
 	{"ipalloc/ipalloctest", []string{"proto", "ipalloc", "ipalloc/ring", "internal/ipv4", "internal/simnet"}},
 	{"ipalloc/allocsrv", []string{"proto", "ipalloc", "ipalloc/ring", "internal/atomicfile", "internal/coreloop", "internal/ipv4"}},
@@ -70,7 +70,7 @@ var allowed = []struct {
 	{"names/resolver", []string{"names"}},
 	{"internal/atomicfile", nil},
 	{"internal/attach", []string{"internal/netconf"}},
-	{"internal/dockerplugin", []string{"internal/api", "internal/atomicfile", "internal/containers", "internal/ipv4", "internal/pluginstate"}},
+	{"internal/dockerplugin", []string{"internal/api", "internal/atomicfile", "internal/containers", "internal/ipv4", "internal/pluginstate", "internal/serve"}},
 	{"internal/firewall", nil},
 	{"internal/pluginstate", nil},
 	{"peering", []string{"proto", "tun", "peering/conn", "peering/gossip", "peering/handshake", "peering/link", "peering/routes", "peering/secure", "peering/topology"}},
@@ -83,7 +83,7 @@ var allowed = []struct {
 	{"cmd/overlayctl", []string{"internal/api", "internal/buildinfo", "proto"}},
 	{"internal/daemon", []string{"*"}},
 	// cmd/overlayd only wires: flags into daemon.Config, then New and Run.
-	{"cmd/overlayd", []string{"internal/daemon", "internal/api", "internal/buildinfo", "internal/dockerplugin",
+	{"cmd/overlayd", []string{"internal/daemon", "internal/api", "internal/buildinfo", "internal/logx", "internal/dockerplugin",
 		"ipalloc", "names", "peering", "proto", "tun"}},
 	{"fuzz", []string{"*"}},
 	{"", nil}, // the module root holds only these tests

@@ -1310,19 +1310,27 @@ func TestForwardPastFailures(t *testing.T) {
 	checkCounts(t, s.r, counts{failed: 1})
 }
 
-// TestForwardLimit: with MaxForwards queries waiting upstream, the next
-// gets SERVFAIL at once instead of piling up (a dead server, or a query
-// that loops back to us).
-func TestForwardLimit(t *testing.T) {
+// startHeld serves a resolver (cfg, with a 3 s timeout) whose one upstream
+// answers each query only when told to on release.
+func startHeld(t *testing.T, cfg resolver.Config) (*server, *upstream, chan struct{}) {
+	t.Helper()
 	release := make(chan struct{})
 	slow := startUpstream(t, func(req *dns.Msg) *dns.Msg {
 		<-release
 		return upstreamAnswer(req)
 	})
-	defer close(release)
 	path := writeResolvConf(t, filepath.Join(t.TempDir(), "resolv.conf"), "nameserver "+slow.ip)
-	s := start(t, "127.0.0.1:0", resolver.Config{MaxForwards: 1, Timeout: 3 * time.Second,
-		Upstream: resolver.NewUpstream(path, netip.MustParseAddrPort("127.0.0.1:53"), nil)}, newStore(t, "").View())
+	cfg.Timeout = 3 * time.Second
+	cfg.Upstream = resolver.NewUpstream(path, netip.MustParseAddrPort("127.0.0.1:53"), nil)
+	return start(t, "127.0.0.1:0", cfg, newStore(t, "").View()), slow, release
+}
+
+// TestForwardLimit: with MaxForwards queries waiting upstream, the next
+// gets SERVFAIL at once instead of piling up (a dead server, or a query
+// that loops back to us).
+func TestForwardLimit(t *testing.T) {
+	s, slow, release := startHeld(t, resolver.Config{MaxForwards: 1})
+	defer close(release)
 	first := make(chan *dns.Msg)
 	go func() {
 		c := &dns.Client{Net: "udp", Timeout: 5 * time.Second}
@@ -1378,15 +1386,8 @@ func from(network, ip string, timeout time.Duration) *dns.Client {
 // waiting upstream gets SERVFAIL at once for the next; another client is
 // still forwarded.
 func TestForwardLimitPerClient(t *testing.T) {
-	release := make(chan struct{})
-	slow := startUpstream(t, func(req *dns.Msg) *dns.Msg {
-		<-release
-		return upstreamAnswer(req)
-	})
+	s, slow, release := startHeld(t, resolver.Config{MaxForwards: 10, MaxForwardsPerClient: 1})
 	defer close(release)
-	path := writeResolvConf(t, filepath.Join(t.TempDir(), "resolv.conf"), "nameserver "+slow.ip)
-	s := start(t, "127.0.0.1:0", resolver.Config{MaxForwards: 10, MaxForwardsPerClient: 1, Timeout: 3 * time.Second,
-		Upstream: resolver.NewUpstream(path, netip.MustParseAddrPort("127.0.0.1:53"), nil)}, newStore(t, "").View())
 	answers := make(chan *dns.Msg, 2)
 	ask := func(ip, name string) {
 		r, _, _ := from("udp", ip, 5*time.Second).Exchange(query(name, dns.TypeA), s.addr("udp"))
