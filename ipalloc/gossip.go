@@ -241,7 +241,8 @@ func (n *Node) Step(from proto.PeerName, m *proto.IPAMMsg) error {
 func (n *Node) failClaimDenied(p *pending, owner proto.PeerName) {
 	if p.req.ID == 0 {
 		n.stats.Duplicates++
-		n.cfg.Warnf("address %v of %s is also allocated by peer %v after a merge conflict: it is in use twice", p.req.Addr, p.req.Ident, owner)
+		n.cfg.Warnf("address %v of %s is also allocated by peer %v after a merge conflict: given up here", p.req.Addr, p.req.Ident, owner)
+		n.lose(Lost{Ident: p.req.Ident, Addr: p.req.Addr, Owner: owner, Held: true})
 		n.done(Done{})
 		return
 	}

@@ -160,11 +160,30 @@ type Ready struct {
 	// ManualChanged.
 	Manual        []netip.Prefix
 	ManualChanged bool
+	// Lost lists the addresses given up since the last Advance: a merge
+	// gave their space to another peer, which would not hand them back.
+	// Whatever used them here must stop (they are no longer held).
+	Lost []Lost
 }
+
+// Lost is an address given up after a merge conflict: two peers thought
+// they owned its space (a partition and rmpeer on one side of it), and the
+// ring gave it to Owner. Held says Owner has it allocated too (refused our
+// claim); otherwise Owner did not answer, and may have.
+type Lost struct {
+	Ident string
+	Addr  netip.Prefix
+	Owner proto.PeerName
+	Held  bool
+	At    int64 // the tick
+}
+
+// maxLostKept bounds the Lost addresses Status remembers.
+const maxLostKept = 64
 
 // Empty reports whether there is nothing to do.
 func (rd *Ready) Empty() bool {
-	return rd.State == nil && len(rd.Msgs) == 0 && len(rd.Done) == 0 && rd.Owners == nil && !rd.ManualChanged
+	return rd.State == nil && len(rd.Msgs) == 0 && len(rd.Done) == 0 && rd.Owners == nil && !rd.ManualChanged && len(rd.Lost) == 0
 }
 
 // Stats counts what the core resolved on its own.
@@ -275,6 +294,7 @@ type Node struct {
 	dirty  bool // state to save
 	owners bool // ownership changed since the last Advance
 	stats  Stats
+	lost   []Lost // the last maxLostKept given up, for Status
 }
 
 // New makes a Node. state, if not nil, is what an earlier Node saved
@@ -385,6 +405,16 @@ func (n *Node) Advance() {
 		n.owners = false
 	}
 	n.rd = Ready{}
+}
+
+// lose gives up an address whose re-claim failed (see checkConflicts).
+func (n *Node) lose(l Lost) {
+	l.At = n.ticks
+	n.rd.Lost = append(n.rd.Lost, l)
+	if len(n.lost) == maxLostKept {
+		n.lost = slices.Delete(n.lost, 0, 1)
+	}
+	n.lost = append(n.lost, l)
 }
 
 func (n *Node) send(to proto.PeerName, m proto.IPAMMsg) {

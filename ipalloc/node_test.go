@@ -835,3 +835,66 @@ func TestConsensusSplitByPartitions(t *testing.T) {
 	}
 	must(t, s.Converged())
 }
+
+// TestDuplicateGivenUp: rmpeer of a peer that was only cut off, and both
+// sides claim one address; at the heal the ring gives the space back to
+// the peer that owned it, and the other side gives the address up, says
+// so (Ready.Lost, Status.Lost), and no address stays held twice.
+func TestDuplicateGivenUp(t *testing.T) {
+	s := ipalloctest.New(31, slash24)
+	for _, p := range []proto.PeerName{na, nb, nc} {
+		must(t, s.Add(p, seeded(na, nb, nc)))
+	}
+	run(t, s, 2)
+	alloc(t, s, nc, "c0")
+	s.Partition(func(p proto.PeerName) int {
+		if p == na {
+			return 0
+		}
+		return 1
+	})
+	for range 3 {
+		must(t, s.Run(1))
+	}
+	if d := do(t, s, na, ipalloc.Request{Op: ipalloc.OpRmPeer, Peer: nc}); d.Err != nil || d.Taken == 0 {
+		t.Fatalf("rmpeer of the cut-off peer: %+v", d)
+	}
+	x := netip.MustParsePrefix("172.16.16.250/24")
+	for _, p := range []proto.PeerName{na, nc} {
+		// Check is not asked here: during the cut both sides own the
+		// space, which is the operator's error this test is about.
+		id := s.Submit(p, ipalloc.Request{Op: ipalloc.OpClaim, Ident: "dup-" + p.String(), Addr: x})
+		d, ok := s.Answer(id)
+		for i := 0; !ok && i < 1000; i++ {
+			must(t, s.Run(1))
+			d, ok = s.Answer(id)
+		}
+		if !ok || d.Err != nil {
+			t.Fatalf("claim of %v on %v during the cut: %+v %v; status %q", x, p, d, ok, status(s, p))
+		}
+	}
+	s.Heal()
+	must(t, s.Run(200))
+	must(t, s.Converged())
+	must(t, s.Check())
+	var holders []proto.PeerName
+	for _, p := range []proto.PeerName{na, nb, nc} {
+		if _, ok := s.Peer(p).Node.Allocations()[x.Addr()]; ok {
+			holders = append(holders, p)
+		}
+	}
+	if len(holders) != 1 {
+		t.Fatalf("%v held by %v after the heal, want one holder", x, holders)
+	}
+	loser := na
+	if holders[0] == na {
+		loser = nc
+	}
+	lost := s.Peer(loser).Lost
+	if len(lost) != 1 || lost[0].Addr != x || lost[0].Ident != "dup-"+loser.String() || lost[0].Owner != holders[0] || !lost[0].Held {
+		t.Fatalf("%v gave up %+v, want %v of dup-%v, held by %v", loser, lost, x, loser, holders[0])
+	}
+	if st := s.Peer(loser).Node.Status(); len(st.Lost) != 1 || st.Lost[0] != lost[0] || st.Stats.Duplicates != 1 {
+		t.Fatalf("%v's status: lost %+v, %d duplicates", loser, st.Lost, st.Stats.Duplicates)
+	}
+}

@@ -361,7 +361,8 @@ func (n *Node) failClaim(p *pending, owner proto.PeerName, why string) {
 	err := &ClaimError{Addr: p.req.Addr, Owner: owner, Why: why, Temporary: true}
 	if p.req.ID == 0 {
 		n.stats.Duplicates++
-		n.cfg.Warnf("address %v of %s could not be taken back from peer %v after a merge conflict: it may be in use twice", p.req.Addr, p.req.Ident, owner)
+		n.cfg.Warnf("address %v of %s could not be taken back from peer %v after a merge conflict: given up here", p.req.Addr, p.req.Ident, owner)
+		n.lose(Lost{Ident: p.req.Ident, Addr: p.req.Addr, Owner: owner})
 	}
 	n.done(Done{ID: p.req.ID, Err: err})
 }

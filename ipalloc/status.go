@@ -37,6 +37,7 @@ type Status struct {
 	PendingAllocs int
 	PendingClaims int
 	Stats         Stats
+	Lost          []Lost // the last addresses given up (see Ready.Lost), oldest first
 }
 
 // OwnerStatus is one peer's share of the range.
@@ -60,7 +61,7 @@ type EntryStatus struct {
 // Status reports the Node's state.
 func (n *Node) Status() Status {
 	st := Status{Range: n.cfg.Universe, DefaultSubnet: n.cfg.DefaultSubnet, Mode: n.cfg.Mode,
-		Seeds: n.ring.Seeds(), Stats: n.stats, Owners: []OwnerStatus{}, Entries: []EntryStatus{}, Owned: []Owned{}}
+		Seeds: n.ring.Seeds(), Stats: n.stats, Lost: slices.Clone(n.lost), Owners: []OwnerStatus{}, Entries: []EntryStatus{}, Owned: []Owned{}}
 	if n.paxos != nil {
 		st.Quorum, st.Known = n.paxos.Quorum(), n.paxos.Known()
 	}

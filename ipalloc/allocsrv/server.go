@@ -49,8 +49,11 @@ type Config struct {
 	// Publish is told, on the server's goroutine, who owns the range and
 	// which addresses outside it are held here, whenever either changes.
 	Publish func(ctx context.Context, owners []ring.Span, manual []netip.Prefix)
-	Rand    *rand.Rand
-	Log     *zap.Logger
+	// Lost is told, on the server's goroutine, of addresses given up
+	// (ipalloc.Ready.Lost); it must not call the Server.
+	Lost func(ctx context.Context, lost []ipalloc.Lost)
+	Rand *rand.Rand
+	Log  *zap.Logger
 }
 
 // inboundLen bounds the peer messages waiting for the server.
@@ -271,6 +274,9 @@ func (s *Server) apply(ctx context.Context) error {
 		}
 		if (rd.Owners != nil || rd.ManualChanged) && s.cfg.Publish != nil {
 			s.cfg.Publish(ctx, s.owners, s.manual)
+		}
+		if len(rd.Lost) > 0 && s.cfg.Lost != nil {
+			s.cfg.Lost(ctx, rd.Lost)
 		}
 		s.node.Advance()
 	}

@@ -56,6 +56,8 @@ type Peer struct {
 	state []byte // last saved
 	live  bool
 	uid   uint64
+	// Lost is every address the peer gave up (Ready.Lost), in order.
+	Lost []ipalloc.Lost
 }
 
 // New makes an empty cluster over universe.
@@ -225,6 +227,7 @@ func (s *Sim) drain(p *Peer) {
 		for _, d := range rd.Done {
 			s.answers[d.ID] = d
 		}
+		p.Lost = append(p.Lost, rd.Lost...)
 		p.Node.Advance()
 	}
 	panic(fmt.Sprintf("ipalloctest: %v never runs out of work", p.Name))
