@@ -73,6 +73,10 @@ func writeStatus(w io.Writer, st *api.Status) {
 		label(w, "Status", st.IPAM.Status)
 		label(w, "Range", st.IPAM.Range)
 		label(w, "DefaultSubnet", st.IPAM.DefaultSubnet)
+		if n := len(st.IPAM.Lost); n > 0 {
+			l := st.IPAM.Lost[n-1]
+			label(w, "AddressesLost", fmt.Sprintf("%d after a partition, the last %v of %s (status ipam lists them)", n, l.Address, l.ID))
+		}
 	}
 	if st.DNS.Enabled {
 		fmt.Fprintln(w)
@@ -232,6 +236,13 @@ func writeIPAM(w io.Writer, st *api.IPAMStatus) {
 		}
 		fmt.Fprintf(w, "%-37v %8d IPs (%04.1f%% of total) %s\n", peerName(o.Peer, o.Nickname), o.Size, pct, suffix)
 	}
+	for _, l := range st.Lost {
+		how := "which did not answer"
+		if l.AllocatedThere {
+			how = "which allocated it too"
+		}
+		fmt.Fprintf(w, "lost %v of %s after a partition: owned by %s, %s\n", l.Address, l.ID, peerName(l.Owner, l.Nickname), how)
+	}
 }
 
 // writeRing prints the ring's tokens, one per line.
@@ -243,22 +254,25 @@ func writeRing(w io.Writer, st *api.IPAMStatus) {
 
 // writePs prints `weave ps`: first weave:expose with the peer name and the
 // exposed CIDRs, then each container: its ID cut to 12, the MAC of ethwe0
-// and its addresses.
+// and its addresses, then those it lost after a partition as lost:CIDR.
 func writePs(w io.Writer, ps *api.PsResponse) {
-	line := func(id, mac string, addrs []netip.Prefix) {
+	line := func(id, mac string, addrs, lost []netip.Prefix) {
 		fmt.Fprintf(w, "%s %s", id, mac)
 		for _, a := range addrs {
 			fmt.Fprintf(w, " %v", a)
 		}
+		for _, a := range lost {
+			fmt.Fprintf(w, " lost:%v", a)
+		}
 		fmt.Fprintln(w)
 	}
-	line("weave:expose", ps.Peer.String(), ps.Exposed)
+	line("weave:expose", ps.Peer.String(), ps.Exposed, nil)
 	for _, c := range ps.Containers {
 		id := c.ID
 		if len(id) > 12 {
 			id = id[:12]
 		}
-		line(id, c.MAC, c.Addresses)
+		line(id, c.MAC, c.Addresses, c.Lost)
 	}
 }
 

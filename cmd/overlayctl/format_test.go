@@ -135,3 +135,25 @@ func TestNicknamesAndUpstreams(t *testing.T) {
 		}
 	}
 }
+
+// TestLostShown: addresses given up after a partition are listed by
+// status ipam and marked lost: in ps.
+func TestLostShown(t *testing.T) {
+	st := &api.IPAMStatus{RangeNumIPs: 256, Lost: []api.IPAMLost{
+		{Address: netip.MustParsePrefix("10.44.0.7/16"), ID: "c1", Owner: 3, Nickname: "h3", AllocatedThere: true},
+		{Address: netip.MustParsePrefix("10.44.0.8/16"), ID: "c2", Owner: 4},
+	}}
+	var b bytes.Buffer
+	writeIPAM(&b, st)
+	want := "lost 10.44.0.7/16 of c1 after a partition: owned by 00:00:00:00:00:03(h3), which allocated it too\n" +
+		"lost 10.44.0.8/16 of c2 after a partition: owned by 00:00:00:00:00:04, which did not answer\n"
+	if b.String() != want {
+		t.Errorf("status ipam:\n%q\nwant:\n%q", b.String(), want)
+	}
+	b.Reset()
+	writePs(&b, &api.PsResponse{Peer: 1, Containers: []api.Attachment{{ID: "c1", MAC: "aa:bb:cc:dd:ee:ff",
+		Addresses: []netip.Prefix{netip.MustParsePrefix("10.44.0.9/16")}, Lost: []netip.Prefix{netip.MustParsePrefix("10.44.0.7/16")}}}})
+	if want := "weave:expose 00:00:00:00:00:01\nc1 aa:bb:cc:dd:ee:ff 10.44.0.9/16 lost:10.44.0.7/16\n"; b.String() != want {
+		t.Errorf("ps:\n%q\nwant:\n%q", b.String(), want)
+	}
+}

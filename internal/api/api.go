@@ -85,6 +85,7 @@ type Attachment struct {
 	MAC       string         `json:"mac"`
 	Addresses []netip.Prefix `json:"addresses"`
 	Name      string         `json:"name,omitempty"`
+	Lost      []netip.Prefix `json:"lost,omitempty"` // given up after a partition (IPAMLost), taken off the container
 }
 
 // PsResponse is `weave ps`: the host's exposed addresses, then each
@@ -228,6 +229,19 @@ type IPAMStatus struct {
 	Donations     uint64           `json:"donations"`
 	Rejected      uint64           `json:"rejectedMessages"`
 	Dropped       uint64           `json:"droppedMessages"`
+	Lost          []IPAMLost       `json:"lost"` // the last addresses given up, oldest first
+}
+
+// IPAMLost is an address given up here after a partition: two peers
+// thought they owned its space (rmpeer of a peer that was only cut off),
+// and the ring gave it to Owner. AllocatedThere says Owner had allocated
+// it too; otherwise Owner did not answer and may have.
+type IPAMLost struct {
+	Address        netip.Prefix   `json:"address"`
+	ID             string         `json:"id"`
+	Owner          proto.PeerName `json:"owner"`
+	Nickname       string         `json:"nickname,omitempty"`
+	AllocatedThere bool           `json:"allocatedThere"`
 }
 
 // IPAMOwner is one peer's share of the range.

@@ -39,10 +39,15 @@ type Attachment struct {
 	MAC       string         `json:"mac"`
 	Addresses []netip.Prefix `json:"addresses"`
 	Name      string         `json:"name,omitempty"`
+	// Lost lists addresses the container was given and that the
+	// allocator gave up after a partition (another peer holds them now):
+	// they were taken off the container.
+	Lost []netip.Prefix `json:"lost,omitempty"`
 }
 
 func (a Attachment) clone() Attachment {
 	a.Addresses = slices.Clone(a.Addresses)
+	a.Lost = slices.Clone(a.Lost)
 	return a
 }
 
@@ -185,6 +190,28 @@ func (t *Table) Remove(id string, addrs []netip.Prefix) {
 	a.Addresses = slices.DeleteFunc(a.Addresses, func(p netip.Prefix) bool { return slices.Contains(addrs, p) })
 }
 
+// Lose moves address p of container id from its Addresses to its Lost (see
+// Attachment.Lost) and returns the container as it is now; false if the
+// container does not have p.
+func (t *Table) Lose(id string, p netip.Prefix) (Attachment, bool) {
+	a, ok := t.byID[id]
+	if !ok {
+		return Attachment{}, false
+	}
+	i := slices.IndexFunc(a.Addresses, func(q netip.Prefix) bool { return q.Addr() == p.Addr() })
+	if i < 0 {
+		return Attachment{}, false
+	}
+	a.Lost = slices.DeleteFunc(a.Lost, func(q netip.Prefix) bool { return q.Addr() == p.Addr() })
+	if len(a.Lost) == MaxAddrs {
+		a.Lost = slices.Delete(a.Lost, 0, 1)
+	}
+	a.Lost = append(a.Lost, a.Addresses[i])
+	a.Addresses = slices.Delete(a.Addresses, i, i+1)
+	t.changed = true
+	return a.clone(), true
+}
+
 // Gone tells the Table that the kernel deleted host veth iface: its
 // container's grace period starts.
 func (t *Table) Gone(iface string) {
@@ -274,5 +301,5 @@ func (t *Table) Advance() {
 
 func equal(a, b Attachment) bool {
 	return a.ID == b.ID && a.NetNS == b.NetNS && a.HostIface == b.HostIface && a.MAC == b.MAC && a.Name == b.Name &&
-		slices.Equal(a.Addresses, b.Addresses)
+		slices.Equal(a.Addresses, b.Addresses) && slices.Equal(a.Lost, b.Lost)
 }

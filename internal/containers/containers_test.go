@@ -357,3 +357,43 @@ func schedule(seed uint64) error {
 	}
 	return nil
 }
+
+// TestLose: an address given up moves to Lost, once, is saved and read
+// back, and a file with a malformed or repeated lost address is refused.
+func TestLose(t *testing.T) {
+	tab := newTable(t, 1)
+	tab.Put(att("c1", "10.32.0.5/12", "10.32.0.6/12"))
+	tab.Advance()
+	if _, ok := tab.Lose("c1", netip.MustParsePrefix("10.32.0.9/12")); ok {
+		t.Fatal("lost an address the container does not have")
+	}
+	if _, ok := tab.Lose("nobody", netip.MustParsePrefix("10.32.0.5/12")); ok {
+		t.Fatal("lost an address of an unknown container")
+	}
+	a, ok := tab.Lose("c1", netip.MustParsePrefix("10.32.0.5/32"))
+	if !ok || fmt.Sprint(a.Addresses) != "[10.32.0.6/12]" || fmt.Sprint(a.Lost) != "[10.32.0.5/12]" {
+		t.Fatalf("after Lose: %+v %v", a, ok)
+	}
+	if tab.Ready().State == nil {
+		t.Fatal("Lose changed nothing to save")
+	}
+	b, err := EncodeState(tab.List())
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := New(Config{}, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := back.Get("c1"); !slices.Equal(got.Lost, a.Lost) || !slices.Equal(got.Addresses, a.Addresses) {
+		t.Fatalf("read back %+v, saved %+v", got, a)
+	}
+	for _, bad := range []string{
+		`[{"id":"c1","netns":"/run/netns/c1","hostIface":"x","mac":"","addresses":[],"lost":["10.32.0.5/12","10.32.0.5/12"]}]`,
+		`[{"id":"c1","netns":"/run/netns/c1","hostIface":"x","mac":"","addresses":[],"lost":["fe80::1/64"]}]`,
+	} {
+		if _, err := ParseState([]byte(bad)); !errors.Is(err, ErrCorrupt) {
+			t.Errorf("ParseState(%s): %v, want ErrCorrupt", bad, err)
+		}
+	}
+}

@@ -90,14 +90,24 @@ func check(a *Attachment) error {
 		return errors.New("bad namespace path")
 	case len(a.MAC) > 64 || len(a.Name) > maxNameLen || !utf8.ValidString(a.Name):
 		return errors.New("bad MAC or name")
-	case len(a.Addresses) > MaxAddrs:
-		return fmt.Errorf("%d addresses", len(a.Addresses))
+	case len(a.Addresses) > MaxAddrs || len(a.Lost) > MaxAddrs:
+		return fmt.Errorf("%d addresses, %d lost", len(a.Addresses), len(a.Lost))
 	}
-	for i, p := range a.Addresses {
+	if err := checkAddrs(a.Addresses); err != nil {
+		return err
+	}
+	if err := checkAddrs(a.Lost); err != nil {
+		return fmt.Errorf("lost: %w", err)
+	}
+	return nil
+}
+
+func checkAddrs(ps []netip.Prefix) error {
+	for i, p := range ps {
 		switch {
 		case !p.IsValid() || !p.Addr().Is4() || p.Bits() == 0:
 			return fmt.Errorf("address %v is not an IPv4 address with its mask", p)
-		case slices.ContainsFunc(a.Addresses[:i], func(q netip.Prefix) bool { return q.Addr() == p.Addr() }):
+		case slices.ContainsFunc(ps[:i], func(q netip.Prefix) bool { return q.Addr() == p.Addr() }):
 			return fmt.Errorf("address %v twice", p.Addr())
 		}
 	}

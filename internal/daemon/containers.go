@@ -437,7 +437,7 @@ func (d *Daemon) Ps(ctx context.Context) (api.PsResponse, error) {
 }
 
 func apiAttachment(a containers.Attachment) api.Attachment {
-	return api.Attachment{ID: a.ID, NetNS: a.NetNS, HostIface: a.HostIface, MAC: a.MAC, Addresses: a.Addresses, Name: a.Name}
+	return api.Attachment{ID: a.ID, NetNS: a.NetNS, HostIface: a.HostIface, MAC: a.MAC, Addresses: a.Addresses, Name: a.Name, Lost: a.Lost}
 }
 
 // addrsOf lists the addresses of prefixes.

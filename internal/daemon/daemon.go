@@ -131,6 +131,8 @@ type Daemon struct {
 	api    *api.Server
 	ms     *metrics.Server // nil without --metrics-addr
 	boxes  *containerShell
+	// lost carries the addresses the allocator gave up to giveUp.
+	lost chan []ipalloc.Lost
 
 	emu sync.Mutex
 	// exposed are the addresses on the TUN device, announced to peers;
@@ -160,7 +162,7 @@ var _ api.Backend = (*Daemon)(nil)
 // and the metrics listener. A failure is a *StartError, and whatever was
 // set up is undone.
 func New(cfg Config, log *zap.Logger) (*Daemon, error) {
-	d := &Daemon{cfg: cfg, log: log, busy: map[netip.Addr]int{}}
+	d := &Daemon{cfg: cfg, log: log, busy: map[netip.Addr]int{}, lost: make(chan []ipalloc.Lost, 64)}
 	for _, step := range []func() error{d.prepare, d.openDevice, d.openFirewall, d.newServices, d.newDocker, d.listen} {
 		if err := step(); err != nil {
 			d.teardown()
@@ -361,6 +363,7 @@ func (d *Daemon) newServices() error {
 			StateDir: d.cfg.StateDir,
 			Router:   channelRouter{d.router.Outbox(proto.ChannelIPAM), d.router},
 			Publish:  d.publishOwnership,
+			Lost:     d.addressesLost,
 			Rand:     rand.New(rand.NewPCG(binary.LittleEndian.Uint64(seed[:8]), binary.LittleEndian.Uint64(seed[8:16]))),
 			Log:      d.log.Named("ipam"),
 		})
@@ -478,6 +481,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	g.Go(func() error { return d.boxes.Run(gctx) })
 	if d.alloc != nil {
 		g.Go(func() error { return d.alloc.Run(gctx) })
+		g.Go(func() error { d.giveUp(gctx); return nil })
 	}
 	if d.names != nil {
 		g.Go(func() error { return d.names.store.Run(gctx) })

@@ -10,6 +10,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/overlayd/overlayd/internal/api"
+	"github.com/overlayd/overlayd/internal/attach"
+	"github.com/overlayd/overlayd/internal/containers"
 	"github.com/overlayd/overlayd/internal/ipv4"
 	"github.com/overlayd/overlayd/ipalloc"
 	"github.com/overlayd/overlayd/ipalloc/ring"
@@ -41,6 +43,52 @@ func (d *Daemon) publishOwnership(_ context.Context, spans []ring.Span, manual [
 	defer d.emu.Unlock()
 	d.manual = slices.Clone(manual)
 	d.announceLocked()
+}
+
+// addressesLost hands the addresses the allocator gave up to giveUp. It runs
+// on the allocator's goroutine, which giveUp calls: it never waits.
+func (d *Daemon) addressesLost(_ context.Context, lost []ipalloc.Lost) {
+	select {
+	case d.lost <- lost:
+	default:
+		for _, l := range lost {
+			d.log.Error("address given up after a partition; too many at once to unplumb it", zap.Stringer("addr", l.Addr),
+				zap.String("container", l.Ident), zap.Stringer("owner", l.Owner))
+		}
+	}
+}
+
+// giveUp stops using the addresses the allocator gave up: after a partition
+// another peer holds them (see ipalloc.Lost). Their names registered here
+// go, and so does the address from the container it was attached to (its
+// ethwe0 and the host's route to it); `ps` lists it as lost, and the log
+// and the IPAM status say so. Every other host routes it to its owner
+// already.
+func (d *Daemon) giveUp(ctx context.Context) {
+	for {
+		var lost []ipalloc.Lost
+		select {
+		case <-ctx.Done():
+			return
+		case lost = <-d.lost:
+		}
+		for _, l := range lost {
+			d.log.Warn("address given up: another peer holds it after a partition", zap.Stringer("addr", l.Addr),
+				zap.String("container", l.Ident), zap.Stringer("owner", l.Owner), zap.Bool("allocated_there", l.Held))
+			d.forgetNames(ctx, l.Addr.Addr())
+			d.boxes.do(ctx, func(t *containers.Table) error {
+				a, ok := t.Lose(l.Ident, l.Addr)
+				if !ok {
+					return nil
+				}
+				d.keeper.SetHost(a.HostIface, addrsOf(a.Addresses))
+				if err := attach.RemoveAddrs(attach.Spec{NetNS: a.NetNS, Host: a.HostIface}, []netip.Prefix{l.Addr}); err != nil {
+					d.log.Warn("taking an address given up off its container", zap.String("container", a.ID), zap.Stringer("addr", l.Addr), zap.Error(err))
+				}
+				return nil
+			})
+		}
+	}
 }
 
 // do runs an allocator request; its refusals are the request's fault.
@@ -170,7 +218,10 @@ func (d *Daemon) ipamStatus(is ipalloc.Status, rs peering.Status) api.IPAMStatus
 		PendingAllocs: is.PendingAllocs, PendingClaims: is.PendingClaims,
 		Conflicts: is.Stats.Conflicts, Duplicates: is.Stats.Duplicates, Donations: is.Stats.Donations,
 		Owners: []api.IPAMOwner{}, Entries: []api.IPAMEntry{}, Owned: []api.IPAMAllocation{},
-		Rejected: d.alloc.Rejected.Load(), Dropped: d.alloc.Dropped.Load()}
+		Rejected: d.alloc.Rejected.Load(), Dropped: d.alloc.Dropped.Load(), Lost: []api.IPAMLost{}}
+	for _, l := range is.Lost {
+		st.Lost = append(st.Lost, api.IPAMLost{Address: l.Addr, ID: l.Ident, Owner: l.Owner, Nickname: nick[l.Owner], AllocatedThere: l.Held})
+	}
 	if st.Seeds == nil {
 		st.Seeds = []proto.PeerName{}
 	}
