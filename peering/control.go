@@ -77,6 +77,13 @@ func (c *control) run(ctx context.Context) error {
 	defer tick.Stop()
 	for {
 		c.apply(ctx)
+		// A datagram of an established peer first (see peerQueueLen),
+		// then whatever is ready: the ticks go on under any flood.
+		select {
+		case in := <-c.r.peerCtrl:
+			c.step(in)
+		default:
+		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
@@ -88,21 +95,10 @@ func (c *control) run(ctx context.Context) error {
 				c.asm.Expire(c.ticks / int64(c.r.gossipTicks))
 				c.discover()
 			}
+		case in := <-c.r.peerCtrl:
+			c.step(in)
 		case in := <-c.r.ctrl:
-			if err := c.m.Step(link.Endpoint(in.from), in.msg); err != nil {
-				switch {
-				case errors.Is(err, link.ErrImpostor):
-					c.r.stats.GossipRejected.Add(1)
-					c.log.Warn("gossip refused", zap.Stringer("endpoint", in.from.Remote), zap.Error(err))
-				case errors.Is(err, link.ErrStranger):
-					c.r.stats.DropUnknownPeer.Add(1)
-				case errors.Is(err, link.ErrRefused):
-					// counted by the Machine, by reason
-					c.log.Debug("password mode refused a message", zap.Stringer("endpoint", in.from.Remote), zap.Error(err))
-				default:
-					c.r.stats.malformed(proto.Type(in.msg[1])) // the header was checked
-				}
-			}
+			c.step(in)
 		case req := <-c.r.requests:
 			c.takePending() // what the caller set before is in place
 			req.fn(c)
@@ -113,6 +109,25 @@ func (c *control) run(ctx context.Context) error {
 		case res := <-c.r.resolved:
 			c.m.Resolved(res.key, res.gen, res.ep, res.err)
 		}
+	}
+}
+
+// step hands the link Machine one control datagram, and counts what it
+// refused.
+func (c *control) step(in inbound) {
+	err := c.m.Step(link.Endpoint(in.from), in.msg)
+	switch {
+	case err == nil:
+	case errors.Is(err, link.ErrImpostor):
+		c.r.stats.GossipRejected.Add(1)
+		c.log.Warn("gossip refused", zap.Stringer("endpoint", in.from.Remote), zap.Error(err))
+	case errors.Is(err, link.ErrStranger):
+		c.r.stats.DropUnknownPeer.Add(1)
+	case errors.Is(err, link.ErrRefused):
+		// counted by the Machine, by reason
+		c.log.Debug("password mode refused a message", zap.Stringer("endpoint", in.from.Remote), zap.Error(err))
+	default:
+		c.r.stats.malformed(proto.Type(in.msg[1])) // the header was checked
 	}
 }
 

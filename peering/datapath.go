@@ -305,10 +305,14 @@ func (r *Router) receive(bufs [][]byte, sizes []int, eps []conn.Endpoint, out []
 			r.stats.malformed(0)
 			continue
 		}
+		q, drops := r.ctrl, &r.stats.DropCtrlQueue
+		if _, ok := snap.peers[eps[i].Remote]; ok {
+			q, drops = r.peerCtrl, &r.stats.DropPeerQueue
+		}
 		select {
-		case r.ctrl <- inbound{from: eps[i], msg: append([]byte(nil), msg...)}:
+		case q <- inbound{from: eps[i], msg: append([]byte(nil), msg...)}:
 		default:
-			r.stats.DropCtrlQueue.Add(1)
+			drops.Add(1)
 		}
 	}
 	r.stats.ReceivedPackets.Add(uint64(len(out)))

@@ -88,7 +88,7 @@ type Config struct {
 	// for us on one of them is handed, whole, to its function, on the
 	// control goroutine (it must not block; payload is its own).
 	Channels          map[string]func(src proto.PeerName, payload []byte)
-	ConnLimit         int           // connections at most; 0: no limit
+	ConnLimit         int           // connections at most; 0: MaxConnLimit
 	TickEvery         time.Duration // 100 ms: the link Machine's clock
 	GossipInterval    time.Duration // 1 s: a topology gossip round
 	HeartbeatInterval time.Duration // 400 ms: between heartbeats on a connection
@@ -159,9 +159,18 @@ type DataPeer struct {
 	Prefixes []netip.Prefix // sorted
 }
 
-// ctrlQueueLen bounds the control datagrams waiting for the control loop
-// (each at most one datagram long).
-const ctrlQueueLen = 256
+// MaxConnLimit is the most connections a router keeps (Config.ConnLimit).
+const MaxConnLimit = link.MaxConnLimit
+
+// ctrlQueueLen bounds the control datagrams from strangers (endpoints with
+// no established connection: hellos, and anything spoofed) waiting for the
+// control loop, and peerQueueLen those from established peers, which the
+// loop takes first: a flood of the first kind cannot delay heartbeats and
+// gossip. Each entry is at most one datagram long.
+const (
+	ctrlQueueLen = 256
+	peerQueueLen = 256
+)
 
 // ErrStopped is returned by calls on a Router whose Run has ended.
 var ErrStopped = errors.New("peering: the router has stopped")
@@ -180,7 +189,8 @@ type Router struct {
 
 	snap atomic.Pointer[snapshot] // written by the control loop only
 
-	ctrl     chan inbound    // control datagrams from peersToTun to the control loop
+	ctrl     chan inbound    // control datagrams of strangers from peersToTun to the control loop
+	peerCtrl chan inbound    // those of established peers, taken first
 	requests chan request    // API calls to the control loop
 	resolved chan resolution // hostname lookups finished
 	// wake tells the control loop that an outbox has messages or that
@@ -259,6 +269,7 @@ func New(cfg Config, dev tun.Device, pc conn.PacketConn) (*Router, error) {
 		dev:         dev,
 		pc:          pc,
 		ctrl:        make(chan inbound, ctrlQueueLen),
+		peerCtrl:    make(chan inbound, peerQueueLen),
 		requests:    make(chan request),
 		resolved:    make(chan resolution, 16),
 		wake:        make(chan struct{}, 1),
@@ -382,7 +393,8 @@ type Stats struct {
 	// DecodeErrors breaks DropMalformed down by message type; index 0 is a
 	// bad header (unknown version or type, too short).
 	DecodeErrors   [proto.TypeMax + 1]atomic.Uint64
-	DropCtrlQueue  atomic.Uint64 // control messages dropped because the control loop lagged
+	DropCtrlQueue  atomic.Uint64 // control messages of strangers dropped because the control loop lagged
+	DropPeerQueue  atomic.Uint64 // the same, of established peers
 	DropTunWrite   atomic.Uint64 // batches the TUN device refused (in part)
 	DropTunRead    atomic.Uint64 // failed reads from the TUN device
 	DropHops       atomic.Uint64 // data that crossed too many relays (a routing loop)

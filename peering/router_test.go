@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"context"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -609,4 +612,70 @@ func TestPlainDataSource(t *testing.T) {
 			t.Errorf("%s: %d counted as plaintext data refused", c.name, dropped)
 		}
 	}
+}
+
+// TestFloodKeepsPeers floods a router with hellos from strangers, far more
+// than its control loop takes, while a peer keeps its connection: the
+// peer's heartbeats have a queue of their own, which the flood never
+// fills, so the connection stays established and only strangers' datagrams
+// are dropped.
+func TestFloodKeepsPeers(t *testing.T) {
+	ctx := context.Background()
+	a := startNode(t, 0xa, "a")
+	b := startNode(t, 0xb, "b")
+	aAddr := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), a.pc.LocalPort())
+	if err := b.r.Connect(ctx, []string{aAddr.String()}); err != nil {
+		t.Fatal(err)
+	}
+	established := func() bool {
+		for _, c := range a.status(t).Connections {
+			if c.Name == 0xb && c.State == "established" {
+				return true
+			}
+		}
+		return false
+	}
+	eventually(t, "a and b connected", established)
+	flooder, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(aAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer flooder.Close()
+	hello := proto.AppendHello(nil, proto.TypeHello, &proto.Hello{MinVersion: 1, MaxVersion: 1, Name: 0x77, UID: 7, Range: testRange, Nickname: "flood"})
+	hello = append(hello, make([]byte, max(0, proto.HelloMinLen-len(hello)))...)
+	stop := make(chan struct{})
+	var sent atomic.Int64
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			for range 64 {
+				flooder.Write(hello)
+			}
+			sent.Add(64)
+		}
+	})
+	// Four heartbeat time-outs under the flood.
+	for end := time.Now().Add(4 * a.r.cfg.HeartbeatTimeout); time.Now().Before(end); time.Sleep(100 * time.Millisecond) {
+		if !established() {
+			close(stop)
+			wg.Wait()
+			t.Fatalf("a lost b under a flood of %d hellos: %+v", sent.Load(), a.status(t).Connections)
+		}
+	}
+	close(stop)
+	wg.Wait()
+	st := a.r.Stats()
+	if st.DropCtrlQueue.Load() == 0 {
+		t.Errorf("%d hellos and none dropped: the flood did not fill the strangers' queue", sent.Load())
+	}
+	if n := st.DropPeerQueue.Load(); n != 0 {
+		t.Errorf("%d datagrams of the established peer dropped", n)
+	}
+	t.Logf("%d hellos sent in %v, %d dropped from the strangers' queue; the peer stayed established", sent.Load(),
+		4*a.r.cfg.HeartbeatTimeout, st.DropCtrlQueue.Load())
 }

@@ -164,8 +164,8 @@ func (o *options) validate(positional []string) (*config, error) {
 		return nil, badFlag("--mtu %d is out of range 576-%d", o.mtu, 65535-proto.DataHeaderLen-28)
 	}
 	c.MTU = o.mtu
-	if o.connLimit < 0 {
-		return nil, badFlag("--conn-limit %d: want 0 (no limit) or more", o.connLimit)
+	if o.connLimit < 0 || o.connLimit > peering.MaxConnLimit {
+		return nil, badFlag("--conn-limit %d: want 1 to %d, or 0 for the most (%[2]d)", o.connLimit, peering.MaxConnLimit)
 	}
 	c.ConnLimit, c.Discovery = o.connLimit, !o.noDiscovery
 	if err := o.ipam(c); err != nil {

@@ -133,6 +133,7 @@ func TestValidate(t *testing.T) {
 		{func(o *options) { o.socket = "" }, "--socket"},
 		{func(o *options) { o.metricsAddr = "9783" }, "--metrics-addr"},
 		{func(o *options) { o.connLimit = -1 }, "--conn-limit"},
+		{func(o *options) { o.connLimit = 4097 }, "--conn-limit 4097: want 1 to 4096"},
 		{func(o *options) { o.metricsAddr = "host:99999" }, "--metrics-addr"},
 		{func(o *options) { o.nickname = strings.Repeat("n", 65) }, "--nickname"},
 	} {

@@ -94,7 +94,7 @@ for --range and --default-subnet.`,
 	f.StringVar(&o.passwordFile, "password-file", "", "file whose first line is the password; only its owner may read it")
 	f.StringVar(&o.trusted, "trusted-subnets", "", "with a password: underlay subnets, CIDR,..., whose peers may exchange data with us in clear, when they trust our address too (control traffic stays sealed)")
 	f.IntVar(&o.wgPort, "wg-port", daemon.DefaultWGPort, "UDP port of the WireGuard data plane (with a password)")
-	f.IntVar(&o.connLimit, "conn-limit", 200, "connections to other peers at most (0: no limit)")
+	f.IntVar(&o.connLimit, "conn-limit", 200, "connections to other peers at most (0: the most there may be, 4096)")
 	f.BoolVar(&o.noDiscovery, "no-discovery", false, "do not dial the peers other peers tell of (only --peer and connect)")
 	f.BoolVar(&o.noDNS, "no-dns", false, "do not run the DNS server nor gossip names")
 	f.StringVar(&o.dnsAllow, "dns-allow", "", "more client subnets, CIDR,..., the DNS server answers (it answers loopback, the range, this host's addresses and its bridges' subnets; 0.0.0.0/0 makes it an open resolver)")

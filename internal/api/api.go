@@ -428,7 +428,8 @@ type RouterStats struct {
 	DropUnknownPeer uint64 `json:"dropUnknownPeer"`
 	DropNotForUs    uint64 `json:"dropNotForUs"`
 	DropMalformed   uint64 `json:"dropMalformed"`
-	DropCtrlQueue   uint64 `json:"dropCtrlQueue"`
+	DropCtrlQueue   uint64 `json:"dropCtrlQueue"` // of strangers (no established connection)
+	DropPeerQueue   uint64 `json:"dropPeerQueue"` // of established peers
 	DropTunWrite    uint64 `json:"dropTunWrite"`
 	DropTunRead     uint64 `json:"dropTunRead"`
 	DropHops        uint64 `json:"dropHops"`

@@ -65,7 +65,7 @@ type Config struct {
 	LogLevel      zapcore.Level
 	MTU           int    // zero: underlay MTU minus proto.UDPOverhead
 	MetricsAddr   string // host:port for Prometheus; empty: off
-	ConnLimit     int    // 0: no limit
+	ConnLimit     int    // 0: peering.MaxConnLimit
 	Discovery     bool
 	IPAMMode      ipalloc.Mode
 	Quorum        int              // IPAMMode Consensus

@@ -73,7 +73,7 @@ func routerStats(s *peering.Stats) api.RouterStats {
 		ReceivedPackets: s.ReceivedPackets.Load(), ReceivedBytes: s.ReceivedBytes.Load(),
 		DropUnroutable: s.DropUnroutable.Load(), DropSendError: s.DropSendError.Load(),
 		DropUnknownPeer: s.DropUnknownPeer.Load(), DropNotForUs: s.DropNotForUs.Load(),
-		DropMalformed: s.DropMalformed.Load(), DropCtrlQueue: s.DropCtrlQueue.Load(),
+		DropMalformed: s.DropMalformed.Load(), DropCtrlQueue: s.DropCtrlQueue.Load(), DropPeerQueue: s.DropPeerQueue.Load(),
 		DropTunWrite: s.DropTunWrite.Load(), DropTunRead: s.DropTunRead.Load(),
 		DropHops: s.DropHops.Load(), RelayedPackets: s.RelayedPackets.Load(), RelayedBytes: s.RelayedBytes.Load(),
 		GossipSentBytes: s.GossipSentBytes.Load(), GossipReceivedBytes: s.GossipReceivedBytes.Load(),

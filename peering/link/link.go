@@ -44,7 +44,8 @@ type Config struct {
 	HelloAttempts     int // 5: hellos before a dial fails
 	RetryInitialTicks int // 20: first wait after a failure (±50 % jitter)
 	RetryMaxTicks     int // 600: cap of the exponential back-off
-	// ConnLimit bounds connections (0: no limit); see Admit.
+	// ConnLimit bounds connections (0: MaxConnLimit, the most there may
+	// be); see room.
 	ConnLimit int
 	// LongLivedTicks: a connection that lasted longer is retried at once
 	// when it fails (600).
@@ -93,13 +94,21 @@ func (c *Config) setDefaults() {
 	def(&c.RetryInitialTicks, 20)
 	def(&c.RetryMaxTicks, 600)
 	def(&c.LongLivedTicks, 600)
+	def(&c.ConnLimit, MaxConnLimit)
 	def(&c.MaxPendingInbound, 64)
 	def(&c.RejectBurst, 20)
 	def(&c.CookieTicks, 1200)
 }
 
+// MaxConnLimit is the most connections a Machine keeps, whatever ConnLimit
+// says: each costs memory and a heartbeat, and a mesh this size already
+// gossips more than it carries.
+const MaxConnLimit = 4096
+
 func (c *Config) validate() error {
 	switch {
+	case c.ConnLimit > MaxConnLimit:
+		return fmt.Errorf("link: a connection limit of %d is over the most there may be, %d", c.ConnLimit, MaxConnLimit)
 	case c.Self.Name == 0:
 		return errors.New("link: config has no peer name")
 	case c.Self.UID == 0:
@@ -450,8 +459,6 @@ func (m *Machine) Tick() {
 // ConnLimit, a discovered one while a tenth of the limit stays free.
 func (m *Machine) room(configured bool) bool {
 	switch {
-	case m.cfg.ConnLimit <= 0:
-		return true
 	case configured:
 		return len(m.conn) < m.cfg.ConnLimit
 	}
@@ -631,7 +638,7 @@ func (m *Machine) admit(from Endpoint, h *proto.Hello, configured bool, key secu
 		return nil
 	}
 	if cn == nil {
-		if m.pendingInbound() >= m.cfg.MaxPendingInbound {
+		if all, same := m.pendingInbound(from.Remote.Addr()); all >= m.cfg.MaxPendingInbound || same >= MaxPendingPerSource {
 			return nil // a flood of hellos; real peers retry
 		}
 		if !m.room(configured) {
@@ -817,14 +824,23 @@ func (m *Machine) adoptTarget(cn *connection) {
 	}
 }
 
-func (m *Machine) pendingInbound() int {
-	n := 0
+// MaxPendingPerSource bounds the inbound connections from one address still
+// waiting for their first heartbeat: one source cannot take every pending
+// slot (MaxPendingInbound) from the others.
+const MaxPendingPerSource = 4
+
+// pendingInbound counts the inbound connections still waiting for their
+// first heartbeat, all of them and those from addr.
+func (m *Machine) pendingInbound(addr netip.Addr) (all, from int) {
 	for _, cn := range m.conn {
 		if cn.state == statePending && !cn.outbound {
-			n++
+			all++
+			if cn.ep.Remote.Addr() == addr {
+				from++
+			}
 		}
 	}
-	return n
+	return all, from
 }
 
 // refuse answers a hello with a reject, within the reject budget.

@@ -343,6 +343,32 @@ func TestConnLimitAndDiscovery(t *testing.T) {
 	}
 }
 
+// TestConnLimitBounded: no limit (0) is the ceiling, MaxConnLimit, and a
+// limit above it is refused.
+func TestConnLimitBounded(t *testing.T) {
+	self := handshake.Config{Name: 0xa, UID: 1, Range: testRange}
+	m, err := New(Config{Self: self, Rand: rand.New(rand.NewPCG(1, 1))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.cfg.ConnLimit != MaxConnLimit {
+		t.Errorf("ConnLimit 0 became %d, want %d", m.cfg.ConnLimit, MaxConnLimit)
+	}
+	for range MaxConnLimit - 1 {
+		m.conn[netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, byte(len(m.conn) >> 8), byte(len(m.conn))}), 1)] = &connection{}
+	}
+	if !m.room(true) || m.room(false) {
+		t.Errorf("with %d connections: room for a configured peer %v, a discovered one %v", len(m.conn), m.room(true), m.room(false))
+	}
+	m.conn[netip.MustParseAddrPort("10.1.0.1:1")] = &connection{}
+	if m.room(true) {
+		t.Errorf("room for connection %d", len(m.conn)+1)
+	}
+	if _, err := New(Config{Self: self, Rand: rand.New(rand.NewPCG(1, 1)), ConnLimit: MaxConnLimit + 1}); err == nil {
+		t.Errorf("a limit of %d accepted", MaxConnLimit+1)
+	}
+}
+
 func TestForgetDropsConnection(t *testing.T) {
 	n, a, b := establish(t)
 	if err := b.Forget([]string{"192.168.0.99"}); !errors.Is(err, ErrUnknownTarget) {
@@ -411,6 +437,27 @@ func TestHelloFloodIsBounded(t *testing.T) {
 	}
 	if rejects != 20 {
 		t.Errorf("%d rejects, want the burst of 20", rejects)
+	}
+}
+
+// TestHelloFloodOneSource: hellos from one address, on many ports, take at
+// most MaxPendingPerSource pending slots, and a peer elsewhere still gets
+// one.
+func TestHelloFloodOneSource(t *testing.T) {
+	n := newNet(t)
+	a := n.add(1, 0xa, 1, testRange)
+	for i := range 200 {
+		h := proto.AppendHello(nil, proto.TypeHello, &proto.Hello{MinVersion: 1, MaxVersion: 1,
+			Name: proto.PeerName(1000 + i), UID: uint64(1000 + i), Range: testRange})
+		a.Step(Endpoint{Remote: netip.AddrPortFrom(netip.MustParseAddr("10.9.9.9"), uint16(1000+i))}, h)
+	}
+	if got := len(a.Status().Connections); got != MaxPendingPerSource {
+		t.Errorf("%d pending connections from one address, want %d", got, MaxPendingPerSource)
+	}
+	h := proto.AppendHello(nil, proto.TypeHello, &proto.Hello{MinVersion: 1, MaxVersion: 1, Name: 0x5, UID: 5, Range: testRange})
+	a.Step(Endpoint{Remote: netip.MustParseAddrPort("10.8.8.8:6783")}, h)
+	if got := len(a.Status().Connections); got != MaxPendingPerSource+1 {
+		t.Errorf("a hello from elsewhere after the flood: %d connections, want %d", got, MaxPendingPerSource+1)
 	}
 }
 
