@@ -37,6 +37,12 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
+// parallel: the long lab tests that mostly wait (for timeouts, gossip,
+// back-offs) and use only namespaces of their own call t.Parallel, so
+// that two run at once (go test's -parallel, GOMAXPROCS by default) and
+// the suite stays within CI's budget. Tests that use the machine's own
+// namespace (Docker) or measure throughput stay serial.
+
 const testRange = "10.40.0.0/16"
 
 func overlayAddr(i int) netip.Addr { return netip.AddrFrom4([4]byte{10, 40, 0, byte(i)}) }

@@ -77,6 +77,7 @@ func metric(t *testing.T, h *lab.Host, addr, sample string) float64 {
 // detach and restarts, both hosts and a container still reach each other
 // (ping and TCP with content checks).
 func TestHideKeepsRange(t *testing.T) {
+	t.Parallel() // see parallel in e2e_test.go
 	l := lab.New(t, bin, 2)
 	h1, h2 := l.Host(1), l.Host(2)
 	const rng = "172.16.16.0/24"

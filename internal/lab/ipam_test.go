@@ -68,6 +68,7 @@ func sameRing(t *testing.T, ds ...*lab.Daemon) {
 // a stopped peer's space, also when two survivors run it at once, and
 // gives it back when that peer returns.
 func TestIPAMSeedSession(t *testing.T) {
+	t.Parallel() // see parallel in e2e_test.go
 	l := lab.New(t, bin, 4)
 	h1, h2, h3, h4 := l.Host(1), l.Host(2), l.Host(3), l.Host(4)
 	d1 := h1.Start("--range", seedRange, "--name", name1)

@@ -350,6 +350,36 @@ func (h *Host) Block(addr netip.Addr) error {
 	return nil
 }
 
+// Partition cuts the switch into groups of hosts: a host reaches the hosts
+// of its own group and no other (nftables on the bridge, in the switch
+// namespace). Hosts in no group are cut off from all. Heal removes the
+// cut; a second Partition replaces the first.
+func (l *Lab) Partition(groups ...[]*Host) error {
+	var b strings.Builder
+	b.WriteString("table bridge ovtpart {\n\tchain cut {\n\t\ttype filter hook forward priority 0; policy drop;\n")
+	for _, g := range groups {
+		ports := make([]string, len(g))
+		for i, h := range g {
+			ports[i] = strconv.Quote(h.port)
+		}
+		set := "{ " + strings.Join(ports, ", ") + " }"
+		fmt.Fprintf(&b, "\t\tiifname %s oifname %s accept\n", set, set)
+	}
+	b.WriteString("\t}\n}\n")
+	l.Heal()
+	cmd := exec.Command("ip", "netns", "exec", l.Switch, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(b.String())
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("nft partition: %v: %s", err, out)
+	}
+	return nil
+}
+
+// Heal undoes Partition.
+func (l *Lab) Heal() {
+	exec.Command("ip", "netns", "exec", l.Switch, "nft", "delete", "table", "bridge", "ovtpart").Run()
+}
+
 // Dir is a scratch directory that lives as long as the lab.
 func (l *Lab) Dir() string { return l.dir }
 

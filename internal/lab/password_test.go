@@ -27,6 +27,7 @@ import (
 // peer, name or ring; a member that spoofs another's name is refused. A
 // member restarted is back within 5 s.
 func TestPassword(t *testing.T) {
+	t.Parallel() // see parallel in e2e_test.go
 	l := lab.New(t, bin, 5)
 	pwFile := filepath.Join(l.Dir(), "password")
 	if err := os.WriteFile(pwFile, []byte("correct horse\n"), 0o600); err != nil {
@@ -264,6 +265,7 @@ func startCapture(t *testing.T, l *lab.Lab) func() []byte {
 // vouches for it), resolves a name h3 registers then, and reaches it again
 // through h1.
 func TestPasswordNewKey(t *testing.T) {
+	t.Parallel() // see parallel in e2e_test.go
 	l := lab.New(t, bin, 3)
 	h1, h2, h3 := l.Host(1), l.Host(2), l.Host(3)
 	cutApart(t, h2, h3)
@@ -332,6 +334,7 @@ func TestPasswordNewKey(t *testing.T) {
 // never crosses in clear. With h1 and h3 cut apart, h2 relays between
 // them both ways, in clear on one side and encrypted on the other.
 func TestTrustedSubnets(t *testing.T) {
+	t.Parallel() // see parallel in e2e_test.go
 	l := lab.New(t, bin, 3)
 	h1, h2, h3 := l.Host(1), l.Host(2), l.Host(3)
 	one := func(h *lab.Host) string { return netip.PrefixFrom(h.Addr, 32).String() }
