@@ -80,7 +80,33 @@ for --range and --default-subnet.`,
 			return d.Run(ctx)
 		},
 	}
-	f := cmd.Flags()
+	addFlags(cmd.Flags(), &o, &showVersion)
+	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+	cmd.SetArgs(args)
+
+	err := cmd.Execute()
+	if err == nil {
+		return 0
+	}
+	fmt.Fprintf(os.Stderr, "overlayd: %s\n", oneLine(err))
+	var ue usageError
+	var se *daemon.StartError
+	if errors.As(err, &ue) || errors.As(err, &se) {
+		return 2
+	}
+	return 1
+}
+
+func oneLine(err error) string {
+	return strings.ReplaceAll(err.Error(), "\n", "; ")
+}
+
+// newLogger logs to stderr in a console format at level, one line per
+// entry, sampled per message (internal/logx).
+func newLogger(level zapcore.Level) *zap.Logger { return logx.New(os.Stderr, level) }
+
+// addFlags defines overlayd's flags on f, into o (and showVersion).
+func addFlags(f *pflag.FlagSet, o *options, showVersion *bool) {
 	f.SortFlags = false
 	f.StringVar(&o.rangeCIDR, "range", defaultRange, "IP allocation range shared by all peers (CIDR; \"\" turns IPAM off); alias --ipalloc-range")
 	f.StringVar(&o.defaultSubnet, "default-subnet", "", "subnet of the range addresses come from by default (default: the whole range); alias --ipalloc-default-subnet")
@@ -115,33 +141,11 @@ for --range and --default-subnet.`,
 	f.StringVar(&o.stateDir, "state-dir", defaultStateDir, "directory for state kept across restarts")
 	f.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	f.StringVar(&o.metricsAddr, "metrics-addr", "", "serve Prometheus metrics on HOST:PORT at /metrics (default: off)")
-	f.BoolVar(&showVersion, "version", false, "print the version and exit")
+	f.BoolVar(showVersion, "version", false, "print the version and exit")
 	f.SetNormalizeFunc(func(_ *pflag.FlagSet, name string) pflag.NormalizedName {
 		if to, ok := flagAliases[name]; ok {
 			name = to
 		}
 		return pflag.NormalizedName(name)
 	})
-	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
-	cmd.SetArgs(args)
-
-	err := cmd.Execute()
-	if err == nil {
-		return 0
-	}
-	fmt.Fprintf(os.Stderr, "overlayd: %s\n", oneLine(err))
-	var ue usageError
-	var se *daemon.StartError
-	if errors.As(err, &ue) || errors.As(err, &se) {
-		return 2
-	}
-	return 1
 }
-
-func oneLine(err error) string {
-	return strings.ReplaceAll(err.Error(), "\n", "; ")
-}
-
-// newLogger logs to stderr in a console format at level, one line per
-// entry, sampled per message (internal/logx).
-func newLogger(level zapcore.Level) *zap.Logger { return logx.New(os.Stderr, level) }

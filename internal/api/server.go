@@ -287,6 +287,11 @@ func decode(r *http.Request, v any) error {
 	if err := dec.Decode(v); err != nil {
 		return BadRequest("request body: %v", err)
 	}
+	// One JSON value and nothing after it: a body with more is not a
+	// request this server understands, whatever came first.
+	if _, err := dec.Token(); err != io.EOF {
+		return BadRequest("request body: more after the JSON value")
+	}
 	return nil
 }
 

@@ -302,14 +302,18 @@ type Machine struct {
 	order   []string // target keys in the order they were added
 
 	rejectBudget int
+	// answering is the length of the datagram Step is taking: no reject
+	// sent in answer to it is longer (the sender's address is not proven).
+	answering int
 
 	malformed uint64 // control messages that did not decode
 	// Impostors counts gossip from a peer that claims another's name.
 	Impostors uint64
 	// Unproven counts what a plaintext peer does not answer or take from
 	// an address nobody has proven: hellos shorter than
-	// proto.HelloMinLen, and heartbeats of inbound connections that did
-	// not bring back our accept's proof.
+	// proto.HelloMinLen, heartbeats of inbound connections that did not
+	// bring back our accept's proof, and datagrams shorter than the
+	// reject they would get.
 	Unproven uint64
 
 	// Password mode (secure.go).
@@ -521,6 +525,8 @@ func (m *Machine) connectTarget(t *target, ep netip.AddrPort) {
 // Step handles one control datagram from a peer. It returns an error, and
 // changes nothing, for a message that does not decode. msg is not retained.
 func (m *Machine) Step(from Endpoint, msg []byte) error {
+	m.answering = len(msg)
+	defer func() { m.answering = 0 }()
 	hd, err := proto.ParseHeader(msg)
 	if err != nil {
 		m.malformed++
@@ -849,9 +855,14 @@ func (m *Machine) refuse(from Endpoint, h *proto.Hello, err error) {
 	if m.rejectBudget <= 0 {
 		return
 	}
-	m.rejectBudget--
 	rj := m.cfg.Self.Reject(err)
-	m.send(from, proto.AppendReject(nil, &rj))
+	b := proto.AppendReject(nil, &rj)
+	if m.answering > 0 && len(b) > m.answering {
+		m.Unproven++ // larger than what it answers: an amplifier
+		return
+	}
+	m.rejectBudget--
+	m.send(from, b)
 }
 
 // drop ends a connection. The targets it served are retried after a back-off

@@ -317,6 +317,9 @@ func (n *Node) SetLocal(conns []proto.TopoConn, prefixes []netip.Prefix) {
 	}
 	before := n.Neighbours()
 	e := *old
+	if e.Version+1 >= proto.MaxTopoVersion {
+		return // unreachable: merge keeps ours below half of it
+	}
 	e.Version++
 	e.Conns, e.Prefixes = cs, ps
 	if err := n.putSelf(&e); err != nil {
@@ -435,9 +438,12 @@ func (n *Node) merge(from proto.PeerName, fromUID uint64, entries []proto.TopoPe
 		case e.Name == n.cfg.Self:
 			if self := n.self(); e.UID != n.cfg.UID && e.Version >= self.Version || e.UID == n.cfg.UID && e.Version > self.Version {
 				// An older incarnation of us (or a copy newer than ours):
-				// bump past it so that ours wins everywhere, unless that
-				// would reach a version nobody accepts.
-				if e.Version+1 >= proto.MaxTopoVersion {
+				// bump past it so that ours wins everywhere, unless it is
+				// past half the versions there are, which no incarnation
+				// of ours reaches (2^61 changes): a forged copy must not
+				// push ours to where nobody takes it, or leave it no room
+				// to change.
+				if e.Version >= proto.MaxTopoVersion/2 {
 					n.Rejected++
 					if first == nil {
 						first = fmt.Errorf("topology: a copy of our own entry at version %d, which no version of ours can pass: made up", e.Version)
