@@ -1047,13 +1047,10 @@ func TestChaosSoak(t *testing.T) {
 	}
 	t.Logf("soak of %v on 5 hosts: %d operations, %d junk datagrams; agreed %v after the load stopped%s",
 		length, w.ops, junkSent, took.Round(time.Millisecond), table.String())
-	// Flat: the last sample against the one after the first minute (the
-	// first, in the short form): goroutines within a few of it (work in
-	// flight), descriptors within two, memory within 25 %.
-	ref := rows[min(len(rows)-1, int(time.Minute/every))]
-	if len(rows) < 4 || *soak == 0 {
-		ref = rows[0]
-	}
+	// Flat: the last sample against the one once the load has warmed up
+	// (after a minute, or half the short form): goroutines within a few
+	// of it (work in flight), descriptors within two, memory within 25 %.
+	ref := rows[int(min(time.Minute, length/2)/every)]
 	last := rows[len(rows)-1]
 	for i, d := range ds {
 		b, u := ref.u[i], last.u[i]
