@@ -6,6 +6,7 @@ package coreloop
 
 import (
 	"context"
+	"sync/atomic"
 	"time"
 )
 
@@ -42,3 +43,30 @@ func (l Loop[M]) Run(ctx context.Context) error {
 		}
 	}
 }
+
+// Budget bounds the bytes of the peers' messages waiting in a loop's In,
+// besides their number: a queue of a thousand messages of a few MiB each
+// would otherwise hold gigabytes. Deliver takes a message's bytes before
+// it queues it, Step gives them back.
+type Budget struct {
+	max    int64
+	queued atomic.Int64
+}
+
+// NewBudget makes a budget of max bytes.
+func NewBudget(max int64) *Budget { return &Budget{max: max} }
+
+// Take reserves n bytes; false, and nothing reserved, when they do not fit.
+func (b *Budget) Take(n int) bool {
+	if b.queued.Add(int64(n)) > b.max {
+		b.queued.Add(-int64(n))
+		return false
+	}
+	return true
+}
+
+// Give returns n bytes taken before.
+func (b *Budget) Give(n int) { b.queued.Add(-int64(n)) }
+
+// Queued is the bytes taken and not given back.
+func (b *Budget) Queued() int64 { return b.queued.Load() }

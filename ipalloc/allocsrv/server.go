@@ -56,8 +56,12 @@ type Config struct {
 	Log  *zap.Logger
 }
 
-// inboundLen bounds the peer messages waiting for the server.
-const inboundLen = 1024
+// inboundLen bounds the peer messages waiting for the server, and
+// inboundBytes their bytes.
+const (
+	inboundLen   = 1024
+	inboundBytes = 4 << 20
+)
 
 type inbound struct {
 	from    proto.PeerName
@@ -71,7 +75,9 @@ type Server struct {
 	node  *ipalloc.Node
 	log   *zap.Logger
 	in    chan inbound
-	calls chan func() // run on Run's goroutine
+	// budget bounds the bytes in in.
+	budget *coreloop.Budget
+	calls  chan func() // run on Run's goroutine
 	// stopped is closed when Run returns.
 	stopped chan struct{}
 
@@ -115,7 +121,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	return &Server{cfg: cfg, store: st, node: n, log: log,
-		in: make(chan inbound, inboundLen), calls: make(chan func()), stopped: make(chan struct{}),
+		in: make(chan inbound, inboundLen), budget: coreloop.NewBudget(inboundBytes), calls: make(chan func()), stopped: make(chan struct{}),
 		waiting: map[uint64]chan ipalloc.Done{}}, nil
 }
 
@@ -123,9 +129,14 @@ func New(cfg Config) (*Server, error) {
 // the server lags, the message is dropped and counted (gossip tolerates
 // loss).
 func (s *Server) Deliver(from proto.PeerName, payload []byte) {
+	if !s.budget.Take(len(payload)) {
+		s.Dropped.Add(1)
+		return
+	}
 	select {
 	case s.in <- inbound{from, payload}:
 	default:
+		s.budget.Give(len(payload))
 		s.Dropped.Add(1)
 	}
 }
@@ -218,6 +229,7 @@ func (s *Server) tick() {
 
 // step hands the Node a peer's message; one it refuses is counted.
 func (s *Server) step(m inbound) {
+	s.budget.Give(len(m.payload))
 	msg, err := proto.ParseIPAMMsg(m.payload)
 	if err == nil {
 		err = s.node.Step(m.from, &msg)

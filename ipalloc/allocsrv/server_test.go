@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"testing"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -84,5 +85,28 @@ func BenchmarkAlloc(b *testing.B) {
 		if d, err := s.Do(context.Background(), ipalloc.Request{Op: ipalloc.OpAlloc, Ident: fmt.Sprintf("c%d", i)}); err != nil || d.Err != nil {
 			b.Fatal(err, d.Err)
 		}
+	}
+}
+
+// TestInboundBytesBounded: messages waiting for the server are bounded in
+// bytes, not only in number; taken messages give their bytes back.
+func TestInboundBytesBounded(t *testing.T) {
+	s := newServer(t, t.TempDir())
+	big := make([]byte, 64<<10) // junk: refused when stepped
+	for range inboundLen {
+		s.Deliver(2, big)
+	}
+	if fit := inboundBytes / len(big); s.Dropped.Load() != uint64(inboundLen-fit) || s.budget.Queued() != int64(fit*len(big)) {
+		t.Fatalf("%d dropped, %d bytes queued; want %d dropped, %d queued", s.Dropped.Load(), s.budget.Queued(), inboundLen-fit, fit*len(big))
+	}
+	run(t, s)
+	for deadline := time.Now().Add(5 * time.Second); s.budget.Queued() != 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d bytes still queued after the server ran", s.budget.Queued())
+		}
+	}
+	s.Deliver(2, big)
+	if s.Dropped.Load() != uint64(inboundLen-inboundBytes/len(big)) {
+		t.Errorf("a message after the queue drained was dropped")
 	}
 }

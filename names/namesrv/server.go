@@ -50,8 +50,12 @@ type Config struct {
 	Log       *zap.Logger
 }
 
-// inboundLen bounds the peer messages waiting for the server.
-const inboundLen = 1024
+// inboundLen bounds the peer messages waiting for the server, and
+// inboundBytes their bytes (a few of the largest).
+const (
+	inboundLen   = 1024
+	inboundBytes = 4 * maxPayload
+)
 
 // maxPayload is the largest name message: MaxNameEntries entries with the
 // longest hostname and container ID. Larger payloads are refused before
@@ -71,7 +75,9 @@ type Server struct {
 	log   *zap.Logger
 	view  atomic.Pointer[names.View]
 	in    chan inbound
-	calls chan func() // run on Run's goroutine
+	// budget bounds the bytes in in.
+	budget *coreloop.Budget
+	calls  chan func() // run on Run's goroutine
 	// stopped is closed when Run returns.
 	stopped chan struct{}
 
@@ -118,7 +124,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s := &Server{cfg: cfg, path: path, store: st, log: log,
-		in: make(chan inbound, inboundLen), calls: make(chan func()), stopped: make(chan struct{})}
+		in: make(chan inbound, inboundLen), budget: coreloop.NewBudget(inboundBytes), calls: make(chan func()), stopped: make(chan struct{})}
 	s.view.Store(st.View())
 	if all, _ := st.View().Live(); all > 0 {
 		log.Info(fmt.Sprintf("restored %d names from %s", all, path))
@@ -140,9 +146,14 @@ func (s *Server) Deliver(from proto.PeerName, payload []byte) {
 		s.Rejected.Add(1)
 		return
 	}
+	if !s.budget.Take(len(payload)) {
+		s.Dropped.Add(1)
+		return
+	}
 	select {
 	case s.in <- inbound{from, payload}:
 	default:
+		s.budget.Give(len(payload))
 		s.Dropped.Add(1)
 	}
 }
@@ -237,6 +248,7 @@ func (s *Server) tick() {
 
 // step hands the store a peer's message; one it refuses is counted.
 func (s *Server) step(m inbound) {
+	s.budget.Give(len(m.payload))
 	msg, err := proto.ParseNamesMsg(m.payload)
 	if err == nil {
 		err = s.store.Step(m.from, &msg)

@@ -178,3 +178,20 @@ func TestJunkCounted(t *testing.T) {
 		}
 	})
 }
+
+// TestInboundBytesBounded: at most inboundBytes of messages wait for the
+// server, whatever their number: four of the largest.
+func TestInboundBytesBounded(t *testing.T) {
+	dir := t.TempDir()
+	s, err := newServer(t, dir, &fakeRouter{t: t, path: filepath.Join(dir, StateFile)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	big := make([]byte, maxPayload)
+	for range 10 {
+		s.Deliver(2, big)
+	}
+	if s.Dropped.Load() != 6 || s.budget.Queued() != 4*maxPayload {
+		t.Errorf("%d dropped, %d bytes queued; want 6 dropped, %d queued", s.Dropped.Load(), s.budget.Queued(), 4*maxPayload)
+	}
+}
