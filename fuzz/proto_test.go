@@ -228,7 +228,7 @@ func FuzzGossipAssembler(f *testing.F) {
 			if err != nil || g.Chunk == nil {
 				continue
 			}
-			out, _ := a.Add(&g, now)
+			out, _ := a.Add(&g, proto.PeerName(n%3+1), now) // three neighbours
 			if len(out) > gossip.MaxMessageBytes {
 				t.Fatalf("reassembled %d bytes", len(out))
 			}

@@ -337,7 +337,7 @@ func (c *control) onGossip(g link.Gossip) {
 	}
 	payload := g.Msg.Payload
 	if g.Msg.Chunk != nil {
-		full, err := c.asm.Add(&g.Msg, c.ticks/int64(c.r.gossipTicks))
+		full, err := c.asm.Add(&g.Msg, g.From, c.ticks/int64(c.r.gossipTicks))
 		if err != nil {
 			c.r.stats.GossipRejected.Add(1)
 			c.log.Warn("gossip chunk refused", zap.Stringer("peer", g.Msg.Src), zap.Error(err))

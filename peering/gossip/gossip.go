@@ -36,7 +36,7 @@ func Split(payload []byte) [][]byte {
 // Limits of reassembly.
 const (
 	MaxMessageBytes  = 4 << 20  // a reassembled message; larger ones are refused
-	MaxPartialPerSrc = 8        // incomplete messages kept per origin
+	MaxPartialPerSrc = 8        // incomplete messages kept per origin and neighbour
 	MaxPartial       = 256      // incomplete messages kept in all
 	MaxPartialBytes  = 16 << 20 // bytes held in incomplete messages in all
 	ExpireTicks      = 50       // an incomplete message is dropped after this long
@@ -48,7 +48,11 @@ var (
 	ErrInconsistent = errors.New("gossip: chunk does not match its message")
 )
 
+// key names an incomplete message by the neighbour it came through (which
+// the connection vouches for) as well as by its claimed origin: a
+// neighbour that makes up origins fills only its own share.
 type key struct {
+	via     proto.PeerName
 	src     proto.PeerName
 	channel string
 	id      uint32
@@ -76,18 +80,20 @@ func NewAssembler() *Assembler { return &Assembler{parts: make(map[key]*partial)
 // Pending is the number of incomplete messages held.
 func (a *Assembler) Pending() int { return len(a.parts) }
 
-// Add takes one chunk of g (which must have g.Chunk set) received at tick
-// now. When it completes its message, Add returns the whole payload (a new
-// slice); otherwise nil. The chunk's payload is copied.
-func (a *Assembler) Add(g *proto.Gossip, now int64) ([]byte, error) {
+// Add takes one chunk of g (which must have g.Chunk set) received from
+// neighbour via at tick now. When it completes its message, Add returns
+// the whole payload (a new slice); otherwise nil. The chunk's payload is
+// copied. When the limits are reached, the neighbour holding the most
+// gives up its oldest message: one that floods cannot evict the others'.
+func (a *Assembler) Add(g *proto.Gossip, via proto.PeerName, now int64) ([]byte, error) {
 	c := g.Chunk
-	k := key{g.Src, g.Channel, c.MsgID}
+	k := key{via, g.Src, g.Channel, c.MsgID}
 	p := a.parts[k]
 	if p == nil {
 		if int(c.Count)*MaxChunk > MaxMessageBytes+MaxChunk {
 			return nil, fmt.Errorf("%w: %d chunks", ErrTooBig, c.Count)
 		}
-		a.makeRoom(g.Src)
+		a.makeRoom(k)
 		p = &partial{pieces: make([][]byte, c.Count), born: now}
 		a.parts[k] = p
 	}
@@ -107,7 +113,7 @@ func (a *Assembler) Add(g *proto.Gossip, now int64) ([]byte, error) {
 		return nil, fmt.Errorf("%w: over %d bytes", ErrTooBig, MaxMessageBytes)
 	}
 	for a.bytes > MaxPartialBytes {
-		a.drop(a.oldest(k))
+		a.drop(a.oldest(k, func(p *partial) int { return p.bytes }))
 	}
 	if p.have < len(p.pieces) {
 		return nil, nil
@@ -130,12 +136,25 @@ func (a *Assembler) drop(k key) {
 	}
 }
 
-// oldest is the oldest incomplete message other than keep (keep itself if
+// oldest is the oldest incomplete message, other than keep, of the
+// neighbour whose messages weigh the most (weight of each; keep itself if
 // it is the only one).
-func (a *Assembler) oldest(keep key) key {
+func (a *Assembler) oldest(keep key, weight func(*partial) int) key {
+	load := map[proto.PeerName]int{}
+	for k, p := range a.parts {
+		if k != keep {
+			load[k.via] += weight(p)
+		}
+	}
+	var heavy proto.PeerName
+	for via, w := range load {
+		if w > load[heavy] || w == load[heavy] && via < heavy {
+			heavy = via
+		}
+	}
 	o, born := keep, int64(-1)
 	for k, p := range a.parts {
-		if k != keep && (born < 0 || p.born < born || p.born == born && less(k, o)) {
+		if k != keep && k.via == heavy && (born < 0 || p.born < born || p.born == born && less(k, o)) {
 			o, born = k, p.born
 		}
 	}
@@ -145,28 +164,26 @@ func (a *Assembler) oldest(keep key) key {
 // Bytes is what the incomplete messages hold.
 func (a *Assembler) Bytes() int { return a.bytes }
 
-// makeRoom evicts the oldest incomplete messages so that a new one from src
-// fits within the limits.
-func (a *Assembler) makeRoom(src proto.PeerName) {
+// makeRoom evicts incomplete messages so that a new one, k, fits within the
+// limits: the oldest of the same origin through the same neighbour, or
+// the oldest of the neighbour holding the most.
+func (a *Assembler) makeRoom(k key) {
 	for {
-		n, oldest, oldestSrc := 0, key{}, key{}
-		var bornAll, bornSrc int64 = -1, -1
-		for k, p := range a.parts {
-			if k.src == src {
+		n, oldestSrc := 0, key{}
+		var bornSrc int64 = -1
+		for q, p := range a.parts {
+			if q.via == k.via && q.src == k.src {
 				n++
-				if bornSrc < 0 || p.born < bornSrc || p.born == bornSrc && less(k, oldestSrc) {
-					bornSrc, oldestSrc = p.born, k
+				if bornSrc < 0 || p.born < bornSrc || p.born == bornSrc && less(q, oldestSrc) {
+					bornSrc, oldestSrc = p.born, q
 				}
-			}
-			if bornAll < 0 || p.born < bornAll || p.born == bornAll && less(k, oldest) {
-				bornAll, oldest = p.born, k
 			}
 		}
 		switch {
 		case n >= MaxPartialPerSrc:
 			a.drop(oldestSrc)
 		case len(a.parts) >= MaxPartial:
-			a.drop(oldest)
+			a.drop(a.oldest(k, func(*partial) int { return 1 }))
 		default:
 			return
 		}
@@ -174,6 +191,9 @@ func (a *Assembler) makeRoom(src proto.PeerName) {
 }
 
 func less(a, b key) bool {
+	if a.via != b.via {
+		return a.via < b.via
+	}
 	if a.src != b.src {
 		return a.src < b.src
 	}

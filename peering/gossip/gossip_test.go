@@ -32,7 +32,7 @@ func TestSplitAndReassembleInAnyOrder(t *testing.T) {
 		a := NewAssembler()
 		var got []byte
 		for _, c := range cs {
-			out, err := a.Add(c, 0)
+			out, err := a.Add(c, 7, 0)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -57,13 +57,13 @@ func TestSplitAndReassembleInAnyOrder(t *testing.T) {
 func TestMemoryIsBounded(t *testing.T) {
 	a := NewAssembler()
 	for id := range uint32(100) {
-		a.Add(chunks(1, id, make([]byte, 3*MaxChunk))[0], 0)
+		a.Add(chunks(1, id, make([]byte, 3*MaxChunk))[0], 7, 0)
 	}
 	if a.Pending() != MaxPartialPerSrc {
 		t.Errorf("%d pending from one origin, want %d", a.Pending(), MaxPartialPerSrc)
 	}
 	for src := range proto.PeerName(1000) {
-		a.Add(chunks(src+2, 1, make([]byte, 3*MaxChunk))[0], 1)
+		a.Add(chunks(src+2, 1, make([]byte, 3*MaxChunk))[0], 7, 1)
 	}
 	if a.Pending() > MaxPartial {
 		t.Errorf("%d pending, want at most %d", a.Pending(), MaxPartial)
@@ -73,14 +73,14 @@ func TestMemoryIsBounded(t *testing.T) {
 		t.Errorf("%d pending after expiry", a.Pending())
 	}
 	huge := &proto.Gossip{Channel: "x", Src: 1, Payload: []byte{1}, Chunk: &proto.Chunk{MsgID: 1, Index: 0, Count: 65535}}
-	if _, err := a.Add(huge, 0); !errors.Is(err, ErrTooBig) {
+	if _, err := a.Add(huge, 7, 0); !errors.Is(err, ErrTooBig) {
 		t.Errorf("65535 chunks: %v", err)
 	}
 	cs := chunks(3, 9, make([]byte, 3*MaxChunk))
-	a.Add(cs[0], 0)
+	a.Add(cs[0], 7, 0)
 	bad := *cs[1]
 	bad.Chunk = &proto.Chunk{MsgID: 9, Index: 1, Count: 5}
-	if _, err := a.Add(&bad, 0); !errors.Is(err, ErrInconsistent) || a.Pending() != 0 {
+	if _, err := a.Add(&bad, 7, 0); !errors.Is(err, ErrInconsistent) || a.Pending() != 0 {
 		t.Errorf("inconsistent count: %v, %d pending", err, a.Pending())
 	}
 }
@@ -93,11 +93,41 @@ func TestByteBudget(t *testing.T) {
 		for id := range uint32(MaxPartialPerSrc) {
 			cs := chunks(src+1, id, make([]byte, 200*MaxChunk))
 			for _, c := range cs[:len(cs)-1] { // never the last one
-				a.Add(c, 0)
+				a.Add(c, 7, 0)
 			}
 			if a.Bytes() > MaxPartialBytes {
 				t.Fatalf("%d bytes held", a.Bytes())
 			}
 		}
+	}
+}
+
+// TestFloodEvictsOnlyItsOwn: a neighbour sending the first chunks of
+// messages of made-up origins, in number and in bytes far past the
+// limits, makes room by giving up its own: another neighbour's message,
+// incomplete meanwhile, still completes.
+func TestFloodEvictsOnlyItsOwn(t *testing.T) {
+	a := NewAssembler()
+	payload := make([]byte, 3*MaxChunk)
+	for i := range payload {
+		payload[i] = byte(i)
+	}
+	real := chunks(5, 1, payload)
+	if out, _ := a.Add(real[0], 1, 0); out != nil {
+		t.Fatal("complete after one chunk of three")
+	}
+	for src := range proto.PeerName(2000) {
+		cs := chunks(100+src, 1, make([]byte, 40*MaxChunk))
+		for _, c := range cs[:3] {
+			a.Add(c, 2, 0)
+		}
+		if a.Pending() > MaxPartial || a.Bytes() > MaxPartialBytes {
+			t.Fatalf("%d pending, %d bytes", a.Pending(), a.Bytes())
+		}
+	}
+	a.Add(real[1], 1, 0)
+	out, err := a.Add(real[2], 1, 0)
+	if err != nil || !bytes.Equal(out, payload) {
+		t.Fatalf("the other neighbour's message: %d bytes, %v", len(out), err)
 	}
 }
