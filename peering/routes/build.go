@@ -45,7 +45,9 @@ type Sources[K cmp.Ordered, V any] struct {
 // out (and counted in the table's Refused): inside the range a peer may
 // announce only addresses it owns (an exposed address is claimed, hence
 // owned, by the peer that exposes it), so that no peer can draw another's
-// traffic to itself.
+// traffic to itself. So is any announcement but a single IPv4 address
+// (/32): peers announce their exposed and manual addresses one by one,
+// and a wider prefix could draw whole networks outside the range.
 //
 // A route to an unreachable peer is left out, so the next in line may take
 // its prefix. Build does not keep s's slices.
@@ -72,7 +74,7 @@ func Build[K cmp.Ordered, V any](s Sources[K, V]) *Table[V] {
 		}
 		if v, ok := s.Path(a.Peer); ok {
 			for _, p := range a.Prefixes {
-				if ownedByOther(owners, p, a.Peer) {
+				if p.Bits() != 32 || ownedByOther(owners, p, a.Peer) {
 					refused++
 					continue
 				}

@@ -135,7 +135,7 @@ func slowLookup(s Sources[int, via], a netip.Addr) (via, bool) {
 			}
 			if v, ok := s.Path(peer); ok {
 				for _, p := range an.Prefixes {
-					if !slices.ContainsFunc(s.Owners, func(o Owner[int]) bool { return o.Peer != peer && o.Prefix.Overlaps(p) }) {
+					if p.Bits() == 32 && !slices.ContainsFunc(s.Owners, func(o Owner[int]) bool { return o.Peer != peer && o.Prefix.Overlaps(p) }) {
 						cs = append(cs, cand{p, v})
 					}
 				}
