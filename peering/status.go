@@ -28,8 +28,13 @@ type Status struct {
 	// TrustedSubnets are the subnets whose peers may send data in clear.
 	TrustedSubnets []netip.Prefix
 	// RefusedAnnouncements is the number of prefixes peers announce in
-	// ring space another peer owns, left out of the route table.
+	// ring space another peer owns, or wider than one address, left out
+	// of the route table.
 	RefusedAnnouncements int
+	// Unproven counts what the handshake did not answer or take from
+	// unproven addresses (link.Machine.Unproven); Impostors, gossip
+	// claiming another peer's name (link.Machine.Impostors).
+	Unproven, Impostors uint64
 }
 
 // ConnStatus is a connection, or a target without one.
@@ -106,6 +111,7 @@ func (c *control) status() Status {
 		Targets: nonNil(ls.Targets), Exposed: nonNil(slices.Clone(c.local)),
 		Connections: []ConnStatus{}, Routes: []RouteStatus{}, GossipPartial: c.asm.Pending(),
 		Encryption: c.m.Secure(), RefusedAnnouncements: c.refused, TrustedSubnets: nonNil(slices.Clone(cfg.TrustedSubnets)),
+		Unproven: c.m.Unproven, Impostors: c.m.Impostors,
 	}
 	if st.Encryption {
 		st.Refused = c.m.Sealed.ByReason()

@@ -373,8 +373,15 @@ type RouterStatus struct {
 	// PasswordRefused counts, in password mode, what was refused by reason.
 	PasswordRefused map[string]uint64 `json:"passwordRefused,omitempty"`
 	// RefusedAnnouncements counts prefixes peers announce in ring space
-	// another peer owns: left out of the route table.
+	// another peer owns, or wider than one address: left out of the
+	// route table.
 	RefusedAnnouncements int `json:"refusedAnnouncements"`
+	// Unproven counts hellos, heartbeats and other datagrams the handshake
+	// did not answer or take because their source address is not proven
+	// (too short to answer, or without our accept's proof); Impostors,
+	// gossip claiming another peer's name.
+	Unproven  uint64 `json:"unproven"`
+	Impostors uint64 `json:"impostors"`
 }
 
 // Connection is one line of `status connections`: a connection, or a

@@ -47,6 +47,7 @@ func (d *Daemon) routerStatus(rs peering.Status) api.RouterStatus {
 		PeerDiscovery: d.cfg.Discovery, ConnLimit: d.cfg.ConnLimit, MTU: d.mtu, UDPGSO: d.pc.GSO(), UDPGRO: d.pc.GRO(),
 		Targets: rs.Targets, Exposed: rs.Exposed, GossipPartial: rs.GossipPartial, Stats: routerStats(d.router.Stats()),
 		Encryption: rs.Encryption, DataEncryption: d.plane != nil, WireGuard: d.wireGuardStatus(), PasswordRefused: rs.Refused, RefusedAnnouncements: rs.RefusedAnnouncements,
+		Unproven: rs.Unproven, Impostors: rs.Impostors,
 		TrustedSubnets: rs.TrustedSubnets,
 		Connections:    make([]api.Connection, len(rs.Connections)), Peers: make([]api.Peer, len(rs.Peers)),
 		Routes: make([]api.Route, len(rs.Routes)),
