@@ -184,7 +184,7 @@ func (o *options) validate(positional []string) (*config, error) {
 	if err := o.readPassword(c); err != nil {
 		return nil, err
 	}
-	trusted, err := parseTrusted(o.trusted)
+	trusted, err := parseCIDRs("--trusted-subnets", o.trusted)
 	if err != nil {
 		return nil, err
 	}
@@ -203,12 +203,8 @@ func (o *options) validate(positional []string) (*config, error) {
 	return c, nil
 }
 
-// parseTrusted reads --trusted-subnets: comma-separated CIDRs (host bits
-// are cleared, as Weave's net.ParseCIDR does), duplicates dropped.
-func parseTrusted(s string) ([]netip.Prefix, error) { return parseCIDRs("--trusted-subnets", s) }
-
-// parseCIDRs reads flag's comma-separated CIDRs, host bits cleared,
-// duplicates dropped.
+// parseCIDRs reads flag's comma-separated CIDRs, host bits cleared (as
+// Weave's net.ParseCIDR does for --trusted-subnets), duplicates dropped.
 func parseCIDRs(flag, s string) ([]netip.Prefix, error) {
 	var out []netip.Prefix
 	for f := range strings.SplitSeq(s, ",") {

@@ -24,11 +24,13 @@ import (
 // emptied rather than grown, so datagrams from ever new addresses cost an
 // allocation each but never unbounded memory.
 type bind struct {
-	mu      sync.Mutex // guards pc, senders and mark across Open, Close and Send
-	pc      *conn.UDP
-	senders *sync.Pool // pc's conn.Senders, each used by one Send at a time
-	recv    *receiver  // the receive function of pc
-	mark    uint32
+	mu   sync.Mutex // guards pc, recv and mark across Open and Close
+	pc   *conn.UDP
+	recv *receiver // the receive function of pc
+	mark uint32
+	// senders holds pc's conn.Senders, each used by one Send at a time;
+	// nil while closed. Send reads it without the lock.
+	senders atomic.Pointer[sync.Pool]
 }
 
 var _ wgconn.Bind = (*bind)(nil)
@@ -60,7 +62,7 @@ func (b *bind) Open(port uint16) ([]wgconn.ReceiveFunc, uint16, error) {
 		}
 	}
 	b.pc = pc
-	b.senders = &sync.Pool{New: func() any { return pc.NewSender(bindBatch) }}
+	b.senders.Store(&sync.Pool{New: func() any { return pc.NewSender(bindBatch) }})
 	b.recv = &receiver{rd: pc.NewReader(bindBatch), eps: make([]conn.Endpoint, bindBatch), cache: map[conn.Endpoint]*endpoint{}}
 	return []wgconn.ReceiveFunc{b.recv.receive}, pc.LocalPort(), nil
 }
@@ -107,7 +109,8 @@ func (b *bind) Close() error {
 		return nil
 	}
 	err := b.pc.Close()
-	b.pc, b.senders = nil, nil // recv stays: its function returns net.ErrClosed
+	b.pc = nil // recv stays: its function returns net.ErrClosed
+	b.senders.Store(nil)
 	return err
 }
 
@@ -128,13 +131,10 @@ func (b *bind) Send(bufs [][]byte, ep wgconn.Endpoint) error {
 	if !ok {
 		return fmt.Errorf("wgplane: endpoint of type %T", ep)
 	}
-	b.mu.Lock()
-	if b.pc == nil {
-		b.mu.Unlock()
+	pool := b.senders.Load() // a Send racing Close puts its sender back in the old pool
+	if pool == nil {
 		return net.ErrClosed
 	}
-	pool := b.senders // a Send racing Close puts its sender back in the old pool
-	b.mu.Unlock()
 	s := pool.Get().(conn.Sender)
 	to := e.Endpoint
 	if e.srcCleared.Load() {
