@@ -18,6 +18,7 @@ import (
 // pair, names in DNS, ps, detach freeing the address for the next attach,
 // and bad targets.
 func TestAttach(t *testing.T) {
+	t.Parallel() // see parallel in e2e_test.go
 	l := lab.New(t, bin, 3)
 	h1, h2, h3 := l.Host(1), l.Host(2), l.Host(3)
 	d1 := h1.Start("--range", "10.32.0.0/12")

@@ -1,6 +1,7 @@
 package lab_test
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"net/netip"
@@ -77,7 +78,10 @@ func BenchmarkAPIStatus(b *testing.B) {
 // CPU 1, each query for one of 100 registered names, for 10 s. It reports
 // the answers per second, the p99 latency and the queries that got no
 // NOERROR answer (lost or failed). b.N is ignored: use -benchtime 1x.
-// BENCH_DNS_QPS=N asks dnsperf for a steady N queries a second.
+// BENCH_DNS_QPS=N asks dnsperf for a steady N queries a second;
+// BENCH_DNS_CLIENTS and BENCH_DNS_OUTSTANDING change its 8 clients and 64
+// queries outstanding. The namespace's UDP counters before and after say
+// whether a lost query was dropped by a socket buffer.
 //
 //	go test ./internal/lab -run '^$' -bench DNSPerf -benchtime 1x
 func BenchmarkDNSPerf(b *testing.B) {
@@ -103,12 +107,25 @@ func BenchmarkDNSPerf(b *testing.B) {
 	b.ResetTimer()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	args := []string{"-c", "1", "dnsperf", "-s", "127.0.0.1", "-d", data, "-l", "10", "-c", "8", "-q", "64", "-v"}
+	args := []string{"-c", "1", "dnsperf", "-s", "127.0.0.1", "-d", data, "-l", "10",
+		"-c", cmp.Or(os.Getenv("BENCH_DNS_CLIENTS"), "8"), "-q", cmp.Or(os.Getenv("BENCH_DNS_OUTSTANDING"), "64"), "-v"}
 	if qps := os.Getenv("BENCH_DNS_QPS"); qps != "" {
 		args = append(args, "-Q", qps) // a steady rate instead of as fast as it goes
 	}
+	udp := func() string {
+		snmp, _ := h.Exec(ctx, "cat", "/proc/net/snmp")
+		var lines []string
+		for line := range strings.Lines(snmp) {
+			if strings.HasPrefix(line, "Udp:") {
+				lines = append(lines, strings.TrimSpace(line))
+			}
+		}
+		return strings.Join(lines, "\n")
+	}
+	before := udp()
 	out, err := h.Exec(ctx, "taskset", args...)
 	b.StopTimer()
+	b.Logf("UDP counters in the namespace, before and after:\n%s\n%s", before, udp())
 	if err != nil {
 		b.Fatalf("dnsperf: %v\n%s", err, tail(out, 2000))
 	}

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"os"
 	"regexp"
@@ -20,6 +21,7 @@ import (
 	"github.com/overlayd/overlayd/internal/api"
 	"github.com/overlayd/overlayd/internal/ipv4"
 	"github.com/overlayd/overlayd/internal/lab"
+	"github.com/overlayd/overlayd/proto"
 )
 
 // The chaos suite (issue 16): real daemons under crashes, partitions,
@@ -1057,5 +1059,161 @@ func TestChaosSoak(t *testing.T) {
 		if u.goroutines > b.goroutines+8 || u.fds > b.fds+2 || u.rssKiB > b.rssKiB*5/4 {
 			t.Errorf("%s grew during the soak: %v at %v, %v at the end", d.Host.NS, b, ref.at, u)
 		}
+	}
+}
+
+// cpuTime is the CPU time a process has used (/proc/PID/stat, in clock
+// ticks of 10 ms).
+func cpuTime(pid int) (time.Duration, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	i := strings.LastIndexByte(string(b), ')')
+	f := strings.Fields(string(b[i+1:]))
+	if i < 0 || len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: %q", pid, b)
+	}
+	utime, _ := strconv.Atoi(f[11])
+	stime, _ := strconv.Atoi(f[12])
+	return time.Duration(utime+stime) * 10 * time.Millisecond, nil
+}
+
+// TestChaosFlood sends h1 kinds of hostile datagrams from a host outside
+// the overlay, as fast as one socket goes, while h1 keeps its connection
+// to h2: random bytes, hellos of strangers (answered with accepts, at
+// most 4 pending from one address), hellos with another range (rejects,
+// a burst of 20 then one a tick) and 5-byte inits (nothing). For each it
+// reports the rate, h1's CPU per 100,000 datagrams, and the bytes that
+// came back per byte sent, which is never more than 1: no reply is larger
+// than its request.
+func TestChaosFlood(t *testing.T) {
+	t.Parallel() // see parallel in e2e_test.go
+	l := lab.New(t, bin, 2)
+	ds := startChaos(t, l)
+	junker := l.AddHost()
+	d1 := ds[0]
+	n := 50_000
+	if *chaosLong {
+		n = 1_000_000
+	}
+	r := rand.New(rand.NewPCG(16, 16))
+	hello := func(rng netip.Prefix) []byte {
+		return proto.AppendHello(nil, proto.TypeHello, &proto.Hello{MinVersion: 1, MaxVersion: 1,
+			Name: proto.PeerName(1 + r.Uint64N(1<<47)), UID: 1 + r.Uint64(), Range: rng, Nickname: "flood"})
+	}
+	other := netip.MustParsePrefix("10.99.0.0/16")
+	kinds := []struct {
+		name string
+		make func() []byte
+	}{
+		{"random bytes", func() []byte {
+			b := make([]byte, 1+r.IntN(600))
+			for j := range b {
+				b[j] = byte(r.Uint32())
+			}
+			b[0] = proto.Version
+			return b
+		}},
+		{"hellos", func() []byte { return hello(netip.MustParsePrefix(chaosRange)) }},
+		{"hellos of another range", func() []byte { return hello(other) }},
+		{"5-byte inits", func() []byte { return []byte{proto.Version, byte(proto.TypeInit), 0, 0, 0} }},
+	}
+	var report strings.Builder
+	for _, k := range kinds {
+		msgs := make([][]byte, 1024)
+		for i := range msgs {
+			msgs[i] = k.make()
+		}
+		lost := make(chan struct{}, 1)
+		watch, stopWatch := context.WithCancel(t.Context())
+		var wg sync.WaitGroup
+		wg.Go(func() {
+			for watch.Err() == nil {
+				st, err := api.NewClient(d1.Socket).Status(watch)
+				if watch.Err() != nil {
+					return
+				}
+				ok := false
+				for _, c := range st.Router.Connections {
+					ok = ok || c.State == "established" && c.Name != 0
+				}
+				if err != nil || !ok {
+					select {
+					case lost <- struct{}{}:
+					default:
+					}
+				}
+				time.Sleep(200 * time.Millisecond)
+			}
+		})
+		cpu0, err := cpuTime(d1.Pid())
+		if err != nil {
+			t.Fatal(err)
+		}
+		var sentBytes, backBytes, backMax, back int
+		start := time.Now()
+		err = junker.Do(func() error {
+			c, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(netip.AddrPortFrom(d1.Host.Addr, 6783)))
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			var rg sync.WaitGroup
+			done := make(chan struct{})
+			rg.Go(func() {
+				buf := make([]byte, 2048)
+				for {
+					c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+					m, err := c.Read(buf)
+					if err != nil {
+						select {
+						case <-done:
+							return
+						default:
+							continue
+						}
+					}
+					back++
+					backBytes += m
+					backMax = max(backMax, m)
+				}
+			})
+			for i := range n {
+				m := msgs[i%len(msgs)]
+				if _, err := c.Write(m); err == nil {
+					sentBytes += len(m)
+				}
+			}
+			time.Sleep(300 * time.Millisecond) // the last answers
+			close(done)
+			rg.Wait()
+			return nil
+		})
+		took := time.Since(start)
+		stopWatch()
+		wg.Wait()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cpu1, _ := cpuTime(d1.Pid())
+		select {
+		case <-lost:
+			t.Errorf("%s: h1 lost its connection to h2 under the flood", k.name)
+		default:
+		}
+		if backBytes > sentBytes {
+			t.Errorf("%s: %d bytes came back for %d sent", k.name, backBytes, sentBytes)
+		}
+		fmt.Fprintf(&report, "\n| %s | %d | %.0f/s | %.1f ms | %d (%d bytes, largest %d) | %.4f |", k.name, n,
+			float64(n)/took.Seconds(), float64((cpu1-cpu0).Milliseconds())*100_000/float64(n), back, backBytes, backMax,
+			float64(backBytes)/float64(max(sentBytes, 1)))
+	}
+	st := mustStatus(t, d1)
+	t.Logf("floods of h1 from outside, h1-h2 kept throughout; dropped from the strangers' queue %d, from the peers' %d; unproven %d\n"+
+		"| kind | datagrams | rate | h1 CPU per 100k | replies | reply bytes per byte |%s",
+		st.Router.Stats.DropCtrlQueue, st.Router.Stats.DropPeerQueue, st.Router.Unproven, report.String())
+	if st.Router.Stats.DropPeerQueue != 0 {
+		t.Errorf("%d datagrams of the established peer dropped", st.Router.Stats.DropPeerQueue)
 	}
 }

@@ -122,6 +122,7 @@ func upstream(t *testing.T, h *lab.Host) {
 // other names go upstream; 50 A records cross over TCP and are cut with
 // TC over UDP; the answer rules of WEAVE.md §2.4 hold.
 func TestDNS(t *testing.T) {
+	t.Parallel() // see parallel in e2e_test.go
 	l := lab.New(t, bin, 4)
 	h1, h2, h3, h4 := l.Host(1), l.Host(2), l.Host(3), l.Host(4)
 	upstream(t, h4)

@@ -176,6 +176,7 @@ func mustStatus(t *testing.T, d *lab.Daemon) api.Status {
 // Stopping h2 cuts traffic to it; after it starts again (same state
 // directory, so the same name) traffic resumes on both links.
 func TestLineRestart(t *testing.T) {
+	t.Parallel() // see parallel in e2e_test.go
 	l := lab.New(t, bin, 3)
 	h1, h2, h3 := l.Host(1), l.Host(2), l.Host(3)
 	d2 := h2.Start("--range", testRange)
@@ -404,6 +405,7 @@ func TestJunkDatagrams(t *testing.T) {
 
 // TestConnectForget: targets added and removed at run time.
 func TestConnectForget(t *testing.T) {
+	t.Parallel() // see parallel in e2e_test.go
 	l := lab.New(t, bin, 2)
 	h1, h2 := l.Host(1), l.Host(2)
 	d1 := h1.Start("--range", testRange)
@@ -804,6 +806,7 @@ func TestMetrics(t *testing.T) {
 // between hosts 1 and 5 flows through a relay, and when the relay host is
 // killed it moves to another one within 5 s.
 func TestMeshRelay(t *testing.T) {
+	t.Parallel() // see parallel in e2e_test.go
 	l := lab.New(t, bin, 5)
 	h := l.Hosts
 	cutApart(t, h[0], h[4])

@@ -138,6 +138,7 @@ func (p *hostile) gossip(channel string, dst proto.PeerName, payload []byte) {
 // the honest hosts: the ring's owners, the names, the route to the
 // address, traffic to it; each refusal is counted.
 func TestHostilePeer(t *testing.T) {
+	t.Parallel() // see parallel in e2e_test.go
 	l := lab.New(t, bin, 4)
 	h1, h2, h3, h4 := l.Host(1), l.Host(2), l.Host(3), l.Host(4)
 	const metrics = "127.0.0.1:9783"
