@@ -119,31 +119,31 @@ func (d *Daemon) Claim(ctx context.Context, id string, cidr netip.Prefix) (netip
 }
 
 // Release implements api.Backend. The names of the addresses freed go
-// with them: an address may go to another container next.
+// with them: an address may go to another container next. The names go
+// first: a crash between the two steps leaves an address held without its
+// names, which the retried release frees, never a name for an address that
+// is free. Only addresses id holds lose their names.
 func (d *Daemon) Release(ctx context.Context, id string, addr netip.Addr) error {
+	if d.alloc == nil {
+		return api.ErrIPAMOff
+	}
 	req := ipalloc.Request{Op: ipalloc.OpRelease, Ident: id}
 	if addr.IsValid() {
 		req.Addr = netip.PrefixFrom(addr, 32)
 	}
-	// Which addresses, the allocator says before it frees them.
-	addrs := []netip.Addr{addr}
-	if !addr.IsValid() && d.alloc != nil && d.names != nil {
-		addrs = nil
-		if st, err := d.alloc.Status(ctx); err == nil {
-			for _, o := range st.Owned {
-				if o.Ident == id {
-					addrs = append(addrs, o.Addr.Addr())
-				}
+	if d.names != nil {
+		st, err := d.alloc.Status(ctx)
+		if err != nil {
+			return err
+		}
+		for _, o := range st.Owned {
+			if o.Ident == id && (!addr.IsValid() || o.Addr.Addr() == addr) {
+				d.forgetNames(ctx, o.Addr.Addr())
 			}
 		}
 	}
-	if _, err := d.do(ctx, req); err != nil {
-		return err
-	}
-	for _, a := range addrs {
-		d.forgetNames(ctx, a)
-	}
-	return nil
+	_, err := d.do(ctx, req)
+	return err
 }
 
 // release frees addresses of a container that went or was detached, with

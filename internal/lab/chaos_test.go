@@ -646,8 +646,17 @@ func TestChaosDuplicates(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	waitConnected(t, ds[1], 1, 10*time.Second)
-	out := ds[1].MustCtl("rmpeer", mustStatus(t, ds[0]).Router.Name.String())
+	// rmpeer is refused while h2 still reaches h1, directly or (until h3
+	// notices too) through h3.
+	var out string
+	lab.Eventually(t, 15*time.Second, "rmpeer of the cut-off h1 on h2", func() error {
+		o, errOut, code := ds[1].Ctl("rmpeer", mustStatus(t, ds[0]).Router.Name.String())
+		if code != 0 {
+			return errors.New(errOut)
+		}
+		out = o
+		return nil
+	})
 	t.Logf("rmpeer of the cut-off h1 on h2: %s", strings.TrimSpace(out))
 	c1, c2 := l.AddContainer(), l.AddContainer()
 	var wg sync.WaitGroup
