@@ -330,6 +330,7 @@ func (w *world) converge(timeout time.Duration) time.Duration {
 		// The hosts agreed when the check that finds no violation began.
 		began := time.Since(start)
 		if bad = w.violations(w.t.Context()); len(bad) == 0 {
+			w.logPeak()
 			return began
 		}
 		time.Sleep(100 * time.Millisecond)
@@ -339,6 +340,26 @@ func (w *world) converge(timeout time.Duration) time.Duration {
 	}
 	w.t.Errorf("invariants violated %v after the faults ended:\n\t%s", timeout, strings.Join(bad, "\n\t"))
 	return time.Since(start)
+}
+
+// logPeak logs the largest peak resident memory (VmHWM) of the daemons
+// running now, each over its own life.
+func (w *world) logPeak() {
+	peak, who := 0, ""
+	for _, d := range w.daemons() {
+		status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", d.Pid()))
+		if err != nil {
+			continue
+		}
+		for line := range strings.Lines(string(status)) {
+			if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmHWM:" {
+				if kib, _ := strconv.Atoi(f[1]); kib > peak {
+					peak, who = kib, d.Host.NS
+				}
+			}
+		}
+	}
+	w.t.Logf("peak memory: %.1f MiB resident at most (VmHWM of %s)", float64(peak)/1024, who)
 }
 
 // transfers moves 256 KiB of TCP, content checked, from every attached
