@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sync/errgroup"
+
 	"github.com/overlayd/overlayd/internal/api"
 	"github.com/overlayd/overlayd/internal/ipv4"
 	"github.com/overlayd/overlayd/internal/lab"
@@ -154,11 +156,12 @@ func (w *world) allocate(ctx context.Context, h *lab.Host, prefix string, n int,
 	return nil
 }
 
-// attach plumbs container c into h's overlay with name (overlayctl
-// attach, again after a failure: attaching twice gives the same address).
-func (w *world) attach(ctx context.Context, h, c *lab.Host, name string) error {
+// attach plumbs container c into h's overlay with name, at the CIDRs
+// given or an address from IPAM (overlayctl attach, again after a failure:
+// attaching twice gives the same address).
+func (w *world) attach(ctx context.Context, h, c *lab.Host, name string, cidrs ...string) error {
 	for {
-		out, errOut, code := w.daemon(h).Ctl("attach", c.NS, "--name", name)
+		out, errOut, code := w.daemon(h).Ctl(append(append([]string{"attach", c.NS}, cidrs...), "--name", name)...)
 		if code == 0 {
 			p, err := netip.ParsePrefix(strings.TrimSpace(out))
 			if err != nil {
@@ -430,17 +433,17 @@ func TestChaosKill9(t *testing.T) {
 		n = 200
 	}
 	late := []*lab.Host{l.AddContainer(), l.AddContainer()}
-	var wg sync.WaitGroup
-	errs := make(chan error, 8)
+	var g errgroup.Group
 	for _, h := range l.Hosts {
-		wg.Go(func() { errs <- w.allocate(ctx, h, fmt.Sprintf("k%d", h.Index), n, true) })
+		g.Go(func() error { return w.allocate(ctx, h, fmt.Sprintf("k%d", h.Index), n, true) })
 	}
-	wg.Go(func() {
+	g.Go(func() error {
 		for i, c := range late {
 			if err := w.attach(ctx, h2, c, fmt.Sprintf("late%d", i)); err != nil {
-				errs <- err
+				return err
 			}
 		}
+		return nil
 	})
 	// Kill h2 once it is busy: some of its allocations answered, the
 	// late attaches under way.
@@ -459,12 +462,8 @@ func TestChaosKill9(t *testing.T) {
 	}
 	time.Sleep(time.Second)
 	w.setDaemon(h2.Start(chaosArgs(l, h2)...))
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		if err != nil {
-			t.Fatal(err)
-		}
+	if err := g.Wait(); err != nil {
+		t.Fatal(err)
 	}
 	took := w.converge(10 * time.Second)
 	w.transfers(20 * time.Second)
@@ -520,17 +519,12 @@ func TestChaosPartition(t *testing.T) {
 		}
 		waitConnected(t, d, want, 10*time.Second)
 	}
-	var wg sync.WaitGroup
-	errs := make(chan error, len(l.Hosts))
+	var g errgroup.Group
 	for _, h := range l.Hosts {
-		wg.Go(func() { errs <- w.allocate(ctx, h, fmt.Sprintf("cut%d", h.Index), 9, true) })
+		g.Go(func() error { return w.allocate(ctx, h, fmt.Sprintf("cut%d", h.Index), 9, true) })
 	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		if err != nil {
-			t.Fatal(err)
-		}
+	if err := g.Wait(); err != nil {
+		t.Fatal(err)
 	}
 	time.Sleep(cut - time.Since(start))
 	l.Heal()
@@ -680,37 +674,15 @@ func TestChaosDuplicates(t *testing.T) {
 	})
 	t.Logf("rmpeer of the cut-off h1 on h2: %s", strings.TrimSpace(out))
 	c1, c2 := l.AddContainer(), l.AddContainer()
-	var wg sync.WaitGroup
-	errs := make(chan error, 4)
-	wg.Go(func() { errs <- w.allocate(ctx, h1, "left", 12, true) })
-	wg.Go(func() { errs <- w.allocate(ctx, h2, "right", 12, true) })
-	for _, pair := range []struct{ h, c *lab.Host }{{h1, c1}, {h2, c2}} {
-		wg.Go(func() {
-			// h2 may wait for the space it took over to settle.
-			for {
-				_, errOut, code := w.daemon(pair.h).Ctl("attach", pair.c.NS, x.String(), "--name", "dup"+pair.c.NS[len(pair.c.NS)-1:])
-				if code == 0 {
-					break
-				}
-				if ctx.Err() != nil {
-					errs <- fmt.Errorf("attach %v on %s: %s", x, pair.h.NS, errOut)
-					return
-				}
-				time.Sleep(500 * time.Millisecond)
-			}
-			w.mu.Lock()
-			name := "dup" + pair.c.NS[len(pair.c.NS)-1:]
-			w.attached[pair.c], w.caddr[pair.c] = pair.h, x.Addr()
-			w.names[name], w.where[name] = x.Addr(), pair.h
-			w.mu.Unlock()
-		})
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		if err != nil {
-			t.Fatal(err)
-		}
+	var g errgroup.Group
+	g.Go(func() error { return w.allocate(ctx, h1, "left", 12, true) })
+	g.Go(func() error { return w.allocate(ctx, h2, "right", 12, true) })
+	// The same address on both sides (h2 may wait for the space it took
+	// over to settle).
+	g.Go(func() error { return w.attach(ctx, h1, c1, "dup1", x.String()) })
+	g.Go(func() error { return w.attach(ctx, h2, c2, "dup2", x.String()) })
+	if err := g.Wait(); err != nil {
+		t.Fatal(err)
 	}
 	cut := time.Since(start)
 	if *chaosLong && cut < 70*time.Second {
@@ -907,21 +879,18 @@ func TestChaosImpaired(t *testing.T) {
 	if *chaosLong {
 		n = 60
 	}
-	var wg sync.WaitGroup
-	errs := make(chan error, 2*len(l.Hosts))
+	var g errgroup.Group
 	for _, h := range l.Hosts {
 		c := l.AddContainer()
-		wg.Go(func() {
-			errs <- w.attach(ctx, h, c, fmt.Sprintf("c%d", h.Index))
-			errs <- w.allocate(ctx, h, fmt.Sprintf("i%d", h.Index), n, true)
+		g.Go(func() error {
+			if err := w.attach(ctx, h, c, fmt.Sprintf("c%d", h.Index)); err != nil {
+				return err
+			}
+			return w.allocate(ctx, h, fmt.Sprintf("i%d", h.Index), n, true)
 		})
 	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		if err != nil {
-			t.Fatal(err)
-		}
+	if err := g.Wait(); err != nil {
+		t.Fatal(err)
 	}
 	took := w.converge(30 * time.Second)
 	w.transfers(60 * time.Second)
@@ -983,26 +952,21 @@ func TestChaosSoak(t *testing.T) {
 	w.converge(10 * time.Second)
 
 	load, stop := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	errs := make(chan error, 16)
+	var g errgroup.Group
 	for _, h := range hosts {
-		wg.Go(func() {
+		g.Go(func() error {
 			for round := 0; load.Err() == nil; round++ {
 				if err := w.allocate(ctx, h, fmt.Sprintf("s%d-%d", h.Index, round), 4, true); err != nil {
-					errs <- err
-					return
+					return err
 				}
-				if round >= 3 {
-					for i := range 4 {
-						id := fmt.Sprintf("s%d-%d-%d", h.Index, round-3, i)
-						w.mu.Lock()
-						_, held := w.ids[id]
-						w.mu.Unlock()
-						if held {
-							if err := w.release(ctx, id); err != nil {
-								errs <- err
-								return
-							}
+				for i := range 4 {
+					id := fmt.Sprintf("s%d-%d-%d", h.Index, round-3, i)
+					w.mu.Lock()
+					_, held := w.ids[id]
+					w.mu.Unlock()
+					if held {
+						if err := w.release(ctx, id); err != nil {
+							return err
 						}
 					}
 				}
@@ -1011,16 +975,18 @@ func TestChaosSoak(t *testing.T) {
 				case <-time.After(time.Second):
 				}
 			}
+			return nil
 		})
 	}
-	wg.Go(func() {
+	g.Go(func() error {
 		for load.Err() == nil {
 			w.transfers(30 * time.Second)
 		}
+		return nil
 	})
 	r := rand.New(rand.NewPCG(6, 6))
 	var junkSent int
-	wg.Go(func() {
+	g.Go(func() error {
 		for load.Err() == nil {
 			var junk [][]byte
 			for range 200 {
@@ -1033,13 +999,13 @@ func TestChaosSoak(t *testing.T) {
 			}
 			for _, h := range hosts {
 				if err := junker.SendUDP(netip.AddrPortFrom(h.Addr, 6783), junk); err != nil {
-					errs <- err
-					return
+					return err
 				}
 				junkSent += len(junk)
 			}
 			time.Sleep(200 * time.Millisecond)
 		}
+		return nil
 	})
 
 	type row struct {
@@ -1061,9 +1027,7 @@ func TestChaosSoak(t *testing.T) {
 		rows = append(rows, rw)
 	}
 	stop()
-	wg.Wait()
-	close(errs)
-	for err := range errs {
+	if err := g.Wait(); err != nil {
 		t.Fatal(err)
 	}
 	took := w.converge(20 * time.Second)
