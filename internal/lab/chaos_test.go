@@ -220,6 +220,31 @@ func (w *world) settleLost() map[netip.Addr]*lab.Host {
 	return lost
 }
 
+// attachEach attaches a new container of l to each of hosts, named prefix
+// and the host's index; the test fails if one cannot be.
+func (w *world) attachEach(ctx context.Context, l *lab.Lab, hosts []*lab.Host, prefix string) {
+	w.t.Helper()
+	for _, h := range hosts {
+		if err := w.attach(ctx, h, l.AddContainer(), fmt.Sprintf("%s%d", prefix, h.Index)); err != nil {
+			w.t.Fatal(err)
+		}
+	}
+}
+
+// procKiB reads a field of /proc/PID/status given in kB (VmRSS, VmHWM).
+func procKiB(pid int, field string) (int, error) {
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for line := range strings.Lines(string(status)) {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == field+":" {
+			return strconv.Atoi(f[1])
+		}
+	}
+	return 0, fmt.Errorf("/proc/%d/status has no %s", pid, field)
+}
+
 // containerAddr is the address of ethwe0 in container c.
 func containerAddr(c *lab.Host) (netip.Addr, error) {
 	out, err := c.Exec(context.Background(), "ip", "-4", "-o", "addr", "show", "dev", "ethwe0")
@@ -350,16 +375,8 @@ func (w *world) converge(timeout time.Duration) time.Duration {
 func (w *world) logPeak() {
 	peak, who := 0, ""
 	for _, d := range w.daemons() {
-		status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", d.Pid()))
-		if err != nil {
-			continue
-		}
-		for line := range strings.Lines(string(status)) {
-			if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmHWM:" {
-				if kib, _ := strconv.Atoi(f[1]); kib > peak {
-					peak, who = kib, d.Host.NS
-				}
-			}
+		if kib, err := procKiB(d.Pid(), "VmHWM"); err == nil && kib > peak {
+			peak, who = kib, d.Host.NS
 		}
 	}
 	w.t.Logf("peak memory: %.1f MiB resident at most (VmHWM of %s)", float64(peak)/1024, who)
@@ -423,11 +440,7 @@ func TestChaosKill9(t *testing.T) {
 	h2 := l.Host(2)
 	ctx, cancel := context.WithTimeout(t.Context(), 90*time.Second)
 	defer cancel()
-	for _, h := range l.Hosts {
-		if err := w.attach(ctx, h, l.AddContainer(), fmt.Sprintf("first%d", h.Index)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	w.attachEach(ctx, l, l.Hosts, "first")
 	n := 30
 	if *chaosLong {
 		n = 200
@@ -751,14 +764,9 @@ func (u usage) String() string {
 // and its goroutines from its metrics (--metrics-addr 127.0.0.1:9783).
 func sample(d *lab.Daemon) (usage, error) {
 	var u usage
-	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", d.Pid()))
-	if err != nil {
+	var err error
+	if u.rssKiB, err = procKiB(d.Pid(), "VmRSS"); err != nil {
 		return u, err
-	}
-	for line := range strings.Lines(string(status)) {
-		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
-			u.rssKiB, _ = strconv.Atoi(f[1])
-		}
 	}
 	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", d.Pid()))
 	if err != nil {
@@ -789,11 +797,7 @@ func TestChaosChurn(t *testing.T) {
 	h3 := l.Host(3)
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
-	for _, h := range l.Hosts {
-		if err := w.attach(ctx, h, l.AddContainer(), fmt.Sprintf("c%d", h.Index)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	w.attachEach(ctx, l, l.Hosts, "c")
 	w.converge(10 * time.Second)
 	time.Sleep(2 * time.Second)
 	base := map[*lab.Daemon]usage{}
@@ -944,11 +948,7 @@ func TestChaosSoak(t *testing.T) {
 	w := newWorld(t, ds...)
 	ctx, cancel := context.WithTimeout(t.Context(), length+3*time.Minute)
 	defer cancel()
-	for _, h := range hosts {
-		if err := w.attach(ctx, h, l.AddContainer(), fmt.Sprintf("c%d", h.Index)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	w.attachEach(ctx, l, hosts, "c")
 	w.converge(10 * time.Second)
 
 	load, stop := context.WithCancel(ctx)
