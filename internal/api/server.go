@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -59,6 +60,10 @@ func Listen(path string, b Backend, version string, log *zap.Logger) (*Server, e
 	}
 	s := &Server{path: path, ln: ln, log: log, version: version}
 	mux := http.NewServeMux()
+	// Go's profiles, for root only (the socket's mode): memory, goroutines,
+	// CPU. Never on the metrics listener, which may face a network.
+	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
 		st, err := b.Status(r.Context())
 		s.reply(w, st, err)
