@@ -5,10 +5,13 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -753,11 +756,12 @@ func TestChaosDuplicates(t *testing.T) {
 
 // usage is one sample of a daemon's cost.
 type usage struct {
-	rssKiB, goroutines, fds int
+	rssKiB, heapKiB, goroutines, fds int
 }
 
 func (u usage) String() string {
-	return fmt.Sprintf("%.1f MiB RSS, %d goroutines, %d fds", float64(u.rssKiB)/1024, u.goroutines, u.fds)
+	return fmt.Sprintf("%.1f MiB RSS (%.1f MiB heap in use), %d goroutines, %d fds",
+		float64(u.rssKiB)/1024, float64(u.heapKiB)/1024, u.goroutines, u.fds)
 }
 
 // sample reads a daemon's resident memory and open descriptors from /proc
@@ -778,8 +782,13 @@ func sample(d *lab.Daemon) (usage, error) {
 		return u, err
 	}
 	for line := range strings.Lines(body) {
-		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "go_goroutines "); ok {
+		line = strings.TrimSpace(line)
+		if v, ok := strings.CutPrefix(line, "go_goroutines "); ok {
 			u.goroutines, _ = strconv.Atoi(v)
+		}
+		if v, ok := strings.CutPrefix(line, "go_memstats_heap_inuse_bytes "); ok {
+			f, _ := strconv.ParseFloat(v, 64)
+			u.heapKiB = int(f / 1024)
 		}
 	}
 	return u, nil
@@ -911,7 +920,40 @@ func TestChaosImpaired(t *testing.T) {
 		w.ops, time.Since(start).Round(time.Millisecond), took.Round(time.Millisecond), seen, dropped, duplicated)
 }
 
-var soak = flag.Duration("chaos.soak", 0, "run TestChaosSoak this long (RELIABILITY.md: 30m) instead of its 20 s short form")
+var (
+	soak     = flag.Duration("chaos.soak", 0, "run TestChaosSoak this long (RELIABILITY.md: 30m) instead of its 20 s short form")
+	profiles = flag.String("chaos.profiles", "", "directory where TestChaosSoak keeps each daemon's heap profile, taken at the end, and its log")
+)
+
+// saveHeap writes a daemon's heap profile (GET /debug/pprof/heap on its
+// control socket) to dir/NS.heap.pprof, for go tool pprof, and its log to
+// dir/NS.log.
+func saveHeap(d *lab.Daemon, dir string) error {
+	if err := os.WriteFile(filepath.Join(dir, d.Host.NS+".log"), []byte(d.Log()), 0o644); err != nil {
+		return err
+	}
+	c := http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", d.Socket)
+		}}}
+	resp, err := c.Get("http://overlayd/debug/pprof/heap")
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("heap profile of %s: %s", d.Host.NS, resp.Status)
+	}
+	f, err := os.Create(filepath.Join(dir, d.Host.NS+".heap.pprof"))
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
 
 // release gives an allocation of the world's back, with its name.
 func (w *world) release(ctx context.Context, id string) error {
@@ -1031,13 +1073,20 @@ func TestChaosSoak(t *testing.T) {
 		t.Fatal(err)
 	}
 	took := w.converge(20 * time.Second)
+	if *profiles != "" {
+		for _, d := range ds {
+			if err := saveHeap(d, *profiles); err != nil {
+				t.Error(err)
+			}
+		}
+	}
 
 	var table strings.Builder
-	table.WriteString("\n| t | " + strings.Repeat("RSS MiB / goroutines / fds | ", len(ds)) + "\n")
+	table.WriteString("\n| t | " + strings.Repeat("RSS MiB (heap) / goroutines / fds | ", len(ds)) + "\n")
 	for _, rw := range rows {
 		fmt.Fprintf(&table, "| %v |", rw.at)
 		for _, u := range rw.u {
-			fmt.Fprintf(&table, " %.1f / %d / %d |", float64(u.rssKiB)/1024, u.goroutines, u.fds)
+			fmt.Fprintf(&table, " %.1f (%.1f) / %d / %d |", float64(u.rssKiB)/1024, float64(u.heapKiB)/1024, u.goroutines, u.fds)
 		}
 		table.WriteString("\n")
 	}
