@@ -29,6 +29,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"time"
 
 	"github.com/overlayd/overlayd/peering/conn"
 	"github.com/overlayd/overlayd/proto"
@@ -243,6 +244,7 @@ const MaxHops = 16
 func (r *Router) receive(bufs [][]byte, sizes []int, eps []conn.Endpoint, out [][]byte, relay *batcher) [][]byte {
 	snap := r.snap.Load() // one atomic load per batch
 	var bytes, relayed, relayedBytes uint64
+	var now time.Time // read at the batch's first control message
 	for i, buf := range bufs {
 		msg := buf[:sizes[i]]
 		if len(msg) >= 2 && msg[0] == proto.Version && proto.Type(msg[1]) == proto.TypeData {
@@ -305,9 +307,19 @@ func (r *Router) receive(bufs [][]byte, sizes []int, eps []conn.Endpoint, out []
 			r.stats.malformed(0)
 			continue
 		}
+		if now.IsZero() {
+			now = time.Now()
+		}
 		q, drops := r.ctrl, &r.stats.DropCtrlQueue
 		if _, ok := snap.peers[eps[i].Remote]; ok {
 			q, drops = r.peerCtrl, &r.stats.DropPeerQueue
+			if !r.peerLimit.Allow(eps[i].Remote, now) {
+				r.stats.DropPeerRate.Add(1)
+				continue
+			}
+		} else if !r.strangers.Allow(eps[i].Remote.Addr(), now) {
+			r.stats.DropSourceRate.Add(1)
+			continue
 		}
 		select {
 		case q <- inbound{from: eps[i], msg: append([]byte(nil), msg...)}:

@@ -86,6 +86,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	}{
 		{"unroutable", &s.DropUnroutable}, {"send_error", &s.DropSendError}, {"unknown_peer", &s.DropUnknownPeer},
 		{"not_for_us", &s.DropNotForUs}, {"malformed", &s.DropMalformed}, {"control_queue_full", &s.DropCtrlQueue}, {"peer_queue_full", &s.DropPeerQueue},
+		{"source_limit", &s.DropSourceRate}, {"peer_limit", &s.DropPeerRate},
 		{"tun_write", &s.DropTunWrite}, {"tun_read", &s.DropTunRead}, {"too_many_hops", &s.DropHops},
 		{"plaintext_data", &s.DropPlainData},
 	} {

@@ -35,6 +35,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/overlayd/overlayd/internal/ratelimit"
 	"github.com/overlayd/overlayd/peering/conn"
 	"github.com/overlayd/overlayd/peering/handshake"
 	"github.com/overlayd/overlayd/peering/link"
@@ -172,6 +173,18 @@ const (
 	peerQueueLen = 256
 )
 
+// Each source has a share of the control loop, so that one cannot take
+// what all share: a stranger's address (however many ports it sends from)
+// strangerRate control datagrams a second on average, strangerBurst at
+// once, far more than a handshake and its retries need; an established
+// peer's endpoint peerRate and peerBurst, more than the largest state
+// transfer (a names store of MaxPayload bytes in gossip chunks). A source
+// that sends more loses the rest, counted as source_limit or peer_limit.
+const (
+	strangerRate, strangerBurst = 100, 200
+	peerRate, peerBurst         = 5000, 10000
+)
+
 // ErrStopped is returned by calls on a Router whose Run has ended.
 var ErrStopped = errors.New("peering: the router has stopped")
 
@@ -189,10 +202,14 @@ type Router struct {
 
 	snap atomic.Pointer[snapshot] // written by the control loop only
 
-	ctrl     chan inbound    // control datagrams of strangers from peersToTun to the control loop
-	peerCtrl chan inbound    // those of established peers, taken first
-	requests chan request    // API calls to the control loop
-	resolved chan resolution // hostname lookups finished
+	ctrl     chan inbound // control datagrams of strangers from peersToTun to the control loop
+	peerCtrl chan inbound // those of established peers, taken first
+	// strangers and peerLimit share the control loop out among sources
+	// (see strangerRate).
+	strangers *ratelimit.Table[netip.Addr]
+	peerLimit *ratelimit.Table[netip.AddrPort]
+	requests  chan request    // API calls to the control loop
+	resolved  chan resolution // hostname lookups finished
 	// wake tells the control loop that an outbox has messages or that
 	// SetLocal or SetOwners left something pending; room for one.
 	wake     chan struct{}
@@ -270,6 +287,8 @@ func New(cfg Config, dev tun.Device, pc conn.PacketConn) (*Router, error) {
 		pc:          pc,
 		ctrl:        make(chan inbound, ctrlQueueLen),
 		peerCtrl:    make(chan inbound, peerQueueLen),
+		strangers:   ratelimit.New[netip.Addr](strangerRate, strangerBurst),
+		peerLimit:   ratelimit.New[netip.AddrPort](peerRate, peerBurst),
 		requests:    make(chan request),
 		resolved:    make(chan resolution, 16),
 		wake:        make(chan struct{}, 1),
@@ -395,6 +414,8 @@ type Stats struct {
 	DecodeErrors   [proto.TypeMax + 1]atomic.Uint64
 	DropCtrlQueue  atomic.Uint64 // control messages of strangers dropped because the control loop lagged
 	DropPeerQueue  atomic.Uint64 // the same, of established peers
+	DropSourceRate atomic.Uint64 // control messages of a stranger beyond its rate (strangerRate)
+	DropPeerRate   atomic.Uint64 // the same, of an established peer (peerRate)
 	DropTunWrite   atomic.Uint64 // batches the TUN device refused (in part)
 	DropTunRead    atomic.Uint64 // failed reads from the TUN device
 	DropHops       atomic.Uint64 // data that crossed too many relays (a routing loop)

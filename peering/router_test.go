@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -614,11 +615,13 @@ func TestPlainDataSource(t *testing.T) {
 	}
 }
 
-// TestFloodKeepsPeers floods a router with hellos from strangers, far more
-// than its control loop takes, while a peer keeps its connection: the
-// peer's heartbeats have a queue of their own, which the flood never
-// fills, so the connection stays established and only strangers' datagrams
-// are dropped.
+// TestFloodKeepsPeers floods a router with hellos from one stranger's
+// address, far more than its control loop takes, while a peer keeps its
+// connection and a new peer connects: the peers' heartbeats have a queue of
+// their own, which the flood never fills, and the flooding address has its
+// share of the strangers' queue (strangerRate), not all of it, so the
+// connection stays established, the new one is made, and only the
+// flooder's datagrams are dropped.
 func TestFloodKeepsPeers(t *testing.T) {
 	ctx := context.Background()
 	a := startNode(t, 0xa, "a")
@@ -636,7 +639,8 @@ func TestFloodKeepsPeers(t *testing.T) {
 		return false
 	}
 	eventually(t, "a and b connected", established)
-	flooder, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(aAddr))
+	// From another address than the peers' (all on 127.0.0.1).
+	flooder, err := net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.MustParseAddrPort("127.0.0.9:0")), net.UDPAddrFromAddrPort(aAddr))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -659,23 +663,107 @@ func TestFloodKeepsPeers(t *testing.T) {
 			sent.Add(64)
 		}
 	})
-	// Four heartbeat time-outs under the flood.
+	// Four heartbeat time-outs under the flood, and a new peer meanwhile.
+	c := startNode(t, 0xc, "c")
+	if err := c.r.Connect(ctx, []string{aAddr.String()}); err != nil {
+		t.Fatal(err)
+	}
+	var joined bool
 	for end := time.Now().Add(4 * a.r.cfg.HeartbeatTimeout); time.Now().Before(end); time.Sleep(100 * time.Millisecond) {
 		if !established() {
 			close(stop)
 			wg.Wait()
 			t.Fatalf("a lost b under a flood of %d hellos: %+v", sent.Load(), a.status(t).Connections)
 		}
+		for _, conn := range a.status(t).Connections {
+			joined = joined || conn.Name == 0xc && conn.State == "established"
+		}
 	}
 	close(stop)
 	wg.Wait()
 	st := a.r.Stats()
-	if st.DropCtrlQueue.Load() == 0 {
-		t.Errorf("%d hellos and none dropped: the flood did not fill the strangers' queue", sent.Load())
+	if !joined {
+		t.Errorf("c could not connect to a under the flood: %+v", a.status(t).Connections)
 	}
-	if n := st.DropPeerQueue.Load(); n != 0 {
+	if st.DropSourceRate.Load() == 0 {
+		t.Errorf("%d hellos and none dropped beyond the flooder's rate", sent.Load())
+	}
+	if n := st.DropPeerQueue.Load() + st.DropPeerRate.Load(); n != 0 {
 		t.Errorf("%d datagrams of the established peer dropped", n)
 	}
-	t.Logf("%d hellos sent in %v, %d dropped from the strangers' queue; the peer stayed established", sent.Load(),
-		4*a.r.cfg.HeartbeatTimeout, st.DropCtrlQueue.Load())
+	t.Logf("%d hellos sent in %v: %d dropped beyond the flooder's rate, %d from a full strangers' queue; the peer stayed established and another connected",
+		sent.Load(), 4*a.r.cfg.HeartbeatTimeout, st.DropSourceRate.Load(), st.DropCtrlQueue.Load())
+}
+
+// TestControlShares: one source's control datagrams beyond its burst are
+// dropped, for a stranger's address (whatever its port) and an established
+// peer's endpoint alike, and another source still gets its own.
+func TestControlShares(t *testing.T) {
+	pc, err := conn.Listen(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	r, err := New(Config{Name: 1, MTU: 1420, Rand: rand.New(rand.NewPCG(1, 1)), Log: zap.NewNop()}, tuntest.NewChannelTUN().TUN(), pc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	peerEP := netip.MustParseAddrPort("127.0.0.2:6783")
+	peer := &path{name: 2, hop: 2, ep: conn.Endpoint{Remote: peerEP}}
+	r.snap.Store(&snapshot{routes: routes.New[*path](nil), peers: map[netip.AddrPort]*path{peerEP: peer}, byName: map[proto.PeerName]*path{2: peer}})
+	hello := proto.AppendHello(nil, proto.TypeHello, &proto.Hello{MinVersion: 1, MaxVersion: 1, Name: 0x77, UID: 7, Range: testRange})
+	send := func(from netip.AddrPort, n int) {
+		for range n {
+			var relay batcher
+			r.receive([][]byte{slices.Clone(hello)}, []int{len(hello)}, []conn.Endpoint{{Remote: from}}, nil, &relay)
+		}
+	}
+	drain := func() (n int) {
+		for {
+			select {
+			case <-r.ctrl:
+			case <-r.peerCtrl:
+			default:
+				return n
+			}
+			n++
+		}
+	}
+	for _, c := range []struct {
+		name     string
+		from     func(i int) netip.AddrPort // the i-th datagram's source
+		burst    int
+		dropped  *atomic.Uint64
+		otherSrc netip.AddrPort
+	}{
+		{"a stranger, from many ports", func(i int) netip.AddrPort {
+			return netip.AddrPortFrom(netip.MustParseAddr("127.0.0.9"), uint16(1000+i))
+		},
+			strangerBurst, &r.stats.DropSourceRate, netip.MustParseAddrPort("127.0.0.10:6783")},
+		{"an established peer", func(int) netip.AddrPort { return peerEP },
+			peerBurst, &r.stats.DropPeerRate, netip.MustParseAddrPort("127.0.0.11:6783")},
+	} {
+		before := c.dropped.Load()
+		sent, got := 0, 0
+		// In rounds a queue's length, drained between them, so that only
+		// the rate drops.
+		for sent < c.burst+ctrlQueueLen {
+			for range ctrlQueueLen {
+				send(c.from(sent), 1)
+				sent++
+			}
+			got += drain()
+		}
+		// The rate refills a few tokens while the test runs.
+		if got < c.burst || got > c.burst+c.burst/10 {
+			t.Errorf("%s: %d of %d datagrams queued, want its burst of %d", c.name, got, sent, c.burst)
+		}
+		if c.dropped.Load() == before {
+			t.Errorf("%s: none counted as dropped beyond its rate", c.name)
+		}
+		send(c.otherSrc, 5)
+		if n := drain(); n != 5 {
+			t.Errorf("after %s spent its share, another source got %d of 5 queued", c.name, n)
+		}
+	}
 }
