@@ -51,6 +51,7 @@ type options struct {
 	dnsListen     string
 	dnsDomain     string
 	dnsTTL        int
+	dnsRateLimit  int
 	noDNS         bool
 	resolvConf    string
 	releaseGrace  time.Duration
@@ -294,6 +295,10 @@ func (o *options) ipam(c *config) error {
 	return nil
 }
 
+// maxDNSRateLimit bounds --dns-rate-limit: more is no limit (and 0 says
+// so).
+const maxDNSRateLimit = 1_000_000
+
 // dns checks the name server's flags.
 func (o *options) dns(c *config) error {
 	c.DNS = !o.noDNS
@@ -309,6 +314,10 @@ func (o *options) dns(c *config) error {
 		return badFlag("--dns-ttl %d: want 0 to %d seconds", o.dnsTTL, 1<<31-1)
 	}
 	c.DNSTTL = uint32(o.dnsTTL)
+	if o.dnsRateLimit < 0 || o.dnsRateLimit > maxDNSRateLimit {
+		return badFlag("--dns-rate-limit %d: want 0 (no limit) to %d answers a second", o.dnsRateLimit, maxDNSRateLimit)
+	}
+	c.DNSRateLimit = o.dnsRateLimit
 	if o.resolvConf == "" {
 		return badFlag("--resolv-conf must not be empty")
 	}

@@ -49,7 +49,7 @@ func FuzzOverlaydFlags(f *testing.F) {
 		{"--ipalloc-init", "seed=12:d2:fe:7a:c1:f2,::1", "--name", "12:d2:fe:7a:c1:f2", "--nickname", "host1"},
 		{"--ipalloc-init=observer", "--init-peer-count", "5", "--conn-limit", "0", "--no-discovery"},
 		{"--range=", "--no-dns", "--iface", "weave", "--mtu", "1376", "--log-level", "debug"},
-		{"--dns-listen-address", "172.17.0.1:53", "--dns-domain", "Cluster.Example", "--dns-ttl", "30", "--dns-allow", "192.0.2.0/24,198.51.100.7/24"},
+		{"--dns-listen-address", "172.17.0.1:53", "--dns-domain", "Cluster.Example", "--dns-ttl", "30", "--dns-rate-limit", "50", "--dns-allow", "192.0.2.0/24,198.51.100.7/24"},
 		{"--password", "s3cret", "--wg-port", "6784", "--trusted-subnets", "10.0.0.0/8, 192.168.1.7/24"},
 		{"--password-file", "s3cret\nsecond line\n"},
 		{"--docker-plugin", "--docker-plugin-name", "weavemesh", "--docker-network", "", "--docker-api", "tcp://127.0.0.1:2375"},

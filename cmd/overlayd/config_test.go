@@ -7,16 +7,19 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/overlayd/overlayd/ipalloc"
 )
 
+// defaults are overlayd's options with no flags given (addFlags's
+// defaults), but for paths under /tmp and a fixed nickname.
 func defaults() options {
-	return options{rangeCIDR: defaultRange, port: 6783, wgPort: 6784, connLimit: 200, iface: defaultIface, socket: "/tmp/x.sock",
-		stateDir: "/tmp/state", logLevel: "info", nickname: "me", dnsDomain: "weave.local.", dnsTTL: 1,
-		resolvConf: "/etc/resolv.conf", releaseGrace: 30 * time.Second, dockerAPI: "unix:///var/run/docker.sock",
-		pluginName: "weavemesh", pluginDir: "/run/docker/plugins", dockerNetwork: "weave"}
+	var o options
+	if err := fuzzFlagSet(&o).Parse(nil); err != nil {
+		panic(err)
+	}
+	o.socket, o.stateDir, o.nickname = "/tmp/x.sock", "/tmp/state", "me"
+	return o
 }
 
 func TestDockerFlags(t *testing.T) {
@@ -59,8 +62,11 @@ func TestDNSFlags(t *testing.T) {
 		chk  func(*config) bool
 	}{
 		{func(o *options) {}, "", func(c *config) bool {
-			return c.DNS && c.DNSDomain == "weave.local." && c.DNSTTL == 1 && !c.DNSListen.IsValid()
+			return c.DNS && c.DNSDomain == "weave.local." && c.DNSTTL == 1 && !c.DNSListen.IsValid() && c.DNSRateLimit == 1000
 		}},
+		{func(o *options) { o.dnsRateLimit = 0 }, "", func(c *config) bool { return c.DNSRateLimit == 0 }},
+		{func(o *options) { o.dnsRateLimit = -1 }, "--dns-rate-limit -1", nil},
+		{func(o *options) { o.dnsRateLimit = maxDNSRateLimit + 1 }, "--dns-rate-limit", nil},
 		{func(o *options) { o.dnsDomain = "Cluster.Example" }, "", func(c *config) bool { return c.DNSDomain == "cluster.example." }},
 		{func(o *options) { o.dnsListen = "172.17.0.1" }, "", func(c *config) bool { return c.DNSListen.String() == "172.17.0.1:53" }},
 		{func(o *options) { o.dnsListen = "10.0.0.1:5353" }, "", func(c *config) bool { return c.DNSListen.String() == "10.0.0.1:5353" }},

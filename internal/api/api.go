@@ -170,6 +170,9 @@ type DNSStatus struct {
 	// Refused counts queries from clients the server does not answer
 	// (not local, not in the range, not --dns-allow).
 	Refused uint64 `json:"refusedClients"`
+	// RateLimited counts queries over UDP beyond their client's rate
+	// (--dns-rate-limit): not answered, or answered empty with TC set.
+	RateLimited uint64 `json:"rateLimited"`
 }
 
 // DNSEntry is one registration, as Weave's report shows it.

@@ -74,6 +74,9 @@ type Config struct {
 	DNSListen     netip.AddrPort // invalid: docker0's address, port 53, if it exists; else 0.0.0.0:53
 	DNSDomain     string         // lower case, with its trailing dot
 	DNSTTL        uint32
+	// DNSRateLimit bounds the DNS answers over UDP a second to one
+	// client address (resolver.Config.RateLimit); 0: no limit.
+	DNSRateLimit int
 	// DNSAllow are client subnets the DNS server answers besides its
 	// own: loopback, the range, this host's addresses and its bridges'
 	// subnets.

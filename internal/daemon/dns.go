@@ -69,7 +69,8 @@ func startNames(cfg Config, self proto.PeerName, router namesrv.Router, signing 
 	}
 	up := resolver.NewUpstream(cfg.ResolvConf, listen, log)
 	clients := newDNSClients(append(slices.Clone(cfg.DNSAllow), cfg.Range), netconf.LocalNets)
-	res := resolver.New(resolver.Config{View: st.View, TTL: cfg.DNSTTL, Upstream: up, Allow: clients.allow, Log: log})
+	res := resolver.New(resolver.Config{View: st.View, TTL: cfg.DNSTTL, Upstream: up, Allow: clients.allow,
+		RateLimit: float64(cfg.DNSRateLimit), RateBurst: 2 * cfg.DNSRateLimit, Log: log})
 	srv, err := resolver.Listen(listen.String(), res)
 	if err != nil {
 		return nil, fmt.Errorf("DNS server: %w (choose another address with --dns-listen, or turn DNS off with --no-dns)",
@@ -156,7 +157,8 @@ func (d *Daemon) DNS(ctx context.Context) (api.DNSStatus, error) {
 		ResolvConf: n.upstream.Path(), Upstream: slices.Clone(n.upstream.Servers()), TTL: n.ttl,
 		Live: live, Local: local, Entries: apiEntries(v.Entries()),
 		Rejected: n.store.Rejected.Load(), Dropped: n.store.Dropped.Load(),
-		Forwarded: c.Forwarded.Load(), ServerFails: c.Failed.Load(), Refused: c.Refused.Load()}
+		Forwarded: c.Forwarded.Load(), ServerFails: c.Failed.Load(), Refused: c.Refused.Load(),
+		RateLimited: c.Limited.Load()}
 	st.Queries = c.Answered.Load() + c.NoData.Load() + c.NXDomain.Load() + st.Forwarded + st.ServerFails
 	if st.Upstream == nil {
 		st.Upstream = []string{}
@@ -264,6 +266,7 @@ func (n *nameService) collector() prometheus.Collector {
 			ConstLabels: prometheus.Labels{"scope": "local"}}, func() float64 { _, l := n.store.View().Live(); return float64(l) }),
 		queries("answered", &c.Answered), queries("nodata", &c.NoData), queries("nxdomain", &c.NXDomain),
 		queries("forwarded", &c.Forwarded), queries("servfail", &c.Failed),
+		queries("refused", &c.Refused), queries("rate_limited", &c.Limited),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "overlayd_dns_truncated_total", Help: "UDP answers cut to the client's size, with TC set."},
 			func() float64 { return float64(c.Truncated.Load()) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "overlayd_dns_messages_total", Help: "Name messages from peers that were dropped (the store lagged) or rejected.",
@@ -281,7 +284,7 @@ func (n *nameService) collector() prometheus.Collector {
 
 func queries(result string, v interface{ Load() uint64 }) prometheus.Collector {
 	return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "overlayd_dns_queries_total",
-		Help:        "DNS queries by outcome: answered here, known name of another type, unknown name, forwarded, failed upstream.",
+		Help:        "DNS queries by outcome: answered here, known name of another type, unknown name, forwarded, failed upstream, from a client not served, beyond the client's rate over UDP.",
 		ConstLabels: prometheus.Labels{"result": result}}, func() float64 { return float64(v.Load()) })
 }
 

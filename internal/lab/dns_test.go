@@ -392,7 +392,8 @@ func TestDNSOff(t *testing.T) {
 // over UDP it says nothing (an answer to a forged source would aim
 // traffic at someone else), over TCP REFUSED; both are counted. With that
 // host's subnet in --dns-allow, it is answered too. Answers over UDP are
-// never longer than 1232 bytes, whatever size the query offers.
+// never longer than 1232 bytes, whatever size the query offers, and
+// beyond --dns-rate-limit a client is answered only over TCP.
 func TestDNSNotOpen(t *testing.T) {
 	l := lab.New(t, bin, 2)
 	h1, h2 := l.Host(1), l.Host(2)
@@ -435,7 +436,8 @@ func TestDNSNotOpen(t *testing.T) {
 	}
 
 	d1.Stop(5 * time.Second)
-	h1.Start("--range", testRange, "--resolv-conf", resolv, "--dns-allow", netip.PrefixFrom(h2.Addr, 24).Masked().String())
+	d1 = h1.Start("--range", testRange, "--resolv-conf", resolv, "--dns-allow", netip.PrefixFrom(h2.Addr, 24).Masked().String(),
+		"--dns-rate-limit", "10")
 	lab.Eventually(t, 5*time.Second, "h2 answered with --dns-allow", func() error {
 		out, err := query(h2, "+tcp", "+short")
 		if err != nil || len(strings.Fields(out)) != 200 {
@@ -443,4 +445,24 @@ func TestDNSNotOpen(t *testing.T) {
 		}
 		return nil
 	})
+
+	// 40 queries at once over UDP from h2, at 10 a second (20 at once):
+	// about 20 answered, half the rest an empty answer with TC, the other
+	// half none; over TCP h2 is still answered.
+	d1.MustCtl("dns-add", "10.40.9.1", "one")
+	out, _ = h2.Exec(ctx, "sh", "-c", `for i in $(seq 40); do dig @`+server+` +time=2 +tries=1 +ignore one.weave.local & done; wait`)
+	answered := strings.Count(out, "ANSWER: 1,")
+	slipped := regexp.MustCompile(`;; flags: qr tc[a-z ]*; QUERY: 1, ANSWER: 0`).FindAllString(out, -1)
+	silent := strings.Count(out, "timed out")
+	if answered < 20 || answered > 26 || len(slipped) < 5 || silent < 5 || answered+len(slipped)+silent != 40 {
+		t.Errorf("40 queries at once at --dns-rate-limit 10: %d answered, %d empty with TC, %d not answered\n%s",
+			answered, len(slipped), silent, out)
+	}
+	t.Logf("40 queries at once at --dns-rate-limit 10: %d answered, %d empty with TC, %d not answered", answered, len(slipped), silent)
+	if dns := mustStatus(t, d1).DNS; dns.RateLimited != uint64(len(slipped)+silent) {
+		t.Errorf("the server counted %d queries beyond the rate, want %d", dns.RateLimited, len(slipped)+silent)
+	}
+	if out, err := query(h2, "+tcp", "+short"); err != nil || len(strings.Fields(out)) != 200 {
+		t.Errorf("h2 over TCP beyond its UDP rate: %v: %q", err, out)
+	}
 }

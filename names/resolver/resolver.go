@@ -20,6 +20,13 @@
 // the answer at someone else) and REFUSED over TCP. No client has more
 // than MaxForwardsPerClient queries waiting upstream.
 //
+// Answers over UDP are rate-limited per client address (Config.RateLimit):
+// beyond its rate a client gets an empty answer with TC set to every
+// second query, which sends a real client to TCP (whose source cannot be
+// forged, and which is not limited), and nothing to the others. So a
+// forged source in an allowed subnet cannot aim a stream of answers at
+// its owner.
+//
 // Answers over UDP are cut to 512 bytes, or the EDNS0 size the query
 // offers up to 1232 (no IP fragments on any usual path), with TC set;
 // over TCP they are never cut. Names compare without
@@ -40,6 +47,7 @@ import (
 	"github.com/miekg/dns"
 	"go.uber.org/zap"
 
+	"github.com/overlayd/overlayd/internal/ratelimit"
 	"github.com/overlayd/overlayd/names"
 )
 
@@ -58,7 +66,13 @@ type Config struct {
 	// Allow says whether a client address may be answered; nil allows
 	// every client.
 	Allow func(netip.Addr) bool
-	Log   *zap.Logger
+	// RateLimit bounds the queries over UDP answered for one client
+	// address, a second on average, RateBurst at once (RateLimit when
+	// zero); beyond it, see the package comment. Zero: no limit.
+	RateLimit float64
+	RateBurst int
+	Now       func() time.Time // the limit's clock; nil: time.Now
+	Log       *zap.Logger
 }
 
 // Counts are the resolver's counters, safe for concurrent use.
@@ -70,6 +84,8 @@ type Counts struct {
 	Failed    atomic.Uint64 // SERVFAIL: no upstream server answered, or too many waiting
 	Truncated atomic.Uint64 // UDP answers cut, with TC set
 	Refused   atomic.Uint64 // queries from clients Allow refused
+	Limited   atomic.Uint64 // UDP queries beyond their client's rate: not answered
+	Slipped   atomic.Uint64 // those answered with an empty TC answer instead
 }
 
 // Resolver is a dns.Handler. It is safe for concurrent use.
@@ -81,7 +97,9 @@ type Resolver struct {
 	tcp      *dns.Client
 	forwards chan struct{} // a token per query waiting upstream
 	mu       sync.Mutex
-	waiting  map[netip.Addr]int // queries waiting upstream, by client; guarded by mu
+	waiting  map[netip.Addr]int           // queries waiting upstream, by client; guarded by mu
+	limit    *ratelimit.Table[netip.Addr] // nil: no RateLimit
+	over     atomic.Uint64                // queries beyond their rate, for the slips
 	Counts   Counts
 }
 
@@ -101,10 +119,21 @@ func New(cfg Config) *Resolver {
 	if cfg.MaxForwardsPerClient <= 0 {
 		cfg.MaxForwardsPerClient = 32
 	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Resolver{cfg: cfg, ctx: ctx, cancel: cancel, forwards: make(chan struct{}, cfg.MaxForwards), waiting: map[netip.Addr]int{},
+	r := &Resolver{cfg: cfg, ctx: ctx, cancel: cancel, forwards: make(chan struct{}, cfg.MaxForwards), waiting: map[netip.Addr]int{},
 		udp: &dns.Client{Net: "udp", Timeout: cfg.Timeout, UDPSize: 4096},
 		tcp: &dns.Client{Net: "tcp", Timeout: cfg.Timeout}}
+	if cfg.RateLimit > 0 {
+		burst := cfg.RateBurst
+		if burst <= 0 {
+			burst = max(1, int(cfg.RateLimit))
+		}
+		r.limit = ratelimit.New[netip.Addr](cfg.RateLimit, burst)
+	}
+	return r
 }
 
 const reverseZone = "in-addr.arpa."
@@ -119,6 +148,24 @@ func (r *Resolver) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
 		r.Counts.Refused.Add(1)
 		if isTCP(w) {
 			r.reply(w, req, failure(req, dns.RcodeRefused))
+		}
+		return
+	}
+	if r.limit != nil && !isTCP(w) && !r.limit.Allow(clientAddr(w), r.cfg.Now()) {
+		r.Counts.Limited.Add(1)
+		if r.over.Add(1)%2 == 1 {
+			// The question and the OPT record echoed, no more: never
+			// larger than the query.
+			m := new(dns.Msg)
+			m.SetReply(req)
+			m.Truncated = true
+			if opt := req.IsEdns0(); opt != nil {
+				m.SetEdns0(opt.UDPSize(), false)
+			}
+			r.Counts.Slipped.Add(1)
+			if err := w.WriteMsg(m); err != nil {
+				r.cfg.Log.Debug("writing an answer", zap.Error(err))
+			}
 		}
 		return
 	}

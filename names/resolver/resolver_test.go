@@ -1488,3 +1488,59 @@ func TestTCPConnLimit(t *testing.T) {
 		t.Errorf("after one connection closed: %v", err)
 	}
 }
+
+// TestRateLimit: a client over UDP gets RateLimit answers in a second;
+// beyond them, every second query gets an empty answer with TC set, no
+// larger than the query, and the others nothing. Over TCP it is still
+// answered, and so is another client over UDP; a second later, the
+// client's rate is back.
+func TestRateLimit(t *testing.T) {
+	var now atomic.Int64 // seconds
+	now.Store(1000)
+	s := start(t, "127.0.0.1:0", resolver.Config{RateLimit: 5, Now: func() time.Time { return time.Unix(now.Load(), 0) }},
+		newStore(t, "", ent{"web1", "10.32.0.1", "c1"}).View())
+	q := query("web1.weave.local.", dns.TypeA)
+	q.SetEdns0(1232, false)
+	qlen := q.Len()
+	var answered, slipped, silent int
+	for range 10 {
+		r, _, err := from("udp", "127.0.0.7", 300*time.Millisecond).Exchange(q, s.addr("udp"))
+		switch {
+		case err != nil:
+			silent++
+		case r.Truncated && len(r.Answer) == 0:
+			slipped++
+			if r.Len() > qlen {
+				t.Errorf("the TC answer is %d bytes, the query %d", r.Len(), qlen)
+			}
+		case len(r.Answer) == 1:
+			answered++
+		default:
+			t.Errorf("unexpected answer %v", r)
+		}
+	}
+	if answered != 5 || slipped != 3 || silent != 2 {
+		t.Errorf("10 queries at once at a rate of 5: %d answered, %d with TC, %d not answered; want 5, 3, 2", answered, slipped, silent)
+	}
+	if n, m := s.r.Counts.Limited.Load(), s.r.Counts.Slipped.Load(); n != 5 || m != 3 {
+		t.Errorf("counted %d beyond the rate and %d slipped, want 5 and 3", n, m)
+	}
+	if r, _, err := from("tcp", "127.0.0.7", 2*time.Second).Exchange(q, s.addr("tcp")); err != nil || len(r.Answer) != 1 {
+		t.Errorf("over TCP beyond the UDP rate: %v, %v", r, err)
+	}
+	// Two other clients, in case one shares the first's bucket (1 in
+	// ratelimit.Slots).
+	var others int
+	for _, ip := range []string{"127.0.0.8", "127.0.0.9"} {
+		if r, _, err := from("udp", ip, 300*time.Millisecond).Exchange(q, s.addr("udp")); err == nil && len(r.Answer) == 1 {
+			others++
+		}
+	}
+	if others == 0 {
+		t.Error("other clients were not answered while one was beyond its rate")
+	}
+	now.Add(1)
+	if r, _, err := from("udp", "127.0.0.7", 2*time.Second).Exchange(q, s.addr("udp")); err != nil || len(r.Answer) != 1 {
+		t.Errorf("a second later: %v, %v", r, err)
+	}
+}
