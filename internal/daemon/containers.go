@@ -14,12 +14,14 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"golang.org/x/sys/unix"
 
 	"github.com/overlayd/overlayd/internal/api"
 	"github.com/overlayd/overlayd/internal/atomicfile"
 	"github.com/overlayd/overlayd/internal/attach"
 	"github.com/overlayd/overlayd/internal/containers"
+	"github.com/overlayd/overlayd/internal/logx"
 )
 
 // attachFile keeps the attached containers across restarts.
@@ -63,7 +65,7 @@ func newContainerShell(d *Daemon, path string) (*containerShell, error) {
 	}
 	grace := int((d.cfg.ReleaseGrace + containerTick - 1) / containerTick)
 	log := d.log.Named("containers")
-	t, err := containers.New(containers.Config{GraceTicks: grace, Logf: func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...)) }}, b)
+	t, err := containers.New(containers.Config{GraceTicks: grace, Logf: logx.Printf(log, zapcore.InfoLevel)}, b)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %v: restore it, or remove it to forget the containers it lists", path, err)
 	}

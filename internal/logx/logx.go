@@ -9,6 +9,7 @@
 package logx
 
 import (
+	"fmt"
 	"io"
 	"strconv"
 	"strings"
@@ -35,6 +36,20 @@ func New(w io.Writer, level zapcore.Level) *zap.Logger {
 	core := zapcore.NewCore(oneLine{zapcore.NewConsoleEncoder(enc)}, zapcore.Lock(zapcore.AddSync(w)), level)
 	return zap.New(zapcore.NewSamplerWithOptions(core, time.Second, SampleFirst, SampleThereafter),
 		zap.ErrorOutput(zapcore.Lock(zapcore.AddSync(w))))
+}
+
+// Printf logs printf-style at lvl, for the cores' Infof and Warnf (Weave's
+// formatted lines), sampled per format rather than per text: a format is
+// one kind of event whatever its values, so a flood of one kind is cut
+// like a flood of one fixed message, however its texts differ. The text is
+// formatted only for the entries written.
+func Printf(log *zap.Logger, lvl zapcore.Level) func(format string, args ...any) {
+	return func(format string, args ...any) {
+		if ce := log.Check(lvl, format); ce != nil {
+			ce.Message = fmt.Sprintf(format, args...)
+			ce.Write()
+		}
+	}
 }
 
 // oneLine escapes the control characters of each entry's message and

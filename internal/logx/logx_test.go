@@ -46,6 +46,32 @@ func TestSampledPerMessage(t *testing.T) {
 	}
 }
 
+// TestPrintfSampledPerFormat: a flood of one format with a different
+// value each time is cut like one message; another format still gets
+// through, and the lines written carry the formatted text.
+func TestPrintfSampledPerFormat(t *testing.T) {
+	var out bytes.Buffer
+	log := New(&out, zapcore.InfoLevel)
+	infof := Printf(log, zapcore.InfoLevel)
+	for i := range 10 * SampleFirst {
+		infof("ring from %v: %d entries skipped", "peer", i)
+	}
+	infof("other %s", "event")
+	Printf(log, zapcore.DebugLevel)("below the level %d", 1)
+	got := strings.Count(out.String(), "entries skipped")
+	if want := SampleFirst + (10*SampleFirst-SampleFirst)/SampleThereafter; got != want {
+		t.Errorf("%d lines of the flood written, want %d", got, want)
+	}
+	for _, want := range []string{"ring from peer: 0 entries skipped", "ring from peer: 99 entries skipped", "other event"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("no line %q in\n%s", want, out.String())
+		}
+	}
+	if strings.Contains(out.String(), "%") || strings.Contains(out.String(), "below the level") {
+		t.Errorf("a format or an entry below the level written:\n%s", out.String())
+	}
+}
+
 func TestEscape(t *testing.T) {
 	for in, want := range map[string]string{
 		"plain text: 10.0.0.1/8 (ok)": "plain text: 10.0.0.1/8 (ok)",

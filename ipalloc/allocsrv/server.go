@@ -16,8 +16,10 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/overlayd/overlayd/internal/coreloop"
+	"github.com/overlayd/overlayd/internal/logx"
 	"github.com/overlayd/overlayd/ipalloc"
 	"github.com/overlayd/overlayd/ipalloc/ring"
 	"github.com/overlayd/overlayd/proto"
@@ -110,8 +112,7 @@ func New(cfg Config) (*Server, error) {
 	nc := cfg.Node
 	nc.Rand = cfg.Rand
 	nc.TickMillis = int(cfg.TickEvery / time.Millisecond)
-	nc.Infof = func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...)) }
-	nc.Warnf = func(f string, a ...any) { log.Warn(fmt.Sprintf(f, a...)) }
+	nc.Infof, nc.Warnf = logx.Printf(log, zapcore.InfoLevel), logx.Printf(log, zapcore.WarnLevel)
 	n, err := ipalloc.New(nc, state)
 	if err != nil {
 		st.close()

@@ -18,9 +18,11 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/overlayd/overlayd/internal/atomicfile"
 	"github.com/overlayd/overlayd/internal/coreloop"
+	"github.com/overlayd/overlayd/internal/logx"
 	"github.com/overlayd/overlayd/names"
 	"github.com/overlayd/overlayd/proto"
 )
@@ -115,7 +117,7 @@ func New(cfg Config) (*Server, error) {
 	sc := cfg.Store
 	sc.Rand = cfg.Rand
 	sc.TickMillis = int(cfg.TickEvery / time.Millisecond)
-	sc.Infof = func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...)) }
+	sc.Infof = logx.Printf(log, zapcore.InfoLevel)
 	st, err := names.New(sc, state)
 	if err != nil {
 		if state != nil {
