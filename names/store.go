@@ -765,7 +765,9 @@ func (s *Store) put(r *record) {
 	}
 	o.entries[k] = r
 	o.hash += entryHash(&r.NameEntry)
-	s.viewChanged = true
+	if !r.Tombstone || old != nil && !old.Tombstone {
+		s.viewChanged = true // (the View holds only live entries)
+	}
 	if k.origin == s.cfg.Self {
 		s.stateChanged = true
 	}
@@ -819,7 +821,7 @@ func (s *Store) remove(o *origin, k key) {
 	r := o.entries[k]
 	o.hash -= entryHash(&r.NameEntry)
 	delete(o.entries, k)
-	s.viewChanged = true
+	s.viewChanged = s.viewChanged || !r.Tombstone
 }
 
 // entryHash mixes everything a merge compares (FNV-1a, then a finaliser so

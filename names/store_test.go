@@ -1402,7 +1402,8 @@ func TestStateRoundTrip(t *testing.T) {
 	checkEntries(t, "decoded", saved, want)
 
 	r := newStore(t, self, st, short)
-	checkEntries(t, "restored view", r.View().Entries(), want)
+	checkEntries(t, "restored entries", r.Entries(), want)
+	checkEntries(t, "restored view", r.View().Entries(), live(want))
 	checkEntries(t, "restored", held(t, r), want)
 	checkView(t, r.View(), want)
 	if !bytes.Equal(r.EncodeState(), st) {
@@ -1720,9 +1721,10 @@ func TestCorrectionIsAccepted(t *testing.T) {
 	}
 }
 
-// TestViewListsEveryEntry: View.Entries is documented as every entry held,
-// tombstones too.
-func TestViewListsEveryEntry(t *testing.T) {
+// TestEntriesListed: Store.Entries lists every entry held, tombstones too,
+// and View.Entries the live ones; a change to tombstones only makes no new
+// View.
+func TestEntriesListed(t *testing.T) {
 	short := func(c *names.Config) { c.TombstoneTicks = 20; c.DigestTicks = 10 }
 	for _, tc := range []struct {
 		name string
@@ -1763,15 +1765,30 @@ func TestViewListsEveryEntry(t *testing.T) {
 			tc.do(t, s)
 			drain(t, s)
 			hs := held(t, s)
-			ves := slices.Clone(s.View().Entries())
-			for i := range ves {
-				ves[i].AgeMillis = 0 // the view's ages are as of when it was made
+			es := s.Entries()
+			for i := range es {
+				es[i].AgeMillis = 0 // as of when they were listed
 			}
 			for i := range hs {
 				hs[i].AgeMillis = 0
 			}
-			checkEntries(t, "View().Entries() against the entries held", ves, hs)
+			checkEntries(t, "Entries() against the entries held", es, hs)
+			checkEntries(t, "View().Entries() against the live entries held", s.View().Entries(), live(hs))
 		})
+	}
+	// A tombstone of an entry never seen, and another over it: no new
+	// View (no live entry changed).
+	s := newStore(t, self, nil, short)
+	s.SetReachable([]proto.PeerName{peerA})
+	v := s.View()
+	drain(t, s)
+	mustStep(t, s, peerA, entry("t.weave.local.", "10.0.0.1", "c1", peerA, 1, true, 0))
+	mustStep(t, s, peerA, entry("t.weave.local.", "10.0.0.1", "c1", peerA, 3, true, 0))
+	if rd := s.Ready(); rd.View != nil || s.View() != v {
+		t.Error("tombstones alone made a new View")
+	}
+	if len(s.Entries()) != 1 {
+		t.Errorf("Entries() = %v, want the tombstone", s.Entries())
 	}
 }
 

@@ -1,6 +1,7 @@
 package names
 
 import (
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -8,24 +9,28 @@ import (
 	"github.com/overlayd/overlayd/proto"
 )
 
-// View is an immutable snapshot of the store for lookups: the resolver
-// loads one per query. The zero View is empty.
+// View is an immutable snapshot of the store's live entries for lookups:
+// the resolver loads one per query. The zero View is empty. It holds no
+// tombstones (Store.Entries lists those), so that making one after each
+// change costs what the live entries do, however many deletions the store
+// remembers.
 type View struct {
 	domain  string
 	byName  map[string][]netip.Addr // lower-case FQDN: distinct addresses of live entries
 	byAddr  map[netip.Addr]string   // the hostname of the first live entry, in entry order
-	entries []proto.NameEntry       // every entry held, tombstones too, in entry order
-	live    int
-	local   int // live entries of our origin
+	entries []proto.NameEntry       // the live entries, in entry order
+	local   int                     // live entries of our origin
 }
 
-// buildView makes a View of the store's entries.
+// buildView makes a View of the store's live entries.
 func (s *Store) buildView() *View {
 	v := &View{domain: s.cfg.Domain, byName: map[string][]netip.Addr{}, byAddr: map[netip.Addr]string{}}
 	var keys []key
 	for _, o := range s.origins {
-		for k := range o.entries {
-			keys = append(keys, k)
+		for k, r := range o.entries {
+			if !r.Tombstone {
+				keys = append(keys, k)
+			}
 		}
 	}
 	slices.SortFunc(keys, key.compare)
@@ -33,10 +38,6 @@ func (s *Store) buildView() *View {
 	for i, k := range keys {
 		r := s.get(k)
 		v.entries[i] = s.outgoing(r)
-		if r.Tombstone {
-			continue
-		}
-		v.live++
 		if k.origin == s.cfg.Self {
 			v.local++
 		}
@@ -48,6 +49,21 @@ func (s *Store) buildView() *View {
 		}
 	}
 	return v
+}
+
+// Entries lists every entry held, tombstones included, in entry order
+// (see View.Entries): for reports, not for every change.
+func (s *Store) Entries() []proto.NameEntry {
+	var keys []key
+	for _, o := range s.origins {
+		keys = slices.AppendSeq(keys, maps.Keys(o.entries))
+	}
+	slices.SortFunc(keys, key.compare)
+	es := make([]proto.NameEntry, len(keys))
+	for i, k := range keys {
+		es[i] = s.outgoing(s.get(k))
+	}
+	return es
 }
 
 // Domain is the served domain, lower case with its trailing dot.
@@ -68,10 +84,10 @@ func (v *View) Reverse(addr netip.Addr) (string, bool) {
 	return h, ok
 }
 
-// Entries lists every entry held, tombstones included, sorted by
-// hostname (case-insensitively), origin, container ID and address. The
-// slice is shared: do not change it.
+// Entries lists the live entries, sorted by hostname (case-insensitively),
+// origin, container ID and address. The slice is shared: do not change
+// it.
 func (v *View) Entries() []proto.NameEntry { return v.entries }
 
 // Live counts the live entries, and those of this peer.
-func (v *View) Live() (all, local int) { return v.live, v.local }
+func (v *View) Live() (all, local int) { return len(v.entries), v.local }

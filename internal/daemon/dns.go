@@ -144,10 +144,26 @@ func (d *Daemon) dnsAddress() string {
 	return a.String()
 }
 
-// DNS implements api.Backend.
+// DNS implements api.Backend: the name service's state with every entry
+// held, tombstones too.
 func (d *Daemon) DNS(ctx context.Context) (api.DNSStatus, error) {
+	st := d.dnsStatus()
 	if d.names == nil {
-		return api.DNSStatus{Enabled: false, Entries: []api.DNSEntry{}, Upstream: []string{}}, nil
+		return st, nil
+	}
+	es, err := d.names.store.Entries(ctx)
+	if err != nil {
+		return st, err
+	}
+	st.Entries = apiEntries(es)
+	return st, nil
+}
+
+// dnsStatus is the name service's state without the entries, which can be
+// many: GET /v1/dns has them.
+func (d *Daemon) dnsStatus() api.DNSStatus {
+	if d.names == nil {
+		return api.DNSStatus{Enabled: false, Entries: []api.DNSEntry{}, Upstream: []string{}}
 	}
 	n := d.names
 	v := n.store.View()
@@ -155,7 +171,7 @@ func (d *Daemon) DNS(ctx context.Context) (api.DNSStatus, error) {
 	c := &n.resolver.Counts
 	st := api.DNSStatus{Enabled: true, Domain: v.Domain(), Listen: n.listen.String(), Address: d.dnsAddress(),
 		ResolvConf: n.upstream.Path(), Upstream: slices.Clone(n.upstream.Servers()), TTL: n.ttl,
-		Live: live, Local: local, Entries: apiEntries(v.Entries()),
+		Live: live, Local: local,
 		Rejected: n.store.Rejected.Load(), Dropped: n.store.Dropped.Load(),
 		Forwarded: c.Forwarded.Load(), ServerFails: c.Failed.Load(), Refused: c.Refused.Load(),
 		RateLimited: c.Limited.Load()}
@@ -163,7 +179,7 @@ func (d *Daemon) DNS(ctx context.Context) (api.DNSStatus, error) {
 	if st.Upstream == nil {
 		st.Upstream = []string{}
 	}
-	return st, nil
+	return st
 }
 
 func apiEntries(es []proto.NameEntry) []api.DNSEntry {

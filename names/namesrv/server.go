@@ -228,6 +228,12 @@ func (s *Server) FQDN(ctx context.Context, hostname string) (fqdn string, err er
 	return fqdn, refused(err)
 }
 
+// Entries lists every entry held, tombstones too (names.Store.Entries).
+func (s *Server) Entries(ctx context.Context) (es []proto.NameEntry, err error) {
+	err = s.do(ctx, func(st *names.Store) { es = st.Entries() })
+	return es, err
+}
+
 // Stats returns the store's counters.
 func (s *Server) Stats(ctx context.Context) (stats names.Stats, err error) {
 	err = s.do(ctx, func(st *names.Store) { stats = st.Stats() })

@@ -777,7 +777,11 @@ func (s *Sim) checkView(p *Peer, v *names.View, sc *scratch) error {
 		return fmt.Errorf("view domain %q, store domain %q", v.Domain(), p.Store.Domain())
 	}
 	sc.reset()
-	es := v.Entries()
+	es := p.Store.Entries() // tombstones too
+	if ves := v.Entries(); !slices.EqualFunc(ves, slices.DeleteFunc(slices.Clone(es), func(e proto.NameEntry) bool { return e.Tombstone }),
+		func(a, b proto.NameEntry) bool { return a == b }) {
+		return fmt.Errorf("the View lists %d entries, not the %d live ones held", len(ves), len(es))
+	}
 	all, local := 0, 0
 	var prev Key
 	for i := range es {
@@ -865,8 +869,7 @@ func (s *Sim) checkView(p *Peer, v *names.View, sc *scratch) error {
 		}
 		p.decoded, p.decodedFrom = saved, p.state
 	}
-	// The View lists every entry held, tombstones too: our own are the
-	// saved state (ages aside, which grow, and signatures, made again at
+	// The entries held, tombstones too: our own are the saved state (ages aside, which grow, and signatures, made again at
 	// load).
 	for _, e := range p.decoded {
 		if e.Origin != p.Name {

@@ -651,7 +651,7 @@ func TestRestartWithoutState(t *testing.T) {
 		// The origin itself holds the forgotten entries as tombstones, at
 		// versions above the old ones.
 		tombs := 0
-		for _, e := range s.Peer(a).Store.View().Entries() {
+		for _, e := range s.Peer(a).Store.Entries() {
 			if o, ok := old[namestest.KeyOf(&e)]; ok && e.Tombstone && e.Version > o.Version {
 				tombs++
 			}
