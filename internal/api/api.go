@@ -438,8 +438,10 @@ type RouterStats struct {
 	DropUnknownPeer uint64 `json:"dropUnknownPeer"`
 	DropNotForUs    uint64 `json:"dropNotForUs"`
 	DropMalformed   uint64 `json:"dropMalformed"`
-	DropCtrlQueue   uint64 `json:"dropCtrlQueue"` // of strangers (no established connection)
-	DropPeerQueue   uint64 `json:"dropPeerQueue"` // of established peers
+	DropCtrlQueue   uint64 `json:"dropCtrlQueue"`  // of strangers (no established connection)
+	DropPeerQueue   uint64 `json:"dropPeerQueue"`  // of established peers
+	DropSourceRate  uint64 `json:"dropSourceRate"` // a stranger's beyond its address's rate
+	DropPeerRate    uint64 `json:"dropPeerRate"`   // an established peer's beyond its rate
 	DropTunWrite    uint64 `json:"dropTunWrite"`
 	DropTunRead     uint64 `json:"dropTunRead"`
 	DropHops        uint64 `json:"dropHops"`

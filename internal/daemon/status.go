@@ -73,6 +73,7 @@ func routerStats(s *peering.Stats) api.RouterStats {
 		DropUnroutable: s.DropUnroutable.Load(), DropSendError: s.DropSendError.Load(),
 		DropUnknownPeer: s.DropUnknownPeer.Load(), DropNotForUs: s.DropNotForUs.Load(),
 		DropMalformed: s.DropMalformed.Load(), DropCtrlQueue: s.DropCtrlQueue.Load(), DropPeerQueue: s.DropPeerQueue.Load(),
+		DropSourceRate: s.DropSourceRate.Load(), DropPeerRate: s.DropPeerRate.Load(),
 		DropTunWrite: s.DropTunWrite.Load(), DropTunRead: s.DropTunRead.Load(),
 		DropHops: s.DropHops.Load(), RelayedPackets: s.RelayedPackets.Load(), RelayedBytes: s.RelayedBytes.Load(),
 		GossipSentBytes: s.GossipSentBytes.Load(), GossipReceivedBytes: s.GossipReceivedBytes.Load(),

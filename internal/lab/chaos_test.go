@@ -1253,9 +1253,9 @@ func TestChaosFlood(t *testing.T) {
 			float64(backBytes)/float64(max(sentBytes, 1)))
 	}
 	st := mustStatus(t, d1)
-	t.Logf("floods of h1 from outside, h1-h2 kept throughout; dropped from the strangers' queue %d, from the peers' %d; unproven %d\n"+
+	t.Logf("floods of h1 from outside, h1-h2 kept throughout; dropped beyond the source's rate %d, from the strangers' queue %d, from the peers' %d; unproven %d\n"+
 		"| kind | datagrams | rate | h1 CPU per 100k | replies | reply bytes per byte |%s",
-		st.Router.Stats.DropCtrlQueue, st.Router.Stats.DropPeerQueue, st.Router.Unproven, report.String())
+		st.Router.Stats.DropSourceRate, st.Router.Stats.DropCtrlQueue, st.Router.Stats.DropPeerQueue, st.Router.Unproven, report.String())
 	if st.Router.Stats.DropPeerQueue != 0 {
 		t.Errorf("%d datagrams of the established peer dropped", st.Router.Stats.DropPeerQueue)
 	}
