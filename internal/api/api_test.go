@@ -3,6 +3,7 @@ package api
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -239,5 +240,30 @@ func TestClientErrors(t *testing.T) {
 	err := NewClient(filepath.Join(t.TempDir(), "none.sock")).Connect(context.Background(), []string{"a"})
 	if err == nil || !strings.Contains(err.Error(), "no socket at") {
 		t.Errorf("missing socket: %v", err)
+	}
+}
+
+// TestProfiles: the socket serves Go's heap profile (gzipped protobuf) and
+// the index of profiles.
+func TestProfiles(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "api.sock")
+	startServer(t, path, &fakeBackend{})
+	c := http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", path)
+	}}}
+	defer c.CloseIdleConnections()
+	for url, want := range map[string]string{
+		"http://overlayd/debug/pprof/heap": "\x1f\x8b", // gzip
+		"http://overlayd/debug/pprof/":     "goroutine",
+	} {
+		resp, err := c.Get(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != http.StatusOK || !strings.Contains(string(body), want) {
+			t.Errorf("GET %s: %s, %d bytes, %v", url, resp.Status, len(body), err)
+		}
 	}
 }
