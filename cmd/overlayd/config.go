@@ -52,6 +52,7 @@ type options struct {
 	dnsDomain     string
 	dnsTTL        int
 	dnsRateLimit  int
+	dnsTombstones time.Duration
 	noDNS         bool
 	resolvConf    string
 	releaseGrace  time.Duration
@@ -318,6 +319,10 @@ func (o *options) dns(c *config) error {
 		return badFlag("--dns-rate-limit %d: want 0 (no limit) to %d answers a second", o.dnsRateLimit, maxDNSRateLimit)
 	}
 	c.DNSRateLimit = o.dnsRateLimit
+	if o.dnsTombstones < time.Minute || o.dnsTombstones > 24*time.Hour {
+		return badFlag("--dns-tombstone-lifetime %v: want 1m to 24h", o.dnsTombstones)
+	}
+	c.DNSTombstones = o.dnsTombstones
 	if o.resolvConf == "" {
 		return badFlag("--resolv-conf must not be empty")
 	}

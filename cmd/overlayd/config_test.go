@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/overlayd/overlayd/ipalloc"
 )
@@ -65,6 +66,10 @@ func TestDNSFlags(t *testing.T) {
 			return c.DNS && c.DNSDomain == "weave.local." && c.DNSTTL == 1 && !c.DNSListen.IsValid() && c.DNSRateLimit == 1000
 		}},
 		{func(o *options) { o.dnsRateLimit = 0 }, "", func(c *config) bool { return c.DNSRateLimit == 0 }},
+		{func(o *options) {}, "", func(c *config) bool { return c.DNSTombstones == 30*time.Minute }},
+		{func(o *options) { o.dnsTombstones = 5 * time.Minute }, "", func(c *config) bool { return c.DNSTombstones == 5*time.Minute }},
+		{func(o *options) { o.dnsTombstones = 59 * time.Second }, "--dns-tombstone-lifetime 59s", nil},
+		{func(o *options) { o.dnsTombstones = 25 * time.Hour }, "--dns-tombstone-lifetime", nil},
 		{func(o *options) { o.dnsRateLimit = -1 }, "--dns-rate-limit -1", nil},
 		{func(o *options) { o.dnsRateLimit = maxDNSRateLimit + 1 }, "--dns-rate-limit", nil},
 		{func(o *options) { o.dnsDomain = "Cluster.Example" }, "", func(c *config) bool { return c.DNSDomain == "cluster.example." }},

@@ -127,6 +127,7 @@ func addFlags(f *pflag.FlagSet, o *options, showVersion *bool) {
 	f.StringVar(&o.dnsListen, "dns-listen", "", "DNS server address, IP:PORT (default: the docker0 bridge's address, port 53, if it exists; else 0.0.0.0:53); alias --dns-listen-address")
 	f.StringVar(&o.dnsDomain, "dns-domain", names.DefaultDomain, "domain of the container names (a trailing dot is added)")
 	f.IntVar(&o.dnsTTL, "dns-ttl", 1, "TTL of DNS answers for container names, in seconds")
+	f.DurationVar(&o.dnsTombstones, "dns-tombstone-lifetime", 30*time.Minute, "how long a deleted name is remembered, so that an old copy of it elsewhere cannot bring it back; the names store grows with the names deleted in that time (Weave: 30m)")
 	f.IntVar(&o.dnsRateLimit, "dns-rate-limit", 1000, "DNS answers over UDP a second to one client address (twice that at once); beyond it, every second query gets an empty truncated answer (the client retries over TCP, not limited) and the others none; 0: no limit")
 	f.StringVar(&o.resolvConf, "resolv-conf", "/etc/resolv.conf", "file listing the upstream DNS servers for other names (read again when it changes)")
 	f.DurationVar(&o.releaseGrace, "release-grace", 30*time.Second, "how long the addresses and names of an attached container that went away stay reserved for it")

@@ -77,6 +77,8 @@ type Config struct {
 	// DNSRateLimit bounds the DNS answers over UDP a second to one
 	// client address (resolver.Config.RateLimit); 0: no limit.
 	DNSRateLimit int
+	// DNSTombstones is how long a deleted name's tombstone is kept.
+	DNSTombstones time.Duration
 	// DNSAllow are client subnets the DNS server answers besides its
 	// own: loopback, the range, this host's addresses and its bridges'
 	// subnets.

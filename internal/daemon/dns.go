@@ -58,11 +58,12 @@ func startNames(cfg Config, self proto.PeerName, router namesrv.Router, signing 
 		}
 	}
 	st, err := namesrv.New(namesrv.Config{
-		Store:    store,
-		StateDir: cfg.StateDir,
-		Router:   router,
-		Rand:     rnd,
-		Log:      log,
+		Store:      store,
+		StateDir:   cfg.StateDir,
+		Tombstones: cfg.DNSTombstones,
+		Router:     router,
+		Rand:       rnd,
+		Log:        log,
 	})
 	if err != nil {
 		return nil, err

@@ -47,9 +47,13 @@ type Config struct {
 	Store     names.Config // Rand, TickMillis and Infof are filled in
 	StateDir  string
 	TickEvery time.Duration // 100 ms
-	Router    Router
-	Rand      *rand.Rand
-	Log       *zap.Logger
+	// Tombstones is how long a deleted name's tombstone is kept (30
+	// minutes when zero): what the store holds grows with the names
+	// deleted in that time.
+	Tombstones time.Duration
+	Router     Router
+	Rand       *rand.Rand
+	Log        *zap.Logger
 }
 
 // inboundLen bounds the peer messages waiting for the server, and
@@ -117,6 +121,9 @@ func New(cfg Config) (*Server, error) {
 	sc := cfg.Store
 	sc.Rand = cfg.Rand
 	sc.TickMillis = int(cfg.TickEvery / time.Millisecond)
+	if cfg.Tombstones > 0 {
+		sc.TombstoneTicks = int(max(1, cfg.Tombstones/cfg.TickEvery))
+	}
 	sc.Infof = logx.Printf(log, zapcore.InfoLevel)
 	st, err := names.New(sc, state)
 	if err != nil {

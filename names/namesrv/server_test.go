@@ -195,3 +195,46 @@ func TestInboundBytesBounded(t *testing.T) {
 		t.Errorf("%d dropped, %d bytes queued; want 6 dropped, %d queued", s.Dropped.Load(), s.budget.Queued(), 4*maxPayload)
 	}
 }
+
+// TestTombstoneLifetime: a deleted name's tombstone is listed until
+// Config.Tombstones has passed, then dropped.
+func TestTombstoneLifetime(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		dir := t.TempDir()
+		r := &fakeRouter{t: t, path: filepath.Join(dir, StateFile)}
+		s, err := New(Config{Store: names.Config{Self: 1}, StateDir: dir, Router: r, Tombstones: time.Minute,
+			Rand: rand.New(rand.NewPCG(1, 2)), Log: zap.NewNop()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		done := make(chan error)
+		go func() { done <- s.Run(ctx) }()
+		if _, err := s.Add(ctx, "web1", netip.MustParseAddr("10.32.0.1"), "c1"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Delete(ctx, "web1", netip.Addr{}, ""); err != nil {
+			t.Fatal(err)
+		}
+		count := func() int {
+			es, err := s.Entries(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return len(es)
+		}
+		time.Sleep(50 * time.Second)
+		if n := count(); n != 1 {
+			t.Errorf("50 s after the delete: %d entries, want the tombstone", n)
+		}
+		time.Sleep(11 * time.Second)
+		if n := count(); n != 0 {
+			t.Errorf("61 s after the delete: %d entries, want none", n)
+		}
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	})
+}
