@@ -11,6 +11,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"reflect"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -1832,5 +1833,33 @@ func TestOriginCapOurs(t *testing.T) {
 	}
 	if st := s.Stats(); st.Corrected != 2 || st.Overflow != 2 {
 		t.Errorf("stats %+v, want 2 corrected and 2 over the cap", st)
+	}
+}
+
+// BenchmarkTombstoneMemory reports what the store holds per tombstone of
+// another peer's name (a container ID of 64 hex digits): what
+// --dns-tombstone-lifetime multiplies.
+func BenchmarkTombstoneMemory(b *testing.B) {
+	const n = 20000
+	for b.Loop() {
+		s := newStore(b, self, nil)
+		s.SetReachable([]proto.PeerName{peerA})
+		var before, after runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		for i := range n {
+			id := fmt.Sprintf("%064x", i)
+			e := entry(fmt.Sprintf("s1-%d-%d.weave.local.", i/4, i%4), fmt.Sprintf("10.44.%d.%d", i/250, 1+i%250), id, peerA, 1, true, 0)
+			mustStep(b, s, peerA, e)
+			s.Ready()
+			s.Advance()
+		}
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		if got := len(s.Entries()); got != n {
+			b.Fatalf("%d entries held, want %d", got, n)
+		}
+		b.ReportMetric(float64(after.HeapAlloc-before.HeapAlloc)/n, "B/tombstone")
+		runtime.KeepAlive(s)
 	}
 }
