@@ -280,7 +280,7 @@ func (w *world) violations(ctx context.Context) []string {
 
 	held := map[netip.Addr]string{} // address → host/ID
 	heldBy := map[string]netip.Prefix{}
-	var ring string
+	var ring []api.IPAMEntry
 	for i, d := range ds {
 		c := api.NewClient(d.Socket)
 		st, err := c.Status(ctx)
@@ -288,10 +288,10 @@ func (w *world) violations(ctx context.Context) []string {
 		if err != nil {
 			return []string{fmt.Sprintf("%s: %v", d.Host.NS, err)}
 		}
-		if r := fmt.Sprint(st.IPAM.Entries); i == 0 {
-			ring = r
-		} else if r != ring {
-			bad = append(bad, fmt.Sprintf("%s holds another ring than %s", d.Host.NS, ds[0].Host.NS))
+		if i == 0 {
+			ring = st.IPAM.Entries
+		} else if !slices.Equal(st.IPAM.Entries, ring) {
+			bad = append(bad, fmt.Sprintf("%s holds another ring than %s: %s", d.Host.NS, ds[0].Host.NS, ringDiff(ring, st.IPAM.Entries)))
 		}
 		for _, o := range st.IPAM.Owned {
 			where := d.Host.NS + "/" + o.ID
@@ -954,6 +954,21 @@ func saveHeap(d *lab.Daemon, dir string) error {
 		return err
 	}
 	return f.Close()
+}
+
+// ringDiff describes the first entries in which ring b differs from a.
+func ringDiff(a, b []api.IPAMEntry) string {
+	for i := range max(len(a), len(b)) {
+		switch {
+		case i >= len(a):
+			return fmt.Sprintf("it has %+v more", b[i])
+		case i >= len(b):
+			return fmt.Sprintf("it lacks %+v", a[i])
+		case a[i] != b[i]:
+			return fmt.Sprintf("%+v against %+v", b[i], a[i])
+		}
+	}
+	return "the same"
 }
 
 // release gives an allocation of the world's back, with its name.
