@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/miekg/dns"
 
@@ -91,6 +92,7 @@ func dnsQuery(name string, qtype uint16, edns uint16, tweak func(*dns.Msg)) []by
 const (
 	dnsHowTCP     = 1 // the query came over TCP
 	dnsHowRefused = 2 // from a client Allow refuses
+	dnsHowLimited = 4 // from a client beyond its rate (over UDP)
 )
 
 // FuzzResolverServeDNS hands the resolver a query decoded from the input,
@@ -103,6 +105,8 @@ const (
 //   - an answer over UDP packs to at most 512 bytes, or the EDNS0 size
 //     the query offers up to 1232; over TCP to at most 65535;
 //   - it has an OPT record if and only if the query had one;
+//   - a client beyond its rate over UDP gets nothing, or an empty answer
+//     with TC set no larger than its query as it decodes;
 //   - every A record is an address of its name in the view, every PTR
 //     record the name of its address.
 func FuzzResolverServeDNS(f *testing.F) {
@@ -126,6 +130,9 @@ func FuzzResolverServeDNS(f *testing.F) {
 		{dnsQuery("example.com.", dns.TypeMX, 0, nil), 0},
 		{dnsQuery("web.weave.local.", dns.TypeA, 0, nil), dnsHowRefused},
 		{dnsQuery("web.weave.local.", dns.TypeA, 0, nil), dnsHowRefused | dnsHowTCP},
+		{dnsQuery("web.weave.local.", dns.TypeA, 0, nil), dnsHowLimited},
+		{dnsQuery("big.weave.local.", dns.TypeA, 4096, nil), dnsHowLimited},
+		{dnsQuery("big.weave.local.", dns.TypeA, 0, nil), dnsHowLimited | dnsHowTCP},
 		{dnsQuery("web.weave.local.", dns.TypeA, 0, func(m *dns.Msg) { m.Opcode = dns.OpcodeNotify }), 0},
 		{dnsQuery("web.weave.local.", dns.TypeA, 0, func(m *dns.Msg) {
 			m.Question = append(m.Question, dns.Question{Name: "db.sub.weave.local.", Qtype: dns.TypeA, Qclass: dns.ClassINET})
@@ -142,6 +149,14 @@ func FuzzResolverServeDNS(f *testing.F) {
 	r := resolver.New(resolver.Config{View: func() *names.View { return v }, TTL: 30,
 		Allow: func(a netip.Addr) bool { return allowed.Contains(a) }})
 	f.Cleanup(r.Close)
+	// limited is the same with a rate limit its client has spent: a clock
+	// that stands still, one answer a second, the one spent here.
+	limited := resolver.New(resolver.Config{View: func() *names.View { return v }, TTL: 30,
+		Allow: func(a netip.Addr) bool { return allowed.Contains(a) }, RateLimit: 1, RateBurst: 1,
+		Now: func() time.Time { return time.Unix(1e9, 0) }})
+	f.Cleanup(limited.Close)
+	limited.ServeDNS(&dnsWriter{local: &net.UDPAddr{IP: net.IPv4(127, 0, 0, 53), Port: 53}, remote: &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 5353}},
+		new(dns.Msg).SetQuestion("web.weave.local.", dns.TypeA))
 	f.Fuzz(func(t *testing.T, b []byte, how uint8) {
 		req := new(dns.Msg)
 		if err := req.Unpack(b); err != nil {
@@ -157,6 +172,22 @@ func FuzzResolverServeDNS(f *testing.F) {
 			w.local, w.remote = &net.TCPAddr{IP: net.IPv4(127, 0, 0, 53), Port: 53}, &net.TCPAddr{IP: client, Port: 5353}
 		}
 		q := req.Copy()
+		if how&dnsHowLimited != 0 && !tcp && !refused {
+			// Beyond its rate: nothing, or an empty answer with TC set,
+			// never larger than the query as it decodes (q.Len: a name
+			// that points into the query's own header is shorter on
+			// the wire than the question echoed; see RELIABILITY.md).
+			limited.ServeDNS(w, req)
+			if len(w.msgs) > 1 {
+				t.Fatalf("%d answers to one query", len(w.msgs))
+			}
+			if len(w.msgs) == 1 {
+				if m := w.msgs[0]; m.Id != q.Id || !m.Response || !m.Truncated || len(m.Answer)+len(m.Ns) != 0 || len(w.packed[0]) > q.Len() {
+					t.Fatalf("beyond the rate, a %d-byte query got %d bytes: %v", q.Len(), len(w.packed[0]), m)
+				}
+			}
+			return
+		}
 		r.ServeDNS(w, req)
 
 		if refused && !tcp {
